@@ -1,0 +1,60 @@
+"""Which micro-batches each rank runs at each optimizer step, epoch after epoch.
+
+Step s of an epoch takes micro-batches [s*W*G, (s+1)*W*G) of the epoch's plan; rank r runs
+G of them in a row. Past the end of the plan a rank gets filler batches, so that every rank
+takes part in every step's collectives (the EP all-to-all) and no example is dropped.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import datasets
+
+from .packing import MicroBatch, collate_packed, collate_padded, filler_batch, plan_micro_batches
+
+
+@dataclass
+class StepBatches:
+    epoch: int  # 1-based
+    micro_batches: list[MicroBatch]
+
+
+class StepLoader:
+    def __init__(self, dataset: datasets.Dataset, *, capacity: int, packing: bool, seed: int, shuffle_buffer: int,
+                 world_size: int, rank: int, grad_accum: int, pad_id: int):
+        self.dataset = dataset
+        self.lengths = [len(ids) for ids in dataset["input_ids"]]
+        self.capacity, self.packing, self.seed, self.shuffle_buffer = capacity, packing, seed, shuffle_buffer
+        self.world_size, self.rank, self.grad_accum, self.pad_id = world_size, rank, grad_accum, pad_id
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_micro_batches(self.lengths, self.capacity, packing=self.packing,
+                                                     seed=self.seed, epoch=epoch,
+                                                     shuffle_buffer=self.shuffle_buffer)}
+        return self._plans[epoch]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.plan(1)) / (self.world_size * self.grad_accum))
+
+    def _collate(self, indices: list[int]) -> MicroBatch:
+        examples = [self.dataset[i] for i in indices]
+        return collate_packed(examples) if self.packing else collate_padded(examples, self.pad_id)
+
+    def step(self, global_step: int) -> StepBatches:
+        """Micro-batches of this rank for 0-based optimizer step `global_step` (deterministic, resumable)."""
+        epoch, in_epoch = divmod(global_step, self.steps_per_epoch)
+        plan = self.plan(epoch + 1)
+        first = in_epoch * self.world_size * self.grad_accum + self.rank * self.grad_accum
+        batches = [self._collate(plan[i]) if i < len(plan) else filler_batch(self.pad_id, self.packing)
+                   for i in range(first, first + self.grad_accum)]
+        return StepBatches(epoch + 1, batches)
+
+    def epoch_batches(self) -> Iterator[list[MicroBatch]]:
+        """One pass over the data (evaluation): this rank's micro-batches, grouped per step."""
+        for step in range(self.steps_per_epoch):
+            yield self.step(step).micro_batches

@@ -1,0 +1,132 @@
+"""Per-step metrics: the log line, metrics.jsonl, Accelerate trackers and a progress bar (rank 0)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .flops import flops_per_token
+
+KEYS = ("step", "epoch", "loss", "grad_norm", "lr", "mem_gib", "tps", "tps_per_gpu", "num_label_tokens",
+        "tflops_per_gpu", "mfu")
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    epoch: int
+    loss: float
+    grad_norm: float
+    lr: float
+    mem_gib: float | None
+    tps: float
+    tps_per_gpu: float
+    num_label_tokens: int
+    tflops_per_gpu: float
+    mfu: float | None
+
+    def line(self) -> str:
+        mem = "n/a" if self.mem_gib is None else f"{self.mem_gib:.2f} GiB"
+        mfu = "n/a" if self.mfu is None else f"{100 * self.mfu:.1f}%"
+        return (f"step {self.step} | epoch {self.epoch} | loss {self.loss:.4f} | grad_norm {self.grad_norm:.4f} | "
+                f"lr {self.lr:.2e} | mem {mem} | tps {self.tps:.2f}({self.tps_per_gpu:.2f}/gpu) | "
+                f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.1f}/gpu | mfu {mfu}")
+
+
+class StepTimer:
+    """Wall time of one optimizer step, with the device synchronised at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def begin(self):
+        self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+
+    def end(self) -> float:
+        self._sync()
+        return time.perf_counter() - self.start
+
+    def peak_mem_gib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
+
+
+def step_metrics(*, step: int, epoch: int, loss: float, grad_norm: float, lr: float, seconds: float,
+                 tokens: int, label_tokens: int, mean_context: float, world_size: int, model_config,
+                 peak_tflops: float | None, mem_gib: float | None) -> StepMetrics:
+    """Throughput counts real (unpadded) tokens of the global batch over the step's wall time."""
+    tps = tokens / seconds
+    per_gpu = tps / world_size
+    tflops = per_gpu * flops_per_token(model_config, mean_context) / 1e12
+    mfu = tflops / peak_tflops if peak_tflops else None
+    return StepMetrics(step, epoch, loss, grad_norm, lr, mem_gib, tps, per_gpu, label_tokens, tflops, mfu)
+
+
+def _finite_or_none(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+class MetricsLogger:
+    """Writes each logged step as a line, a JSON object in metrics.jsonl and to the trackers."""
+
+    def __init__(self, output_dir: str, total_steps: int, accelerator, *, enabled: bool, progress_bar: bool,
+                 start_step: int = 0):
+        self.enabled = enabled
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.bar = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a")
+            if progress_bar:
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+
+    def _write(self, record: dict, line: str):
+        self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+        self.file.flush()
+        self.info(line)
+
+    def log_step(self, metrics: StepMetrics, log_line: bool):
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics.loss:.4f}", tps_gpu=f"{metrics.tps_per_gpu:.0f}")
+        if not log_line:
+            return
+        self.accelerator.log({k: v for k, v in asdict(metrics).items() if v is not None and k != "step"},
+                             step=metrics.step)
+        if self.enabled:
+            self._write(asdict(metrics), metrics.line())
+
+    def log_eval(self, step: int, eval_loss: float, label_tokens: int):
+        self.accelerator.log({"eval_loss": eval_loss}, step=step)
+        if self.enabled:
+            self._write({"step": step, "eval_loss": eval_loss, "eval_label_tokens": label_tokens},
+                        f"eval step {step} | eval_loss {eval_loss:.4f} | label_tokens {label_tokens}")
+
+    def info(self, message: str):
+        if not self.enabled:
+            return
+        if self.bar:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self):
+        if self.enabled:
+            if self.bar:
+                self.bar.close()
+            self.file.close()

@@ -1,0 +1,37 @@
+"""Expert-parallel sizing and the DeepSpeed config (ZeRO-2 + AutoEP) a run hands to Accelerate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+
+def choose_ep_size(requested: int, world_size: int, num_experts: int) -> int:
+    """--ep-size, checked; 0 picks the largest size dividing both the world size and the expert count."""
+    if requested == 0:
+        return max(d for d in range(1, world_size + 1) if world_size % d == 0 and num_experts % d == 0)
+    if world_size % requested:
+        raise ConfigError(f"--ep-size {requested} does not divide the world size {world_size} (number of "
+                          f"processes); use a divisor of it, or 0 for automatic")
+    if num_experts % requested:
+        raise ConfigError(f"--ep-size {requested} does not divide the model's {num_experts} experts; "
+                          f"use a divisor of {num_experts}, or 0 for automatic")
+    return requested
+
+
+def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int) -> dict:
+    """The DeepSpeed config file of --ds-config with every value this run decides filled in."""
+    ds = json.loads(Path(cfg.ds_config).read_text())
+    ds["train_micro_batch_size_per_gpu"] = 1  # one packed row (or one padded batch) per micro-step
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = world_size * cfg.grad_accum
+    ds["gradient_clipping"] = cfg.grad_clip
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.dtype == "bf16"}
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                                                   "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}}
+    ds.pop("scheduler", None)  # the schedule is ours (LambdaLR), stepped by the engine
+    ds["expert_parallel"] = {"preset_model": "qwen3_moe", **ds.get("expert_parallel", {}),
+                             "enabled": True, "autoep_size": ep_size}
+    return ds

@@ -1,0 +1,166 @@
+"""Fine-tune Qwen3-MoE: `accelerate launch qwen_moe_ft/train.py [--config recipe.yaml] [--key value ...]`.
+
+The recipe: parse the config, build (tokenizer, data, model, DeepSpeed ZeRO-2 + AutoEP engine),
+then a plain step loop that logs one line of metrics per step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch qwen_moe_ft/train.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "qwen_moe_ft"
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, set_seed
+
+from qwen_moe_ft.attention import register_varlen_attention, select_backend
+from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
+from qwen_moe_ft.data import DataError, load_tokenized
+from qwen_moe_ft.flops import peak_tflops
+from qwen_moe_ft.loader import StepLoader
+from qwen_moe_ft.loss import backward_scale, token_loss_sum
+from qwen_moe_ft.metrics import MetricsLogger, StepTimer, step_metrics
+from qwen_moe_ft.model import ModelLoadError, load_model, load_model_config, load_tokenizer
+from qwen_moe_ft.optim import lr_lambda
+from qwen_moe_ft.packing import packing_efficiency
+from qwen_moe_ft.parallel import build_ds_config, choose_ep_size
+
+log = logging.getLogger("qwen_moe_ft")
+
+
+def _global_sum(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.validate()
+        has_gpu = torch.cuda.is_available()
+        self.model_name = cfg.resolved_model(has_gpu)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.model_config = load_model_config(cfg, self.model_name)
+        self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
+        plugin = DeepSpeedPlugin(hf_ds_config=build_ds_config(cfg, self.ep_size, world_size))
+        self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum,
+                                       log_with=None if cfg.report_to == "none" else cfg.report_to,
+                                       project_dir=cfg.output_dir)
+        acc = self.accelerator
+        self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        set_seed(cfg.seed)
+
+        self.tokenizer = load_tokenizer(cfg, self.model_name)
+        with acc.main_process_first():
+            data = load_tokenized(cfg, self.tokenizer)
+        loader_args = dict(capacity=cfg.max_tokens_per_batch, packing=cfg.packing, seed=cfg.seed,
+                           shuffle_buffer=cfg.shuffle_buffer, world_size=self.world_size, rank=self.rank,
+                           grad_accum=cfg.grad_accum, pad_id=self.tokenizer.pad_token_id)
+        self.train_loader = StepLoader(data.train, **loader_args)
+        self.eval_loader = StepLoader(data.eval, **{**loader_args, "grad_accum": 1}) if data.eval else None
+        steps_per_epoch = self.train_loader.steps_per_epoch
+        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+        if cfg.packing:
+            self.attn_backend = select_backend(cfg.attn, self.device.type)
+            attn_implementation = register_varlen_attention(self.attn_backend)
+        else:
+            self.attn_backend, attn_implementation = "sdpa", "sdpa"
+        model = load_model(cfg, self.model_name, self.model_config, attn_implementation)
+        optimizer = DummyOptim(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
+        self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
+
+        self.metrics = MetricsLogger(cfg.output_dir, self.total_steps, acc, enabled=acc.is_main_process,
+                                     progress_bar=cfg.progress_bar)
+        if cfg.report_to != "none":
+            acc.init_trackers("qwen_moe_ft", config=cfg.to_dict())
+        plan = self.train_loader.plan(1)
+        lengths = self.train_loader.lengths
+        self.metrics.info(
+            f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
+            f"zero {cfg.zero_stage} | attention {self.attn_backend} | {len(lengths)} examples, mean length "
+            f"{sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
+            f"{'packing' if cfg.packing else 'padding'} efficiency {packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
+            f"{steps_per_epoch} steps per epoch, {self.total_steps} steps")
+        if data.skipped or data.truncated:
+            self.metrics.info(f"skipped rows by reason: {dict(data.skipped)}; truncated at a turn boundary: "
+                              f"{data.truncated}")
+
+    def train_step(self, step: int):
+        cfg, acc = self.cfg, self.accelerator
+        timer = StepTimer(self.device)
+        timer.begin()
+        batches = self.train_loader.step(step)
+        local = [sum(b.num_label_tokens for b in batches.micro_batches),
+                 sum(b.num_tokens for b in batches.micro_batches),
+                 sum(n * (n + 1) / 2 for b in batches.micro_batches for n in b.doc_lengths)]
+        label_tokens, tokens, context_sum = _global_sum(local, self.device)
+        scale = backward_scale(int(label_tokens), self.world_size, cfg.grad_accum)
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, micro in enumerate(batches.micro_batches):
+            micro = micro.to(self.device)
+            acc.sync_gradients = i == len(batches.micro_batches) - 1
+            loss = token_loss_sum(self.engine, micro.inputs, micro.shift_labels)
+            acc.backward(loss * scale)
+            loss_sum += loss.detach()
+        (loss_total,) = _global_sum([loss_sum.item()], self.device)
+        grad_norm = self.engine.get_global_grad_norm()
+        seconds = timer.end()
+        return step_metrics(
+            step=step + 1, epoch=batches.epoch, loss=loss_total / max(label_tokens, 1),
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr, seconds=seconds,
+            tokens=int(tokens), label_tokens=int(label_tokens), mean_context=context_sum / max(tokens, 1),
+            world_size=self.world_size, model_config=self.model_config, peak_tflops=self.peak,
+            mem_gib=timer.peak_mem_gib())
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, int]:
+        """Loss per label token over the held-out set, summed over all ranks."""
+        self.engine.eval()
+        loss_sum, label_tokens = 0.0, 0
+        for micro_batches in self.eval_loader.epoch_batches():
+            for micro in micro_batches:
+                micro = micro.to(self.device)
+                loss_sum += token_loss_sum(self.engine, micro.inputs, micro.shift_labels).item()
+                label_tokens += micro.num_label_tokens
+        self.engine.train()
+        loss_sum, label_tokens = _global_sum([loss_sum, label_tokens], self.device)
+        return loss_sum / max(label_tokens, 1), int(label_tokens)
+
+    def run(self):
+        cfg = self.cfg
+        self.engine.train()
+        for step in range(self.total_steps):
+            metrics = self.train_step(step)
+            done = step + 1
+            self.metrics.log_step(metrics, log_line=done % cfg.logging_steps == 0 or done == self.total_steps)
+            if self.eval_loader and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
+                self.metrics.log_eval(done, *self.evaluate())
+        self.metrics.close()
+        self.accelerator.end_training()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(argv)
+        Trainer(cfg).run()
+    except (ConfigError, DataError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

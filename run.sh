@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Train with one command: bash run.sh packed|unpacked|lora [--key value ...]
+# GPUs: the Qwen3-30B-A3B recipe on every visible GPU. No GPU: the tiny model on CPU processes.
+# NUM_PROCESSES overrides the process count; extra options override the recipe.
+set -euo pipefail
+cd "$(dirname "$0")"
+mode=${1:-packed}
+case "$mode" in
+  packed|unpacked|lora) shift || true ;;
+  -h|--help) sed -n 2,4p "$0"; exit 0 ;;
+  *) echo "run.sh: unknown mode '$mode'; use packed, unpacked or lora" >&2; exit 2 ;;
+esac
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$gpus" -gt 0 ]; then
+  recipe=qwen_moe_ft/recipes/qwen3-30b-a3b-$mode.yaml
+  nproc=${NUM_PROCESSES:-$gpus}
+  launch=(accelerate launch --num_processes "$nproc" --num_machines 1 --mixed_precision no --dynamo_backend no)
+else
+  recipe=qwen_moe_ft/recipes/tiny-$mode.yaml
+  nproc=${NUM_PROCESSES:-2}
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  # Accelerate's own CPU multi-process mode needs MPI; torchrun gives DeepSpeed plain gloo processes.
+  launch=(torchrun --standalone --nproc_per_node "$nproc")
+fi
+echo "run.sh: $mode, $nproc process(es), recipe $recipe"
+exec "${launch[@]}" qwen_moe_ft/train.py --config "$recipe" "$@"

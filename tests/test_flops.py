@@ -1,0 +1,45 @@
+import math
+
+import pytest
+from transformers import Qwen3MoeConfig
+
+from qwen_moe_ft.flops import flops_per_token, mean_causal_context, peak_tflops
+
+
+def qwen3_30b_a3b(layers=48):
+    return Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8)
+
+
+def test_qwen3_30b_a3b_at_4096_token_documents_by_hand():
+    # Per layer, by hand: q,k,v,o = 2048*128*(32+4+4+32) = 18,874,368; top-8 experts 8*3*2048*768 = 37,748,736;
+    # router 128*2048 = 262,144 -> 6 x 56,885,248 = 341,311,488; attention 12*32*128*2048.5 = 100,687,872.
+    # 48 layers = 21,215,969,280; LM head 6*151936*2048 = 1,866,989,568.
+    context = mean_causal_context([4096])
+    assert context == 2048.5
+    assert flops_per_token(qwen3_30b_a3b(), context) == 23_082_958_848
+    assert round(flops_per_token(qwen3_30b_a3b(), context) / 1e9, 1) == 23.1
+
+
+def test_per_layer_difference_is_one_layer():
+    c2, c4 = qwen3_30b_a3b(2), qwen3_30b_a3b(4)
+    per_layer = (flops_per_token(c4, 2048.5) - flops_per_token(c2, 2048.5)) / 2
+    assert per_layer == 441_999_360
+
+
+def test_mean_causal_context_weights_documents_by_tokens():
+    # A 1-token document attends to 1 key; a 3-token one to 1, 2, 3 keys: (1 + 6) / 4 tokens.
+    assert mean_causal_context([1, 3]) == pytest.approx(7 / 4)
+    assert mean_causal_context([0, 0]) == 0.0
+    # Packing short documents shrinks the attention term against one long document.
+    assert mean_causal_context([1024] * 4) < mean_causal_context([4096])
+
+
+def test_peak_lookup():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future GPU") is None
+    assert peak_tflops(None) is None
+    assert math.isfinite(flops_per_token(qwen3_30b_a3b(1), 1.0))
