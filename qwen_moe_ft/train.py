@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch qwen_moe_
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, set_seed
+from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, set_seed
 
 from qwen_moe_ft.attention import register_varlen_attention, select_backend
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
@@ -49,10 +49,13 @@ class Trainer:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.model_config = load_model_config(cfg, self.model_name)
         self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # so Accelerate runs DeepSpeed on CPU processes too
         plugin = DeepSpeedPlugin(hf_ds_config=build_ds_config(cfg, self.ep_size, world_size))
         self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum,
                                        log_with=None if cfg.report_to == "none" else cfg.report_to,
-                                       project_dir=cfg.output_dir)
+                                       project_dir=cfg.output_dir,
+                                       # Without a GPU, Accelerate would not start a process group at all.
+                                       kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
         acc = self.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         set_seed(cfg.seed)
