@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 
 from .data import IGNORE
 
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers *ForCausalLM inside a DeepSpeed engine and/or PEFT wrapper."""
-    while not hasattr(model, "lm_head"):
+    # DeepSpeedEngine forwards unknown attributes to its module, so test the type, not hasattr.
+    while not (isinstance(model, PreTrainedModel) and hasattr(model, "lm_head")):
         inner = getattr(model, "module", None) or getattr(model, "base_model", None) or getattr(model, "model", None)
         if inner is None or inner is model:
             raise TypeError(f"{type(model).__name__} holds no causal LM with an lm_head")

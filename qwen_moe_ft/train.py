@@ -22,11 +22,12 @@ from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitPr
 from qwen_moe_ft.attention import register_varlen_attention, select_backend
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data import DataError, load_tokenized
+from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loader import StepLoader
 from qwen_moe_ft.loss import backward_scale, token_loss_sum
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, step_metrics
-from qwen_moe_ft.model import ModelLoadError, load_model, load_model_config, load_tokenizer
+from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
 from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size
@@ -150,6 +151,10 @@ class Trainer:
             self.metrics.log_step(metrics, log_line=done % cfg.logging_steps == 0 or done == self.total_steps)
             if self.eval_loader and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
                 self.metrics.log_eval(done, *self.evaluate())
+        if cfg.export_hf:
+            out = save_hf_checkpoint(self.engine, self.tokenizer, os.path.join(cfg.output_dir, "hf"),
+                                     is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.dtype])
+            self.metrics.info(f"saved {out} (transformers Qwen3-MoE layout, safetensors)")
         self.metrics.close()
         self.accelerator.end_training()
 
