@@ -44,6 +44,7 @@ class StepTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.start = 0.0
+        self.marks: dict[str, float] = {}
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -54,6 +55,12 @@ class StepTimer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.start = time.perf_counter()
+        self.marks = {}
+
+    def mark(self, name: str):
+        """Seconds since begin() at this point (synchronised); the benchmark splits a step with these."""
+        self._sync()
+        self.marks[name] = time.perf_counter() - self.start
 
     def end(self) -> float:
         self._sync()

@@ -1,6 +1,8 @@
 """Loading the model and tokenizer, from the hub or a local directory, the same way for every size."""
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +51,10 @@ def load_model(cfg: TrainConfig, name: str, config, attn_implementation: str):
     """bf16 (or fp32) weights from `name`; with --random-init, fresh weights from its config."""
     dtype = DTYPES[cfg.dtype]
     if cfg.random_init:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        # Initialising billions of weights is minutes on the CPU and seconds on the GPU.
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     try:
         return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
                                                     attn_implementation=attn_implementation)

@@ -29,7 +29,7 @@ from qwen_moe_ft.loss import backward_scale, token_loss_sum
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, step_metrics
 from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
 from qwen_moe_ft.optim import lr_lambda
-from qwen_moe_ft.packing import packing_efficiency
+from qwen_moe_ft.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size
 
 log = logging.getLogger("qwen_moe_ft")
@@ -101,28 +101,34 @@ class Trainer:
                               f"{data.truncated}")
 
     def train_step(self, step: int):
-        cfg, acc = self.cfg, self.accelerator
-        timer = StepTimer(self.device)
-        timer.begin()
         batches = self.train_loader.step(step)
-        local = [sum(b.num_label_tokens for b in batches.micro_batches),
-                 sum(b.num_tokens for b in batches.micro_batches),
-                 sum(n * (n + 1) / 2 for b in batches.micro_batches for n in b.doc_lengths)]
+        return self.run_step(batches.micro_batches, step=step + 1, epoch=batches.epoch)
+
+    def run_step(self, micro_batches: list[MicroBatch], *, step: int, epoch: int, timer: StepTimer | None = None):
+        """One optimizer step over this rank's micro-batches; the loss is normalised by the global label count."""
+        timer = timer or StepTimer(self.device)
+        timer.begin()
+        local = [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches),
+                 sum(n * (n + 1) / 2 for b in micro_batches for n in b.doc_lengths)]
         label_tokens, tokens, context_sum = _global_sum(local, self.device)
-        scale = backward_scale(int(label_tokens), self.world_size, cfg.grad_accum)
+        scale = backward_scale(int(label_tokens), self.world_size, len(micro_batches))
         lr = self.scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        for i, micro in enumerate(batches.micro_batches):
+        for i, micro in enumerate(micro_batches):
             micro = micro.to(self.device)
-            acc.sync_gradients = i == len(batches.micro_batches) - 1
+            last = i == len(micro_batches) - 1
+            # What Accelerate's backward does for DeepSpeed, spelled out to time the optimizer apart.
+            self.engine.set_gradient_accumulation_boundary(is_boundary=last)
             loss = token_loss_sum(self.engine, micro.inputs, micro.shift_labels)
-            acc.backward(loss * scale)
+            self.engine.backward(loss * scale)
             loss_sum += loss.detach()
+        timer.mark("forward_backward")
+        self.engine.step()
         (loss_total,) = _global_sum([loss_sum.item()], self.device)
         grad_norm = self.engine.get_global_grad_norm()
         seconds = timer.end()
         return step_metrics(
-            step=step + 1, epoch=batches.epoch, loss=loss_total / max(label_tokens, 1),
+            step=step, epoch=epoch, loss=loss_total / max(label_tokens, 1),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr, seconds=seconds,
             tokens=int(tokens), label_tokens=int(label_tokens), mean_context=context_sum / max(tokens, 1),
             world_size=self.world_size, model_config=self.model_config, peak_tflops=self.peak,

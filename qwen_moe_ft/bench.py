@@ -1,0 +1,252 @@
+"""Benchmark one GPU: our training step against transformers' grouped_mm, same batches, same process tree.
+
+    python -m qwen_moe_ft.bench [--layers 2,4] [--tokens 8192] [--full-length] [--out bench.json]
+
+Each (stack, depth) runs in a fresh subprocess on a Qwen3-30B-A3B-shaped model cut to that depth
+(random init, seeded). Per-layer costs are differences between the two depths; the 48-layer
+equivalent is rest + 48 x per-layer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import REPO_ROOT, TINY_MODEL
+from .data import IGNORE
+from .flops import flops_per_token, mean_causal_context, peak_tflops
+from .packing import MicroBatch, collate_packed, collate_padded
+
+QWEN3_30B_A3B = str(REPO_ROOT / "data" / "qwen3-30b-a3b-config")
+STACKS = ("ours", "hf_grouped_mm")
+
+
+def document_lengths(tokens: int, full_length: bool, rng: random.Random) -> list[int]:
+    """Lengths summing to `tokens`: 4096 each, or a fixed long-tailed SFT-like mix (64..4096)."""
+    if full_length:
+        return [4096] * (tokens // 4096)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(min(4096, max(64, int(rng.lognormvariate(6.3, 0.9)))))
+    lengths[-1] -= sum(lengths) - tokens
+    return [n for n in lengths if n > 0]
+
+
+def make_batches(count: int, tokens: int, full_length: bool, vocab: int, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        docs = []
+        for n in document_lengths(tokens, full_length, rng):
+            ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+            docs.append({"input_ids": ids, "labels": list(ids)})
+        batches.append(docs)
+    return batches
+
+
+def _single_process_env():
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
+        os.environ.setdefault(key, value)
+
+
+class _Timer:
+    def __init__(self):
+        self.marks = {}
+
+    def begin(self):
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        self.marks = {}
+
+    def mark(self, name):
+        torch.cuda.synchronize()
+        self.marks[name] = time.perf_counter() - self.start
+
+    def end(self):
+        torch.cuda.synchronize()
+        return time.perf_counter() - self.start
+
+    def peak_mem_gib(self):
+        return torch.cuda.max_memory_allocated() / 2**30
+
+
+def _run_ours(args, batches):
+    from .config import TrainConfig
+    from .train import Trainer
+
+    _single_process_env()
+    cfg = TrainConfig(model=args.model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=args.depth,
+                      dtype="bf16", attn=args.attn, packing=True, max_tokens_per_batch=args.tokens,
+                      max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
+                      output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed)
+    trainer = Trainer(cfg)
+    trainer.engine.train()
+
+    def step(docs, i, timer):
+        return trainer.run_step([collate_packed(docs)], step=i + 1, epoch=1, timer=timer).loss
+
+    return step, trainer.attn_backend
+
+
+def _run_hf(args, batches):
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from .config import TrainConfig
+    from .model import load_model_config
+
+    set_seed(args.seed)
+    config = load_model_config(TrainConfig(random_init=True, num_hidden_layers=args.depth), args.model)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 experts_implementation="grouped_mm")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+
+    def step(docs, i, timer):
+        batch: MicroBatch = collate_padded(docs, pad_id=0).to("cuda")
+        timer.begin()
+        labels = batch.shift_labels
+        out = model(**batch.inputs)
+        loss_sum = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
+                                                     ignore_index=IGNORE, reduction="sum")
+        n = int((labels != IGNORE).sum())
+        (loss_sum / n).backward()
+        timer.mark("forward_backward")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss_sum) / n
+
+    return step, "sdpa (padded)"
+
+
+def worker(args) -> dict:
+    """One stack at one depth: median step, forward+backward and optimizer times after warm-up."""
+    batches = make_batches(args.warmup + args.steps, args.tokens, args.full_length, vocab=151936, seed=args.seed)
+    step, attention = (_run_ours if args.stack == "ours" else _run_hf)(args, batches)
+    timer = _Timer()
+    losses, steps, fwd_bwd = [], [], []
+    for i, docs in enumerate(batches):
+        if i == args.warmup:
+            torch.cuda.reset_peak_memory_stats()
+        loss = step(docs, i, timer)
+        seconds = timer.end()
+        losses.append(loss)
+        if i >= args.warmup:
+            steps.append(seconds)
+            fwd_bwd.append(timer.marks["forward_backward"])
+    step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
+    lengths = [len(d["input_ids"]) for d in batches[0]]
+    return dict(stack=args.stack, depth=args.depth, attention=attention, step_ms=1e3 * step_s,
+                fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
+                gpu=torch.cuda.get_device_name())
+
+
+def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict:
+    from .config import TrainConfig
+    from .model import load_model_config
+
+    low, high = depths
+    out = {}
+    for stack in {r["stack"] for r in results}:
+        by_depth = {r["depth"]: r for r in results if r["stack"] == stack}
+        a, b = by_depth[low], by_depth[high]
+        span = high - low
+        per_layer = {k: (b[k] - a[k]) / span for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms")}
+        cfg_low = load_model_config(TrainConfig(random_init=True, num_hidden_layers=low), QWEN3_30B_A3B)
+        cfg_high = load_model_config(TrainConfig(random_init=True, num_hidden_layers=high), QWEN3_30B_A3B)
+        layer_flops = (flops_per_token(cfg_high, b["mean_context"]) - flops_per_token(cfg_low, b["mean_context"])) / span
+        layer_tflops = layer_flops * b["tokens"] / (per_layer["step_ms"] / 1e3) / 1e12
+        fb_tflops = layer_flops * b["tokens"] / (per_layer["fwd_bwd_ms"] / 1e3) / 1e12
+        rest_ms = a["step_ms"] - low * per_layer["step_ms"]
+        step48_ms = rest_ms + 48 * per_layer["step_ms"]
+        out[stack] = dict(
+            attention=b["attention"], **{f"step_ms_{d}L": by_depth[d]["step_ms"] for d in depths},
+            per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
+            optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
+            fwd_bwd_layer_mfu=fb_tflops / peak, peak_mem_gib=b["peak_mem_gib"],
+            tokens_per_s=b["tokens"] / (b["step_ms"] / 1e3), tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3),
+            first_losses=a["losses"][:3])
+    if len(out) == 2:
+        ours, base = out["ours"], out["hf_grouped_mm"]
+        out["ratios"] = {k: base[k] / ours[k] for k in ("per_layer_ms", "fwd_bwd_per_layer_ms", "optimizer_per_layer_ms")}
+        out["ratios"]["note"] = "baseline time / our time: above 1 means we are faster"
+    return out
+
+
+def table(summary: dict) -> str:
+    rows = ["| stack | attention | per layer ms | fwd+bwd/layer ms | optimizer/layer ms | layer TFLOP/s | layer MFU | "
+            "peak mem GiB | tokens/s | 48-layer tokens/s |", "|" + " --- |" * 10]
+    for stack in STACKS:
+        if stack in summary:
+            s = summary[stack]
+            rows.append(f"| {stack} | {s['attention']} | {s['per_layer_ms']:.1f} | {s['fwd_bwd_per_layer_ms']:.1f} | "
+                        f"{s['optimizer_per_layer_ms']:.1f} | {s['layer_tflops']:.0f} | {100 * s['layer_mfu']:.1f}% | "
+                        f"{s['peak_mem_gib']:.1f} | {s['tokens_per_s']:.0f} | {s['tokens_per_s_48L']:.0f} |")
+    if "ratios" in summary:
+        r = summary["ratios"]
+        rows.append(f"\nbaseline/ours: per layer {r['per_layer_ms']:.2f}x, forward+backward {r['fwd_bwd_per_layer_ms']:.2f}x, "
+                    f"optimizer {r['optimizer_per_layer_ms']:.2f}x")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="2,4", help="two depths, comma separated")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
+    parser.add_argument("--full-length", action="store_true", help="4096-token documents (the seed's setting)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--attn", default="auto")
+    parser.add_argument("--model", default=QWEN3_30B_A3B, help="config directory of the full-size model")
+    parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--scratch", default="outputs/bench")
+    parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.worker:
+        args.stack, args.depth = args.worker[0], int(args.worker[1])
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    depths = tuple(int(d) for d in args.layers.split(","))
+    results = []
+    for stack in args.stacks.split(","):
+        for depth in depths:
+            cmd = [sys.executable, "-m", "qwen_moe_ft.bench", "--worker", stack, str(depth),
+                   *[a for a in (argv if argv is not None else sys.argv[1:])]]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not found:
+                print(f"{stack} at {depth} layers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
+                return 1
+            results.append(json.loads(found[-1][len("RESULT "):]))
+            print(f"{stack} {depth} layers: step {results[-1]['step_ms']:.1f} ms, losses {results[-1]['losses'][:3]}",
+                  flush=True)
+    peak = args.peak_tflops or peak_tflops(results[0]["gpu"]) or 989.0
+    summary = summarise(results, depths, peak)
+    report = dict(gpu=results[0]["gpu"], torch=torch.__version__, tokens=args.tokens, full_length=args.full_length,
+                  depths=depths, peak_tflops=peak, results=results, summary=summary)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
