@@ -23,7 +23,7 @@ import torch
 from .config import REPO_ROOT, TINY_MODEL
 from .data import IGNORE
 from .flops import flops_per_token, mean_causal_context, peak_tflops
-from .packing import MicroBatch, collate_packed, collate_padded
+from .packing import collate_packed, collate_padded, plan_micro_batches
 
 QWEN3_30B_A3B = str(REPO_ROOT / "data" / "qwen3-30b-a3b-config")
 STACKS = ("ours", "hf_grouped_mm")
@@ -53,12 +53,6 @@ def make_batches(count: int, tokens: int, full_length: bool, vocab: int, seed: i
     return batches
 
 
-def _single_process_env():
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
-        os.environ.setdefault(key, value)
-
-
 class _Timer:
     def __init__(self):
         self.marks = {}
@@ -84,7 +78,6 @@ def _run_ours(args, batches):
     from .config import TrainConfig
     from .train import Trainer
 
-    _single_process_env()
     cfg = TrainConfig(model=args.model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=args.depth,
                       dtype="bf16", attn=args.attn, packing=True, max_tokens_per_batch=args.tokens,
                       max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
@@ -113,19 +106,25 @@ def _run_hf(args, batches):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
 
     def step(docs, i, timer):
-        batch: MicroBatch = collate_padded(docs, pad_id=0).to("cuda")
+        # What a user of padded batches runs: micro-batches within the same token budget, accumulated.
+        lengths = [len(d["input_ids"]) for d in docs]
+        plan = plan_micro_batches(lengths, args.tokens, packing=False, seed=i, epoch=1, shuffle_buffer=len(docs))
+        micro = [collate_padded([docs[j] for j in batch], pad_id=0).to("cuda") for batch in plan]
+        label_tokens = sum(m.num_label_tokens for m in micro)
         timer.begin()
-        labels = batch.shift_labels
-        out = model(**batch.inputs)
-        loss_sum = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
-                                                     ignore_index=IGNORE, reduction="sum")
-        n = int((labels != IGNORE).sum())
-        (loss_sum / n).backward()
+        total = torch.zeros((), device="cuda")
+        for m in micro:
+            logits = model(**m.inputs).logits.float()
+            loss_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), m.shift_labels.flatten(),
+                                                         ignore_index=IGNORE, reduction="sum")
+            (loss_sum / label_tokens).backward()
+            total += loss_sum.detach()
+            del logits, loss_sum
         timer.mark("forward_backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss_sum) / n
+        return float(total) / label_tokens
 
     return step, "sdpa (padded)"
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
@@ -35,3 +37,16 @@ def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int) -> dict:
     ds["expert_parallel"] = {"preset_model": "qwen3_moe", **ds.get("expert_parallel", {}),
                              "enabled": True, "autoep_size": ep_size}
     return ds
+
+
+def ensure_process_env() -> None:
+    """A plain `python train.py` (or a one-process `accelerate launch`) gets a one-rank process group:
+    DeepSpeed and AutoEP need one even on a single GPU."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        os.environ.setdefault(key, value)

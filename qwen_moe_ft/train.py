@@ -30,7 +30,7 @@ from qwen_moe_ft.metrics import MetricsLogger, StepTimer, step_metrics
 from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
 from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
-from qwen_moe_ft.parallel import build_ds_config, choose_ep_size
+from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
 
 log = logging.getLogger("qwen_moe_ft")
 
@@ -47,7 +47,8 @@ class Trainer:
         self.cfg = cfg.validate()
         has_gpu = torch.cuda.is_available()
         self.model_name = cfg.resolved_model(has_gpu)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        ensure_process_env()
+        world_size = int(os.environ["WORLD_SIZE"])
         self.model_config = load_model_config(cfg, self.model_name)
         self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # so Accelerate runs DeepSpeed on CPU processes too
