@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import REPO_ROOT, TINY_MODEL
+from .config import DEFAULT_DS_CONFIG, REPO_ROOT, TINY_MODEL
 from .data import IGNORE
 from .flops import flops_per_token, mean_causal_context, peak_tflops
 from .packing import collate_packed, collate_padded, plan_micro_batches
@@ -81,14 +81,15 @@ def _run_ours(args, batches):
     cfg = TrainConfig(model=args.model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=args.depth,
                       dtype="bf16", attn=args.attn, packing=True, max_tokens_per_batch=args.tokens,
                       max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
-                      output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed)
+                      output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed,
+                      ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage)
     trainer = Trainer(cfg)
     trainer.engine.train()
 
     def step(docs, i, timer):
         return trainer.run_step([collate_packed(docs)], step=i + 1, epoch=1, timer=timer).loss
 
-    return step, trainer.attn_backend
+    return step, f"{trainer.attn_backend}, loss {trainer.loss_impl}"
 
 
 def _run_hf(args, batches):
@@ -144,6 +145,14 @@ def worker(args) -> dict:
         if i >= args.warmup:
             steps.append(seconds)
             fwd_bwd.append(timer.marks["forward_backward"])
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(batches[-1], len(batches), timer)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=80),
+              file=sys.stderr, flush=True)
     step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
     lengths = [len(d["input_ids"]) for d in batches[0]]
     return dict(stack=args.stack, depth=args.depth, attention=attention, step_ms=1e3 * step_s,
@@ -213,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=QWEN3_30B_A3B, help="config directory of the full-size model")
     parser.add_argument("--peak-tflops", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ds-config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config of our stack")
+    parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
+    parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, liger or torch")
+    parser.add_argument("--profile", action="store_true", help="print a kernel table of one step per worker")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
@@ -231,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "qwen_moe_ft.bench", "--worker", stack, str(depth),
                    *[a for a in (argv if argv is not None else sys.argv[1:])]]
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            if args.profile:
+                print(f"--- profile: {stack}, {depth} layers ---\n{proc.stderr[-12000:]}", file=sys.stderr)
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not found:
                 print(f"{stack} at {depth} layers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)

@@ -6,6 +6,8 @@ and unpacked runs optimise the same objective and accumulation does not reweight
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -24,10 +26,35 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def token_loss_sum(model: torch.nn.Module, inputs: dict, shift_labels: torch.Tensor) -> torch.Tensor:
+LOSS_IMPLS = ("liger", "torch")
+
+
+def select_loss_impl(requested: str, device_type: str) -> str:
+    """auto: liger-kernel's fused linear cross-entropy on GPU when installed, else logits + torch CE."""
+    has_liger = importlib.util.find_spec("liger_kernel") is not None
+    if requested == "auto":
+        return "liger" if device_type == "cuda" and has_liger else "torch"
+    if requested == "liger" and not (device_type == "cuda" and has_liger):
+        raise ValueError("--loss-impl liger needs a GPU and the liger-kernel package (pip install liger-kernel); "
+                         "use --loss-impl torch")
+    return requested
+
+
+def _fused_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    # Chunked: the [tokens, vocab] logits are never materialised, in bf16 or fp32.
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", accum_dtype=torch.float32)
+    return loss(weight, hidden, labels).float()
+
+
+def token_loss_sum(model: torch.nn.Module, inputs: dict, shift_labels: torch.Tensor,
+                   impl: str = "torch") -> torch.Tensor:
     """Sum of next-token cross-entropies over the label tokens of one micro-batch (fp32)."""
     lm = causal_lm_of(model)
     hidden = lm.model(**inputs, use_cache=False).last_hidden_state
+    if impl == "liger":
+        return _fused_linear_ce_sum(hidden.flatten(0, 1), lm.lm_head.weight, shift_labels.flatten())
     logits = lm.lm_head(hidden).float()
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=IGNORE,
                            reduction="sum")

@@ -25,7 +25,7 @@ from qwen_moe_ft.data import DataError, load_tokenized
 from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loader import StepLoader
-from qwen_moe_ft.loss import backward_scale, token_loss_sum
+from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, step_metrics
 from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
 from qwen_moe_ft.optim import lr_lambda
@@ -78,6 +78,7 @@ class Trainer:
             attn_implementation = register_varlen_attention(self.attn_backend)
         else:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
+        self.loss_impl = select_loss_impl(cfg.loss_impl, self.device.type)
         model = load_model(cfg, self.model_name, self.model_config, attn_implementation)
         optimizer = DummyOptim(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
@@ -93,7 +94,7 @@ class Trainer:
         lengths = self.train_loader.lengths
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
-            f"zero {cfg.zero_stage} | attention {self.attn_backend} | {len(lengths)} examples, mean length "
+            f"zero {cfg.zero_stage} | attention {self.attn_backend} | loss {self.loss_impl} | {len(lengths)} examples, mean length "
             f"{sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
             f"{'packing' if cfg.packing else 'padding'} efficiency {packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
             f"{steps_per_epoch} steps per epoch, {self.total_steps} steps")
@@ -120,7 +121,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             # What Accelerate's backward does for DeepSpeed, spelled out to time the optimizer apart.
             self.engine.set_gradient_accumulation_boundary(is_boundary=last)
-            loss = token_loss_sum(self.engine, micro.inputs, micro.shift_labels)
+            loss = token_loss_sum(self.engine, micro.inputs, micro.shift_labels, self.loss_impl)
             self.engine.backward(loss * scale)
             loss_sum += loss.detach()
         timer.mark("forward_backward")
@@ -143,7 +144,7 @@ class Trainer:
         for micro_batches in self.eval_loader.epoch_batches():
             for micro in micro_batches:
                 micro = micro.to(self.device)
-                loss_sum += token_loss_sum(self.engine, micro.inputs, micro.shift_labels).item()
+                loss_sum += token_loss_sum(self.engine, micro.inputs, micro.shift_labels, self.loss_impl).item()
                 label_tokens += micro.num_label_tokens
         self.engine.train()
         loss_sum, label_tokens = _global_sum([loss_sum, label_tokens], self.device)
