@@ -28,7 +28,7 @@ class TrainConfig:
     num_hidden_layers: int = 0  # >0 cuts the model to this depth (with random_init)
     dtype: str = "bf16"  # bf16 | fp32
     attn: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
-    loss_impl: str = "auto"  # auto | liger | torch
+    loss_impl: str = "auto"  # auto | torch | cce | liger
     # data
     data: str = str(REPO_ROOT / "data" / "sample_sft.jsonl")
     eval_data: str = ""
@@ -84,7 +84,7 @@ class TrainConfig:
             return ConfigError(f"--{option.replace('_', '-')}: {why}")
 
         choices = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
-                   "loss_impl": ("auto", "liger", "torch"),
+                   "loss_impl": ("auto", "torch", "cce", "liger"),
                    "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"),
                    "lr_schedule": ("cosine", "constant"), "report_to": ("none", "tensorboard", "wandb")}
         for option, allowed in choices.items():

@@ -26,16 +26,17 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-LOSS_IMPLS = ("liger", "torch")
+# Fused linear cross-entropy kernels (optional packages) and the plain logits path.
+FUSED_LOSS_PACKAGES = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}
 
 
 def select_loss_impl(requested: str, device_type: str) -> str:
-    """auto: liger-kernel's fused linear cross-entropy on GPU when installed, else logits + torch CE."""
-    has_liger = importlib.util.find_spec("liger_kernel") is not None
-    if requested == "auto":
-        return "liger" if device_type == "cuda" and has_liger else "torch"
-    if requested == "liger" and not (device_type == "cuda" and has_liger):
-        raise ValueError("--loss-impl liger needs a GPU and the liger-kernel package (pip install liger-kernel); "
+    """auto: logits + torch CE, the fastest measured on H100 (BENCHMARKS.md); fused kernels on request."""
+    if requested in ("auto", "torch"):
+        return "torch"
+    package = FUSED_LOSS_PACKAGES[requested]
+    if device_type != "cuda" or importlib.util.find_spec(package) is None:
+        raise ValueError(f"--loss-impl {requested} needs a GPU and the {package.replace('_', '-')} package; "
                          "use --loss-impl torch")
     return requested
 
@@ -48,13 +49,21 @@ def _fused_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return loss(weight, hidden, labels).float()
 
 
+def _cce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from cut_cross_entropy import linear_cross_entropy
+
+    # filter_eps=None: exact gradients (CCE's default drops small softmax entries from the backward).
+    return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="sum", filter_eps=None).float()
+
+
 def token_loss_sum(model: torch.nn.Module, inputs: dict, shift_labels: torch.Tensor,
                    impl: str = "torch") -> torch.Tensor:
     """Sum of next-token cross-entropies over the label tokens of one micro-batch (fp32)."""
     lm = causal_lm_of(model)
     hidden = lm.model(**inputs, use_cache=False).last_hidden_state
-    if impl == "liger":
-        return _fused_linear_ce_sum(hidden.flatten(0, 1), lm.lm_head.weight, shift_labels.flatten())
+    if impl in FUSED_LOSS_PACKAGES:
+        fused = _cce_sum if impl == "cce" else _fused_linear_ce_sum
+        return fused(hidden.flatten(0, 1), lm.lm_head.weight, shift_labels.flatten())
     logits = lm.lm_head(hidden).float()
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=IGNORE,
                            reduction="sum")

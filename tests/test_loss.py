@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_moe_ft.data import IGNORE
-from qwen_moe_ft.loss import _fused_linear_ce_sum, backward_scale, select_loss_impl
+from qwen_moe_ft.loss import _cce_sum, _fused_linear_ce_sum, backward_scale, select_loss_impl
 
 
 def test_backward_scale_turns_deepspeed_means_into_a_global_token_mean():
@@ -22,21 +22,22 @@ def test_loss_impl_selection():
         select_loss_impl("liger", "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger kernels run on GPU")
-def test_fused_linear_cross_entropy_matches_logits_path_in_bf16():
-    pytest.importorskip("liger_kernel")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused kernels run on GPU")
+@pytest.mark.parametrize("impl, package", [("liger", "liger_kernel"), ("cce", "cut_cross_entropy")])
+def test_fused_linear_cross_entropy_matches_logits_path_in_bf16(impl, package):
+    pytest.importorskip(package)
     g = torch.Generator(device="cuda").manual_seed(0)
     tokens, hidden, vocab = 4096, 2048, 151936
     h = (torch.randn(tokens, hidden, device="cuda", generator=g) * 0.5).bfloat16().requires_grad_()
     w = (torch.randn(vocab, hidden, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
     labels[::7] = IGNORE
-    fused = _fused_linear_ce_sum(h, w, labels)
+    fused = (_cce_sum if impl == "cce" else _fused_linear_ce_sum)(h, w, labels)
     dh_fused, dw_fused = torch.autograd.grad(fused * 0.001, (h, w))
     reference = F.cross_entropy((h @ w.T).float(), labels, ignore_index=IGNORE, reduction="sum")
     dh_ref, dw_ref = torch.autograd.grad(reference * 0.001, (h, w))
     rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-    print(f"liger vs torch: loss rel {abs(fused.item() - reference.item()) / reference.item():.2e}, "
+    print(f"{impl} vs torch: loss rel {abs(fused.item() - reference.item()) / reference.item():.2e}, "
           f"dh {rel(dh_fused, dh_ref):.2e}, dw {rel(dw_fused, dw_ref):.2e}")
     assert abs(fused.item() - reference.item()) / reference.item() < 1e-3
     assert rel(dh_fused, dh_ref) < 2e-2 and rel(dw_fused, dw_ref) < 2e-2
