@@ -1,0 +1,34 @@
+"""Trainer behaviour across modes, on two CPU processes with real DeepSpeed."""
+import pytest
+
+from conftest import SAMPLE, read_metrics, train
+
+
+def epoch_loss(output_dir):
+    steps = [m for m in read_metrics(output_dir) if "eval_loss" not in m]
+    tokens = sum(m["num_label_tokens"] for m in steps)
+    return sum(m["loss"] * m["num_label_tokens"] for m in steps) / tokens, tokens, len(steps)
+
+
+def test_packed_and_unpacked_optimise_the_same_objective(tmp_path):
+    common = ["--data", str(SAMPLE), "--epochs", "1", "--lr", "0", "--max-tokens-per-batch", "2048",
+              "--max-seq-len", "512", "--export-hf", "false"]
+    train(tmp_path / "packed", *common, "--packing", "true")
+    train(tmp_path / "unpacked", *common, "--packing", "false")
+    packed_loss, packed_tokens, packed_steps = epoch_loss(tmp_path / "packed")
+    unpacked_loss, unpacked_tokens, unpacked_steps = epoch_loss(tmp_path / "unpacked")
+    assert packed_tokens == unpacked_tokens
+    assert packed_loss == pytest.approx(unpacked_loss, rel=1e-5)
+    assert packed_steps < unpacked_steps
+
+
+def test_bad_option_fails_before_loading_with_its_name(tmp_path):
+    proc = train(tmp_path, "--ep-size", "3", check=False)
+    assert proc.returncode != 0
+    assert "--ep-size 3" in proc.stderr
+
+
+def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path):
+    proc = train(tmp_path, "--model", str(tmp_path / "no-such-model"), nproc=1, check=False)
+    assert proc.returncode != 0
+    assert "--model DIR" in proc.stderr
