@@ -90,17 +90,23 @@ def _finite_or_none(value):
 class MetricsLogger:
     """Writes each logged step as a line, a JSON object in metrics.jsonl and to the trackers."""
 
-    def __init__(self, output_dir: str, total_steps: int, accelerator, *, enabled: bool, progress_bar: bool,
-                 start_step: int = 0):
+    def __init__(self, output_dir: str, total_steps: int, accelerator, *, enabled: bool, progress_bar: bool):
         self.enabled = enabled
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.progress_bar = progress_bar and enabled
         self.bar = None
+        self.file = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self, step: int):
+        """Open metrics.jsonl for appending and show progress from `step` (non-zero when resuming)."""
+        if self.enabled:
             self.file = self.path.open("a")
-            if progress_bar:
-                self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+        if self.progress_bar:
+            self.bar = tqdm(total=self.total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
 
     def _write(self, record: dict, line: str):
         self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
@@ -133,7 +139,15 @@ class MetricsLogger:
             print(message, flush=True)
 
     def close(self):
-        if self.enabled:
-            if self.bar:
-                self.bar.close()
+        if self.bar:
+            self.bar.close()
+        if self.file:
             self.file.close()
+
+
+def drop_metrics_after(path: Path, step: int):
+    """Forget records past `step`: a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch qwen_moe_ft/train.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,14 +21,16 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, set_seed
 
+from qwen_moe_ft import checkpoint
 from qwen_moe_ft.attention import register_varlen_attention, select_backend
+from qwen_moe_ft.checkpoint import CheckpointError
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data import DataError, load_tokenized
 from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loader import StepLoader
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
-from qwen_moe_ft.metrics import MetricsLogger, StepTimer, step_metrics
+from qwen_moe_ft.metrics import MetricsLogger, StepTimer, drop_metrics_after, step_metrics
 from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
 from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
@@ -86,6 +90,8 @@ class Trainer:
         self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
 
+        self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"
+        self.stop_signal: str | None = None
         self.metrics = MetricsLogger(cfg.output_dir, self.total_steps, acc, enabled=acc.is_main_process,
                                      progress_bar=cfg.progress_bar)
         if cfg.report_to != "none":
@@ -150,32 +156,58 @@ class Trainer:
         loss_sum, label_tokens = _global_sum([loss_sum, label_tokens], self.device)
         return loss_sum / max(label_tokens, 1), int(label_tokens)
 
-    def run(self):
+    def _stop_on_signal(self, signum, frame):
+        self.stop_signal = signal.Signals(signum).name
+
+    def _resume(self) -> int:
+        path = checkpoint.resolve(self.cfg.resume, self.checkpoint_root)
+        start = checkpoint.load(self.engine, path, rank=self.rank)
+        if self.accelerator.is_main_process:
+            drop_metrics_after(Path(self.cfg.output_dir) / "metrics.jsonl", start)
+        self.metrics.info(f"resumed from {path} at step {start}")
+        return start
+
+    def run(self) -> int:
         cfg = self.cfg
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop_on_signal)
+        start = self._resume() if cfg.resume else 0
+        self.metrics.start(start)
         self.engine.train()
-        for step in range(self.total_steps):
+        for step in range(start, self.total_steps):
             metrics = self.train_step(step)
             done = step + 1
             self.metrics.log_step(metrics, log_line=done % cfg.logging_steps == 0 or done == self.total_steps)
             if self.eval_loader and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
                 self.metrics.log_eval(done, *self.evaluate())
+            # Every rank must agree to stop at the same step: the signal may reach them apart.
+            stop = _global_sum([float(self.stop_signal is not None)], self.device)[0] > 0
+            if cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop:
+                path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
+                                       keep=cfg.save_total_limit)
+                self.metrics.info(f"saved checkpoint {path}")
+            if stop:
+                self.metrics.info(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {done}; "
+                                  f"continue with --resume latest")
+                self.metrics.close()
+                return 0
         if cfg.export_hf:
             out = save_hf_checkpoint(self.engine, self.tokenizer, os.path.join(cfg.output_dir, "hf"),
                                      is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.dtype])
             self.metrics.info(f"saved {out} (transformers Qwen3-MoE layout, safetensors)")
         self.metrics.close()
         self.accelerator.end_training()
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(argv)
-        Trainer(cfg).run()
-    except (ConfigError, DataError, ModelLoadError) as err:
+        return Trainer(cfg).run()
+    except (ConfigError, DataError, ModelLoadError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
