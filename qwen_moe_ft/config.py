@@ -71,13 +71,6 @@ class TrainConfig:
     save_total_limit: int = 2
     resume: str = ""  # "" | latest | path to a checkpoint directory
     export_hf: bool = True
-    # LoRA
-    lora: bool = False
-    lora_targets: str = "attn"  # comma list of attn, experts, router
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    merge: bool = False
 
     def validate(self) -> "TrainConfig":
         def bad(option: str, why: str) -> ConfigError:
@@ -91,12 +84,12 @@ class TrainConfig:
             if getattr(self, option) not in allowed:
                 raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")
         positive = ("max_seq_len", "max_tokens_per_batch", "grad_accum", "logging_steps", "num_proc",
-                    "shuffle_buffer", "lora_rank")
+                    "shuffle_buffer")
         for option in positive:
             if getattr(self, option) < 1:
                 raise bad(option, f"must be at least 1, got {getattr(self, option)}")
         non_negative = ("max_steps", "warmup_steps", "ep_size", "eval_steps", "save_steps", "save_total_limit",
-                        "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers", "lora_dropout")
+                        "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers")
         for option in non_negative:
             if getattr(self, option) < 0:
                 raise bad(option, f"must not be negative, got {getattr(self, option)}")
@@ -115,20 +108,11 @@ class TrainConfig:
                       f"--max-seq-len {self.max_seq_len}; raise it or lower --max-seq-len")
         if self.zero_stage not in (1, 2):
             raise bad("zero_stage", f"AutoEP training here uses ZeRO stage 1 or 2, got {self.zero_stage}")
-        targets = self.lora_target_list()
-        unknown = sorted(set(targets) - {"attn", "experts", "router"})
-        if unknown or not targets:
-            raise bad("lora_targets", f"got {self.lora_targets!r}; use a comma list of attn, experts, router")
-        if self.merge and not self.lora:
-            raise bad("merge", "merges a LoRA adapter; add --lora or drop --merge")
         if self.num_hidden_layers and not self.random_init:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")
         if not Path(self.ds_config).is_file():
             raise bad("ds_config", f"{self.ds_config} does not exist; point it at a file in ds_configs/")
         return self
-
-    def lora_target_list(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def resolved_model(self, has_gpu: bool) -> str:
         return self.model or (REAL_MODEL if has_gpu else TINY_MODEL)

@@ -23,8 +23,6 @@ def test_unknown_recipe_key_is_named(tmp_path):
     (["--attn", "xformers"], "--attn"),
     (["--grad-accum", "0"], "--grad-accum"),
     (["--max-tokens-per-batch", "100", "--max-seq-len", "200"], "--max-tokens-per-batch"),
-    (["--merge"], "--merge"),
-    (["--lora-targets", "mlp"], "--lora-targets"),
     (["--num-hidden-layers", "2"], "--num-hidden-layers"),
     (["--eval-split", "1.5"], "--eval-split"),
 ])
