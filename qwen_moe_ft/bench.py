@@ -15,7 +15,6 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch
 from .config import DEFAULT_DS_CONFIG, REPO_ROOT, TINY_MODEL
 from .data import IGNORE
 from .flops import flops_per_token, mean_causal_context, peak_tflops
+from .metrics import StepTimer
 from .packing import collate_packed, collate_padded, plan_micro_batches
 
 QWEN3_30B_A3B = str(REPO_ROOT / "data" / "qwen3-30b-a3b-config")
@@ -51,27 +51,6 @@ def make_batches(count: int, tokens: int, full_length: bool, vocab: int, seed: i
             docs.append({"input_ids": ids, "labels": list(ids)})
         batches.append(docs)
     return batches
-
-
-class _Timer:
-    def __init__(self):
-        self.marks = {}
-
-    def begin(self):
-        torch.cuda.synchronize()
-        self.start = time.perf_counter()
-        self.marks = {}
-
-    def mark(self, name):
-        torch.cuda.synchronize()
-        self.marks[name] = time.perf_counter() - self.start
-
-    def end(self):
-        torch.cuda.synchronize()
-        return time.perf_counter() - self.start
-
-    def peak_mem_gib(self):
-        return torch.cuda.max_memory_allocated() / 2**30
 
 
 def _run_ours(args, batches):
@@ -134,11 +113,9 @@ def worker(args) -> dict:
     """One stack at one depth: median step, forward+backward and optimizer times after warm-up."""
     batches = make_batches(args.warmup + args.steps, args.tokens, args.full_length, vocab=151936, seed=args.seed)
     step, attention = (_run_ours if args.stack == "ours" else _run_hf)(args, batches)
-    timer = _Timer()
+    timer = StepTimer(torch.device("cuda"))  # resets the peak each step: the reported peak is the last step's
     losses, steps, fwd_bwd = [], [], []
     for i, docs in enumerate(batches):
-        if i == args.warmup:
-            torch.cuda.reset_peak_memory_stats()
         loss = step(docs, i, timer)
         seconds = timer.end()
         losses.append(loss)
