@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from .config import ConfigError
+
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 
@@ -87,7 +89,7 @@ def select_backend(requested: str, device_type: str) -> str:
     available = available_backends(device_type)
     backend = available[0] if requested == "auto" else requested
     if backend not in available:
-        raise ValueError(f"--attn {requested}: not available on this machine ({device_type}); "
+        raise ConfigError(f"--attn {requested}: not available on this machine ({device_type}); "
                          f"available: {', '.join(available)}. Install the `flash` extra for flash_attn.")
     return backend
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from .config import ConfigError
 from .data import IGNORE
 
 
@@ -36,7 +37,7 @@ def select_loss_impl(requested: str, device_type: str) -> str:
         return "torch"
     package = FUSED_LOSS_PACKAGES[requested]
     if device_type != "cuda" or importlib.util.find_spec(package) is None:
-        raise ValueError(f"--loss-impl {requested} needs a GPU and the {package.replace('_', '-')} package; "
+        raise ConfigError(f"--loss-impl {requested} needs a GPU and the {package.replace('_', '-')} package; "
                          "use --loss-impl torch")
     return requested
 
