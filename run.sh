@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Train with one command: bash run.sh packed|unpacked [--key value ...]
+# Train with one command: bash run.sh packed|unpacked|lora [--key value ...]
 # GPUs: the Qwen3-30B-A3B recipe on every visible GPU. No GPU: the tiny model on CPU processes.
 # NUM_PROCESSES overrides the process count; extra options override the recipe.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-packed}
 case "$mode" in
-  packed|unpacked) shift || true ;;
+  packed|unpacked|lora) shift || true ;;
   -h|--help) sed -n 2,4p "$0"; exit 0 ;;
-  *) echo "run.sh: unknown mode '$mode'; use packed or unpacked" >&2; exit 2 ;;
+  *) echo "run.sh: unknown mode '$mode'; use packed, unpacked or lora" >&2; exit 2 ;;
 esac
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$gpus" -gt 0 ]; then

@@ -70,7 +70,12 @@ class TrainConfig:
     save_steps: int = 0
     save_total_limit: int = 2
     resume: str = ""  # "" | latest | path to a checkpoint directory
-    export_hf: bool = True
+    export_hf: bool = True  # full fine-tuning: OUTPUT_DIR/hf/ at the end
+    # LoRA (base weights frozen; OUTPUT_DIR/adapter/ in PEFT's format)
+    lora: bool = False
+    lora_targets: str = "attn,experts"  # comma list of attn, experts
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
     def validate(self) -> "TrainConfig":
         def bad(option: str, why: str) -> ConfigError:
@@ -84,7 +89,7 @@ class TrainConfig:
             if getattr(self, option) not in allowed:
                 raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")
         positive = ("max_seq_len", "max_tokens_per_batch", "grad_accum", "logging_steps", "num_proc",
-                    "shuffle_buffer")
+                    "shuffle_buffer", "lora_rank")
         for option in positive:
             if getattr(self, option) < 1:
                 raise bad(option, f"must be at least 1, got {getattr(self, option)}")
@@ -108,11 +113,24 @@ class TrainConfig:
                       f"--max-seq-len {self.max_seq_len}; raise it or lower --max-seq-len")
         if self.zero_stage not in (1, 2):
             raise bad("zero_stage", f"AutoEP training here uses ZeRO stage 1 or 2, got {self.zero_stage}")
+        targets = self.lora_target_list()
+        if set(targets) - {"attn", "experts"} or not targets:
+            raise bad("lora_targets", f"got {self.lora_targets!r}; use a comma list of attn, experts")
+        if self.lora and "experts" not in targets:
+            raise bad("lora_targets", "must include experts: DeepSpeed's expert-parallel optimizer needs trainable "
+                      "expert parameters (use attn,experts)")
+        if self.lora and (self.save_steps or self.resume):
+            raise bad("save_steps" if self.save_steps else "resume",
+                      "checkpoints of LoRA runs are not supported yet (DeepSpeed's AutoEP checkpoint code expects "
+                      "plain expert weights); a LoRA run writes its adapter at the end and when stopped")
         if self.num_hidden_layers and not self.random_init:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")
         if not Path(self.ds_config).is_file():
             raise bad("ds_config", f"{self.ds_config} does not exist; point it at a file in ds_configs/")
         return self
+
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def resolved_model(self, has_gpu: bool) -> str:
         return self.model or (REAL_MODEL if has_gpu else TINY_MODEL)

@@ -10,6 +10,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from transformers import PreTrainedModel
 
 from .config import ConfigError
@@ -18,12 +19,14 @@ from .data import IGNORE
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers *ForCausalLM inside a DeepSpeed engine and/or PEFT wrapper."""
-    # DeepSpeedEngine forwards unknown attributes to its module, so test the type, not hasattr.
+    # DeepSpeedEngine and PeftModel forward unknown attributes to what they wrap: test types, not hasattr.
     while not (isinstance(model, PreTrainedModel) and hasattr(model, "lm_head")):
-        inner = getattr(model, "module", None) or getattr(model, "base_model", None) or getattr(model, "model", None)
-        if inner is None or inner is model:
+        if isinstance(model, PeftModel):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
             raise TypeError(f"{type(model).__name__} holds no causal LM with an lm_head")
-        model = inner
     return model
 
 

@@ -29,6 +29,7 @@ from qwen_moe_ft.data import DataError, load_tokenized
 from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loader import StepLoader
+from qwen_moe_ft.lora import apply_lora, save_adapter
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, drop_metrics_after, step_metrics
 from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
@@ -56,7 +57,11 @@ class Trainer:
         self.model_config = load_model_config(cfg, self.model_name)
         self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # so Accelerate runs DeepSpeed on CPU processes too
-        plugin = DeepSpeedPlugin(hf_ds_config=build_ds_config(cfg, self.ep_size, world_size))
+        ds_config = build_ds_config(cfg, self.ep_size, world_size)
+        if cfg.lora:  # the trainer applies AutoEP itself, before LoRA (see lora.py)
+            self.autoep_config = ds_config
+            ds_config = {**ds_config, "expert_parallel": {**ds_config["expert_parallel"], "enabled": False}}
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
         self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum,
                                        log_with=None if cfg.report_to == "none" else cfg.report_to,
                                        project_dir=cfg.output_dir,
@@ -84,7 +89,10 @@ class Trainer:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
         self.loss_impl = select_loss_impl(cfg.loss_impl, self.device.type)
         model = load_model(cfg, self.model_name, self.model_config, attn_implementation)
-        optimizer = DummyOptim(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.lora:
+            model = apply_lora(model, cfg, self.autoep_config, self.rank)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = DummyOptim(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
         self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
@@ -100,7 +108,8 @@ class Trainer:
         lengths = self.train_loader.lengths
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
-            f"zero {cfg.zero_stage} | attention {self.attn_backend} | loss {self.loss_impl} | {len(lengths)} examples, mean length "
+            f"zero {cfg.zero_stage} | {'LoRA on ' + cfg.lora_targets if cfg.lora else 'full fine-tuning'} | "
+            f"attention {self.attn_backend} | loss {self.loss_impl} | {len(lengths)} examples, mean length "
             f"{sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
             f"{'packing' if cfg.packing else 'padding'} efficiency {packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
             f"{steps_per_epoch} steps per epoch, {self.total_steps} steps")
@@ -156,6 +165,11 @@ class Trainer:
         loss_sum, label_tokens = _global_sum([loss_sum, label_tokens], self.device)
         return loss_sum / max(label_tokens, 1), int(label_tokens)
 
+    def _save_adapter(self):
+        out = save_adapter(self.engine.module, self.cfg, self.model_name, os.path.join(self.cfg.output_dir, "adapter"),
+                           is_main=self.accelerator.is_main_process)
+        self.metrics.info(f"saved {out} (PEFT LoRA adapter of the stock model)")
+
     def _stop_on_signal(self, signum, frame):
         self.stop_signal = signal.Signals(signum).name
 
@@ -182,16 +196,21 @@ class Trainer:
                 self.metrics.log_eval(done, *self.evaluate())
             # Every rank must agree to stop at the same step: the signal may reach them apart.
             stop = _global_sum([float(self.stop_signal is not None)], self.device)[0] > 0
-            if cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop:
+            if not cfg.lora and (cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop):
                 path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
                                        keep=cfg.save_total_limit)
                 self.metrics.info(f"saved checkpoint {path}")
             if stop:
+                if cfg.lora:
+                    self._save_adapter()
+                then = "LoRA runs cannot resume yet" if cfg.lora else "continue with --resume latest"
                 self.metrics.info(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {done}; "
-                                  f"continue with --resume latest")
+                                  f"{then}")
                 self.metrics.close()
                 return 0
-        if cfg.export_hf:
+        if cfg.lora:
+            self._save_adapter()
+        elif cfg.export_hf:
             out = save_hf_checkpoint(self.engine, self.tokenizer, os.path.join(cfg.output_dir, "hf"),
                                      is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.dtype])
             self.metrics.info(f"saved {out} (transformers Qwen3-MoE layout, safetensors)")
