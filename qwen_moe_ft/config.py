@@ -76,6 +76,7 @@ class TrainConfig:
     lora_targets: str = "attn,experts"  # comma list of attn, experts
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    merge: bool = False  # with --lora: also write OUTPUT_DIR/hf/ with the adapter merged in
 
     def validate(self) -> "TrainConfig":
         def bad(option: str, why: str) -> ConfigError:
@@ -119,6 +120,8 @@ class TrainConfig:
         if self.lora and "experts" not in targets:
             raise bad("lora_targets", "must include experts: DeepSpeed's expert-parallel optimizer needs trainable "
                       "expert parameters (use attn,experts)")
+        if self.merge and not self.lora:
+            raise bad("merge", "merges a LoRA adapter into the model; add --lora true or drop --merge")
         if self.lora and (self.save_steps or self.resume):
             raise bad("save_steps" if self.save_steps else "resume",
                       "checkpoints of LoRA runs are not supported yet (DeepSpeed's AutoEP checkpoint code expects "

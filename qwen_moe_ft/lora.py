@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.module_inject.auto_ep import AutoEP
 from deepspeed.module_inject.auto_ep_config import parse_autoep_config
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -108,6 +108,20 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, ds_config: dict, rank: int) -
             for param in module.lora_parameters():
                 param.requires_grad_(True)
     return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight; returns the plain causal LM (ends training)."""
+    for module in model.modules():
+        if isinstance(module, ExpertLoRA):
+            for name, delta in zip(("w1", "w3", "w2"), module.deltas()):
+                getattr(module.base, name).add_(delta.to(getattr(module.base, name).dtype))
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, ExpertLoRA):
+                setattr(module, name, child.base)
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 def _gather(tensor: torch.Tensor, group) -> torch.Tensor:

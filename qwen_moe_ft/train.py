@@ -29,7 +29,7 @@ from qwen_moe_ft.data import DataError, load_tokenized
 from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loader import StepLoader
-from qwen_moe_ft.lora import apply_lora, save_adapter
+from qwen_moe_ft.lora import apply_lora, merge_lora, save_adapter
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, drop_metrics_after, step_metrics
 from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
@@ -210,10 +210,12 @@ class Trainer:
                 return 0
         if cfg.lora:
             self._save_adapter()
-        elif cfg.export_hf:
-            out = save_hf_checkpoint(self.engine, self.tokenizer, os.path.join(cfg.output_dir, "hf"),
+        if cfg.merge or (cfg.export_hf and not cfg.lora):
+            model = merge_lora(self.engine.module) if cfg.merge else self.engine
+            out = save_hf_checkpoint(model, self.tokenizer, os.path.join(cfg.output_dir, "hf"),
                                      is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.dtype])
-            self.metrics.info(f"saved {out} (transformers Qwen3-MoE layout, safetensors)")
+            merged = ", LoRA merged" if cfg.merge else ""
+            self.metrics.info(f"saved {out} (transformers Qwen3-MoE layout, safetensors{merged})")
         self.metrics.close()
         self.accelerator.end_training()
         return 0

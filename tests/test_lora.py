@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     out = {}
     for ep in (1, 2):
         out[ep] = tmp_path_factory.mktemp(f"lora_ep{ep}")
-        train(out[ep], *RUN, "--ep-size", str(ep))
+        train(out[ep], *RUN, "--ep-size", str(ep), *(["--merge", "true"] if ep == 2 else []))
     return out
 
 
@@ -69,3 +69,13 @@ def test_lora_needs_expert_targets_and_has_no_checkpoints_yet():
         TrainConfig(lora=True, lora_targets="attn").validate()
     with pytest.raises(ConfigError, match="--save-steps"):
         TrainConfig(lora=True, save_steps=10).validate()
+    with pytest.raises(ConfigError, match="--merge"):
+        TrainConfig(merge=True).validate()
+
+
+def test_merged_checkpoint_loads_as_a_plain_model_with_the_engine_eval_loss(runs):
+    engine_eval = [m for m in read_metrics(runs[2]) if "eval_loss" in m][-1]
+    assert not (runs[1] / "hf").exists(), "a LoRA run writes hf/ only with --merge"
+    merged = AutoModelForCausalLM.from_pretrained(runs[2] / "hf", dtype=torch.float32)
+    loss, _ = eval_loss(merged, AutoTokenizer.from_pretrained(runs[2] / "hf"))
+    assert loss == pytest.approx(engine_eval["eval_loss"], rel=1e-5)
