@@ -1,0 +1,94 @@
+"""Per-GPU memory of full fine-tuning with ZeRO-2 + AutoEP, before launching.
+
+    python -m qwen_moe_ft.memory [--model DIR] [--gpus 8] [--ep-size 8] [--tokens 4096]
+
+Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
+weights and two fp32 Adam moments, ZeRO-2-partitioned (dense over all GPUs, each expert over its
+expert-data-parallel group, so both come to 1/GPUs of the whole). Transient at the peak (the loss):
+activations of every layer and the LM head's logits. Checked against one-GPU H100 peaks
+(BENCHMARKS.md); the multi-GPU partitioning terms follow DeepSpeed's ZeRO-2 and are not yet measured.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+GIB = 2**30
+ZERO2_BYTES_PER_PARAM = 2 + 4 + 4 + 4  # bf16 gradient, fp32 master weight, Adam m and v
+# Activations saved for backward per token and layer (bf16, varlen attention, top-8 of 128 experts),
+# fitted to the 2- vs 4-layer peak difference of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md).
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 48 * 1024
+LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
+BUCKET_BYTES = 2 * 500_000_000 * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    zero2_states: float
+    activations: float
+    logits: float
+    buckets: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.zero2_states + self.activations + self.logits + self.buckets
+
+    def table(self) -> str:
+        rows = [(k, getattr(self, k)) for k in ("weights", "zero2_states", "activations", "logits", "buckets")]
+        return "\n".join(f"{k:<14}{v / GIB:8.2f} GiB" for k, v in rows + [("total", self.total)])
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(dense, expert) parameter counts of a Qwen3-MoE config (norms included in dense)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    attn = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 2 * head_dim
+    router = config.num_experts * hidden
+    dense = layers * (attn + router + 2 * hidden) + 2 * config.vocab_size * hidden + hidden
+    expert = layers * config.num_experts * 3 * hidden * config.moe_intermediate_size
+    return dense, expert
+
+
+def estimate(config, *, gpus: int, ep_size: int, tokens: int, fused_loss: bool = False) -> MemoryEstimate:
+    """Peak bytes on one GPU for micro-batches of `tokens` tokens."""
+    dense, expert = parameter_counts(config)
+    return MemoryEstimate(
+        weights=2 * (dense + expert / ep_size),
+        zero2_states=ZERO2_BYTES_PER_PARAM * (dense + expert) / gpus,
+        activations=ACTIVATION_BYTES_PER_TOKEN_LAYER * tokens * config.num_hidden_layers,
+        logits=0 if fused_loss else LOGIT_BYTES * tokens * config.vocab_size,
+        buckets=BUCKET_BYTES if gpus > 1 else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .bench import QWEN3_30B_A3B
+    from .config import TrainConfig
+    from .model import load_model_config
+
+    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=QWEN3_30B_A3B, help="hub id or directory with config.json")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--ep-size", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch (--max-tokens-per-batch)")
+    parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
+    parser.add_argument("--fused-loss", action="store_true", help="--loss-impl cce/liger: no materialised logits")
+    parser.add_argument("--gpu-gib", type=float, default=79.6,
+                        help="memory of one GPU (default: an 80 GB H100, 81559 MiB), to say whether it fits")
+    args = parser.parse_args(argv)
+    config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
+    result = estimate(config, gpus=args.gpus, ep_size=args.ep_size, tokens=args.tokens, fused_loss=args.fused_loss)
+    print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs, EP={args.ep_size}, "
+          f"{args.tokens} tokens per micro-batch")
+    print(result.table())
+    headroom = args.gpu_gib - result.total / GIB
+    fits = headroom >= 0
+    print(f"{'fits' if fits else 'does NOT fit'} a {args.gpu_gib:.1f} GiB GPU ({headroom:+.1f} GiB to spare; "
+          "the allocator's fragmentation needs a few)")
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

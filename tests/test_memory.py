@@ -1,0 +1,37 @@
+import pytest
+
+from qwen_moe_ft.bench import QWEN3_30B_A3B
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.memory import GIB, estimate, main, parameter_counts
+from qwen_moe_ft.model import load_model_config
+
+
+def qwen3(layers=0):
+    return load_model_config(TrainConfig(random_init=bool(layers), num_hidden_layers=layers), QWEN3_30B_A3B)
+
+
+def test_parameter_count_is_qwen3_30b_a3b():
+    dense, expert = parameter_counts(qwen3())
+    assert round((dense + expert) / 1e9, 1) == 30.5
+    assert expert == 48 * 128 * 3 * 2048 * 768
+
+
+@pytest.mark.parametrize("layers, measured_gib", [(2, 41.5), (4, 60.8)])
+def test_estimate_within_ten_percent_of_the_h100_peaks(layers, measured_gib):
+    # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (BENCHMARKS.md, commit d93555e):
+    # one GPU, 8192 tokens per step, plain torch loss.
+    total = estimate(qwen3(layers), gpus=1, ep_size=1, tokens=8192).total / GIB
+    assert total == pytest.approx(measured_gib, rel=0.10)
+
+
+def test_expert_parallelism_shards_weights_and_zero2_states():
+    one = estimate(qwen3(), gpus=8, ep_size=1, tokens=4096)
+    eight = estimate(qwen3(), gpus=8, ep_size=8, tokens=4096)
+    assert eight.weights < one.weights / 5
+    assert eight.zero2_states == one.zero2_states
+
+
+def test_the_recipes_micro_batch_fits_80gb_and_twice_that_does_not(capsys):
+    assert main(["--gpus", "8", "--ep-size", "8", "--tokens", "4096"]) == 0
+    assert main(["--gpus", "8", "--ep-size", "8", "--tokens", "8192"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
