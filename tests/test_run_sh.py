@@ -56,3 +56,17 @@ def test_unpacked_run_needs_more_steps_per_epoch(packed, tmp_path):
     steps_of = lambda text: int(text.split(" steps per epoch")[0].rsplit("| ", 1)[1])
     assert steps_of(unpacked) > steps_of(stdout)
     assert "padding efficiency" in unpacked
+
+
+def test_lora_run_leaves_an_adapter_peft_loads(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import TINY
+
+    stdout = run_sh("lora", tmp_path, "--max-steps", "5")
+    assert "LoRA on attn,experts" in stdout and "saved" in stdout
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
+                                      tmp_path / "adapter")
+    assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()
