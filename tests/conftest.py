@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "data" / "tiny-qwen3-moe"
 SAMPLE = REPO / "data" / "sample_sft.jsonl"
+EVAL = REPO / "data" / "sample_eval.jsonl"
 
 
 def cpu_env() -> dict:
@@ -40,3 +41,24 @@ def tiny_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TINY)
+
+
+def eval_loss(model, tokenizer) -> tuple[float, int]:
+    """Loss per label token of a plain transformers model over the sample eval set, as the trainer counts it."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen_moe_ft.config import TrainConfig
+    from qwen_moe_ft.data import IGNORE, tokenize_source
+    from qwen_moe_ft.packing import collate_padded
+
+    data, _, _ = tokenize_source(str(EVAL), tokenizer, TrainConfig(max_seq_len=512))
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data), 16):
+            batch = collate_padded([data[j] for j in range(i, min(i + 16, len(data)))], tokenizer.pad_token_id)
+            logits = model(**batch.inputs).logits
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), batch.shift_labels.flatten(), ignore_index=IGNORE,
+                                        reduction="sum").item()
+            tokens += batch.num_label_tokens
+    return loss_sum / tokens, tokens

@@ -1,15 +1,9 @@
 """hf/ export: the stock transformers model loaded from it computes what the trained engine computed."""
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, SAMPLE, read_metrics, train
-from qwen_moe_ft.config import TrainConfig
-from qwen_moe_ft.data import IGNORE, tokenize_source
-from qwen_moe_ft.packing import collate_padded
-
-EVAL = REPO / "data" / "sample_eval.jsonl"
+from conftest import EVAL, REPO, SAMPLE, eval_loss, read_metrics, train
 
 
 def test_exported_checkpoint_loads_and_reproduces_the_engine_eval_loss(tmp_path):
@@ -21,17 +15,9 @@ def test_exported_checkpoint_loads_and_reproduces_the_engine_eval_loss(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert model.config.model_type == "qwen3_moe" and model.config.num_experts == 8
-    data, _, _ = tokenize_source(str(EVAL), tokenizer, TrainConfig(max_seq_len=512))
-    loss_sum, tokens = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(data), 16):
-            batch = collate_padded([data[j] for j in range(i, min(i + 16, len(data)))], tokenizer.pad_token_id)
-            logits = model(**batch.inputs).logits
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), batch.shift_labels.flatten(), ignore_index=IGNORE,
-                                        reduction="sum").item()
-            tokens += batch.num_label_tokens
+    loss, tokens = eval_loss(model, tokenizer)
     assert tokens == engine_eval["eval_label_tokens"]
-    assert loss_sum / tokens == pytest.approx(engine_eval["eval_loss"], rel=1e-5)
+    assert loss == pytest.approx(engine_eval["eval_loss"], rel=1e-5)
 
     base = AutoModelForCausalLM.from_pretrained(REPO / "data" / "tiny-qwen3-moe", dtype=torch.float32)
     name = "model.layers.1.mlp.experts.down_proj"

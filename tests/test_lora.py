@@ -2,17 +2,12 @@
 reproduces the trained engine."""
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, SAMPLE, TINY, read_metrics, train
+from conftest import EVAL, SAMPLE, TINY, eval_loss, read_metrics, train
 from qwen_moe_ft.config import ConfigError, TrainConfig
-from qwen_moe_ft.data import IGNORE, tokenize_source
-from qwen_moe_ft.packing import collate_padded
-
-EVAL = REPO / "data" / "sample_eval.jsonl"
 RUN = ["--lora", "true", "--data", str(SAMPLE), "--eval-data", str(EVAL), "--max-steps", "6", "--lr", "5e-3",
        "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--seed", "3"]
 
@@ -24,19 +19,6 @@ def runs(tmp_path_factory):
         out[ep] = tmp_path_factory.mktemp(f"lora_ep{ep}")
         train(out[ep], *RUN, "--ep-size", str(ep), *(["--merge", "true"] if ep == 2 else []))
     return out
-
-
-def eval_loss(model, tokenizer):
-    data, _, _ = tokenize_source(str(EVAL), tokenizer, TrainConfig(max_seq_len=512))
-    loss_sum, tokens = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(data), 16):
-            batch = collate_padded([data[j] for j in range(i, min(i + 16, len(data)))], tokenizer.pad_token_id)
-            logits = model(**batch.inputs).logits
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), batch.shift_labels.flatten(), ignore_index=IGNORE,
-                                        reduction="sum").item()
-            tokens += batch.num_label_tokens
-    return loss_sum / tokens, tokens
 
 
 def test_ep2_lora_matches_ep1(runs):
