@@ -7,7 +7,6 @@ document so that no label crosses into the next document of a packed row).
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from typing import Any, NamedTuple
 import datasets
 
 from .config import TrainConfig
-
-log = logging.getLogger(__name__)
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")

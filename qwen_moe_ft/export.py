@@ -23,7 +23,7 @@ _EXPERT = re.compile(r"^(?P<layer>.*\.mlp)\.experts\.(?P<w>w[123])$")
 _ROUTER = re.compile(r"^(?P<layer>.*\.mlp)\.router\.gate\.weight$")
 
 
-def _gather_experts(local: torch.Tensor, layer) -> torch.Tensor:
+def gather_experts(local: torch.Tensor, layer) -> torch.Tensor:
     """[E_local, ...] of this rank -> [E, ...] in expert order (ranks hold contiguous blocks)."""
     if layer.ep_size == 1:
         return local.detach()
@@ -41,7 +41,7 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> d
     for name, param in lm.named_parameters():
         if match := _EXPERT.match(name):
             layer = modules[match["layer"]]
-            experts.setdefault(match["layer"], {})[match["w"]] = _gather_experts(param, layer)
+            experts.setdefault(match["layer"], {})[match["w"]] = gather_experts(param, layer)
             continue
         if match := _ROUTER.match(name):
             name = f"{match['layer']}.gate.weight"

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import TrainConfig
+from .export import gather_experts
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -124,14 +125,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
-def _gather(tensor: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return tensor.detach()
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor.detach().contiguous(), group=group)
-    return torch.cat(parts)
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA weights under PEFT's names for the stock model; expert factors gathered over EP (collective)."""
     out = {}
@@ -142,8 +135,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(module, ExpertLoRA):
             continue
         layer = name[:-len(".experts")]
-        group = model.get_submodule(layer).ep_group
-        a_gu, b_gu, a_d, b_d = (_gather(p, group) for p in module.lora_parameters())
+        moe = model.get_submodule(layer)
+        a_gu, b_gu, a_d, b_d = (gather_experts(p, moe) for p in module.lora_parameters())
         experts, rank = a_gu.shape[0], a_gu.shape[1]
         # PEFT names parameters of the stock model under base_model.model.
         prefix = ("" if layer.startswith("base_model.model.") else "base_model.model.") + f"{layer}.experts"

@@ -37,9 +37,6 @@ from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
 
-log = logging.getLogger("qwen_moe_ft")
-
-
 def _global_sum(values: list[float], device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():

@@ -47,7 +47,7 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(interrupted_and_
 
 def test_resumed_run_follows_the_uninterrupted_loss_curve(interrupted_and_resumed):
     straight, resumed, _, stopped_at, second_output = interrupted_and_resumed
-    assert f"resumed from" in second_output and f"at step {stopped_at}" in second_output
+    assert "resumed from" in second_output and f"at step {stopped_at}" in second_output
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [m["step"] for m in b] == list(range(1, 25))
     for x, y in zip(a, b):
