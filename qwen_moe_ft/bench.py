@@ -21,6 +21,7 @@ import torch
 from .config import DEFAULT_DS_CONFIG, REPO_ROOT, TINY_MODEL
 from .data import IGNORE
 from .flops import flops_per_token, mean_causal_context, peak_tflops
+from .kernel_table import format_per_layer, per_layer_table, profile_step
 from .metrics import StepTimer
 from .packing import collate_packed, collate_padded, plan_micro_batches
 
@@ -121,20 +122,13 @@ def worker(args) -> dict:
         if i >= args.warmup:
             steps.append(seconds)
             fwd_bwd.append(timer.marks["forward_backward"])
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step(batches[-1], len(batches), timer)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=80),
-              file=sys.stderr, flush=True)
+    kernels = profile_step(lambda t: step(batches[-1], len(batches), t)) if args.profile else None
     step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
     lengths = [len(d["input_ids"]) for d in batches[0]]
     return dict(stack=args.stack, depth=args.depth, attention=attention, step_ms=1e3 * step_s,
                 fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
                 tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
-                gpu=torch.cuda.get_device_name())
+                gpu=torch.cuda.get_device_name(), kernels=kernels)
 
 
 def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict:
@@ -169,6 +163,16 @@ def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict
     return out
 
 
+def kernel_tables(results: list[dict], depths: tuple[int, int]) -> dict[str, list[dict]]:
+    low, high = depths
+    tables = {}
+    for stack in STACKS:
+        by_depth = {r["depth"]: r["kernels"] for r in results if r["stack"] == stack}
+        if low in by_depth and high in by_depth:
+            tables[stack] = per_layer_table(by_depth[low], by_depth[high], high - low)
+    return tables
+
+
 def table(summary: dict) -> str:
     rows = ["| stack | attention | per layer ms | fwd+bwd/layer ms | optimizer/layer ms | layer TFLOP/s | layer MFU | "
             "peak mem GiB | tokens/s | 48-layer tokens/s |", "|" + " --- |" * 10]
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ds-config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config of our stack")
     parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
     parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, liger or torch")
-    parser.add_argument("--profile", action="store_true", help="print a kernel table of one step per worker")
+    parser.add_argument("--profile", action="store_true", help="profile one step per worker; print and save per-layer kernel tables")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
@@ -220,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "qwen_moe_ft.bench", "--worker", stack, str(depth),
                    *[a for a in (argv if argv is not None else sys.argv[1:])]]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            if args.profile:
-                print(f"--- profile: {stack}, {depth} layers ---\n{proc.stderr[-12000:]}", file=sys.stderr)
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not found:
                 print(f"{stack} at {depth} layers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
@@ -233,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, depths, peak)
     report = dict(gpu=results[0]["gpu"], torch=torch.__version__, tokens=args.tokens, full_length=args.full_length,
                   depths=depths, peak_tflops=peak, results=results, summary=summary)
+    if args.profile:
+        report["per_layer_kernels"] = kernel_tables(results, depths)
+        for stack, rows in report["per_layer_kernels"].items():
+            print(f"\n{stack}, kernels per layer ({depths[1]} minus {depths[0]} layers)\n{format_per_layer(rows)}")
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(summary))
     return 0

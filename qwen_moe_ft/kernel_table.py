@@ -1,0 +1,87 @@
+"""Kernel tables for the benchmark: device time per kernel, split into forward+backward and optimizer.
+
+A profiled step gets a marker event where StepTimer.mark("forward_backward") synchronised the
+device; kernels that start before it are forward+backward, the rest the optimizer step. The
+difference of two depths' tables, divided by the layer difference, is the per-layer table.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import record_function
+
+from .metrics import StepTimer
+
+MARK_PREFIX = "qwen_moe_ft.bench.mark:"
+PHASES = ("forward_backward", "optimizer")
+
+
+class MarkedTimer(StepTimer):
+    """StepTimer whose marks also appear in a torch.profiler trace."""
+
+    def mark(self, name: str):
+        super().mark(name)
+        with record_function(MARK_PREFIX + name):
+            pass
+
+
+def short_name(name: str, width: int = 96) -> str:
+    name = " ".join(name.split())
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, dict[str, float]]:
+    """{kernel: {forward_backward: us, optimizer: us, calls: n}} for the device events of one step."""
+    marks = [e.time_range.start for e in events if e.name == MARK_PREFIX + "forward_backward"]
+    if not marks:
+        raise ValueError("no forward_backward mark in the profile: profile a step timed with MarkedTimer")
+    split = marks[-1]
+    table: dict[str, dict[str, float]] = defaultdict(lambda: {"forward_backward": 0.0, "optimizer": 0.0, "calls": 0})
+    for e in events:
+        if e.device_type != device_type or e.name.startswith(MARK_PREFIX):
+            continue
+        if device_type == DeviceType.CPU and (e.cpu_parent is not None or not e.name.startswith("aten::")):
+            continue  # on the CPU only top-level aten ops, so nested ops are not counted twice
+        row = table[short_name(e.name)]
+        phase = "forward_backward" if e.time_range.start < split else "optimizer"
+        row[phase] += e.time_range.elapsed_us()
+        row["calls"] += 1
+    return dict(table)
+
+
+def per_layer_table(low: dict, high: dict, span: int) -> list[dict]:
+    """Per-layer device time of each kernel, (high - low) / span, largest total first."""
+    rows = []
+    for name in set(low) | set(high):
+        a, b = low.get(name, {}), high.get(name, {})
+        row = {"kernel": name}
+        for key in (*PHASES, "calls"):
+            row[key] = (b.get(key, 0.0) - a.get(key, 0.0)) / span
+        row["total"] = row["forward_backward"] + row["optimizer"]
+        rows.append(row)
+    return sorted(rows, key=lambda r: -abs(r["total"]))
+
+
+def format_per_layer(rows: list[dict], top: int = 25) -> str:
+    total = {p: sum(r[p] for r in rows) for p in PHASES}
+    lines = [f"per layer: forward+backward {total['forward_backward'] / 1e3:.2f} ms, "
+             f"optimizer {total['optimizer'] / 1e3:.2f} ms of device time",
+             "| kernel | fwd+bwd us | optimizer us | calls |", "| --- | --- | --- | --- |"]
+    for r in rows[:top]:
+        lines.append(f"| {r['kernel']} | {r['forward_backward']:.0f} | {r['optimizer']:.0f} | {r['calls']:.1f} |")
+    return "\n".join(lines)
+
+
+def profile_step(run_step) -> dict[str, dict[str, float]]:
+    """Profile one call of run_step(timer) and return its phase table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    timer = MarkedTimer(torch.device("cuda" if cuda else "cpu"))
+    with profile(activities=activities) as prof:
+        run_step(timer)
+        timer.end()
+    return phase_table(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)
