@@ -14,22 +14,13 @@ from transformers import AttentionInterface
 
 from .config import ConfigError
 
-BACKENDS = ("cudnn", "flash_attn", "torch_varlen", "sdpa")
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 
 def _flash_attn(q, k, v, cu, max_len, scale):
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
-
-
-def _cudnn(q, k, v, cu, max_len, scale):
-    # cuDNN's ragged (cumulative-offset) flash attention, the kernel torch's nested-tensor sdpa uses;
-    # on the H100 it ran 2 x 4096-token documents fwd+bwd at ~420 TFLOP/s against ~245 for torch's
-    # built-in varlen kernel (BENCHMARKS.md). Autograd comes with the op.
-    out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, torch.is_grad_enabled(),
-                                                 0.0, True, False, scale=scale)[0]
-    return out
 
 
 def _torch_varlen(q, k, v, cu, max_len, scale):
@@ -56,7 +47,7 @@ def _per_document_sdpa(q, k, v, cu, max_len, scale):
     return out
 
 
-_KERNELS = {"cudnn": _cudnn, "flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa": _per_document_sdpa}
+_KERNELS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa": _per_document_sdpa}
 
 
 def attention_name(backend: str) -> str:
@@ -81,18 +72,10 @@ def _make_forward(backend: str):
     return varlen_attention_forward
 
 
-def _cudnn_ragged_available() -> bool:
-    """cuDNN attention with cumulative sequence offsets: measured on Hopper (sm90) only."""
-    return (hasattr(torch.ops.aten, "_cudnn_attention_forward") and torch.backends.cudnn.is_available()
-            and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0))
-
-
 def available_backends(device_type: str) -> list[str]:
     """Backends usable on this machine, fastest first."""
     found = []
     if device_type == "cuda":
-        if _cudnn_ragged_available():
-            found.append("cudnn")
         if importlib.util.find_spec("flash_attn") is not None:
             found.append("flash_attn")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:

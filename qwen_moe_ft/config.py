@@ -27,7 +27,7 @@ class TrainConfig:
     random_init: bool = False  # build the model from its config.json with random weights (benchmarks)
     num_hidden_layers: int = 0  # >0 cuts the model to this depth (with random_init)
     dtype: str = "bf16"  # bf16 | fp32
-    attn: str = "auto"  # auto | cudnn | flash_attn | torch_varlen | sdpa
+    attn: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
     loss_impl: str = "auto"  # auto | torch | cce | liger
     # data
     data: str = str(REPO_ROOT / "data" / "sample_sft.jsonl")
@@ -82,7 +82,7 @@ class TrainConfig:
         def bad(option: str, why: str) -> ConfigError:
             return ConfigError(f"--{option.replace('_', '-')}: {why}")
 
-        choices = {"dtype": ("bf16", "fp32"), "attn": ("auto", "cudnn", "flash_attn", "torch_varlen", "sdpa"),
+        choices = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
                    "loss_impl": ("auto", "torch", "cce", "liger"),
                    "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"),
                    "lr_schedule": ("cosine", "constant"), "report_to": ("none", "tensorboard", "wandb")}
