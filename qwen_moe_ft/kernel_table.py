@@ -27,27 +27,48 @@ class MarkedTimer(StepTimer):
             pass
 
 
-def short_name(name: str, width: int = 96) -> str:
+def short_name(name: str, width: int) -> str:
     name = " ".join(name.split())
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
+def _context(event) -> str:
+    """Where a kernel came from: its launching op, under the backward node or outermost op around it."""
+    chain, parent = [event.name], event.cpu_parent
+    while parent is not None:
+        chain.append(parent.name)
+        parent = parent.cpu_parent
+    backward = [n for n in chain if n.startswith("autograd::engine::evaluate_function: ")]
+    outer = ("bwd " + backward[-1].split(": ", 1)[1]) if backward else chain[-1]
+    return outer if outer == event.name else f"{outer} > {event.name}"
+
+
 def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, dict[str, float]]:
-    """{kernel: {forward_backward: us, optimizer: us, calls: n}} for the device events of one step."""
+    """{"op > kernel": {forward_backward: us, optimizer: us, calls: n}} for one profiled step.
+
+    On a GPU each kernel is filed under the op that launched it; on the CPU (tests) top-level aten ops
+    are the rows.
+    """
     marks = [e.time_range.start for e in events if e.name == MARK_PREFIX + "forward_backward"]
     if not marks:
         raise ValueError("no forward_backward mark in the profile: profile a step timed with MarkedTimer")
     split = marks[-1]
     table: dict[str, dict[str, float]] = defaultdict(lambda: {"forward_backward": 0.0, "optimizer": 0.0, "calls": 0})
-    for e in events:
-        if e.device_type != device_type or e.name.startswith(MARK_PREFIX):
-            continue
-        if device_type == DeviceType.CPU and (e.cpu_parent is not None or not e.name.startswith("aten::")):
-            continue  # on the CPU only top-level aten ops, so nested ops are not counted twice
-        row = table[short_name(e.name)]
-        phase = "forward_backward" if e.time_range.start < split else "optimizer"
-        row[phase] += e.time_range.elapsed_us()
+
+    def add(name, start, us):
+        row = table[name]
+        row["forward_backward" if start < split else "optimizer"] += us
         row["calls"] += 1
+
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.name.startswith(MARK_PREFIX):
+            continue
+        if device_type == DeviceType.CPU:
+            if e.cpu_parent is None and e.name.startswith("aten::"):
+                add(e.name, e.time_range.start, e.time_range.elapsed_us())
+            continue
+        for kernel in e.kernels:  # launched from the CPU before the mark's synchronisation = forward+backward
+            add(f"{short_name(_context(e), 70)} | {short_name(kernel.name, 70)}", e.time_range.start, kernel.duration)
     return dict(table)
 
 

@@ -26,10 +26,12 @@ def _model(attn):
     return AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32, attn_implementation=attn)
 
 
-def test_packed_logits_loss_and_gradients_equal_each_document_alone():
+@pytest.mark.parametrize("lengths", [(7, 19, 3, 12), (9, 9, 9)], ids=["mixed", "equal"])
+def test_packed_logits_loss_and_gradients_equal_each_document_alone(lengths):
+    """Equal lengths take the dense-batch path, mixed lengths the varlen kernel."""
     packed_model = _model(register_varlen_attention("sdpa"))
     alone_model = _model("sdpa")
-    docs = _documents(packed_model.config.vocab_size)
+    docs = _documents(packed_model.config.vocab_size, lengths)
 
     batch = collate_packed(docs)
     packed_logits = packed_model(**batch.inputs).logits[0]
