@@ -22,8 +22,13 @@ def choose_ep_size(requested: int, world_size: int, num_experts: int) -> int:
     return requested
 
 
-def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int) -> dict:
-    """The DeepSpeed config file of --ds-config with every value this run decides filled in."""
+def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int, device_type: str = "cuda") -> dict:
+    """The DeepSpeed config file of --ds-config with every value this run decides filled in.
+
+    ds_configs/zero2_ep.json is the fast path measured in BENCHMARKS.md: AutoEP's one-GEMM gate/up
+    projection and Triton weighted combine, and reduce buckets smaller than one expert weight, so the
+    expert gradients are reduced where they lie instead of being copied into a bucket first.
+    """
     ds = json.loads(Path(cfg.ds_config).read_text())
     ds["train_micro_batch_size_per_gpu"] = 1  # one packed row (or one padded batch) per micro-step
     ds["gradient_accumulation_steps"] = cfg.grad_accum
@@ -36,6 +41,8 @@ def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int) -> dict:
     ds.pop("scheduler", None)  # the schedule is ours (LambdaLR), stepped by the engine
     ds["expert_parallel"] = {"preset_model": "qwen3_moe", **ds.get("expert_parallel", {}),
                              "enabled": True, "autoep_size": ep_size}
+    if device_type != "cuda" and ds["expert_parallel"].get("combine_impl") == "fused_weighted_sum":
+        ds["expert_parallel"]["combine_impl"] = "weighted_sum"  # a Triton kernel: CUDA only; same sum
     return ds
 
 

@@ -54,7 +54,7 @@ class Trainer:
         self.model_config = load_model_config(cfg, self.model_name)
         self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # so Accelerate runs DeepSpeed on CPU processes too
-        ds_config = build_ds_config(cfg, self.ep_size, world_size)
+        ds_config = build_ds_config(cfg, self.ep_size, world_size, "cuda" if has_gpu else "cpu")
         if cfg.lora:  # the trainer applies AutoEP itself, before LoRA (see lora.py)
             self.autoep_config = ds_config
             ds_config = {**ds_config, "expert_parallel": {**ds_config["expert_parallel"], "enabled": False}}

@@ -59,7 +59,10 @@ def test_ds_config_carries_the_run():
     cfg = TrainConfig(grad_accum=4, grad_clip=0.5, lr=2e-5, dtype="bf16")
     ds = build_ds_config(cfg, ep_size=8, world_size=8)
     assert ds["zero_optimization"]["stage"] == 2
-    assert ds["expert_parallel"] == {"preset_model": "qwen3_moe", "enabled": True, "autoep_size": 8}
+    assert ds["expert_parallel"] == {"preset_model": "qwen3_moe", "enabled": True, "autoep_size": 8,
+                                     "gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}
+    on_cpu = build_ds_config(cfg, ep_size=8, world_size=8, device_type="cpu")
+    assert on_cpu["expert_parallel"]["combine_impl"] == "weighted_sum"
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
     assert ds["bf16"]["enabled"] is True
