@@ -61,14 +61,15 @@ def _run_ours(args, batches):
                       dtype="bf16", attn=args.attn, packing=True, max_tokens_per_batch=args.tokens,
                       max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
                       output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed,
-                      ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage)
+                      ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage,
+                      fused_kernels=args.fused_kernels)
     trainer = Trainer(cfg)
     trainer.engine.train()
 
     def step(docs, i, timer):
         return trainer.run_step([collate_packed(docs)], step=i + 1, epoch=1, timer=timer).loss
 
-    return step, f"{trainer.attn_backend}, loss {trainer.loss_impl}"
+    return step, f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}"
 
 
 def _run_hf(args, batches):
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ds-config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config of our stack")
     parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
     parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, liger or torch")
+    parser.add_argument("--fused-kernels", default="auto", help="fused RMSNorm/RoPE of our stack: auto, liger, none")
     parser.add_argument("--profile", action="store_true", help="profile one step per worker; print and save per-layer kernel tables")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")

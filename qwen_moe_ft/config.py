@@ -29,6 +29,7 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 | fp32
     attn: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
     loss_impl: str = "auto"  # auto | torch | cce | liger
+    fused_kernels: str = "auto"  # auto | liger | none: fused RMSNorm and RoPE (kernels.py)
     # data
     data: str = str(REPO_ROOT / "data" / "sample_sft.jsonl")
     eval_data: str = ""
@@ -83,7 +84,7 @@ class TrainConfig:
             return ConfigError(f"--{option.replace('_', '-')}: {why}")
 
         choices = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
-                   "loss_impl": ("auto", "torch", "cce", "liger"),
+                   "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
                    "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"),
                    "lr_schedule": ("cosine", "constant"), "report_to": ("none", "tensorboard", "wandb")}
         for option, allowed in choices.items():

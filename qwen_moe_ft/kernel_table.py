@@ -60,15 +60,34 @@ def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, 
         row["forward_backward" if start < split else "optimizer"] += us
         row["calls"] += 1
 
+    if device_type == DeviceType.CPU:
+        for e in events:
+            if e.device_type == DeviceType.CPU and e.cpu_parent is None and e.name.startswith("aten::"):
+                add(e.name, e.time_range.start, e.time_range.elapsed_us())
+        return dict(table)
+    # Kernels launched from an op are filed under it; the rest (extension and Triton launches outside an
+    # aten op, such as DeepSpeed's FusedAdam) under "(no op)". Device events carry the device's own
+    # start time, which lies before the mark for forward+backward: the mark waits for the device.
+    unattributed: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.device_type == device_type and not getattr(e, "is_user_annotation", False):
+            key = (short_name(e.name, 70), "forward_backward" if e.time_range.start < split else "optimizer")
+            unattributed[key][0] += e.time_range.elapsed_us()
+            unattributed[key][1] += 1
     for e in events:
         if e.device_type != DeviceType.CPU or e.name.startswith(MARK_PREFIX):
             continue
-        if device_type == DeviceType.CPU:
-            if e.cpu_parent is None and e.name.startswith("aten::"):
-                add(e.name, e.time_range.start, e.time_range.elapsed_us())
-            continue
-        for kernel in e.kernels:  # launched from the CPU before the mark's synchronisation = forward+backward
-            add(f"{short_name(_context(e), 70)} | {short_name(kernel.name, 70)}", e.time_range.start, kernel.duration)
+        for kernel in e.kernels:
+            name = short_name(kernel.name, 70)
+            add(f"{short_name(_context(e), 70)} | {name}", e.time_range.start, kernel.duration)
+            left = unattributed[(name, "forward_backward" if e.time_range.start < split else "optimizer")]
+            left[0] -= kernel.duration
+            left[1] -= 1
+    for (name, phase), (us, calls) in unattributed.items():
+        if calls > 0 and us > 0:
+            row = table[f"(no op) | {name}"]
+            row[phase] += us
+            row["calls"] += calls
     return dict(table)
 
 

@@ -28,6 +28,7 @@ from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data import DataError, load_tokenized
 from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
+from qwen_moe_ft.kernels import apply_fused_kernels, select_fused_kernels
 from qwen_moe_ft.loader import StepLoader
 from qwen_moe_ft.lora import apply_lora, merge_lora, save_adapter
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
@@ -85,7 +86,9 @@ class Trainer:
         else:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
         self.loss_impl = select_loss_impl(cfg.loss_impl, self.device.type)
-        model = load_model(cfg, self.model_name, self.model_config, attn_implementation)
+        self.fused_kernels = select_fused_kernels(cfg.fused_kernels, self.device.type)
+        model = apply_fused_kernels(load_model(cfg, self.model_name, self.model_config, attn_implementation),
+                                    self.fused_kernels)
         if cfg.lora:
             model = apply_lora(model, cfg, self.autoep_config, self.rank)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -106,7 +109,7 @@ class Trainer:
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
             f"zero {cfg.zero_stage} | {'LoRA on ' + cfg.lora_targets if cfg.lora else 'full fine-tuning'} | "
-            f"attention {self.attn_backend} | loss {self.loss_impl} | {len(lengths)} examples, mean length "
+            f"attention {self.attn_backend} | loss {self.loss_impl} | fused kernels {self.fused_kernels} | {len(lengths)} examples, mean length "
             f"{sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
             f"{'packing' if cfg.packing else 'padding'} efficiency {packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
             f"{steps_per_epoch} steps per epoch, {self.total_steps} steps")

@@ -1,4 +1,4 @@
-"""AutoEP's fused expert kernels (the GPU default of ds_configs/zero2_ep.json) against the plain paths."""
+"""The fast path of ds_configs/zero2_ep.json: AutoEP's fused gate_up and combine kernels against the plain paths."""
 import copy
 
 import pytest

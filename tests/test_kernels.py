@@ -1,0 +1,54 @@
+"""liger's fused RMSNorm and RoPE compute what the stock Qwen3-MoE modules compute."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from qwen_moe_ft.attention import register_varlen_attention
+from qwen_moe_ft.config import ConfigError
+from qwen_moe_ft.data import IGNORE
+from qwen_moe_ft.kernels import apply_fused_kernels, select_fused_kernels
+from qwen_moe_ft.loss import token_loss_sum
+from qwen_moe_ft.packing import collate_packed
+
+
+def test_selection_degrades_on_the_cpu():
+    assert select_fused_kernels("auto", "cpu") == "none"
+    assert select_fused_kernels("none", "cuda") == "none"
+    with pytest.raises(ConfigError, match="--fused-kernels liger"):
+        select_fused_kernels("liger", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or select_fused_kernels("auto", "cuda") != "liger",
+                    reason="liger's Triton kernels need a GPU and liger-kernel")
+def test_liger_norm_and_rope_match_the_stock_modules_on_packed_documents(monkeypatch):
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    for name in ("apply_rotary_pos_emb", "Qwen3MoeRMSNorm"):  # liger patches these module globals
+        monkeypatch.setattr(modeling_qwen3_moe, name, getattr(modeling_qwen3_moe, name))
+    config = Qwen3MoeConfig(hidden_size=512, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
+                            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                            vocab_size=1024, norm_topk_prob=True)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config, attn_implementation=register_varlen_attention("torch_varlen"))
+    plain = plain.to("cuda", torch.bfloat16)
+    fused = copy.deepcopy(plain)
+    g = torch.Generator().manual_seed(1)
+    docs = [{"input_ids": ids, "labels": ids} for ids in
+            (torch.randint(0, 1024, (n,), generator=g).tolist() for n in (700, 33, 1200))]
+    batch = collate_packed(docs).to("cuda")
+    losses, grads = [], []
+    for model in (plain, fused):
+        if model is fused:  # patched only now: the rotary patch is global to the modeling module
+            apply_fused_kernels(fused, "liger")
+            assert fused.model.layers[0].self_attn.q_norm._get_name() == "LigerRMSNorm"
+        loss = token_loss_sum(model, batch.inputs, batch.shift_labels) / (batch.shift_labels != IGNORE).sum()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.float() for n, p in model.named_parameters()})
+    print(f"liger loss {losses[1]:.6f} vs stock {losses[0]:.6f}")
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    worst = max(((grads[1][n] - grads[0][n]).abs().max() / grads[0][n].abs().max()).item() for n in grads[0])
+    print(f"liger grads: worst max abs err / max abs over parameters = {worst:.2e}")
+    assert worst < 5e-2
