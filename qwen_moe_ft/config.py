@@ -29,7 +29,7 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 | fp32
     attn: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
     loss_impl: str = "auto"  # auto | torch | cce | liger
-    fused_kernels: str = "auto"  # auto | liger | none: fused RMSNorm and RoPE (kernels.py)
+    fused_kernels: str = "auto"  # auto | liger | none: fused RMSNorm and RoPE (fused_kernels.py)
     # data
     data: str = str(REPO_ROOT / "data" / "sample_sft.jsonl")
     eval_data: str = ""

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 
 GIB = 2**30
 ZERO2_BYTES_PER_PARAM = 2 + 4 + 4 + 4  # bf16 gradient, fp32 master weight, Adam m and v
-# Activations saved for backward per token and layer (bf16, varlen attention, top-8 of 128 experts),
-# fitted to the 2- vs 4-layer peak difference of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md).
-ACTIVATION_BYTES_PER_TOKEN_LAYER = 48 * 1024
+# Activations saved for backward per token and layer (bf16, top-8 of 128 experts), fitted to 2- vs 4-layer
+# peak differences of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md): 48 KiB with the stock modules,
+# 35 KiB less with liger's norms, which keep no fp32 copies.
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
+# AutoEP's fused gate/up projection keeps the concatenated gate+up weights of the GPU's experts for the
+# backward: measured +0.75 GiB per layer at EP=1, exactly their size.
+FUSED_GATE_UP_COPIES = 1
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
-BUCKET_BYTES = 2 * 500_000_000 * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
+BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
 
 
 @dataclass
@@ -28,15 +32,17 @@ class MemoryEstimate:
     weights: float
     zero2_states: float
     activations: float
+    gate_up_copies: float
     logits: float
     buckets: float
 
     @property
     def total(self) -> float:
-        return self.weights + self.zero2_states + self.activations + self.logits + self.buckets
+        return self.weights + self.zero2_states + self.activations + self.gate_up_copies + self.logits + self.buckets
 
     def table(self) -> str:
-        rows = [(k, getattr(self, k)) for k in ("weights", "zero2_states", "activations", "logits", "buckets")]
+        rows = [(k, getattr(self, k)) for k in ("weights", "zero2_states", "activations", "gate_up_copies", "logits",
+                                                           "buckets")]
         return "\n".join(f"{k:<14}{v / GIB:8.2f} GiB" for k, v in rows + [("total", self.total)])
 
 
@@ -58,6 +64,8 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, fused_loss: bool =
         weights=2 * (dense + expert / ep_size),
         zero2_states=ZERO2_BYTES_PER_PARAM * (dense + expert) / gpus,
         activations=ACTIVATION_BYTES_PER_TOKEN_LAYER * tokens * config.num_hidden_layers,
+        gate_up_copies=FUSED_GATE_UP_COPIES * 2 * config.num_hidden_layers * (config.num_experts // ep_size)
+        * 2 * config.moe_intermediate_size * config.hidden_size,
         logits=0 if fused_loss else LOGIT_BYTES * tokens * config.vocab_size,
         buckets=BUCKET_BYTES if gpus > 1 else 0)
 

@@ -28,7 +28,7 @@ from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data import DataError, load_tokenized
 from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
-from qwen_moe_ft.kernels import apply_fused_kernels, select_fused_kernels
+from qwen_moe_ft.fused_kernels import apply_fused_kernels, select_fused_kernels
 from qwen_moe_ft.loader import StepLoader
 from qwen_moe_ft.lora import apply_lora, merge_lora, save_adapter
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum

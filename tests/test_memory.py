@@ -16,10 +16,10 @@ def test_parameter_count_is_qwen3_30b_a3b():
     assert expert == 48 * 128 * 3 * 2048 * 768
 
 
-@pytest.mark.parametrize("layers, measured_gib", [(2, 41.5), (4, 60.8)])
+@pytest.mark.parametrize("layers, measured_gib", [(2, 42.2), (4, 62.2)])
 def test_estimate_within_ten_percent_of_the_h100_peaks(layers, measured_gib):
-    # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (BENCHMARKS.md, commit d93555e):
-    # one GPU, 8192 tokens per step, plain torch loss.
+    # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (BENCHMARKS.md, the default
+    # fast path of 2026-11-25): one GPU, 8192 tokens per step, plain torch loss.
     total = estimate(qwen3(layers), gpus=1, ep_size=1, tokens=8192).total / GIB
     assert total == pytest.approx(measured_gib, rel=0.10)
 

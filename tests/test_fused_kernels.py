@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from qwen_moe_ft.attention import register_varlen_attention
 from qwen_moe_ft.config import ConfigError
 from qwen_moe_ft.data import IGNORE
-from qwen_moe_ft.kernels import apply_fused_kernels, select_fused_kernels
+from qwen_moe_ft.fused_kernels import apply_fused_kernels, select_fused_kernels
 from qwen_moe_ft.loss import token_loss_sum
 from qwen_moe_ft.packing import collate_packed
 
@@ -31,24 +31,32 @@ def test_liger_norm_and_rope_match_the_stock_modules_on_packed_documents(monkeyp
                             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                             vocab_size=1024, norm_topk_prob=True)
     torch.manual_seed(0)
-    plain = AutoModelForCausalLM.from_config(config, attn_implementation=register_varlen_attention("torch_varlen"))
-    plain = plain.to("cuda", torch.bfloat16)
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation=register_varlen_attention("torch_varlen"))
+    reference = reference.to("cuda", torch.float32)
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
     fused = copy.deepcopy(plain)
     g = torch.Generator().manual_seed(1)
     docs = [{"input_ids": ids, "labels": ids} for ids in
             (torch.randint(0, 1024, (n,), generator=g).tolist() for n in (700, 33, 1200))]
     batch = collate_packed(docs).to("cuda")
-    losses, grads = [], []
-    for model in (plain, fused):
+    losses, grads = {}, {}
+    for name, model in (("fp32", reference), ("bf16", plain), ("bf16 liger", fused)):
         if model is fused:  # patched only now: the rotary patch is global to the modeling module
             apply_fused_kernels(fused, "liger")
             assert fused.model.layers[0].self_attn.q_norm._get_name() == "LigerRMSNorm"
         loss = token_loss_sum(model, batch.inputs, batch.shift_labels) / (batch.shift_labels != IGNORE).sum()
         loss.backward()
-        losses.append(loss.item())
-        grads.append({n: p.grad.float() for n, p in model.named_parameters()})
-    print(f"liger loss {losses[1]:.6f} vs stock {losses[0]:.6f}")
-    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
-    worst = max(((grads[1][n] - grads[0][n]).abs().max() / grads[0][n].abs().max()).item() for n in grads[0])
-    print(f"liger grads: worst max abs err / max abs over parameters = {worst:.2e}")
-    assert worst < 5e-2
+        losses[name] = loss.item()
+        grads[name] = {n: p.grad.float() for n, p in model.named_parameters()}
+    print(f"loss: fp32 {losses['fp32']:.6f}, bf16 {losses['bf16']:.6f}, bf16 liger {losses['bf16 liger']:.6f}")
+    assert losses["bf16 liger"] == pytest.approx(losses["fp32"], rel=1e-3)
+
+    def err(name, param):  # max abs error against fp32, relative to the fp32 gradient's max abs
+        ref = grads["fp32"][param]
+        return ((grads[name][param] - ref).abs().max() / ref.abs().max()).item()
+
+    worst = max(grads["fp32"], key=lambda n: err("bf16 liger", n) / max(err("bf16", n), 1e-3))
+    print(f"gradients against fp32, worst parameter {worst}: bf16 liger {err('bf16 liger', worst):.2e}, "
+          f"bf16 stock {err('bf16', worst):.2e}")
+    for param in grads["fp32"]:  # the fused kernels are no less accurate than the stock bf16 modules
+        assert err("bf16 liger", param) <= max(1.5 * err("bf16", param), 1e-2), param
