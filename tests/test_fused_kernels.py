@@ -31,7 +31,7 @@ def test_liger_norm_and_rope_match_the_stock_modules_on_packed_documents(monkeyp
                             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                             vocab_size=1024, norm_topk_prob=True)
     torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(config, attn_implementation=register_varlen_attention("torch_varlen"))
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation=register_varlen_attention("sdpa"))
     reference = reference.to("cuda", torch.float32)
     plain = copy.deepcopy(reference).to(torch.bfloat16)
     fused = copy.deepcopy(plain)
