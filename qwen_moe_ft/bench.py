@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default="2,4", help="two depths, comma separated")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
     parser.add_argument("--full-length", action="store_true", help="4096-token documents (the seed's setting)")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps; per-layer figures are differences of medians, so more is steadier")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stacks", default=",".join(STACKS))
     parser.add_argument("--attn", default="auto")
