@@ -13,9 +13,6 @@ from torch import nn
 
 from .config import ConfigError
 
-CHOICES = ("auto", "liger", "none")
-
-
 def select_fused_kernels(requested: str, device_type: str) -> str:
     """auto: liger when on a GPU and installed, else none; liger on request must be usable."""
     usable = device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None

@@ -5,8 +5,10 @@
 Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
 weights and two fp32 Adam moments, ZeRO-2-partitioned (dense over all GPUs, each expert over its
 expert-data-parallel group, so both come to 1/GPUs of the whole). Transient at the peak (the loss):
-activations of every layer and the LM head's logits. Checked against one-GPU H100 peaks
-(BENCHMARKS.md); the multi-GPU partitioning terms follow DeepSpeed's ZeRO-2 and are not yet measured.
+activations of every layer (and the fused gate/up weight copies) and the LM head's logits, for the
+default fast path with one micro-batch per step. Checked against one-GPU H100 peaks (BENCHMARKS.md);
+the multi-GPU partitioning terms follow DeepSpeed's ZeRO-2 and are not yet measured, nor is gradient
+accumulation (a 2-micro-batch run peaked 6 GiB higher).
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ ZERO2_BYTES_PER_PARAM = 2 + 4 + 4 + 4  # bf16 gradient, fp32 master weight, Adam
 # peak differences of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md): 48 KiB with the stock modules,
 # 35 KiB less with liger's norms, which keep no fp32 copies.
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
-# AutoEP's fused gate/up projection keeps the concatenated gate+up weights of the GPU's experts for the
-# backward: measured +0.75 GiB per layer at EP=1, exactly their size.
-FUSED_GATE_UP_COPIES = 1
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
 BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
+
+
+PARTS = ("weights", "zero2_states", "activations", "gate_up_copies", "logits", "buckets")
 
 
 @dataclass
@@ -38,11 +40,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.zero2_states + self.activations + self.gate_up_copies + self.logits + self.buckets
+        return sum(getattr(self, k) for k in PARTS)
 
     def table(self) -> str:
-        rows = [(k, getattr(self, k)) for k in ("weights", "zero2_states", "activations", "gate_up_copies", "logits",
-                                                           "buckets")]
+        rows = [(k, getattr(self, k)) for k in PARTS]
         return "\n".join(f"{k:<14}{v / GIB:8.2f} GiB" for k, v in rows + [("total", self.total)])
 
 
@@ -64,7 +65,9 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, fused_loss: bool =
         weights=2 * (dense + expert / ep_size),
         zero2_states=ZERO2_BYTES_PER_PARAM * (dense + expert) / gpus,
         activations=ACTIVATION_BYTES_PER_TOKEN_LAYER * tokens * config.num_hidden_layers,
-        gate_up_copies=FUSED_GATE_UP_COPIES * 2 * config.num_hidden_layers * (config.num_experts // ep_size)
+        # AutoEP's fused gate/up projection keeps the concatenated bf16 gate+up weights of this GPU's experts
+        # for the backward: measured +0.75 GiB per layer at EP=1, exactly their size.
+        gate_up_copies=2 * config.num_hidden_layers * (config.num_experts // ep_size)
         * 2 * config.moe_intermediate_size * config.hidden_size,
         logits=0 if fused_loss else LOGIT_BYTES * tokens * config.vocab_size,
         buckets=BUCKET_BYTES if gpus > 1 else 0)
