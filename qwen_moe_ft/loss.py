@@ -73,6 +73,11 @@ def token_loss_sum(model: torch.nn.Module, inputs: dict, shift_labels: torch.Ten
                            reduction="sum")
 
 
-def backward_scale(global_label_tokens: int, world_size: int, grad_accum: int) -> float:
-    """Factor for a micro-batch's loss sum so DeepSpeed's mean over ranks and micro-steps yields sum / N."""
-    return world_size * grad_accum / max(global_label_tokens, 1)
+def backward_scale(global_label_tokens: int, grad_accum: int) -> float:
+    """Factor for a micro-batch's loss sum so the step's gradient is that of sum / N over the global batch.
+
+    DeepSpeed divides the loss by the accumulation steps, and sums gradients over ranks
+    (build_ds_config sets gradient_allreduce_op "sum"): dividing by the global label count here
+    replaces its division of every gradient by the world size.
+    """
+    return grad_accum / max(global_label_tokens, 1)

@@ -34,6 +34,9 @@ def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int, device_type
     ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds["train_batch_size"] = world_size * cfg.grad_accum
     ds["gradient_clipping"] = cfg.grad_clip
+    # The loss is already a mean over the global batch's label tokens (loss.backward_scale), so ranks'
+    # gradients add; "mean" would divide every gradient by the world size in a pass of its own.
+    ds["gradient_allreduce_op"] = "sum"
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.dtype == "bf16"}
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2],

@@ -128,7 +128,7 @@ class Trainer:
         local = [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches),
                  sum(n * (n + 1) / 2 for b in micro_batches for n in b.doc_lengths)]
         label_tokens, tokens, context_sum = _global_sum(local, self.device)
-        scale = backward_scale(int(label_tokens), self.world_size, len(micro_batches))
+        scale = backward_scale(int(label_tokens), len(micro_batches))
         lr = self.scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, micro in enumerate(micro_batches):

@@ -64,6 +64,7 @@ def test_ds_config_carries_the_run():
     on_cpu = build_ds_config(cfg, ep_size=8, world_size=8, device_type="cpu")
     assert on_cpu["expert_parallel"]["combine_impl"] == "weighted_sum"
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_allreduce_op"] == "sum"  # loss.backward_scale relies on it
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
     assert ds["bf16"]["enabled"] is True
     assert build_ds_config(TrainConfig(dtype="fp32"), 1, 1)["bf16"]["enabled"] is False

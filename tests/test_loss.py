@@ -6,12 +6,12 @@ from qwen_moe_ft.data import IGNORE
 from qwen_moe_ft.loss import _cce_sum, _fused_linear_ce_sum, backward_scale, select_loss_impl
 
 
-def test_backward_scale_turns_deepspeed_means_into_a_global_token_mean():
-    # DeepSpeed averages gradients over ranks and divides by the accumulation steps; the factor undoes
-    # both so that the step's gradient is that of (sum of token losses) / (label tokens of the global batch).
+def test_backward_scale_turns_deepspeed_sums_into_a_global_token_mean():
+    # DeepSpeed sums gradients over ranks (gradient_allreduce_op "sum") and divides by the accumulation
+    # steps; the step's gradient must be that of (sum of token losses) / (label tokens of the global batch).
     world, accum, tokens = 4, 3, 1200
     per_micro_sums = torch.rand(world, accum) * 100
-    deepspeed_objective = (per_micro_sums * backward_scale(tokens, world, accum)).sum() / (world * accum)
+    deepspeed_objective = (per_micro_sums * backward_scale(tokens, accum)).sum() / accum
     torch.testing.assert_close(deepspeed_objective, per_micro_sums.sum() / tokens)
 
 
