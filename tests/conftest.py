@@ -31,6 +31,12 @@ def train(output_dir: Path, *args: str, nproc: int = 2, timeout: int = 600, chec
     return proc
 
 
+def max_rel_err(a, b) -> float:
+    """Largest absolute difference of a from the reference b, relative to b's largest magnitude."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY
+from conftest import TINY, max_rel_err
 from qwen_moe_ft.attention import available_backends, register_varlen_attention, select_backend
 from qwen_moe_ft.data import IGNORE
 from qwen_moe_ft.loss import token_loss_sum
@@ -88,6 +88,6 @@ def test_gpu_backend_matches_per_document_sdpa_in_bf16(backend):
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
         results[name] = (out, *grads)
     for label, a, b in zip(("out", "dq", "dk", "dv"), results[backend], results["sdpa"]):
-        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        err = max_rel_err(a, b)
         print(f"{backend} {label}: max abs err / max abs = {err:.2e}")
         assert err < 2e-2, (label, err)

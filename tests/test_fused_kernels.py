@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+from conftest import max_rel_err
 from qwen_moe_ft.attention import register_varlen_attention
 from qwen_moe_ft.config import ConfigError
 from qwen_moe_ft.data import IGNORE
@@ -52,8 +53,7 @@ def test_liger_norm_and_rope_match_the_stock_modules_on_packed_documents(monkeyp
     assert losses["bf16 liger"] == pytest.approx(losses["fp32"], rel=1e-3)
 
     def err(name, param):  # max abs error against fp32, relative to the fp32 gradient's max abs
-        ref = grads["fp32"][param]
-        return ((grads[name][param] - ref).abs().max() / ref.abs().max()).item()
+        return max_rel_err(grads[name][param], grads["fp32"][param])
 
     worst = max(grads["fp32"], key=lambda n: err("bf16 liger", n) / max(err("bf16", n), 1e-3))
     print(f"gradients against fp32, worst parameter {worst}: bf16 liger {err('bf16 liger', worst):.2e}, "

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import EVAL, SAMPLE, TINY, eval_loss, read_metrics, train
 from qwen_moe_ft.config import ConfigError, TrainConfig
+
 RUN = ["--lora", "true", "--data", str(SAMPLE), "--eval-data", str(EVAL), "--max-steps", "6", "--lr", "5e-3",
        "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--seed", "3"]
 

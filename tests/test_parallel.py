@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from conftest import max_rel_err
 from qwen_moe_ft.lora import apply_autoep
 from qwen_moe_ft.parallel import ensure_process_env
 
@@ -29,10 +30,6 @@ def _run(block, x, grad_out):
     return out.float(), x.grad.float(), {n: p.grad.float() for n, p in block.named_parameters()}
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def test_fused_gate_up_and_combine_match_the_plain_paths():
     import torch.distributed as dist
 
@@ -51,11 +48,11 @@ def test_fused_gate_up_and_combine_match_the_plain_paths():
     plain_out, plain_dx, plain_grads = _run(_autoep_block(model, PLAIN), x, grad_out)
     fused_out, fused_dx, fused_grads = _run(_autoep_block(model, FUSED), x, grad_out)
 
-    errors = {"out vs plain": _rel(fused_out, plain_out), "dx vs plain": _rel(fused_dx, plain_dx),
-              "plain out vs transformers": _rel(plain_out, hf_out), "plain dx vs transformers": _rel(plain_dx, hf_dx)}
+    errors = {"out vs plain": max_rel_err(fused_out, plain_out), "dx vs plain": max_rel_err(fused_dx, plain_dx),
+              "plain out vs transformers": max_rel_err(plain_out, hf_out), "plain dx vs transformers": max_rel_err(plain_dx, hf_dx)}
     assert sorted(fused_grads) == sorted(plain_grads)
     for name in plain_grads:
-        errors[f"d{name} vs plain"] = _rel(fused_grads[name], plain_grads[name])
+        errors[f"d{name} vs plain"] = max_rel_err(fused_grads[name], plain_grads[name])
     for label, err in errors.items():
         print(f"fused AutoEP {label}: max abs err / max abs = {err:.2e}")
         assert err < 2e-2, (label, err)
