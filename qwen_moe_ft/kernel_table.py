@@ -55,9 +55,12 @@ def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, 
     split = marks[-1]
     table: dict[str, dict[str, float]] = defaultdict(lambda: {"forward_backward": 0.0, "optimizer": 0.0, "calls": 0})
 
+    def phase(start):
+        return "forward_backward" if start < split else "optimizer"
+
     def add(name, start, us):
         row = table[name]
-        row["forward_backward" if start < split else "optimizer"] += us
+        row[phase(start)] += us
         row["calls"] += 1
 
     if device_type == DeviceType.CPU:
@@ -71,7 +74,7 @@ def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, 
     unattributed: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
         if e.device_type == device_type and not getattr(e, "is_user_annotation", False):
-            key = (short_name(e.name, 70), "forward_backward" if e.time_range.start < split else "optimizer")
+            key = (short_name(e.name, 70), phase(e.time_range.start))
             unattributed[key][0] += e.time_range.elapsed_us()
             unattributed[key][1] += 1
     for e in events:
@@ -80,7 +83,7 @@ def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, 
         for kernel in e.kernels:
             name = short_name(kernel.name, 70)
             add(f"{short_name(_context(e), 70)} | {name}", e.time_range.start, kernel.duration)
-            left = unattributed[(name, "forward_backward" if e.time_range.start < split else "optimizer")]
+            left = unattributed[(name, phase(e.time_range.start))]
             left[0] -= kernel.duration
             left[1] -= 1
     for (name, phase), (us, calls) in unattributed.items():
