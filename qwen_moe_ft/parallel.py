@@ -39,8 +39,10 @@ def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int, device_type
     ds["gradient_allreduce_op"] = "sum"
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.dtype == "bf16"}
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
+    # torch's fused AdamW rather than DeepSpeed's FusedAdam: it takes the clip factor in-kernel (zero_step.py)
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2],
-                                                   "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}}
+                                                   "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay,
+                                                   "torch_adam": True, "fused": True}}
     ds.pop("scheduler", None)  # the schedule is ours (LambdaLR), stepped by the engine
     ds["expert_parallel"] = {"preset_model": "qwen3_moe", **ds.get("expert_parallel", {}),
                              "enabled": True, "autoep_size": ep_size}

@@ -37,6 +37,8 @@ from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_con
 from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
+from qwen_moe_ft.zero_step import fold_clip_into_adam, lean_grad_checks
+
 
 def _global_sum(values: list[float], device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
@@ -96,6 +98,8 @@ class Trainer:
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
         self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        lean_grad_checks(self.engine.optimizer)
+        fold_clip_into_adam(self.engine.optimizer)
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
 
         self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"

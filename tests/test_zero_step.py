@@ -1,0 +1,86 @@
+"""The leaner ZeRO-2 step on DeepSpeed's real optimizer (one CPU rank, gloo): the same clipping norm as
+DeepSpeed's fp64 norm, a non-finite gradient still skips the step, and clipping inside torch's fused
+AdamW updates the weights as DeepSpeed's separate clip pass does."""
+import deepspeed
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.parallel import build_ds_config, ensure_process_env
+from qwen_moe_ft.zero_step import fold_clip_into_adam, lean_grad_checks
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    ensure_process_env()
+    if not dist.is_initialized():
+        deepspeed.init_distributed("gloo")
+    yield
+    dist.destroy_process_group()
+
+
+def _engine(dtype=torch.bfloat16, fold_clip=True):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
+    cfg = TrainConfig(lr=1e-3, grad_clip=1.0, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    ds_config = build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    assert lean_grad_checks(engine.optimizer)
+    if fold_clip:
+        assert fold_clip_into_adam(engine.optimizer)
+    return engine
+
+
+def _backward(engine, poison: str | None = None):
+    """One micro-batch (a gradient accumulation boundary); `poison` names a parameter whose gradient is NaN."""
+    params = dict(engine.module.named_parameters())
+    hook = params[poison].register_hook(lambda g: torch.full_like(g, float("nan"))) if poison else None
+    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1))
+    engine.backward(engine(input_ids=ids, labels=ids).loss * 100)  # scaled so the clip is active
+    if hook:
+        hook.remove()
+
+
+def test_norm_matches_deepspeeds_fp64_norm(process_group):
+    engine = _engine()
+    _backward(engine)
+    optimizer = engine.optimizer
+    ours = optimizer.scaled_global_norm()
+    del optimizer.get_grad_norm_direct  # back to DeepSpeed's own method
+    reference = optimizer.scaled_global_norm()
+    assert reference.item() > 1.0
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("poison", ["model.layers.0.mlp.experts.w1", "model.layers.1.self_attn.q_proj.weight"])
+def test_nan_gradient_skips_the_step_and_the_next_one_applies(process_group, poison):
+    engine = _engine()
+    weights = lambda: {n: p.detach().clone() for n, p in engine.module.named_parameters()}  # noqa: E731
+    before = weights()
+    _backward(engine, poison=poison)
+    engine.step()
+    assert engine.skipped_steps == 1
+    assert all(torch.equal(before[n], w) for n, w in weights().items())
+
+    _backward(engine)
+    engine.step()
+    assert engine.skipped_steps == 1
+    after = weights()
+    assert all(torch.isfinite(w).all() for w in after.values())
+    assert not torch.equal(before[poison], after[poison])
+
+
+def test_clip_inside_adam_updates_the_weights_as_deepspeeds_clip_pass(process_group):
+    runs = {}
+    for fold in (True, False):
+        engine = _engine(torch.float32, fold_clip=fold)
+        for _ in range(3):
+            _backward(engine)
+            engine.step()
+            assert engine.get_global_grad_norm() > 1.0  # the clip is active every step
+        runs[fold] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    for name, weight in runs[True].items():
+        assert torch.allclose(weight, runs[False][name], rtol=0, atol=1e-6), name
