@@ -26,6 +26,7 @@ from qwen_moe_ft.attention import register_varlen_attention, select_backend
 from qwen_moe_ft.checkpoint import CheckpointError
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data import DataError, load_tokenized
+from qwen_moe_ft.expert_mlp import use_layout_preserving_gate_up
 from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.fused_kernels import apply_fused_kernels, select_fused_kernels
@@ -100,6 +101,7 @@ class Trainer:
         self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
         lean_grad_checks(self.engine.optimizer)
         fold_clip_into_adam(self.engine.optimizer)
+        use_layout_preserving_gate_up(self.engine.module)  # AutoEP replaced the MoE blocks inside prepare()
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
 
         self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"

@@ -1,0 +1,50 @@
+"""The layout-preserving gate/up backward against DeepSpeed AutoEP's own fused gate/up expert MLP."""
+import copy
+
+import pytest
+import torch
+from deepspeed.moe.ep_experts import GroupedExperts
+from torch import nn
+
+from conftest import max_rel_err
+from qwen_moe_ft.expert_mlp import use_layout_preserving_gate_up
+
+DEVICES = [("cpu", torch.float32, 1e-5)] + ([("cuda", torch.bfloat16, 2e-2)] if torch.cuda.is_available() else [])
+
+
+def _run(experts, x, counts, grad_out):
+    x = x.clone().requires_grad_(True)
+    out = experts(x, counts)
+    out.backward(grad_out)
+    return out, x.grad, {name: p.grad for name, p in experts.named_parameters()}
+
+
+@pytest.mark.parametrize("device,dtype,tolerance", DEVICES)
+def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, tolerance):
+    torch.manual_seed(0)
+    experts = GroupedExperts(dim=64, hidden_dim=48, num_experts=8, gate_up_impl="fused",
+                             disable_triton_grouped_mm=True)
+    for p in experts.parameters():
+        nn.init.normal_(p, std=0.05)
+    experts = experts.to(device, dtype)
+    counts = torch.tensor([40, 0, 7, 25, 1, 0, 31, 16], device=device)  # empty experts too
+    x = torch.randn(int(counts.sum()), 64, device=device, dtype=dtype)
+    grad_out = torch.randn_like(x)
+
+    ours = copy.deepcopy(experts)
+    assert use_layout_preserving_gate_up(ours) == 1
+    ref_out, ref_dx, ref_grads = _run(experts, x, counts, grad_out)
+    out, dx, grads = _run(ours, x, counts, grad_out)
+
+    assert max_rel_err(out, ref_out) < tolerance
+    assert max_rel_err(dx, ref_dx) < tolerance
+    for name in ("w1", "w2", "w3"):
+        assert max_rel_err(grads[name], ref_grads[name]) < tolerance, name
+    assert grads["w1"][[1, 5]].abs().max() == 0  # experts without tokens get no gradient
+
+
+def test_modules_on_another_path_are_left_alone():
+    separate = GroupedExperts(dim=16, hidden_dim=8, num_experts=2, gate_up_impl="separate",
+                              disable_triton_grouped_mm=True)
+    assert use_layout_preserving_gate_up(nn.Sequential(separate)) == 0
+    assert "forward" not in vars(separate)
