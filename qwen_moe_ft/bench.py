@@ -62,7 +62,7 @@ def _run_ours(args, batches):
                       max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
                       output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed,
                       ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage,
-                      fused_kernels=args.fused_kernels)
+                      fused_kernels=args.fused_kernels, gate_up_recompute=args.gate_up_recompute)
     trainer = Trainer(cfg)
     trainer.engine.train()
 
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
     parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, liger or torch")
     parser.add_argument("--fused-kernels", default="auto", help="fused RMSNorm/RoPE of our stack: auto, liger, none")
+    parser.add_argument("--gate-up-recompute", action="store_true", help="our stack rebuilds the gate/up concat in backward")
     parser.add_argument("--profile", action="store_true", help="profile one step per worker; print and save per-layer kernel tables")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")

@@ -1,14 +1,16 @@
 """Per-GPU memory of full fine-tuning with ZeRO-2 + AutoEP, before launching.
 
-    python -m qwen_moe_ft.memory [--model DIR] [--gpus 8] [--ep-size 8] [--tokens 4096]
+    python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus 8] [--ep-size 8] [--tokens 4096]
+                                 [--grad-accum 1] [--gate-up-recompute]
 
 Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
 weights and two fp32 Adam moments, ZeRO-2-partitioned (dense over all GPUs, each expert over its
-expert-data-parallel group, so both come to 1/GPUs of the whole). Transient at the peak (the loss):
-activations of every layer (and the fused gate/up weight copies) and the LM head's logits, for the
-default fast path with one micro-batch per step. Checked against one-GPU H100 peaks (BENCHMARKS.md);
-the multi-GPU partitioning terms follow DeepSpeed's ZeRO-2 and are not yet measured, nor is gradient
-accumulation (a 2-micro-batch run peaked 6 GiB higher).
+expert-data-parallel group, so both come to 1/GPUs of the whole). With gradient accumulation
+DeepSpeed keeps the earlier micro-batches' bf16 gradient partition while the next backward fills a
+new one: one more gradient partition. Transient at the peak (the loss): activations of every layer
+(and the fused gate/up weight copies, one layer's with --gate-up-recompute) and the LM head's logits.
+Checked against one-GPU H100 peaks (BENCHMARKS.md); the multi-GPU partitioning terms follow
+DeepSpeed's ZeRO-2 and are not yet measured.
 """
 from __future__ import annotations
 
@@ -26,13 +28,14 @@ LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain 
 BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
 
 
-PARTS = ("weights", "zero2_states", "activations", "gate_up_copies", "logits", "buckets")
+PARTS = ("weights", "zero2_states", "accumulation", "activations", "gate_up_copies", "logits", "buckets")
 
 
 @dataclass
 class MemoryEstimate:
     weights: float
     zero2_states: float
+    accumulation: float
     activations: float
     gate_up_copies: float
     logits: float
@@ -58,41 +61,58 @@ def parameter_counts(config) -> tuple[int, int]:
     return dense, expert
 
 
-def estimate(config, *, gpus: int, ep_size: int, tokens: int, fused_loss: bool = False) -> MemoryEstimate:
+def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
+             fused_loss: bool = False) -> MemoryEstimate:
     """Peak bytes on one GPU for micro-batches of `tokens` tokens."""
     dense, expert = parameter_counts(config)
+    # The fused gate/up projection's concatenated bf16 gate+up weights of this GPU's experts: kept for the
+    # backward of every layer (measured +0.75 GiB per layer at EP=1, exactly their size), or rebuilt there.
+    gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
     return MemoryEstimate(
         weights=2 * (dense + expert / ep_size),
         zero2_states=ZERO2_BYTES_PER_PARAM * (dense + expert) / gpus,
+        # measured +5.80 GiB for 2 micro-batches of the 4-layer model on one H100; 2 bytes x 3.115e9 = 5.80 GiB
+        accumulation=2 * (dense + expert) / gpus if grad_accum > 1 else 0,
         activations=ACTIVATION_BYTES_PER_TOKEN_LAYER * tokens * config.num_hidden_layers,
-        # AutoEP's fused gate/up projection keeps the concatenated bf16 gate+up weights of this GPU's experts
-        # for the backward: measured +0.75 GiB per layer at EP=1, exactly their size.
-        gate_up_copies=2 * config.num_hidden_layers * (config.num_experts // ep_size)
-        * 2 * config.moe_intermediate_size * config.hidden_size,
+        gate_up_copies=gate_up_copy * (1 if gate_up_recompute else config.num_hidden_layers),
         logits=0 if fused_loss else LOGIT_BYTES * tokens * config.vocab_size,
         buckets=BUCKET_BYTES if gpus > 1 else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .bench import QWEN3_30B_A3B
-    from .config import TrainConfig
+    from .config import TrainConfig, load_config
     from .model import load_model_config
+    from .parallel import choose_ep_size
 
     parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a train.py recipe: its micro-batch, accumulation, EP size, gate/up "
+                        "recompute and loss are the defaults of the options below")
     parser.add_argument("--model", default=QWEN3_30B_A3B, help="hub id or directory with config.json")
     parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--ep-size", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch (--max-tokens-per-batch)")
+    parser.add_argument("--ep-size", type=int, help="default 8, or the recipe's (0: as train.py chooses)")
+    parser.add_argument("--tokens", type=int, help="tokens per micro-batch (--max-tokens-per-batch); default 4096")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per step; default 1")
+    parser.add_argument("--gate-up-recompute", action="store_true", default=None)
     parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
-    parser.add_argument("--fused-loss", action="store_true", help="--loss-impl cce/liger: no materialised logits")
+    parser.add_argument("--fused-loss", action="store_true", default=None,
+                        help="--loss-impl cce/liger: no materialised logits")
     parser.add_argument("--gpu-gib", type=float, default=79.6,
                         help="memory of one GPU (default: an 80 GB H100, 81559 MiB), to say whether it fits")
     args = parser.parse_args(argv)
+    recipe = load_config(["--config", args.config]) if args.config else TrainConfig(
+        max_tokens_per_batch=4096, ep_size=8)
     config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
-    result = estimate(config, gpus=args.gpus, ep_size=args.ep_size, tokens=args.tokens, fused_loss=args.fused_loss)
-    print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs, EP={args.ep_size}, "
-          f"{args.tokens} tokens per micro-batch")
+    tokens = args.tokens or recipe.max_tokens_per_batch
+    grad_accum = args.grad_accum or recipe.grad_accum
+    ep_size = choose_ep_size(recipe.ep_size if args.ep_size is None else args.ep_size, args.gpus, config.num_experts)
+    recompute = recipe.gate_up_recompute if args.gate_up_recompute is None else args.gate_up_recompute
+    fused_loss = recipe.loss_impl in ("cce", "liger") if args.fused_loss is None else args.fused_loss
+    result = estimate(config, gpus=args.gpus, ep_size=ep_size, tokens=tokens, grad_accum=grad_accum,
+                      gate_up_recompute=recompute, fused_loss=fused_loss)
+    print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs, EP={ep_size}, {tokens} tokens per "
+          f"micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB
     fits = headroom >= 0

@@ -101,7 +101,8 @@ class Trainer:
         self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
         lean_grad_checks(self.engine.optimizer)
         fold_clip_into_adam(self.engine.optimizer)
-        use_layout_preserving_gate_up(self.engine.module)  # AutoEP replaced the MoE blocks inside prepare()
+        # AutoEP replaced the MoE blocks inside prepare()
+        use_layout_preserving_gate_up(self.engine.module, recompute=cfg.gate_up_recompute)
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
 
         self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"

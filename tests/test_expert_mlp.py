@@ -20,8 +20,9 @@ def _run(experts, x, counts, grad_out):
     return out, x.grad, {name: p.grad for name, p in experts.named_parameters()}
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("device,dtype,tolerance", DEVICES)
-def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, tolerance):
+def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, tolerance, recompute):
     torch.manual_seed(0)
     experts = GroupedExperts(dim=64, hidden_dim=48, num_experts=8, gate_up_impl="fused",
                              disable_triton_grouped_mm=True)
@@ -33,7 +34,7 @@ def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, toleranc
     grad_out = torch.randn_like(x)
 
     ours = copy.deepcopy(experts)
-    assert use_layout_preserving_gate_up(ours) == 1
+    assert use_layout_preserving_gate_up(ours, recompute=recompute) == 1
     ref_out, ref_dx, ref_grads = _run(experts, x, counts, grad_out)
     out, dx, grads = _run(ours, x, counts, grad_out)
 
@@ -49,3 +50,22 @@ def test_modules_on_another_path_are_left_alone():
                               disable_triton_grouped_mm=True)
     assert use_layout_preserving_gate_up(nn.Sequential(separate)) == 0
     assert "forward" not in vars(separate)
+
+
+def test_recompute_keeps_no_copy_of_the_weights_for_backward():
+    experts = GroupedExperts(dim=64, hidden_dim=48, num_experts=8, gate_up_impl="fused",
+                             disable_triton_grouped_mm=True)
+    counts = torch.tensor([5, 3, 0, 8, 1, 1, 2, 4])
+    x = torch.randn(int(counts.sum()), 64, requires_grad=True)
+    shared = {p.untyped_storage().data_ptr() for p in experts.parameters()}
+
+    def new_bytes_saved(recompute):
+        saved = []
+        use_layout_preserving_gate_up(experts, recompute=recompute)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            experts(x, counts)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        return sum(n for ptr, n in storages.items() if ptr not in shared)
+
+    concat_bytes = 2 * experts.w1.numel() * experts.w1.element_size()
+    assert new_bytes_saved(False) - new_bytes_saved(True) == concat_bytes
