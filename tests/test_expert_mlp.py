@@ -52,11 +52,12 @@ def test_modules_on_another_path_are_left_alone():
     assert "forward" not in vars(separate)
 
 
-def test_recompute_keeps_no_copy_of_the_weights_for_backward():
+@pytest.mark.parametrize("device,dtype", [(device, dtype) for device, dtype, _ in DEVICES])
+def test_recompute_keeps_no_copy_of_the_weights_for_backward(device, dtype):
     experts = GroupedExperts(dim=64, hidden_dim=48, num_experts=8, gate_up_impl="fused",
-                             disable_triton_grouped_mm=True)
-    counts = torch.tensor([5, 3, 0, 8, 1, 1, 2, 4])
-    x = torch.randn(int(counts.sum()), 64, requires_grad=True)
+                             disable_triton_grouped_mm=True).to(device, dtype)
+    counts = torch.tensor([5, 3, 0, 8, 1, 1, 2, 4], device=device)
+    x = torch.randn(int(counts.sum()), 64, device=device, dtype=dtype, requires_grad=True)
     shared = {p.untyped_storage().data_ptr() for p in experts.parameters()}
 
     def new_bytes_saved(recompute):
