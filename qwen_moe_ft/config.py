@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -13,6 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = str(REPO_ROOT / "data" / "tiny-qwen3-moe")
 REAL_MODEL = "Qwen/Qwen3-30B-A3B"
 DEFAULT_DS_CONFIG = str(REPO_ROOT / "ds_configs" / "zero2_ep.json")
+# --report-to: the modules Accelerate's tracker can write with, and what to install for them
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+TRACKER_PACKAGES = {"tensorboard": "'qwen-moe-ft[tensorboard]'", "wandb": "wandb"}
 
 
 class ConfigError(ValueError):
@@ -130,6 +134,9 @@ class TrainConfig:
                       "plain expert weights); a LoRA run writes its adapter at the end and when stopped")
         if self.num_hidden_layers and not self.random_init:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")
+        if self.report_to != "none" and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[self.report_to]):
+            raise bad("report_to", f"{self.report_to} is not installed (Accelerate would silently log nothing); "
+                      f"pip install {TRACKER_PACKAGES[self.report_to]}, or use --report-to none")
         if not Path(self.ds_config).is_file():
             raise bad("ds_config", f"{self.ds_config} does not exist; point it at a file in ds_configs/")
         return self
