@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
     parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, liger or torch")
     parser.add_argument("--fused-kernels", default="auto", help="fused RMSNorm/RoPE of our stack: auto, liger, none")
-    parser.add_argument("--gate-up-recompute", action="store_true", help="our stack rebuilds the gate/up concat in backward")
+    parser.add_argument("--gate-up-recompute", action="store_true",
+                        help="our stack rebuilds the gate/up concat in backward")
     parser.add_argument("--profile", action="store_true", help="profile one step per worker; print and save per-layer kernel tables")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")

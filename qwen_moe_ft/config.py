@@ -65,7 +65,7 @@ class TrainConfig:
     ep_size: int = 0  # 0: largest size dividing both world size and the number of experts
     zero_stage: int = 2
     ds_config: str = DEFAULT_DS_CONFIG
-    gate_up_recompute: bool = False  # rebuild the experts' gate+up weight concat in backward: less memory (expert_mlp.py)
+    gate_up_recompute: bool = False  # rebuild the experts' gate+up concat in backward: less memory (expert_mlp.py)
     # output and logging
     output_dir: str = "outputs/run"
     logging_steps: int = 1

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-1/2's optimizer step in fewer passes over the gradients.
 
-Gradient checks: before Adam, DeepSpeed 0.19.8's bf16 ZeRO step reads every gradient three more times than it needs to:
-it copies each gradient to fp64 and takes the norm of the copy (for clipping), and runs an amax and an
-amin over it (looking for inf/NaN). On the H100 benchmark that was 7 ms of the 17.8 ms optimizer step of
+Gradient checks: before Adam, DeepSpeed 0.19.8's bf16 ZeRO step reads every gradient three more times
+than it needs to: it copies each gradient to fp64 and takes the norm of the copy (for clipping), and
+runs an amax and an amin over it (looking for inf/NaN). On the H100 benchmark that was 7 ms of the 17.8 ms optimizer step of
 one Qwen3-30B-A3B layer (BENCHMARKS.md). Here the norm is accumulated in fp32 straight from the bf16
 gradients, and non-finite gradients are found from that norm: an inf or NaN anywhere makes the norm
 non-finite, which DeepSpeed's own step already treats as an overflow, so the update is skipped exactly
