@@ -1,0 +1,61 @@
+"""AutoEP's MoE block at EP=1 without the alignment permutation gives what AutoEP's own path gives."""
+import copy
+
+import deepspeed
+import pytest
+import torch
+import torch.distributed as dist
+from deepspeed.module_inject import auto_ep_layer
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY, max_rel_err
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.lora import apply_autoep
+from qwen_moe_ft.local_dispatch import skip_single_rank_permutation
+from qwen_moe_ft.parallel import build_ds_config, ensure_process_env
+
+# AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
+DEVICE, DTYPE, TOLERANCE = ("cuda", torch.bfloat16, 1e-2) if torch.cuda.is_available() else ("cpu", torch.float32, 1e-6)
+
+
+@pytest.fixture(scope="module")
+def moe_block():
+    ensure_process_env()
+    if not dist.is_initialized():
+        deepspeed.init_distributed("nccl" if DEVICE == "cuda" else "gloo")
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type=DEVICE), rank=0)
+    yield model.model.layers[0].mlp.to(DEVICE, DTYPE), model.config.hidden_size
+    dist.destroy_process_group()
+
+
+def _run(block, x, grad_out):
+    x = x.clone().requires_grad_(True)
+    out = block(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(grad_out)
+    return out, x.grad, {name: p.grad for name, p in block.named_parameters()}
+
+
+def test_same_output_and_gradients_as_autoeps_permutation(moe_block, monkeypatch):
+    moe_block, hidden_size = moe_block
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, hidden_size, device=DEVICE, dtype=DTYPE)
+    grad_out = torch.randn_like(x)
+    reference = _run(copy.deepcopy(moe_block), x, grad_out)
+
+    for name in ("permute_by_local_expert", "unpermute_by_local_expert"):  # restored after the test
+        monkeypatch.setattr(auto_ep_layer, name, getattr(auto_ep_layer, name))
+    assert skip_single_rank_permutation(moe_block)
+
+    def must_not_run(*args):
+        raise AssertionError("AutoEP's permutation ran at EP=1")
+
+    monkeypatch.setattr("qwen_moe_ft.local_dispatch._permute_by_local_expert", must_not_run)
+    ours = _run(copy.deepcopy(moe_block), x, grad_out)
+
+    assert max_rel_err(ours[0], reference[0]) < TOLERANCE
+    assert max_rel_err(ours[1], reference[1]) < TOLERANCE
+    assert sorted(ours[2]) == sorted(reference[2])
+    for name, grad in reference[2].items():
+        assert max_rel_err(ours[2][name], grad) < TOLERANCE, name
