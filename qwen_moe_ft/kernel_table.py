@@ -32,15 +32,21 @@ def short_name(name: str, width: int) -> str:
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
+# CPU events of the profiler's own bookkeeping that kernels can end up nested under; they are not where
+# a kernel came from, and filing kernels under them split one op's time over two rows.
+PROFILER_EVENTS = frozenset({"Activity Buffer Request"})
+
+
 def _context(event) -> str:
     """Where a kernel came from: its launching op, under the backward node or outermost op around it."""
     chain, parent = [event.name], event.cpu_parent
     while parent is not None:
         chain.append(parent.name)
         parent = parent.cpu_parent
+    chain = [n for n in chain if n not in PROFILER_EVENTS] or ["(no op)"]
     backward = [n for n in chain if n.startswith("autograd::engine::evaluate_function: ")]
     outer = ("bwd " + backward[-1].split(": ", 1)[1]) if backward else chain[-1]
-    return outer if outer == event.name else f"{outer} > {event.name}"
+    return outer if outer == chain[0] else f"{outer} > {chain[0]}"
 
 
 def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, dict[str, float]]:

@@ -34,3 +34,18 @@ def test_per_layer_table_is_the_depth_difference():
     assert rows["adam"]["optimizer"] == 25.0 and rows["only_low"]["forward_backward"] == -2.5
     text = format_per_layer(list(rows.values()))
     assert text.splitlines()[0] == "per layer: forward+backward 0.10 ms, optimizer 0.04 ms of device time"
+
+
+def test_profiler_bookkeeping_is_not_a_kernels_op():
+    from types import SimpleNamespace
+
+    from qwen_moe_ft.kernel_table import _context
+
+    def event(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    mm = event("aten::_grouped_mm", event("Activity Buffer Request", event("_GateUpGroupedMm")))
+    assert _context(mm) == "_GateUpGroupedMm > aten::_grouped_mm"
+    assert _context(event("Activity Buffer Request", event("aten::cat"))) == "aten::cat"
+    assert _context(event("aten::mm", event("autograd::engine::evaluate_function: MmBackward0"))) == \
+        "bwd MmBackward0 > aten::mm"
