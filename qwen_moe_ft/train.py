@@ -100,9 +100,10 @@ class Trainer:
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
         self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        # The fast path's changes to DeepSpeed's ZeRO-2 step and to the MoE blocks AutoEP put in place inside
+        # prepare(); each is measured in BENCHMARKS.md and tested against the path it replaces.
         lean_grad_checks(self.engine.optimizer)
         fold_clip_into_adam(self.engine.optimizer)
-        # AutoEP replaced the MoE blocks inside prepare()
         use_layout_preserving_gate_up(self.engine.module, recompute=cfg.gate_up_recompute)
         skip_single_rank_permutation(self.engine.module)
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
