@@ -6,7 +6,8 @@ runs an amax and an amin over it (looking for inf/NaN). On the H100 benchmark th
 one Qwen3-30B-A3B layer (BENCHMARKS.md). Here the norm is accumulated in fp32 straight from the bf16
 gradients, and non-finite gradients are found from that norm: an inf or NaN anywhere makes the norm
 non-finite, which DeepSpeed's own step already treats as an overflow, so the update is skipped exactly
-as before.
+as before. (A norm beyond fp32's range, above 1.8e19, now also skips the step, where fp64 would have
+clipped it.)
 
 Clipping: DeepSpeed multiplies the fp32 gradient partition by 1/clip in a pass of its own (2.3 ms of
 that step); torch's fused AdamW divides each gradient by a `grad_scale` tensor inside its kernel, so the
