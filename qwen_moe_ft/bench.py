@@ -144,12 +144,13 @@ def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict
         by_depth = {r["depth"]: r for r in results if r["stack"] == stack}
         a, b = by_depth[low], by_depth[high]
         span = high - low
+        whole_steps = dict(attention=b["attention"], **{f"step_ms_{d}L": by_depth[d]["step_ms"] for d in depths},
+                           peak_mem_gib=b["peak_mem_gib"], tokens_per_s=b["tokens"] / (b["step_ms"] / 1e3),
+                           first_losses=a["losses"][:3])
         if b["step_ms"] - a["step_ms"] <= max(a.get("step_ms_spread", 0.0), b.get("step_ms_spread", 0.0)):
             # The added layers changed the median step by less than steps vary (e.g. padded batches of
             # mixed lengths, dominated by the LM head): a per-layer difference would be noise.
-            out[stack] = dict(attention=b["attention"], **{f"step_ms_{d}L": by_depth[d]["step_ms"] for d in depths},
-                              per_layer_within_noise=True, peak_mem_gib=b["peak_mem_gib"],
-                              tokens_per_s=b["tokens"] / (b["step_ms"] / 1e3), first_losses=a["losses"][:3])
+            out[stack] = dict(whole_steps, per_layer_within_noise=True)
             continue
         per_layer = {k: (b[k] - a[k]) / span for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms")}
         cfg_low = load_model_config(TrainConfig(random_init=True, num_hidden_layers=low), QWEN3_30B_A3B)
@@ -160,12 +161,9 @@ def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict
         rest_ms = a["step_ms"] - low * per_layer["step_ms"]
         step48_ms = rest_ms + 48 * per_layer["step_ms"]
         out[stack] = dict(
-            attention=b["attention"], **{f"step_ms_{d}L": by_depth[d]["step_ms"] for d in depths},
-            per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
+            whole_steps, per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
             optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
-            fwd_bwd_layer_mfu=fb_tflops / peak, peak_mem_gib=b["peak_mem_gib"],
-            tokens_per_s=b["tokens"] / (b["step_ms"] / 1e3), tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3),
-            first_losses=a["losses"][:3])
+            fwd_bwd_layer_mfu=fb_tflops / peak, tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3))
     if len(out) == 2 and not any(s.get("per_layer_within_noise") for s in out.values()):
         ours, base = out["ours"], out["hf_grouped_mm"]
         out["ratios"] = {k: base[k] / ours[k] for k in ("per_layer_ms", "fwd_bwd_per_layer_ms", "optimizer_per_layer_ms")}
