@@ -68,3 +68,19 @@ def eval_loss(model, tokenizer) -> tuple[float, int]:
                                         reduction="sum").item()
             tokens += batch.num_label_tokens
     return loss_sum / tokens, tokens
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """The one-rank process group DeepSpeed and AutoEP need even inside one test process."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from qwen_moe_ft.parallel import ensure_process_env
+
+    ensure_process_env()
+    if not dist.is_initialized():
+        deepspeed.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
+    yield
+    dist.destroy_process_group()

@@ -1,10 +1,8 @@
 """AutoEP's MoE block at EP=1 without the alignment permutation gives what AutoEP's own path gives."""
 import copy
 
-import deepspeed
 import pytest
 import torch
-import torch.distributed as dist
 from deepspeed.module_inject import auto_ep_layer
 from transformers import AutoModelForCausalLM
 
@@ -12,21 +10,17 @@ from conftest import TINY, max_rel_err
 from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.lora import apply_autoep
 from qwen_moe_ft.local_dispatch import skip_single_rank_permutation
-from qwen_moe_ft.parallel import build_ds_config, ensure_process_env
+from qwen_moe_ft.parallel import build_ds_config
 
 # AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
 DEVICE, DTYPE, TOLERANCE = ("cuda", torch.bfloat16, 1e-2) if torch.cuda.is_available() else ("cpu", torch.float32, 1e-6)
 
 
 @pytest.fixture(scope="module")
-def moe_block():
-    ensure_process_env()
-    if not dist.is_initialized():
-        deepspeed.init_distributed("nccl" if DEVICE == "cuda" else "gloo")
+def moe_block(process_group):
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
     apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type=DEVICE), rank=0)
-    yield model.model.layers[0].mlp.to(DEVICE, DTYPE), model.config.hidden_size
-    dist.destroy_process_group()
+    return model.model.layers[0].mlp.to(DEVICE, DTYPE), model.config.hidden_size
 
 
 def _run(block, x, grad_out):

@@ -4,22 +4,12 @@ AdamW updates the weights as DeepSpeed's separate clip pass does."""
 import deepspeed
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY
 from qwen_moe_ft.config import TrainConfig
-from qwen_moe_ft.parallel import build_ds_config, ensure_process_env
+from qwen_moe_ft.parallel import build_ds_config
 from qwen_moe_ft.zero_step import fold_clip_into_adam, lean_grad_checks
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    ensure_process_env()
-    if not dist.is_initialized():
-        deepspeed.init_distributed("gloo")
-    yield
-    dist.destroy_process_group()
 
 
 def _engine(dtype=torch.bfloat16, fold_clip=True):
