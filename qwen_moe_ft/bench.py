@@ -62,7 +62,8 @@ def _run_ours(args, batches):
                       max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
                       output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed,
                       ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage,
-                      fused_kernels=args.fused_kernels, gate_up_recompute=args.gate_up_recompute)
+                      fused_kernels=args.fused_kernels, gate_up_recompute=args.gate_up_recompute,
+                      adam_states=args.adam_states)
     trainer = Trainer(cfg)
     trainer.engine.train()
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused-kernels", default="auto", help="fused RMSNorm/RoPE of our stack: auto, liger, none")
     parser.add_argument("--gate-up-recompute", action="store_true",
                         help="our stack rebuilds the gate/up concat in backward")
+    parser.add_argument("--adam-states", default="bf16", choices=("bf16", "fp32"), help="Adam moments of our stack")
     parser.add_argument("--profile", action="store_true", help="profile one step per worker; print and save per-layer kernel tables")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")

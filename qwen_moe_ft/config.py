@@ -59,6 +59,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    adam_states: str = "bf16"  # bf16 | fp32: dtype of AdamW's two moments; master weights stay fp32 (adamw.py)
     grad_accum: int = 1
     seed: int = 42
     # parallelism
@@ -91,7 +92,7 @@ class TrainConfig:
         choices = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
                    "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
                    "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"),
-                   "lr_schedule": ("cosine", "constant"), "report_to": ("none", "tensorboard", "wandb")}
+                   "lr_schedule": ("cosine", "constant"), "adam_states": ("bf16", "fp32"), "report_to": ("none", "tensorboard", "wandb")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")

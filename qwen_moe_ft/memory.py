@@ -1,10 +1,10 @@
 """Per-GPU memory of full fine-tuning with ZeRO-2 + AutoEP, before launching.
 
     python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus 8] [--ep-size 8] [--tokens 4096]
-                                 [--grad-accum 1] [--gate-up-recompute]
+                                 [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
 
 Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
-weights and two fp32 Adam moments, ZeRO-2-partitioned (dense over all GPUs, each expert over its
+weights and two Adam moments (bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all GPUs, each expert over its
 expert-data-parallel group, so both come to 1/GPUs of the whole). With gradient accumulation
 DeepSpeed keeps the earlier micro-batches' bf16 gradient partition while the next backward fills a
 new one: one more gradient partition. Transient at the peak (the loss): activations of every layer
@@ -19,7 +19,11 @@ import sys
 from dataclasses import dataclass
 
 GIB = 2**30
-ZERO2_BYTES_PER_PARAM = 2 + 4 + 4 + 4  # bf16 gradient, fp32 master weight, Adam m and v
+ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+def zero2_bytes_per_param(adam_states: str) -> int:
+    return 2 + 4 + 2 * ADAM_STATE_BYTES[adam_states]  # bf16 gradient, fp32 master weight, Adam m and v
 # Activations saved for backward per token and layer (bf16, top-8 of 128 experts), fitted to 2- vs 4-layer
 # peak differences of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md): 48 KiB with the stock modules,
 # 35 KiB less with liger's norms, which keep no fp32 copies.
@@ -62,7 +66,7 @@ def parameter_counts(config) -> tuple[int, int]:
 
 
 def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
-             fused_loss: bool = False) -> MemoryEstimate:
+             fused_loss: bool = False, adam_states: str = "bf16") -> MemoryEstimate:
     """Peak bytes on one GPU for micro-batches of `tokens` tokens."""
     dense, expert = parameter_counts(config)
     # The fused gate/up projection's concatenated bf16 gate+up weights of this GPU's experts: kept for the
@@ -70,7 +74,7 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
     gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
     return MemoryEstimate(
         weights=2 * (dense + expert / ep_size),
-        zero2_states=ZERO2_BYTES_PER_PARAM * (dense + expert) / gpus,
+        zero2_states=zero2_bytes_per_param(adam_states) * (dense + expert) / gpus,
         # measured +5.80 GiB for 2 micro-batches of the 4-layer model on one H100; 2 bytes x 3.115e9 = 5.80 GiB
         accumulation=2 * (dense + expert) / gpus if grad_accum > 1 else 0,
         activations=ACTIVATION_BYTES_PER_TOKEN_LAYER * tokens * config.num_hidden_layers,
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, help="tokens per micro-batch (--max-tokens-per-batch); default 4096")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step; default 1")
     parser.add_argument("--gate-up-recompute", action="store_true", default=None)
+    parser.add_argument("--adam-states", choices=sorted(ADAM_STATE_BYTES), help="dtype of the Adam moments; "
+                        "default bf16, or the recipe's")
     parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
     parser.add_argument("--fused-loss", action="store_true", default=None,
                         help="--loss-impl cce/liger: no materialised logits")
@@ -109,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     ep_size = choose_ep_size(recipe.ep_size if args.ep_size is None else args.ep_size, args.gpus, config.num_experts)
     recompute = recipe.gate_up_recompute if args.gate_up_recompute is None else args.gate_up_recompute
     fused_loss = recipe.loss_impl in ("cce", "liger") if args.fused_loss is None else args.fused_loss
+    adam_states = args.adam_states or recipe.adam_states
     result = estimate(config, gpus=args.gpus, ep_size=ep_size, tokens=tokens, grad_accum=grad_accum,
-                      gate_up_recompute=recompute, fused_loss=fused_loss)
+                      gate_up_recompute=recompute, fused_loss=fused_loss, adam_states=adam_states)
     print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs, EP={ep_size}, {tokens} tokens per "
-          f"micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}")
+          f"micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}, {adam_states} Adam moments")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB
     fits = headroom >= 0

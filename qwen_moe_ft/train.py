@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, set_seed
 
 from qwen_moe_ft import checkpoint
+from qwen_moe_ft.adamw import STATE_DTYPES
 from qwen_moe_ft.attention import register_varlen_attention, select_backend
 from qwen_moe_ft.checkpoint import CheckpointError
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
@@ -39,7 +40,7 @@ from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_con
 from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
-from qwen_moe_ft.zero_step import fold_clip_into_adam, lean_grad_checks
+from qwen_moe_ft.zero_step import fold_clip_into_adam, fuse_adam_step, lean_grad_checks
 
 
 def _global_sum(values: list[float], device) -> list[float]:
@@ -103,7 +104,8 @@ class Trainer:
         # The fast path's changes to DeepSpeed's ZeRO-2 step and to the MoE blocks AutoEP put in place inside
         # prepare(); each is measured in BENCHMARKS.md and tested against the path it replaces.
         lean_grad_checks(self.engine.optimizer)
-        fold_clip_into_adam(self.engine.optimizer)
+        fuse_adam_step(self.engine.optimizer, STATE_DTYPES[cfg.adam_states])
+        fold_clip_into_adam(self.engine.optimizer)  # where the fused step does not apply
         use_layout_preserving_gate_up(self.engine.module, recompute=cfg.gate_up_recompute)
         skip_single_rank_permutation(self.engine.module)
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)

@@ -12,13 +12,20 @@ clipped it.)
 Clipping: DeepSpeed multiplies the fp32 gradient partition by 1/clip in a pass of its own (2.3 ms of
 that step); torch's fused AdamW divides each gradient by a `grad_scale` tensor inside its kernel, so the
 clip factor is handed to it instead (build_ds_config selects torch's fused AdamW).
+
+The step itself (fuse_adam_step): DeepSpeed flattens the bf16 gradient partition, copies it to fp32, runs
+Adam, and copies the fp32 master partition back to the bf16 weights. adamw.MasterAdamW does all of it in
+one pass over the gradients where they lie; everything else (norm, overflow skip, all-gather of the
+updated partitions) is DeepSpeed's own code, and any step that would skip falls back to DeepSpeed's.
 """
 from __future__ import annotations
 
 import torch
 from deepspeed import comm as dist
-from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm, mask_nan_or_inf_with_val_inplace
+from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+from .adamw import MasterAdamW
 
 
 def _fp32_grad_norm(optimizer: DeepSpeedZeroOptimizer, gradients, params, norm_type=2) -> torch.Tensor:
@@ -54,18 +61,22 @@ def lean_grad_checks(optimizer) -> bool:
     return True
 
 
-def _hand_clip_to_adam(optimizer: DeepSpeedZeroOptimizer, total_norm) -> None:
-    """DeepSpeed's unscale_and_clip_grads, with the division left to the Adam kernel."""
-    adam = optimizer.optimizer
+def _grad_divisor(optimizer: DeepSpeedZeroOptimizer, total_norm) -> torch.Tensor | None:
+    """What DeepSpeed's unscale_and_clip_grads divides the gradients by (loss scale times clip factor), as
+    a one-element device tensor so no host sync is needed; None when it would do nothing."""
     if optimizer.clip_grad == 0.0 and optimizer.loss_scale == 1.0:
-        adam.grad_scale = None
-        return
+        return None
     scale = torch.full((1,), float(optimizer.loss_scale), dtype=torch.float32, device=optimizer.device)
     if optimizer.clip_grad > 0.0:
         # step() skips invalid norms before this point; an invalid one here still must not pass unclipped
         norm = torch.where(torch.isfinite(total_norm) & (total_norm >= 0), total_norm, float("inf"))
         scale = scale * torch.clamp((norm.float() / optimizer.loss_scale + 1e-6) / optimizer.clip_grad, min=1.0)
-    adam.grad_scale = scale
+    return scale
+
+
+def _hand_clip_to_adam(optimizer: DeepSpeedZeroOptimizer, total_norm) -> None:
+    """DeepSpeed's unscale_and_clip_grads, with the division left to the Adam kernel."""
+    optimizer.optimizer.grad_scale = _grad_divisor(optimizer, total_norm)
 
 
 def fold_clip_into_adam(optimizer) -> bool:
@@ -77,3 +88,59 @@ def fold_clip_into_adam(optimizer) -> bool:
         return False
     optimizer.unscale_and_clip_grads = lambda grad_groups_flat, total_norm: _hand_clip_to_adam(optimizer, total_norm)
     return True
+
+
+def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
+    """DeepSpeed's ZeRO-1/2 step() for a bf16 run without offload, with the per-group gradient flatten,
+    fp32 copy, Adam and bf16 copy-back done by MasterAdamW.update in one pass."""
+    norm = optimizer.scaled_global_norm()
+    if is_invalid_grad_norm(norm):
+        return deepspeed_step()  # DeepSpeed's own overflow handling (skip, clear, count)
+    optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+    optimizer.overflow = False
+    previous_loss_scale = optimizer.loss_scale
+    optimizer._update_scale(False)
+    optimizer._global_grad_norm = norm / previous_loss_scale
+    divisor = _grad_divisor(optimizer, norm)
+    adam: MasterAdamW = optimizer.optimizer
+    for i in range(len(optimizer.bit16_groups)):
+        partition_id = dist.get_rank(group=optimizer.real_dp_process_group[i])
+        optimizer.free_grad_in_param_list(optimizer.params_not_in_partition[i])
+        flat = optimizer._get_preflattened_grad_partition(i)
+        # laid end to end these are exactly what DeepSpeed flattens into the partition (padding past them)
+        grads = [flat] if flat is not None else [g.view(-1) for g in optimizer.averaged_gradients[i]]
+        master = optimizer.single_partition_of_fp32_groups[i]
+        group = adam.param_groups[i]
+        assert group["params"][0] is master, "optimizer param group order differs from DeepSpeed's partitions"
+        adam.update(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
+                    grad_scale=divisor, group_index=i)
+        optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
+        optimizer._release_preflattened_grad_buffers(i)
+        optimizer.averaged_gradients[i] = None
+        optimizer.all_grad_tensors[i] = None
+    all_gather_dp_groups(groups_flat=optimizer.bit16_groups_flat,
+                         partitioned_param_groups=optimizer.parallel_partitioned_bit16_groups,
+                         dp_process_group=optimizer.real_dp_process_group,
+                         start_alignment_factor=optimizer.nccl_start_alignment_factor,
+                         allgather_bucket_size=optimizer.allgather_bucket_size)
+    for i in range(len(optimizer.bit16_groups)):
+        optimizer._update_model_bit16_weights(i)
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def fuse_adam_step(optimizer, state_dtype: torch.dtype) -> bool:
+    """Swap the ZeRO optimizer's AdamW for MasterAdamW (moments in `state_dtype`) and its step for
+    _fused_step; False (nothing done) where DeepSpeed's step does more than that path covers: offload,
+    fp16/fp32 weights, an fp32 gradient-accumulation buffer, Muon, or an optimizer other than AdamW/Adam
+    with decoupled decay."""
+    adam = getattr(optimizer, "optimizer", None)
+    if (type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload or optimizer.dtype != torch.bfloat16
+            or not optimizer.compute_grad_norm or optimizer.zenflow or optimizer.torch_autocast_gradscaler
+            or type(adam) is not torch.optim.AdamW or adam.defaults.get("amsgrad")
+            or any(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups)))):
+        return False
+    optimizer.optimizer = MasterAdamW.replacing(adam, state_dtype)
+    deepspeed_step = optimizer.step
+    optimizer.step = lambda closure=None: _fused_step(optimizer, deepspeed_step)
+    return True
+

@@ -20,8 +20,8 @@ def test_parameter_count_is_qwen3_30b_a3b():
 @pytest.mark.parametrize("layers, measured_gib", [(2, 42.2), (4, 62.2)])
 def test_estimate_within_ten_percent_of_the_h100_peaks(layers, measured_gib):
     # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (BENCHMARKS.md, the default
-    # fast path of 2026-11-25): one GPU, 8192 tokens per step, plain torch loss.
-    total = estimate(qwen3(layers), gpus=1, ep_size=1, tokens=8192).total / GIB
+    # fast path of 2026-11-25, fp32 Adam moments): one GPU, 8192 tokens per step, plain torch loss.
+    total = estimate(qwen3(layers), gpus=1, ep_size=1, tokens=8192, adam_states="fp32").total / GIB
     assert total == pytest.approx(measured_gib, rel=0.10)
 
 
@@ -41,7 +41,8 @@ def test_the_recipes_micro_batch_fits_80gb_and_twice_that_does_not(capsys):
 def test_accumulation_adds_the_gradient_partition_measured_on_the_h100():
     # train.py on the H100, 4 layers, 8192-token micro-batches: 62.61 GiB peak with one micro-batch per
     # step, 68.41 with two (BENCHMARKS.md).
-    one, two = (estimate(qwen3(4), gpus=1, ep_size=1, tokens=8192, grad_accum=ga).total / GIB for ga in (1, 2))
+    one, two = (estimate(qwen3(4), gpus=1, ep_size=1, tokens=8192, grad_accum=ga, adam_states="fp32").total / GIB
+                for ga in (1, 2))
     assert two - one == pytest.approx(68.41 - 62.61, rel=0.10)
 
 

@@ -1,6 +1,7 @@
 """The leaner ZeRO-2 step on DeepSpeed's real optimizer (one CPU rank, gloo): the same clipping norm as
-DeepSpeed's fp64 norm, a non-finite gradient still skips the step, and clipping inside torch's fused
-AdamW updates the weights as DeepSpeed's separate clip pass does."""
+DeepSpeed's fp64 norm, a non-finite gradient still skips the step, clipping inside torch's fused
+AdamW updates the weights as DeepSpeed's separate clip pass does, and the one-pass MasterAdamW step
+updates master and bf16 weights as DeepSpeed's own step does."""
 import deepspeed
 import pytest
 import torch
@@ -9,17 +10,22 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY
 from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.parallel import build_ds_config
-from qwen_moe_ft.zero_step import fold_clip_into_adam, lean_grad_checks
+from qwen_moe_ft.adamw import MasterAdamW
+from qwen_moe_ft.zero_step import fold_clip_into_adam, fuse_adam_step, lean_grad_checks
 
 
-def _engine(dtype=torch.bfloat16, fold_clip=True):
+def _engine(dtype=torch.bfloat16, fold_clip=True, fused_states=None, zero_stage=2):
+    """`fused_states`: the moments' dtype of the one-pass step (fuse_adam_step), None for DeepSpeed's step."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
-    cfg = TrainConfig(lr=1e-3, grad_clip=1.0, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    cfg = TrainConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.1, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                      zero_stage=zero_stage)
     ds_config = build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     assert lean_grad_checks(engine.optimizer)
-    if fold_clip:
+    if fused_states is not None:
+        assert fuse_adam_step(engine.optimizer, fused_states)
+    elif fold_clip:
         assert fold_clip_into_adam(engine.optimizer)
     return engine
 
@@ -45,9 +51,10 @@ def test_norm_matches_deepspeeds_fp64_norm(process_group):
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("fused_states", [None, torch.bfloat16])
 @pytest.mark.parametrize("poison", ["model.layers.0.mlp.experts.w1", "model.layers.1.self_attn.q_proj.weight"])
-def test_nan_gradient_skips_the_step_and_the_next_one_applies(process_group, poison):
-    engine = _engine()
+def test_nan_gradient_skips_the_step_and_the_next_one_applies(process_group, poison, fused_states):
+    engine = _engine(fused_states=fused_states)
     weights = lambda: {n: p.detach().clone() for n, p in engine.module.named_parameters()}  # noqa: E731
     before = weights()
     _backward(engine, poison=poison)
@@ -74,3 +81,39 @@ def test_clip_inside_adam_updates_the_weights_as_deepspeeds_clip_pass(process_gr
         runs[fold] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     for name, weight in runs[True].items():
         assert torch.allclose(weight, runs[False][name], rtol=0, atol=1e-6), name
+
+
+def _train(engine, steps=3):
+    for _ in range(steps):
+        _backward(engine)
+        engine.step()
+        assert engine.get_global_grad_norm() > 1.0  # the clip is active every step
+    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return weights, [g.detach().clone() for g in engine.optimizer.single_partition_of_fp32_groups]
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_one_pass_step_updates_master_and_bf16_weights_as_deepspeeds_step(process_group, zero_stage):
+    reference_weights, reference_master = _train(_engine(zero_stage=zero_stage))
+    engine = _engine(fused_states=torch.float32, zero_stage=zero_stage)
+    assert isinstance(engine.optimizer.optimizer, MasterAdamW)
+    weights, master = _train(engine)
+    for ours, theirs in zip(master, reference_master):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    for name, weight in weights.items():
+        assert weight.dtype == torch.bfloat16
+        # bf16 copies of fp32 values that agree to 1e-6: equal but for rounding-boundary cases (one ulp)
+        torch.testing.assert_close(weight, reference_weights[name], rtol=2**-7, atol=1e-6, msg=name)
+
+
+def test_bf16_moments_follow_fp32_moments(process_group):
+    reference_weights, reference_master = _train(_engine(fused_states=torch.float32), steps=4)
+    engine = _engine(fused_states=torch.bfloat16)
+    weights, master = _train(engine, steps=4)
+    states = engine.optimizer.optimizer.state.values()
+    assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in states)
+    start = _engine().optimizer.single_partition_of_fp32_groups
+    for ours, theirs, initial in zip(master, reference_master, start):
+        moved = (theirs - initial).abs().mean()
+        assert moved > 0
+        assert (ours - theirs).abs().mean() < 0.02 * moved
