@@ -49,8 +49,8 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
-    def _adamw_kernel(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, n, rng_offset, seed, decay, beta1, beta2,
-                      eps, step_size, inv_bc2_sqrt, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    def _adamw_kernel(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, n, rng_offset, seed, decay, beta1_weight,
+                      beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                       ROUND_STATES: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -61,8 +61,8 @@ if triton is not None:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = p * decay
-        m = m + (g - m) * (1.0 - beta1)
-        v = v * beta2 + (1.0 - beta2) * g * g
+        m = m + (g - m) * beta1_weight
+        v = v * beta2 + beta2_weight * g * g
         p = p - step_size * (m / (tl.sqrt(v) * inv_bc2_sqrt + eps))
         tl.store(p_ptr + offs, p, mask=mask)
         if ROUND_STATES:
@@ -157,7 +157,7 @@ class MasterAdamW(torch.optim.Optimizer):
         block = 2048
         _adamw_kernel[(triton.cdiv(n, block),)](
             g, p, m, v, out if out is not None else p, grad_scale if grad_scale is not None else p, n, offset, seed,
-            s["decay"], s["beta1"], s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"],
+            s["decay"], 1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"],
             HAS_OUT=out is not None, HAS_SCALE=grad_scale is not None,
             ROUND_STATES=self.state_dtype == torch.bfloat16, BLOCK=block, num_warps=8)
 
@@ -182,8 +182,14 @@ class MasterAdamW(torch.optim.Optimizer):
                 out.narrow(0, start, n).copy_(pc)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts loaded moments to the parameter's dtype (fp32); keep them in ours
+        # torch's load puts new group dicts in place; an lr scheduler built on the optimizer this one
+        # replaced (`replacing`) holds the old ones, so those are the ones updated and kept
+        groups = self.param_groups
         super().load_state_dict(state_dict)
+        for group, loaded in zip(groups, self.param_groups):
+            group.update(loaded)
+        self.param_groups = groups
+        # torch casts loaded moments to the parameter's dtype (fp32); keep them in ours
         for state in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:

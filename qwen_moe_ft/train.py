@@ -40,7 +40,8 @@ from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_con
 from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
-from qwen_moe_ft.zero_step import fold_clip_into_adam, fuse_adam_step, lean_grad_checks
+from qwen_moe_ft.zero_step import (fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place,
+                                    lean_grad_checks)
 
 
 def _global_sum(values: list[float], device) -> list[float]:
@@ -104,6 +105,7 @@ class Trainer:
         # The fast path's changes to DeepSpeed's ZeRO-2 step and to the MoE blocks AutoEP put in place inside
         # prepare(); each is measured in BENCHMARKS.md and tested against the path it replaces.
         lean_grad_checks(self.engine.optimizer)
+        keep_unreduced_grads_in_place(self.engine.optimizer)
         fuse_adam_step(self.engine.optimizer, STATE_DTYPES[cfg.adam_states])
         fold_clip_into_adam(self.engine.optimizer)  # where the fused step does not apply
         use_layout_preserving_gate_up(self.engine.module, recompute=cfg.gate_up_recompute)

@@ -91,7 +91,7 @@ def fold_clip_into_adam(optimizer) -> bool:
 
 
 def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
-    """DeepSpeed's ZeRO-1/2 step() for a bf16 run without offload, with the per-group gradient flatten,
+    """DeepSpeed's ZeRO-1/2 step() for a bf16 or fp32 run without offload, with the per-group gradient flatten,
     fp32 copy, Adam and bf16 copy-back done by MasterAdamW.update in one pass."""
     norm = optimizer.scaled_global_norm()
     if is_invalid_grad_norm(norm):
@@ -131,10 +131,11 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
 def fuse_adam_step(optimizer, state_dtype: torch.dtype) -> bool:
     """Swap the ZeRO optimizer's AdamW for MasterAdamW (moments in `state_dtype`) and its step for
     _fused_step; False (nothing done) where DeepSpeed's step does more than that path covers: offload,
-    fp16/fp32 weights, an fp32 gradient-accumulation buffer, Muon, or an optimizer other than AdamW/Adam
+    fp16 weights (loss scaling), an fp32 gradient-accumulation buffer, Muon, or an optimizer other than AdamW/Adam
     with decoupled decay."""
     adam = getattr(optimizer, "optimizer", None)
-    if (type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload or optimizer.dtype != torch.bfloat16
+    if (type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload
+            or optimizer.dtype not in (torch.bfloat16, torch.float32)
             or not optimizer.compute_grad_norm or optimizer.zenflow or optimizer.torch_autocast_gradscaler
             or type(adam) is not torch.optim.AdamW or adam.defaults.get("amsgrad")
             or any(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups)))):
@@ -144,3 +145,39 @@ def fuse_adam_step(optimizer, state_dtype: torch.dtype) -> bool:
     optimizer.step = lambda closure=None: _fused_step(optimizer, deepspeed_step)
     return True
 
+
+
+def _reduced_in_place(optimizer: DeepSpeedZeroOptimizer, param, group_idx: int) -> bool:
+    """A gradient DeepSpeed reduces where autograd wrote it (larger than a reduce bucket) in a group of one
+    rank: nothing was reduced, and it already is this rank's whole partition of that parameter."""
+    return (param.numel() > optimizer.reduce_bucket_size
+            and dist.get_world_size(group=optimizer.real_dp_process_group[group_idx]) == 1)
+
+
+def _copy_grads_in_partition(optimizer: DeepSpeedZeroOptimizer, deepspeed_copy, param, group_idx=None) -> None:
+    if group_idx is None:
+        group_idx = optimizer._get_param_group_idx(param)
+    if _reduced_in_place(optimizer, param, group_idx):
+        return
+    if optimizer.grads_in_partition is None:  # DeepSpeed would size it for every parameter of the partition
+        size = sum(p.numel() for i, group in enumerate(optimizer.params_in_partition) for p in group
+                   if not _reduced_in_place(optimizer, p, i))
+        optimizer.grads_in_partition = torch.empty(size, dtype=optimizer.dtype, device=torch.device(optimizer.device))
+        optimizer.grads_in_partition_offset = 0
+    deepspeed_copy(param, group_idx)
+
+
+def keep_unreduced_grads_in_place(optimizer) -> bool:
+    """Skip ZeRO's copy of each gradient into its contiguous partition buffer where the copy moves nothing
+    between ranks: expert weights whose expert-data-parallel group is one rank (every expert at EP = number
+    of GPUs, and all weights on one GPU). The copy was 0.88 ms of a Qwen3-30B-A3B layer's backward on one
+    H100 (BENCHMARKS.md); the gradients stay in the tensors autograd wrote, which the step reads as it read
+    their copies. False (nothing done) without contiguous gradients, with offload or an fp32 accumulation
+    buffer, where DeepSpeed takes other paths."""
+    if (type(optimizer) is not DeepSpeedZeroOptimizer or not optimizer.contiguous_gradients or optimizer.cpu_offload
+            or any(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups)))):
+        return False
+    deepspeed_copy = optimizer.copy_grads_in_partition
+    optimizer.copy_grads_in_partition = lambda param, group_idx=None: _copy_grads_in_partition(
+        optimizer, deepspeed_copy, param, group_idx)
+    return True

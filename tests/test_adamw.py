@@ -88,30 +88,59 @@ def test_loaded_state_keeps_bf16_moments():
     assert torch.equal(state["exp_avg"], adam.state[param]["exp_avg"]) and int(state["step"]) == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="the Triton kernel needs a CUDA GPU")
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_matches_the_torch_path(state_dtype):
-    n = 3_000_000
-    torch.manual_seed(0)
-    start = torch.randn(n, device="cuda")
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or triton is None,
+                                  reason="the Triton kernel needs a CUDA GPU")
+
+
+def _gpu_runs(state_dtype, steps, grads):
+    """(param, bf16 copy, state) after `steps` updates on the Triton kernel and on the torch path."""
     runs = {}
     for path in ("triton", "torch"):
-        param = start.clone()
-        out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        param = torch.randn(grads.numel(), device="cuda")
+        out = torch.empty_like(param, dtype=torch.bfloat16)
         adam = MasterAdamW([param], **HYPER, state_dtype=state_dtype)
         if path == "torch":
             adam._triton_update = adam._torch_update
-        torch.manual_seed(1)
-        for _ in range(3):
-            grads = torch.randn(n, device="cuda").bfloat16()
-            adam.update(adam.param_groups[0], param, [grads[:n // 3], grads[n // 3:]], out=out,
-                        grad_scale=torch.tensor([2.0], device="cuda"))
+        for _ in range(steps):
+            adam.update(adam.param_groups[0], param, [grads[:grads.numel() // 3], grads[grads.numel() // 3:]],
+                        out=out, grad_scale=torch.tensor([2.0], device="cuda"))
         runs[path] = param, out, adam.state[param]
-    (p_triton, out_triton, s_triton), (p_torch, out_torch, s_torch) = runs["triton"], runs["torch"]
-    # the moments' random rounding differs between the two paths; the update uses unrounded moments
-    # (within a few ulps of bf16 over three steps)
-    tolerance = dict(rtol=3e-2, atol=1e-3) if state_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(p_triton, p_torch, **tolerance)
+    return runs["triton"], runs["torch"]
+
+
+@needs_triton
+def test_triton_kernel_matches_the_torch_path_with_fp32_moments():
+    grads = torch.randn(3_000_000, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).bfloat16()
+    (p_triton, out_triton, s_triton), (p_torch, _, s_torch) = _gpu_runs(torch.float32, 3, grads)
+    torch.testing.assert_close(p_triton, p_torch, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_triton, p_triton.bfloat16(), rtol=0, atol=0)
     for key in ("exp_avg", "exp_avg_sq"):
-        torch.testing.assert_close(s_triton[key].float(), s_torch[key].float(), **tolerance)
+        torch.testing.assert_close(s_triton[key], s_torch[key], rtol=1e-5, atol=1e-12)
+
+
+@needs_triton
+def test_triton_kernel_rounds_bf16_moments_stochastically():
+    """Every gradient (1 + 2**-9) / 0.1 x 2: the first moment is a quarter of the way between two bf16
+    values; the kernel must store one of the two, the upper one a quarter of the time."""
+    grads = torch.full((3_000_000,), 2 * (1 + 2**-9) / 0.1, device="cuda")
+    (p_triton, out_triton, s_triton), (p_torch, _, _) = _gpu_runs(torch.bfloat16, 1, grads)
+    torch.testing.assert_close(p_triton, p_torch, rtol=1e-6, atol=1e-7)  # the step uses unrounded moments
+    torch.testing.assert_close(out_triton, p_triton.bfloat16(), rtol=0, atol=0)
+    exact = (grads[:1] / 2) * (1.0 - 0.9)
+    first = s_triton["exp_avg"].float()
+    assert set(first.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert first.mean().item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_an_lr_scheduler_of_the_replaced_optimizer_still_steers_after_a_load():
+    """DeepSpeed's lr scheduler is built on the AdamW that fuse_adam_step replaces; a checkpoint load must
+    not leave it steering group dicts the optimizer no longer reads."""
+    param = torch.zeros(4)
+    adam = torch.optim.AdamW([param], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adam, lambda step: 0.5**step)
+    ours = MasterAdamW.replacing(adam, torch.bfloat16)
+    ours.update(ours.param_groups[0], param, [torch.ones(4)])
+    ours.load_state_dict(ours.state_dict())
+    scheduler.step()
+    assert ours.param_groups[0]["lr"] == 0.5

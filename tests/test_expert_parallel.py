@@ -5,7 +5,9 @@ from safetensors.torch import load_file
 from conftest import SAMPLE, TINY, read_metrics, train
 
 STEPS = ["--data", str(SAMPLE), "--max-steps", "4", "--max-tokens-per-batch", "512", "--max-seq-len", "512",
-         "--lr", "3e-3", "--warmup-steps", "0", "--seed", "7"]
+         "--lr", "3e-3", "--warmup-steps", "0", "--seed", "7",
+         # bf16 moments are rounded with random bits drawn per partition offset, which EP changes
+         "--adam-states", "fp32"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from conftest import EVAL, SAMPLE, TINY, eval_loss, read_metrics, train
 from qwen_moe_ft.config import ConfigError, TrainConfig
 
 RUN = ["--lora", "true", "--data", str(SAMPLE), "--eval-data", str(EVAL), "--max-steps", "6", "--lr", "5e-3",
-       "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--seed", "3"]
+       "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--seed", "3",
+       "--adam-states", "fp32"]  # bf16 moments round with random bits drawn per partition offset, which EP changes
 
 
 @pytest.fixture(scope="module")

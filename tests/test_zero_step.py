@@ -11,16 +11,18 @@ from conftest import TINY
 from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.parallel import build_ds_config
 from qwen_moe_ft.adamw import MasterAdamW
-from qwen_moe_ft.zero_step import fold_clip_into_adam, fuse_adam_step, lean_grad_checks
+from qwen_moe_ft.zero_step import fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, lean_grad_checks
 
 
-def _engine(dtype=torch.bfloat16, fold_clip=True, fused_states=None, zero_stage=2):
+def _engine(dtype=torch.bfloat16, fold_clip=True, fused_states=None, zero_stage=2, reduce_bucket_size=None):
     """`fused_states`: the moments' dtype of the one-pass step (fuse_adam_step), None for DeepSpeed's step."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
     cfg = TrainConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.1, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
                       zero_stage=zero_stage)
     ds_config = build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu")
+    if reduce_bucket_size:
+        ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     assert lean_grad_checks(engine.optimizer)
     if fused_states is not None:
@@ -34,7 +36,7 @@ def _backward(engine, poison: str | None = None):
     """One micro-batch (a gradient accumulation boundary); `poison` names a parameter whose gradient is NaN."""
     params = dict(engine.module.named_parameters())
     hook = params[poison].register_hook(lambda g: torch.full_like(g, float("nan"))) if poison else None
-    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1)).to(engine.device)
     engine.backward(engine(input_ids=ids, labels=ids).loss * 100)  # scaled so the clip is active
     if hook:
         hook.remove()
@@ -117,3 +119,24 @@ def test_bf16_moments_follow_fp32_moments(process_group):
         moved = (theirs - initial).abs().mean()
         assert moved > 0
         assert (ours - theirs).abs().mean() < 0.02 * moved
+
+
+@pytest.mark.parametrize("fused_states", [None, torch.float32])
+def test_gradients_left_in_place_train_as_their_copies(process_group, fused_states):
+    """A reduce bucket smaller than each expert weight (as in ds_configs/zero2_ep.json at full size): on one
+    rank the expert gradients skip the copy into the partition buffer; the weights still match."""
+    bucket = 8 * 64 * 64 - 1  # one element short of an expert weight of the tiny model (8 experts, 64 x 64)
+    reference_weights, _ = _train(_engine(fused_states=fused_states, reduce_bucket_size=bucket))
+    engine = _engine(fused_states=fused_states, reduce_bucket_size=bucket)
+    optimizer = engine.optimizer
+    copied = []
+    deepspeed_copy = optimizer.copy_grads_in_partition
+    optimizer.copy_grads_in_partition = lambda param, group_idx=None: (copied.append(param.numel()),
+                                                                       deepspeed_copy(param, group_idx))
+    assert keep_unreduced_grads_in_place(optimizer)
+    weights, _ = _train(engine)
+    experts = [p for n, p in engine.module.named_parameters() if ".experts." in n]
+    assert experts and all(p.numel() > bucket for p in experts)
+    assert len(copied) == 3 * sum(1 for p in engine.module.parameters() if p.numel() <= bucket)
+    for name, weight in weights.items():
+        assert torch.equal(weight, reference_weights[name]), name
