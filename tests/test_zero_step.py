@@ -96,10 +96,14 @@ def _train(engine, steps=3):
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_one_pass_step_updates_master_and_bf16_weights_as_deepspeeds_step(process_group, zero_stage):
-    reference_weights, reference_master = _train(_engine(zero_stage=zero_stage))
+    # On CUDA torch's fused AdamW and the Triton kernel differ in the last bit of some fp32 values, which
+    # flips a few bf16 roundings, hence the next gradients (measured: equal masters to 7e-9 after one step,
+    # 1e-4 apart after three): one step is the comparison there.
+    steps = 1 if torch.cuda.is_available() else 3
+    reference_weights, reference_master = _train(_engine(zero_stage=zero_stage), steps)
     engine = _engine(fused_states=torch.float32, zero_stage=zero_stage)
     assert isinstance(engine.optimizer.optimizer, MasterAdamW)
-    weights, master = _train(engine)
+    weights, master = _train(engine, steps)
     for ours, theirs in zip(master, reference_master):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     for name, weight in weights.items():
