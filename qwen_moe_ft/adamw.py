@@ -28,6 +28,10 @@ except ImportError:  # CPU-only installs: the torch path below
 
 STATE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _TORCH_CHUNK = 1 << 24  # elements per torch-path chunk: bounds its fp32 temporaries
+# Gradients below _SMALL elements (norm weights, attention projections) are concatenated, up to _RUN
+# elements at a time, and updated in one launch: one kernel each left the GPU idle while the host launched
+# the next.
+_SMALL, _RUN = 1 << 22, 1 << 25
 
 
 def _seed(step: int, group: int) -> int:
@@ -74,6 +78,29 @@ if triton is not None:
             tl.store(v_ptr + offs, v, mask=mask)
         if HAS_OUT:
             tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _coalesced(grads: list[torch.Tensor]):
+    """(offset, 1-D gradient) over `grads` laid end to end, runs of small ones concatenated."""
+    offset, run, run_start, run_size = 0, [], 0, 0
+    for grad in grads:
+        n = grad.numel()
+        if n < _SMALL and run_size + n <= _RUN:
+            if not run:
+                run_start = offset
+            run.append(grad.reshape(-1))
+            run_size += n
+        else:
+            if run:
+                yield run_start, torch.cat(run) if len(run) > 1 else run[0]
+                run, run_size = [], 0
+            if n < _SMALL:
+                run, run_start, run_size = [grad.reshape(-1)], offset, n
+            else:
+                yield offset, grad.reshape(-1)
+        offset += n
+    if run:
+        yield run_start, torch.cat(run) if len(run) > 1 else run[0]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -139,16 +166,14 @@ class MasterAdamW(torch.optim.Optimizer):
         seed = _seed(step, group_index)
         flat = {name: t.view(-1) for name, t in (("p", param), ("m", state["exp_avg"]), ("v", state["exp_avg_sq"]))}
         out_flat = out.view(-1) if out is not None else None
-        offset = 0
-        for grad in grads:
+        if sum(g.numel() for g in grads) > param.numel():
+            raise ValueError(f"gradient pieces hold more than the parameter's {param.numel()} elements")
+        run = self._triton_update if _use_triton(param) else self._torch_update
+        for offset, grad in _coalesced(grads):
             n = grad.numel()
-            if offset + n > param.numel():
-                raise ValueError(f"gradient pieces hold more than the parameter's {param.numel()} elements")
             views = [flat[k].narrow(0, offset, n) for k in ("p", "m", "v")]
             piece_out = out_flat.narrow(0, offset, n) if out_flat is not None else None
-            run = self._triton_update if _use_triton(param) else self._torch_update
-            run(grad.view(-1), *views, piece_out, grad_scale, seed, offset, scalars)
-            offset += n
+            run(grad, *views, piece_out, grad_scale, seed, offset, scalars)
 
     def _triton_update(self, g, p, m, v, out, grad_scale, seed, offset, s):
         n = g.numel()

@@ -1,4 +1,4 @@
-"""AutoEP with one expert-parallel rank, without its alignment permutation.
+"""AutoEP with one expert-parallel rank, without its alignment permutation and its scatter-add.
 
 With EP=1, AutoEP's routed rows are already sorted by expert (an argsort of the router's choices) when
 it permutes them once more, only to pad each expert's rows to a multiple of 8, and un-permutes the
@@ -6,11 +6,21 @@ expert output afterwards: two gathers forward and two backward over every routed
 Qwen3-30B-A3B layer at 8192 tokens on the H100, BENCHMARKS.md). torch._grouped_mm takes groups of
 any size, so the one-rank case (per-expert counts without a source-rank dimension) passes the rows
 through here. With several ranks, whose rows arrive grouped by source rank, AutoEP's permutation runs.
+
+The routed rows are gathered from the tokens (`x[rows // top_k]`), whose backward is a sort-based
+scatter-add of every row into its token (0.35 ms per layer). Each token has exactly top_k rows, so the
+backward here gathers them back instead and sums them (one embedding_bag in "sum" mode).
 """
 from __future__ import annotations
 
+import types
+
+import torch
+import torch.nn.functional as F
 from deepspeed.module_inject import auto_ep_layer
+from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer, RouterOutput
 from deepspeed.moe.ep_experts import GroupedExperts
+from deepspeed.ops.triton_ops import autoep_fused_token_ops
 from torch import nn
 
 _permute_by_local_expert = auto_ep_layer.permute_by_local_expert
@@ -38,3 +48,62 @@ def skip_single_rank_permutation(model: nn.Module) -> bool:
     auto_ep_layer.permute_by_local_expert = _permute_unless_sorted
     auto_ep_layer.unpermute_by_local_expert = _unpermute_unless_sorted
     return True
+
+
+class _GatherTokenRows(torch.autograd.Function):
+    """x[rows // top_k] for `rows`, a permutation of all T * top_k (token, slot) pairs."""
+
+    @staticmethod
+    def forward(ctx, x, rows, top_k):
+        ctx.save_for_backward(rows)
+        ctx.top_k = top_k
+        return x.index_select(0, rows // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (rows,) = ctx.saved_tensors
+        position = torch.empty_like(rows)
+        position[rows] = torch.arange(rows.numel(), device=rows.device)
+        # row t of position.view(T, top_k): where token t's top_k rows went
+        grad_x = F.embedding_bag(position.view(-1, ctx.top_k), grad_rows.contiguous(), mode="sum")
+        return grad_x, None, None
+
+
+def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor):
+    """AutoEPMoELayer._forward's EP=1 path (router, expert-ordered rows, experts, combine), with the rows
+    gathered by _GatherTokenRows."""
+    bsz, seqlen, hdim = hidden_states.shape
+    x = hidden_states.reshape(-1, hdim)
+    if layer.combine_impl == "fused_weighted_sum" and not layer._fused_combine_checked:
+        autoep_fused_token_ops.assert_supported(x, score_apply=layer.score_apply)
+        layer._fused_combine_checked = True
+    routing = RouterOutput(*layer.router(x, layer.expert_bias))
+    with torch.no_grad():
+        layer.tokens_per_expert.add_(routing.num_tokens_per_expert)
+    rows = torch.argsort(routing.selected_experts.view(-1), stable=True)
+    routed = _GatherTokenRows.apply(x, rows, layer.top_k)
+    if layer.score_apply == "pre":
+        routed = auto_ep_layer.apply_scores_before_experts_if_enabled(routed, routing.top_scores.view(-1)[rows],
+                                                                      score_apply="pre")
+    routed, permutation, counts, n_rows = auto_ep_layer.permute_by_local_expert(routed, routing.num_tokens_per_expert)
+    expert_output = auto_ep_layer.unpermute_by_local_expert(layer.experts(routed, counts), permutation, n_rows)
+    combine = dict(top_scores=routing.top_scores, token_indices_sorted=rows, top_k=layer.top_k,
+                   shape=(bsz, seqlen, hdim))
+    if layer.combine_impl == "fused_weighted_sum":
+        output = autoep_fused_token_ops.fused_weighted_restore(expert_output, **combine)
+    else:
+        output = auto_ep_layer.combine_from_routed(expert_output, score_apply=layer.score_apply,
+                                                   combine_impl=layer.combine_impl, **combine)
+    return layer._finalize_output(output, x, hidden_states, hdim)
+
+
+def gather_rows_by_token(model: nn.Module) -> int:
+    """Give every one-rank AutoEP block (no expert parallelism, no tensor-parallel folding) the forward
+    above; the number of blocks changed."""
+    changed = 0
+    for layer in model.modules():
+        if (isinstance(layer, AutoEPMoELayer) and layer.ep_size == 1 and layer.folding_group_handles is None
+                and layer.row_weighting_impl != "fused"):
+            layer._forward = types.MethodType(_one_rank_forward, layer)
+            changed += 1
+    return changed

@@ -32,7 +32,7 @@ from qwen_moe_ft.export import save_hf_checkpoint
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.fused_kernels import apply_fused_kernels, select_fused_kernels
 from qwen_moe_ft.loader import StepLoader
-from qwen_moe_ft.local_dispatch import skip_single_rank_permutation
+from qwen_moe_ft.local_dispatch import gather_rows_by_token, skip_single_rank_permutation
 from qwen_moe_ft.lora import apply_lora, merge_lora, save_adapter
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, drop_metrics_after, step_metrics
@@ -110,6 +110,7 @@ class Trainer:
         fold_clip_into_adam(self.engine.optimizer)  # where the fused step does not apply
         use_layout_preserving_gate_up(self.engine.module, recompute=cfg.gate_up_recompute)
         skip_single_rank_permutation(self.engine.module)
+        gather_rows_by_token(self.engine.module)
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
 
         self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"

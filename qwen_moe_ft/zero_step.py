@@ -103,7 +103,9 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
     optimizer._global_grad_norm = norm / previous_loss_scale
     divisor = _grad_divisor(optimizer, norm)
     adam: MasterAdamW = optimizer.optimizer
-    for i in range(len(optimizer.bit16_groups)):
+    # the largest partitions (the experts) first: their long kernels keep the GPU busy while the host
+    # launches the rest
+    for i in sorted(range(len(optimizer.bit16_groups)), key=lambda i: -optimizer.partition_size[i]):
         partition_id = dist.get_rank(group=optimizer.real_dp_process_group[i])
         optimizer.free_grad_in_param_list(optimizer.params_not_in_partition[i])
         flat = optimizer._get_preflattened_grad_partition(i)

@@ -144,3 +144,21 @@ def test_an_lr_scheduler_of_the_replaced_optimizer_still_steers_after_a_load():
     ours.load_state_dict(ours.state_dict())
     scheduler.step()
     assert ours.param_groups[0]["lr"] == 0.5
+
+
+def test_small_gradients_updated_together_as_when_apart(monkeypatch):
+    import qwen_moe_ft.adamw as adamw
+
+    sizes = [5, 7, 300, 2, 3, 400, 1]
+    grads = [torch.randn(n) for n in sizes]
+    results = []
+    for small, run in ((1, 1), (100, 12)):  # every piece alone; small pieces merged in runs of 12 elements
+        monkeypatch.setattr(adamw, "_SMALL", small)
+        monkeypatch.setattr(adamw, "_RUN", run)
+        param, out = torch.arange(800.0), torch.zeros(800, dtype=torch.bfloat16)
+        adam = MasterAdamW([param], **HYPER, state_dtype=torch.float32)
+        adam.update(adam.param_groups[0], param, grads, out=out)
+        results.append((param, out))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[1][0][sum(sizes):], torch.arange(800.0)[sum(sizes):])
+    assert [(o, g.numel()) for o, g in adamw._coalesced(grads)] == [(0, 12), (12, 300), (312, 5), (317, 400), (717, 1)]

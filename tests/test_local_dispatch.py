@@ -1,4 +1,5 @@
-"""AutoEP's MoE block at EP=1 without the alignment permutation gives what AutoEP's own path gives."""
+"""AutoEP's MoE block at EP=1 without the alignment permutation, and with the token rows gathered by
+_GatherTokenRows, gives what AutoEP's own path gives."""
 import copy
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY, max_rel_err
 from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.lora import apply_autoep
-from qwen_moe_ft.local_dispatch import skip_single_rank_permutation
+from qwen_moe_ft.local_dispatch import gather_rows_by_token, skip_single_rank_permutation
 from qwen_moe_ft.parallel import build_ds_config
 
 # AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
@@ -51,5 +52,29 @@ def test_same_output_and_gradients_as_autoeps_permutation(moe_block, monkeypatch
     assert max_rel_err(ours[0], reference[0]) < TOLERANCE
     assert max_rel_err(ours[1], reference[1]) < TOLERANCE
     assert sorted(ours[2]) == sorted(reference[2])
+    for name, grad in reference[2].items():
+        assert max_rel_err(ours[2][name], grad) < TOLERANCE, name
+
+
+def test_rows_gathered_by_token_give_autoeps_output_and_gradients(moe_block, monkeypatch):
+    moe_block, hidden_size = moe_block
+    torch.manual_seed(1)
+    x = torch.randn(2, 40, hidden_size, device=DEVICE, dtype=DTYPE)
+    grad_out = torch.randn_like(x)
+    reference = _run(copy.deepcopy(moe_block), x, grad_out)
+
+    block = copy.deepcopy(moe_block)
+    wrapper = torch.nn.Sequential(block)
+    assert gather_rows_by_token(wrapper) == 1
+
+    def must_not_run(*args):
+        raise AssertionError("AutoEP's own forward ran")
+
+    monkeypatch.setattr(auto_ep_layer.AutoEPMoELayer, "_forward", must_not_run)
+    ours = _run(block, x, grad_out)
+    assert block.tokens_per_expert.sum().item() == 2 * 40 * block.top_k
+
+    assert max_rel_err(ours[0], reference[0]) < TOLERANCE
+    assert max_rel_err(ours[1], reference[1]) < TOLERANCE
     for name, grad in reference[2].items():
         assert max_rel_err(ours[2][name], grad) < TOLERANCE, name
