@@ -1,8 +1,8 @@
 """AdamW on fp32 master weights in one pass: bf16 gradients in, bf16 weights out, bf16 or fp32 moments.
 
 Why: DeepSpeed's bf16 ZeRO-2 step copies the bf16 gradient partition to fp32, runs Adam over fp32 master
-weights and two fp32 moments, then copies the master weights back to bf16: 32 bytes of memory traffic per
-parameter plus two passes of their own (11.5 ms per Qwen3-30B-A3B layer on an H100, BENCHMARKS.md).
+weights and two fp32 moments, then copies the master weights back to bf16: 44 bytes of memory traffic per
+parameter over four passes (11.5 ms per Qwen3-30B-A3B layer on an H100, BENCHMARKS.md).
 `update` reads the bf16 gradient where ZeRO left it and writes the bf16 weight in the same pass. With
 bf16 moments (the default, as DeepSeek-V3 trains: fp32 master weights, bf16 AdamW moments) a parameter
 costs 20 bytes of traffic and 4 fewer bytes of memory.
@@ -10,7 +10,8 @@ costs 20 bytes of traffic and 4 fewer bytes of memory.
 The moments are rounded to bf16 stochastically (unbiased): with round-to-nearest an EMA whose per-step
 change is below half a bf16 ulp (0.2%) would never move, e.g. v under beta2 = 0.999. The update itself
 uses the fp32 moments of this step, so only what is carried to the next step is rounded. The random bits
-come from (step, group, element index), so a resumed run repeats the uninterrupted one exactly.
+come from the step, the parameter group and the position in the partition, so a resumed run repeats the
+uninterrupted one exactly.
 
 On CUDA with Triton the pass is one kernel; elsewhere (the CPU tests) the same arithmetic in torch ops.
 """

@@ -17,6 +17,8 @@ The step itself (fuse_adam_step): DeepSpeed flattens the bf16 gradient partition
 Adam, and copies the fp32 master partition back to the bf16 weights. adamw.MasterAdamW does all of it in
 one pass over the gradients where they lie; everything else (norm, overflow skip, all-gather of the
 updated partitions) is DeepSpeed's own code, and any step that would skip falls back to DeepSpeed's.
+Before that, keep_unreduced_grads_in_place spares the expert gradients ZeRO's copy into its partition
+buffer where their group is one rank.
 """
 from __future__ import annotations
 
@@ -133,8 +135,8 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
 def fuse_adam_step(optimizer, state_dtype: torch.dtype) -> bool:
     """Swap the ZeRO optimizer's AdamW for MasterAdamW (moments in `state_dtype`) and its step for
     _fused_step; False (nothing done) where DeepSpeed's step does more than that path covers: offload,
-    fp16 weights (loss scaling), an fp32 gradient-accumulation buffer, Muon, or an optimizer other than AdamW/Adam
-    with decoupled decay."""
+    fp16 weights (loss scaling), an fp32 gradient-accumulation buffer, Muon, or an optimizer other than
+    torch's AdamW without amsgrad."""
     adam = getattr(optimizer, "optimizer", None)
     if (type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload
             or optimizer.dtype not in (torch.bfloat16, torch.float32)
@@ -146,7 +148,6 @@ def fuse_adam_step(optimizer, state_dtype: torch.dtype) -> bool:
     deepspeed_step = optimizer.step
     optimizer.step = lambda closure=None: _fused_step(optimizer, deepspeed_step)
     return True
-
 
 
 def _reduced_in_place(optimizer: DeepSpeedZeroOptimizer, param, group_idx: int) -> bool:
@@ -170,10 +171,11 @@ def _copy_grads_in_partition(optimizer: DeepSpeedZeroOptimizer, deepspeed_copy, 
 
 
 def keep_unreduced_grads_in_place(optimizer) -> bool:
-    """Skip ZeRO's copy of each gradient into its contiguous partition buffer where the copy moves nothing
-    between ranks: expert weights whose expert-data-parallel group is one rank (every expert at EP = number
-    of GPUs, and all weights on one GPU). The copy was 0.88 ms of a Qwen3-30B-A3B layer's backward on one
-    H100 (BENCHMARKS.md); the gradients stay in the tensors autograd wrote, which the step reads as it read
+    """Skip ZeRO's copy of a gradient into its contiguous partition buffer where the copy moves nothing
+    between ranks: gradients larger than a reduce bucket (DeepSpeed reduces those where autograd wrote them)
+    in a one-rank group, i.e. every expert weight at EP = number of GPUs, and on one GPU every such weight.
+    The copy was 0.88 ms of GPU time per Qwen3-30B-A3B layer on one H100, on DeepSpeed's reduction stream
+    (BENCHMARKS.md); the gradients stay in the tensors autograd wrote, which the step reads as it read
     their copies. False (nothing done) without contiguous gradients, with offload or an fp32 accumulation
     buffer, where DeepSpeed takes other paths."""
     if (type(optimizer) is not DeepSpeedZeroOptimizer or not optimizer.contiguous_gradients or optimizer.cpu_offload

@@ -32,12 +32,25 @@ def _run(block, x, grad_out):
     return out, x.grad, {name: p.grad for name, p in block.named_parameters()}
 
 
-def test_same_output_and_gradients_as_autoeps_permutation(moe_block, monkeypatch):
-    moe_block, hidden_size = moe_block
-    torch.manual_seed(0)
+def _inputs_and_reference(block, hidden_size, seed):
+    """Inputs, an output gradient and AutoEP's own output and gradients for them."""
+    torch.manual_seed(seed)
     x = torch.randn(2, 40, hidden_size, device=DEVICE, dtype=DTYPE)
     grad_out = torch.randn_like(x)
-    reference = _run(copy.deepcopy(moe_block), x, grad_out)
+    return x, grad_out, _run(copy.deepcopy(block), x, grad_out)
+
+
+def _assert_same(ours, reference):
+    assert max_rel_err(ours[0], reference[0]) < TOLERANCE
+    assert max_rel_err(ours[1], reference[1]) < TOLERANCE
+    assert sorted(ours[2]) == sorted(reference[2])
+    for name, grad in reference[2].items():
+        assert max_rel_err(ours[2][name], grad) < TOLERANCE, name
+
+
+def test_same_output_and_gradients_as_autoeps_permutation(moe_block, monkeypatch):
+    moe_block, hidden_size = moe_block
+    x, grad_out, reference = _inputs_and_reference(moe_block, hidden_size, seed=0)
 
     for name in ("permute_by_local_expert", "unpermute_by_local_expert"):  # restored after the test
         monkeypatch.setattr(auto_ep_layer, name, getattr(auto_ep_layer, name))
@@ -47,25 +60,14 @@ def test_same_output_and_gradients_as_autoeps_permutation(moe_block, monkeypatch
         raise AssertionError("AutoEP's permutation ran at EP=1")
 
     monkeypatch.setattr("qwen_moe_ft.local_dispatch._permute_by_local_expert", must_not_run)
-    ours = _run(copy.deepcopy(moe_block), x, grad_out)
-
-    assert max_rel_err(ours[0], reference[0]) < TOLERANCE
-    assert max_rel_err(ours[1], reference[1]) < TOLERANCE
-    assert sorted(ours[2]) == sorted(reference[2])
-    for name, grad in reference[2].items():
-        assert max_rel_err(ours[2][name], grad) < TOLERANCE, name
+    _assert_same(_run(copy.deepcopy(moe_block), x, grad_out), reference)
 
 
 def test_rows_gathered_by_token_give_autoeps_output_and_gradients(moe_block, monkeypatch):
     moe_block, hidden_size = moe_block
-    torch.manual_seed(1)
-    x = torch.randn(2, 40, hidden_size, device=DEVICE, dtype=DTYPE)
-    grad_out = torch.randn_like(x)
-    reference = _run(copy.deepcopy(moe_block), x, grad_out)
-
+    x, grad_out, reference = _inputs_and_reference(moe_block, hidden_size, seed=1)
     block = copy.deepcopy(moe_block)
-    wrapper = torch.nn.Sequential(block)
-    assert gather_rows_by_token(wrapper) == 1
+    assert gather_rows_by_token(block) == 1
 
     def must_not_run(*args):
         raise AssertionError("AutoEP's own forward ran")
@@ -73,8 +75,4 @@ def test_rows_gathered_by_token_give_autoeps_output_and_gradients(moe_block, mon
     monkeypatch.setattr(auto_ep_layer.AutoEPMoELayer, "_forward", must_not_run)
     ours = _run(block, x, grad_out)
     assert block.tokens_per_expert.sum().item() == 2 * 40 * block.top_k
-
-    assert max_rel_err(ours[0], reference[0]) < TOLERANCE
-    assert max_rel_err(ours[1], reference[1]) < TOLERANCE
-    for name, grad in reference[2].items():
-        assert max_rel_err(ours[2][name], grad) < TOLERANCE, name
+    _assert_same(ours, reference)
