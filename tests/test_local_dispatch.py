@@ -76,3 +76,16 @@ def test_rows_gathered_by_token_give_autoeps_output_and_gradients(moe_block, mon
     ours = _run(block, x, grad_out)
     assert block.tokens_per_expert.sum().item() == 2 * 40 * block.top_k
     _assert_same(ours, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton gather-sum runs on CUDA")
+def test_triton_gather_sum_matches_embedding_bag():
+    from qwen_moe_ft.local_dispatch import _sum_token_rows
+
+    torch.manual_seed(0)
+    tokens, top_k, hidden = 1000, 8, 2048 + 64  # a hidden size that is not a multiple of the block
+    grad_rows = torch.randn(tokens * top_k, hidden, device="cuda", dtype=torch.bfloat16)
+    position = torch.randperm(tokens * top_k, device="cuda")
+    ours = _sum_token_rows(grad_rows, position, top_k)
+    reference = torch.nn.functional.embedding_bag(position.view(-1, top_k), grad_rows.float(), mode="sum")
+    torch.testing.assert_close(ours.float(), reference, rtol=2**-7, atol=1e-2)
