@@ -86,19 +86,16 @@ def _coalesced(grads: list[torch.Tensor]):
     offset, run, run_start, run_size = 0, [], 0, 0
     for grad in grads:
         n = grad.numel()
-        if n < _SMALL and run_size + n <= _RUN:
+        if run and (n >= _SMALL or run_size + n > _RUN):
+            yield run_start, torch.cat(run) if len(run) > 1 else run[0]
+            run = []
+        if n >= _SMALL:
+            yield offset, grad.reshape(-1)
+        else:
             if not run:
-                run_start = offset
+                run_start, run_size = offset, 0
             run.append(grad.reshape(-1))
             run_size += n
-        else:
-            if run:
-                yield run_start, torch.cat(run) if len(run) > 1 else run[0]
-                run, run_size = [], 0
-            if n < _SMALL:
-                run, run_start, run_size = [grad.reshape(-1)], offset, n
-            else:
-                yield offset, grad.reshape(-1)
         offset += n
     if run:
         yield run_start, torch.cat(run) if len(run) > 1 else run[0]

@@ -4,8 +4,8 @@
                                  [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
 
 Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
-weights and two Adam moments (bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all GPUs, each expert over its
-expert-data-parallel group, so both come to 1/GPUs of the whole). With gradient accumulation
+weights and two Adam moments (bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all
+GPUs, each expert over its expert-data-parallel group, so both come to 1/GPUs of the whole). With gradient accumulation
 DeepSpeed keeps the earlier micro-batches' bf16 gradient partition while the next backward fills a
 new one: one more gradient partition. Transient at the peak (the loss): activations of every layer
 (and the fused gate/up weight copies, one layer's with --gate-up-recompute) and the LM head's logits.
