@@ -18,6 +18,7 @@ On CUDA with Triton the pass is one kernel; elsewhere (the CPU tests) the same a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,30 @@ _TORCH_CHUNK = 1 << 24  # elements per torch-path chunk: bounds its fp32 tempora
 # elements at a time, and updated in one launch: one kernel each left the GPU idle while the host launched
 # the next.
 _SMALL, _RUN = 1 << 22, 1 << 25
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A second place a gradient piece's new weights go, in another layout: element j of the piece's
+    parameter (counted from `start`) goes to dst.view(-1)[j + (j // block + half) * block], one half of a
+    tensor that interleaves two parameters in rows of `block` elements. The gate/up concatenation
+    [E, 2I, H] of w1 and w3 ([E, I, H] each): block = I * H, half 0 for w1, 1 for w3."""
+    dst: torch.Tensor
+    half: int
+    block: int
+    start: int = 0
+
+
+def _write_mirror(mirror: Mirror, first: int, values: torch.Tensor) -> None:
+    """values (1-D) as the parameter's elements first, first + 1, ... of `mirror`; row by row (torch path)."""
+    rows = mirror.dst.view(-1, 2, mirror.block)
+    done, position = 0, mirror.start + first
+    while done < values.numel():
+        row, col = divmod(position, mirror.block)
+        take = min(mirror.block - col, values.numel() - done)
+        rows[row, mirror.half, col:col + take].copy_(values[done:done + take])
+        done += take
+        position += take
 
 
 def _seed(step: int, group: int) -> int:
@@ -54,8 +79,9 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
-    def _adamw_kernel(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, n, rng_offset, seed, decay, beta1_weight,
-                      beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    def _adamw_kernel(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, n, rng_offset, seed, decay,
+                      beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
+                      mirror_half, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIRROR: tl.constexpr,
                       ROUND_STATES: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -79,18 +105,24 @@ if triton is not None:
             tl.store(v_ptr + offs, v, mask=mask)
         if HAS_OUT:
             tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_MIRROR:
+            position = offs + mirror_start
+            position = position + (position // mirror_block + mirror_half) * mirror_block
+            tl.store(mirror_ptr + position, p.to(mirror_ptr.dtype.element_ty), mask=mask)
 
 
-def _coalesced(grads: list[torch.Tensor]):
-    """(offset, 1-D gradient) over `grads` laid end to end, runs of small ones concatenated."""
+def _coalesced(grads: list[torch.Tensor], mirrors: list[Mirror | None]):
+    """(offset, 1-D gradient, mirror) over `grads` laid end to end, runs of small unmirrored ones
+    concatenated."""
     offset, run, run_start, run_size = 0, [], 0, 0
-    for grad in grads:
+    for grad, mirror in zip(grads, mirrors):
         n = grad.numel()
-        if run and (n >= _SMALL or run_size + n > _RUN):
-            yield run_start, torch.cat(run) if len(run) > 1 else run[0]
+        alone = n >= _SMALL or mirror is not None
+        if run and (alone or run_size + n > _RUN):
+            yield run_start, torch.cat(run) if len(run) > 1 else run[0], None
             run = []
-        if n >= _SMALL:
-            yield offset, grad.reshape(-1)
+        if alone:
+            yield offset, grad.reshape(-1), mirror
         else:
             if not run:
                 run_start, run_size = offset, 0
@@ -98,7 +130,7 @@ def _coalesced(grads: list[torch.Tensor]):
             run_size += n
         offset += n
     if run:
-        yield run_start, torch.cat(run) if len(run) > 1 else run[0]
+        yield run_start, torch.cat(run) if len(run) > 1 else run[0], None
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -150,10 +182,12 @@ class MasterAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def update(self, group: dict, param: torch.Tensor, grads: list[torch.Tensor], *, out: torch.Tensor | None = None,
-               grad_scale: torch.Tensor | None = None, group_index: int = 0) -> None:
+               grad_scale: torch.Tensor | None = None, group_index: int = 0,
+               mirrors: list[Mirror | None] | None = None) -> None:
         """One AdamW step of `param` (fp32, contiguous) with gradient `grads` (1-D pieces laid end to end
         from the start of param; elements past their end are left alone), dividing the gradient by
-        `grad_scale` (a one-element tensor) if given, and writing the new value also to `out` if given."""
+        `grad_scale` (a one-element tensor) if given, and writing the new value also to `out` if given and
+        to each piece's Mirror in `mirrors` (one entry per piece, None for none)."""
         state = self._state_of(param)
         state["step"] += 1
         step = int(state["step"])
@@ -166,25 +200,29 @@ class MasterAdamW(torch.optim.Optimizer):
         out_flat = out.view(-1) if out is not None else None
         if sum(g.numel() for g in grads) > param.numel():
             raise ValueError(f"gradient pieces hold more than the parameter's {param.numel()} elements")
+        if mirrors is not None and len(mirrors) != len(grads):
+            raise ValueError(f"{len(mirrors)} mirrors for {len(grads)} gradient pieces")
         run = self._triton_update if _use_triton(param) else self._torch_update
-        for offset, grad in _coalesced(grads):
+        for offset, grad, mirror in _coalesced(grads, mirrors or [None] * len(grads)):
             n = grad.numel()
             views = [flat[k].narrow(0, offset, n) for k in ("p", "m", "v")]
             piece_out = out_flat.narrow(0, offset, n) if out_flat is not None else None
-            run(grad, *views, piece_out, grad_scale, seed, offset, scalars)
+            run(grad, *views, piece_out, mirror, grad_scale, seed, offset, scalars)
 
-    def _triton_update(self, g, p, m, v, out, grad_scale, seed, offset, s):
+    def _triton_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         n = g.numel()
         if n == 0:
             return
         block = 2048
         _adamw_kernel[(triton.cdiv(n, block),)](
-            g, p, m, v, out if out is not None else p, grad_scale if grad_scale is not None else p, n, offset, seed,
-            s["decay"], 1.0 - s["beta1"], s["beta2"], 1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"],
-            HAS_OUT=out is not None, HAS_SCALE=grad_scale is not None,
+            g, p, m, v, out if out is not None else p, grad_scale if grad_scale is not None else p,
+            mirror.dst if mirror is not None else p, n, offset, seed, s["decay"], 1.0 - s["beta1"], s["beta2"],
+            1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"], mirror.start if mirror else 0,
+            mirror.block if mirror else 1, mirror.half if mirror else 0, HAS_OUT=out is not None,
+            HAS_SCALE=grad_scale is not None, HAS_MIRROR=mirror is not None,
             ROUND_STATES=self.state_dtype == torch.bfloat16, BLOCK=block, num_warps=8)
 
-    def _torch_update(self, g, p, m, v, out, grad_scale, seed, offset, s):
+    def _torch_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         generator = torch.Generator(device=p.device)
         for start in range(0, g.numel(), _TORCH_CHUNK):
             n = min(_TORCH_CHUNK, g.numel() - start)
@@ -203,6 +241,8 @@ class MasterAdamW(torch.optim.Optimizer):
             vc.copy_(v32)
             if out is not None:
                 out.narrow(0, start, n).copy_(pc)
+            if mirror is not None:
+                _write_mirror(mirror, start, pc)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch's load puts new group dicts in place; an lr scheduler built on the optimizer this one

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .zero_step import invalidate_gate_up_caches
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step-(\d+)$")
@@ -102,6 +104,7 @@ def load(engine, path: Path, *, rank: int) -> int:
                                              load_lr_scheduler_states=True)
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
+    invalidate_gate_up_caches(engine.optimizer)
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))

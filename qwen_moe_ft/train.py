@@ -41,7 +41,7 @@ from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
 from qwen_moe_ft.zero_step import (fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place,
-                                    lean_grad_checks)
+                                    lean_grad_checks, mirror_gate_up_weights)
 
 
 def _global_sum(values: list[float], device) -> list[float]:
@@ -109,6 +109,7 @@ class Trainer:
         fuse_adam_step(self.engine.optimizer, STATE_DTYPES[cfg.adam_states])
         fold_clip_into_adam(self.engine.optimizer)  # where the fused step does not apply
         use_layout_preserving_gate_up(self.engine.module, recompute=cfg.gate_up_recompute)
+        mirror_gate_up_weights(self.engine.optimizer, self.engine.module)
         skip_single_rank_permutation(self.engine.module)
         gather_rows_by_token(self.engine.module)
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)

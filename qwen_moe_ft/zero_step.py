@@ -22,12 +22,16 @@ buffer where their group is one rank.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm, mask_nan_or_inf_with_val_inplace
-from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+from deepspeed.runtime.zero.stage_1_and_2 import (INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer,
+                                                  combine_grad_norm_groups)
 
-from .adamw import MasterAdamW
+from .adamw import MasterAdamW, Mirror
+from .expert_mlp import GateUpCache, cache_gate_up_weights
 
 
 def _fp32_grad_norm(optimizer: DeepSpeedZeroOptimizer, gradients, params, norm_type=2) -> torch.Tensor:
@@ -48,6 +52,60 @@ def _fp32_grad_norm(optimizer: DeepSpeedZeroOptimizer, gradients, params, norm_t
     return norm
 
 
+def _device_index(optimizer, key: str, values: list[int]) -> torch.Tensor:
+    """`values` as a device tensor, built once: a host-to-device copy waits for the GPU to catch up."""
+    cache = optimizer.__dict__.setdefault("_qmf_device_indices", {})
+    if key not in cache or cache[key][0] != values:
+        cache[key] = (values, torch.tensor(values, dtype=torch.long, device=torch.device(optimizer.device)))
+    return cache[key][1]
+
+
+def _all_reduce_unless_alone(tensor: torch.Tensor, group) -> None:
+    if dist.get_world_size(group=group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def _global_grad_norm(optimizer: DeepSpeedZeroOptimizer, norm_type=2) -> torch.Tensor:
+    """DeepSpeed's scaled_global_norm (L2, no offload, no Muon) computed for all parameter groups at once.
+
+    The same arithmetic: each group's squared gradient norm summed over the data-parallel group, its root
+    masked to -1 if not finite, expert groups averaged over their own data-parallel group, the groups
+    combined keeping an invalid one invalid. DeepSpeed does it group by group (DeepSpeed splits experts into
+    groups of at most ~179M parameters, 3-4 per Qwen3-30B-A3B layer), with an all-reduce per group even on
+    one rank and a host-to-device copy of its -1 sentinel that waits for the GPU each time; here one norm pass
+    over every gradient, one all-reduce per process group of more than one rank, and no wait."""
+    if any(optimizer._muon_update_lacks_loss_scale(i) for i in range(len(optimizer.bit16_groups))):
+        return DeepSpeedZeroOptimizer.scaled_global_norm(optimizer, norm_type)
+    assert float(norm_type) == 2.0, "only the L2 norm"
+    grads, owners = [], []
+    for i in range(len(optimizer.bit16_groups)):
+        for grad in optimizer.averaged_gradients[i]:
+            if not getattr(grad, "_zero_padding", False):
+                grads.append(grad.detach())
+                owners.append(i)
+    squares = torch.zeros(len(optimizer.bit16_groups), dtype=torch.float32, device=torch.device(optimizer.device))
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        squares.index_add_(0, _device_index(optimizer, "owners", owners), norms.square())
+    _all_reduce_unless_alone(squares, optimizer.dp_process_group)
+    norms = squares.sqrt()
+    norms = torch.where(torch.isfinite(norms), norms, -1.0)  # DeepSpeed's invalid-norm sentinel
+    if optimizer.has_moe_layers:  # DeepSpeed's _average_expert_grad_norms, one all-reduce per expert group
+        members: dict[int, tuple] = {}
+        for i in range(len(optimizer.bit16_groups)):
+            if optimizer.is_moe_param_group[i]:
+                group = optimizer.real_dp_process_group[i]
+                members.setdefault(id(group), (group, []))[1].append(i)
+        for group, indices in members.values():
+            size = dist.get_world_size(group=group)
+            if size > 1:
+                index = _device_index(optimizer, f"experts {indices}", indices)
+                averaged = norms.index_select(0, index) / size
+                dist.all_reduce(averaged, op=dist.ReduceOp.SUM, group=group)
+                norms = norms.index_copy(0, index, averaged)
+    return combine_grad_norm_groups(list(norms.unbind(0)), norm_type=2)
+
+
 def lean_grad_checks(optimizer) -> bool:
     """Install the one-pass norm and overflow check on a DeepSpeed ZeRO-1/2 optimizer; False (nothing done)
     for any other optimizer, or where the step would not compute a norm (nothing to find overflow from)."""
@@ -56,6 +114,7 @@ def lean_grad_checks(optimizer) -> bool:
         return False
     optimizer.get_grad_norm_direct = lambda gradients, params, norm_type=2: _fp32_grad_norm(
         optimizer, gradients, params, norm_type)
+    optimizer.scaled_global_norm = lambda norm_type=2: _global_grad_norm(optimizer, norm_type)
     # step() marks an invalid norm as an overflow when check_grad_overflow is set; that check replaces
     # the separate amax/amin pass over every gradient.
     optimizer.check_grad_overflow = True
@@ -97,6 +156,7 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
     fp32 copy, Adam and bf16 copy-back done by MasterAdamW.update in one pass."""
     norm = optimizer.scaled_global_norm()
     if is_invalid_grad_norm(norm):
+        invalidate_gate_up_caches(optimizer)
         return deepspeed_step()  # DeepSpeed's own overflow handling (skip, clear, count)
     optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
     optimizer.overflow = False
@@ -105,6 +165,7 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
     optimizer._global_grad_norm = norm / previous_loss_scale
     divisor = _grad_divisor(optimizer, norm)
     adam: MasterAdamW = optimizer.optimizer
+    mirrored: dict[GateUpCache, set[int]] = {}
     # the largest partitions (the experts) first: their long kernels keep the GPU busy while the host
     # launches the rest
     for i in sorted(range(len(optimizer.bit16_groups)), key=lambda i: -optimizer.partition_size[i]):
@@ -113,11 +174,12 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
         flat = optimizer._get_preflattened_grad_partition(i)
         # laid end to end these are exactly what DeepSpeed flattens into the partition (padding past them)
         grads = [flat] if flat is not None else [g.view(-1) for g in optimizer.averaged_gradients[i]]
+        grads, mirrors = _gate_up_mirrors(optimizer, i, grads, mirrored)
         master = optimizer.single_partition_of_fp32_groups[i]
         group = adam.param_groups[i]
         assert group["params"][0] is master, "optimizer param group order differs from DeepSpeed's partitions"
         adam.update(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
-                    grad_scale=divisor, group_index=i)
+                    grad_scale=divisor, group_index=i, mirrors=mirrors)
         optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
         optimizer._release_preflattened_grad_buffers(i)
         optimizer.averaged_gradients[i] = None
@@ -130,6 +192,62 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
     for i in range(len(optimizer.bit16_groups)):
         optimizer._update_model_bit16_weights(i)
     optimizer._lazy_init_hp_params_optimizer_state()
+    for cache, w1, w3 in getattr(optimizer, "qmf_gate_up_caches", []):
+        if mirrored.get(cache) == {0, 1}:
+            cache.mark_written(w1, w3)
+        else:  # some of it was updated elsewhere (by another rank, then all-gathered)
+            cache.invalidate()
+
+
+def _gate_up_mirrors(optimizer: DeepSpeedZeroOptimizer, i: int, grads: list[torch.Tensor],
+                     mirrored: dict[GateUpCache, set[int]]):
+    """(gradient pieces, their Mirrors or None) of group i: where the group is one rank's whole (so the
+    step writes every element of its weights), one piece per parameter and the gate/up weights mirrored
+    into their module's GateUpCache; `mirrored` collects which halves of which cache were written."""
+    targets = getattr(optimizer, "qmf_gate_up_targets", {})
+    params = optimizer.params_in_partition[i]
+    if not targets or not any(id(p) in targets for p in params):
+        return grads, None
+    if dist.get_world_size(group=optimizer.real_dp_process_group[i]) > 1 or optimizer.first_offset[i] != 0:
+        return grads, None
+    if len(grads) == 1 and len(params) > 1:  # a pre-flattened partition: cut it at the parameters
+        sizes = [p.numel() for p in params]
+        grads = list(grads[0].split(sizes + [grads[0].numel() - sum(sizes)]))
+    if any(g.numel() != p.numel() for g, p in zip(grads, params)):
+        return grads, None
+    mirrors = []
+    for piece, param in zip(grads, params + [None] * (len(grads) - len(params))):
+        cache, half = targets.get(id(param), (None, None))
+        if cache is None or cache.weights is None:
+            mirrors.append(None)
+            continue
+        mirrors.append(Mirror(cache.weights, half=half, block=math.prod(param.shape[1:])))
+        mirrored.setdefault(cache, set()).add(half)
+    return grads, mirrors
+
+
+def mirror_gate_up_weights(optimizer, model: torch.nn.Module) -> int:
+    """Have the one-pass step (fuse_adam_step, installed first) keep every trainable gate/up expert weight's
+    concatenation current (expert_mlp.GateUpCache) instead of each forward rebuilding it; the number of
+    expert modules. Where a step updates only part of the weights on this rank (expert data parallelism
+    over several ranks) or falls back to DeepSpeed's own step, the caches are rebuilt at the next forward."""
+    if not getattr(optimizer, "qmf_fused_step", False):
+        return 0
+    caches, targets = [], {}
+    for module in model.modules():
+        if (getattr(module, "layout_preserving_recompute", True) is False and module.w1.requires_grad
+                and module.w3.requires_grad):
+            cache = cache_gate_up_weights(module)
+            caches.append((cache, module.w1, module.w3))
+            targets[id(module.w1)], targets[id(module.w3)] = (cache, 0), (cache, 1)
+    optimizer.qmf_gate_up_caches, optimizer.qmf_gate_up_targets = caches, targets
+    return len(caches)
+
+
+def invalidate_gate_up_caches(optimizer) -> None:
+    """After the weights changed other than by the one-pass step (DeepSpeed's step, a checkpoint load)."""
+    for cache, _, _ in getattr(optimizer, "qmf_gate_up_caches", []):
+        cache.invalidate()
 
 
 def fuse_adam_step(optimizer, state_dtype: torch.dtype) -> bool:
@@ -147,6 +265,7 @@ def fuse_adam_step(optimizer, state_dtype: torch.dtype) -> bool:
     optimizer.optimizer = MasterAdamW.replacing(adam, state_dtype)
     deepspeed_step = optimizer.step
     optimizer.step = lambda closure=None: _fused_step(optimizer, deepspeed_step)
+    optimizer.qmf_fused_step = True
     return True
 
 

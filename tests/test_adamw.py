@@ -3,7 +3,7 @@ gradient taken in pieces with a bf16 copy written out, and (on a GPU) the Triton
 import pytest
 import torch
 
-from qwen_moe_ft.adamw import MasterAdamW, round_to_bf16_stochastic, triton
+from qwen_moe_ft.adamw import MasterAdamW, Mirror, round_to_bf16_stochastic, triton
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -120,6 +120,13 @@ def test_triton_kernel_matches_the_torch_path_with_fp32_moments():
 
 
 @needs_triton
+def test_triton_kernel_writes_the_mirror_as_the_torch_path():
+    out, concat, shape = _mirrored_update("cuda", experts=8, inter=96, hidden=64)
+    w = shape[0] * shape[1] * shape[2]
+    assert torch.equal(concat, torch.cat([out[:w].view(shape), out[w:2 * w].view(shape)], dim=1))
+
+
+@needs_triton
 def test_triton_kernel_rounds_bf16_moments_stochastically():
     """Every gradient (1 + 2**-9) / 0.1 x 2: the first moment is a quarter of the way between two bf16
     values; the kernel must store one of the two, the upper one a quarter of the time."""
@@ -161,4 +168,38 @@ def test_small_gradients_updated_together_as_when_apart(monkeypatch):
         results.append((param, out))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert torch.equal(results[1][0][sum(sizes):], torch.arange(800.0)[sum(sizes):])
-    assert [(o, g.numel()) for o, g in adamw._coalesced(grads)] == [(0, 12), (12, 300), (312, 5), (317, 400), (717, 1)]
+    pieces = adamw._coalesced(grads, [None] * len(grads))
+    assert [(o, g.numel()) for o, g, _ in pieces] == [(0, 12), (12, 300), (312, 5), (317, 400), (717, 1)]
+
+
+def _mirrored_update(device, experts=3, inter=5, hidden=4, steps=2):
+    """A partition [w1 | w3 | bias] of gate/up weights ([experts, inter, hidden] each) updated with w1 and w3
+    mirrored into their concatenation, w3's gradient in two pieces split inside a row; (bf16 out, mirror)."""
+    block = inter * hidden
+    w = experts * block
+    torch.manual_seed(0)
+    param = torch.randn(2 * w + 7, device=device)
+    out = torch.zeros(2 * w + 7, dtype=torch.bfloat16, device=device)
+    concat = torch.zeros(experts, 2 * inter, hidden, dtype=torch.bfloat16, device=device)
+    adam = MasterAdamW([param], **HYPER, state_dtype=torch.float32)
+    split = block + 3
+    mirrors = [Mirror(concat, half=0, block=block), Mirror(concat, half=1, block=block),
+               Mirror(concat, half=1, block=block, start=split), None]
+    for _ in range(steps):
+        grad = torch.randn(2 * w + 7, device=device).bfloat16()
+        adam.update(adam.param_groups[0], param, list(grad.split([w, split, w - split, 7])), out=out,
+                    mirrors=mirrors)
+    return out, concat, (experts, inter, hidden)
+
+
+def test_mirror_holds_the_gate_up_concatenation_of_the_bf16_weights(monkeypatch):
+    import qwen_moe_ft.adamw as adamw
+
+    monkeypatch.setattr(adamw, "_TORCH_CHUNK", 7)  # chunks that start and end inside rows
+    out, concat, shape = _mirrored_update("cpu")
+    w = shape[0] * shape[1] * shape[2]
+    expected = torch.cat([out[:w].view(shape), out[w:2 * w].view(shape)], dim=1)
+    assert torch.equal(concat, expected)
+    with pytest.raises(ValueError, match="1 mirrors for 2 gradient pieces"):
+        MasterAdamW([torch.zeros(4)]).update({"lr": 1.0, "betas": (0.9, 0.9), "eps": 1e-8, "weight_decay": 0.0},
+                                             torch.zeros(4), [torch.ones(2), torch.ones(2)], mirrors=[None])

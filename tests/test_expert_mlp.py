@@ -7,7 +7,7 @@ from deepspeed.moe.ep_experts import GroupedExperts
 from torch import nn
 
 from conftest import max_rel_err
-from qwen_moe_ft.expert_mlp import use_layout_preserving_gate_up
+from qwen_moe_ft.expert_mlp import cache_gate_up_weights, use_layout_preserving_gate_up
 
 # AutoEP's packed SwiGLU is a Triton kernel wherever a GPU is present, so CPU tensors only where there is none
 DEVICES = [("cuda", torch.bfloat16, 2e-2)] if torch.cuda.is_available() else [("cpu", torch.float32, 1e-5)]
@@ -20,9 +20,7 @@ def _run(experts, x, counts, grad_out):
     return out, x.grad, {name: p.grad for name, p in experts.named_parameters()}
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-@pytest.mark.parametrize("device,dtype,tolerance", DEVICES)
-def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, tolerance, recompute):
+def _experts(device, dtype):
     torch.manual_seed(0)
     experts = GroupedExperts(dim=64, hidden_dim=48, num_experts=8, gate_up_impl="fused",
                              disable_triton_grouped_mm=True)
@@ -31,10 +29,19 @@ def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, toleranc
     experts = experts.to(device, dtype)
     counts = torch.tensor([40, 0, 7, 25, 1, 0, 31, 16], device=device)  # empty experts too
     x = torch.randn(int(counts.sum()), 64, device=device, dtype=dtype)
+    return experts, counts, x
+
+
+@pytest.mark.parametrize("recompute,cached", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("device,dtype,tolerance", DEVICES)
+def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, tolerance, recompute, cached):
+    experts, counts, x = _experts(device, dtype)
     grad_out = torch.randn_like(x)
 
     ours = copy.deepcopy(experts)
     assert use_layout_preserving_gate_up(ours, recompute=recompute) == 1
+    if cached:
+        cache_gate_up_weights(ours)
     ref_out, ref_dx, ref_grads = _run(experts, x, counts, grad_out)
     out, dx, grads = _run(ours, x, counts, grad_out)
 
@@ -70,3 +77,33 @@ def test_recompute_keeps_no_copy_of_the_weights_for_backward(device, dtype):
 
     concat_bytes = 2 * experts.w1.numel() * experts.w1.element_size()
     assert new_bytes_saved(False) - new_bytes_saved(True) == concat_bytes
+
+
+@pytest.mark.parametrize("device,dtype", [(device, dtype) for device, dtype, _ in DEVICES])
+def test_cache_is_reused_until_the_weights_change_through_torch(device, dtype):
+    experts, counts, x = _experts(device, dtype)
+    use_layout_preserving_gate_up(experts)
+    cache = cache_gate_up_weights(experts)
+    first = experts(x, counts)
+    assert cache.builds == 1 and torch.equal(cache.weights, torch.cat([experts.w1, experts.w3], dim=1))
+
+    stale = cache.weights.clone()
+    cache.weights.zero_()  # written behind the weights' back: the forward must use the cache as it is
+    assert cache.builds == 1 and not torch.equal(experts(x, counts), first)
+    cache.weights.copy_(stale)
+    assert torch.equal(experts(x, counts), first)
+
+    with torch.no_grad():
+        experts.w3.mul_(2)  # through torch (as a checkpoint load does): the next forward rebuilds
+    experts(x, counts)
+    assert cache.builds == 2 and torch.equal(cache.weights, torch.cat([experts.w1, experts.w3], dim=1))
+    cache.invalidate()
+    experts(x, counts)
+    assert cache.builds == 3
+
+
+def test_cache_only_where_the_forward_keeps_the_concatenation():
+    experts, _, _ = _experts("cpu", torch.float32)
+    use_layout_preserving_gate_up(experts, recompute=True)
+    with pytest.raises(ValueError, match="without recompute"):
+        cache_gate_up_weights(experts)

@@ -11,7 +11,9 @@ from conftest import TINY
 from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.parallel import build_ds_config
 from qwen_moe_ft.adamw import MasterAdamW
-from qwen_moe_ft.zero_step import fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, lean_grad_checks
+from qwen_moe_ft.expert_mlp import use_layout_preserving_gate_up
+from qwen_moe_ft.zero_step import (fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, lean_grad_checks,
+                                   mirror_gate_up_weights)
 
 
 def _engine(dtype=torch.bfloat16, fold_clip=True, fused_states=None, zero_stage=2, reduce_bucket_size=None):
@@ -47,7 +49,7 @@ def test_norm_matches_deepspeeds_fp64_norm(process_group):
     _backward(engine)
     optimizer = engine.optimizer
     ours = optimizer.scaled_global_norm()
-    del optimizer.get_grad_norm_direct  # back to DeepSpeed's own method
+    del optimizer.scaled_global_norm, optimizer.get_grad_norm_direct  # back to DeepSpeed's own methods
     reference = optimizer.scaled_global_norm()
     assert reference.item() > 1.0
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -144,3 +146,26 @@ def test_gradients_left_in_place_train_as_their_copies(process_group, fused_stat
     assert len(copied) == 3 * sum(1 for p in engine.module.parameters() if p.numel() <= bucket)
     for name, weight in weights.items():
         assert torch.equal(weight, reference_weights[name]), name
+
+
+def test_gate_up_caches_kept_by_the_step_train_as_concatenating_in_each_forward(process_group):
+    engines = {}
+    for cached in (False, True):
+        engines[cached] = _engine(fused_states=torch.float32)
+        assert use_layout_preserving_gate_up(engines[cached].module) == 2
+        if cached:
+            assert mirror_gate_up_weights(engines[cached].optimizer, engines[cached].module) == 2
+    reference, _ = _train(engines[False])
+    weights, _ = _train(engines[True])
+    for name, weight in weights.items():
+        assert torch.equal(weight, reference[name]), name
+    caches = engines[True].optimizer.qmf_gate_up_caches
+    assert len(caches) == 2
+    for cache, w1, w3 in caches:
+        assert cache.builds == 1  # the first forward; every step since wrote it
+        assert torch.equal(cache.weights, torch.cat([w1, w3], dim=1))
+
+    _backward(engines[True], poison="model.layers.0.mlp.experts.w1")
+    engines[True].step()  # skipped by DeepSpeed's own step: the caches are rebuilt, not trusted
+    _backward(engines[True])
+    assert [cache.builds for cache, _, _ in caches] == [2, 2]
