@@ -60,6 +60,14 @@ def _device_index(optimizer, key: str, values: list[int]) -> torch.Tensor:
     return cache[key][1]
 
 
+def _group_dp_size(optimizer: DeepSpeedZeroOptimizer, i: int) -> int:
+    """World size of parameter group i's data-parallel group, looked up once (it is on every step's path)."""
+    sizes = optimizer.__dict__.setdefault("_qmf_group_sizes", {})
+    if i not in sizes:
+        sizes[i] = dist.get_world_size(group=optimizer.real_dp_process_group[i])
+    return sizes[i]
+
+
 def _all_reduce_unless_alone(tensor: torch.Tensor, group) -> None:
     if dist.get_world_size(group=group) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
@@ -208,7 +216,7 @@ def _gate_up_mirrors(optimizer: DeepSpeedZeroOptimizer, i: int, grads: list[torc
     params = optimizer.params_in_partition[i]
     if not targets or not any(id(p) in targets for p in params):
         return grads, None
-    if dist.get_world_size(group=optimizer.real_dp_process_group[i]) > 1 or optimizer.first_offset[i] != 0:
+    if _group_dp_size(optimizer, i) > 1 or optimizer.first_offset[i] != 0:
         return grads, None
     if len(grads) == 1 and len(params) > 1:  # a pre-flattened partition: cut it at the parameters
         sizes = [p.numel() for p in params]
@@ -273,7 +281,7 @@ def _reduced_in_place(optimizer: DeepSpeedZeroOptimizer, param, group_idx: int) 
     """A gradient DeepSpeed reduces where autograd wrote it (larger than a reduce bucket) in a group of one
     rank: nothing was reduced, and it already is this rank's whole partition of that parameter."""
     return (param.numel() > optimizer.reduce_bucket_size
-            and dist.get_world_size(group=optimizer.real_dp_process_group[group_idx]) == 1)
+            and _group_dp_size(optimizer, group_idx) == 1)
 
 
 def _copy_grads_in_partition(optimizer: DeepSpeedZeroOptimizer, deepspeed_copy, param, group_idx=None) -> None:
