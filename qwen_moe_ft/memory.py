@@ -69,8 +69,9 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
              fused_loss: bool = False, adam_states: str = "bf16") -> MemoryEstimate:
     """Peak bytes on one GPU for micro-batches of `tokens` tokens."""
     dense, expert = parameter_counts(config)
-    # The fused gate/up projection's concatenated bf16 gate+up weights of this GPU's experts: kept for the
-    # backward of every layer (measured +0.75 GiB per layer at EP=1, exactly their size), or rebuilt there.
+    # The fused gate/up projection's concatenated bf16 gate+up weights of this GPU's experts: kept for every
+    # layer (between steps too: expert_mlp.GateUpCache; measured +0.75 GiB per layer at EP=1, exactly their
+    # size), or one layer's at a time when the backward rebuilds them.
     gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
     return MemoryEstimate(
         weights=2 * (dense + expert / ep_size),
