@@ -182,7 +182,7 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
         flat = optimizer._get_preflattened_grad_partition(i)
         # laid end to end these are exactly what DeepSpeed flattens into the partition (padding past them)
         grads = [flat] if flat is not None else [g.view(-1) for g in optimizer.averaged_gradients[i]]
-        grads, mirrors = _gate_up_mirrors(optimizer, i, grads, mirrored)
+        mirrors = _gate_up_mirrors(optimizer, i, grads, mirrored)
         master = optimizer.single_partition_of_fp32_groups[i]
         group = adam.param_groups[i]
         assert group["params"][0] is master, "optimizer param group order differs from DeepSpeed's partitions"
@@ -208,30 +208,24 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
 
 
 def _gate_up_mirrors(optimizer: DeepSpeedZeroOptimizer, i: int, grads: list[torch.Tensor],
-                     mirrored: dict[GateUpCache, set[int]]):
-    """(gradient pieces, their Mirrors or None) of group i: where the group is one rank's whole (so the
-    step writes every element of its weights), one piece per parameter and the gate/up weights mirrored
-    into their module's GateUpCache; `mirrored` collects which halves of which cache were written."""
+                     mirrored: dict[GateUpCache, set[int]]) -> list[Mirror | None] | None:
+    """The Mirrors of group i's gradient pieces (None: no mirror), where the group is one rank's whole (so the
+    step writes every element of its weights) in one piece per parameter: each gate/up weight into its
+    module's GateUpCache. `mirrored` collects which halves of which cache are written; caches left out
+    are rebuilt by their next forward."""
     targets = getattr(optimizer, "qmf_gate_up_targets", {})
     params = optimizer.params_in_partition[i]
-    if not targets or not any(id(p) in targets for p in params):
-        return grads, None
-    if _group_dp_size(optimizer, i) > 1 or optimizer.first_offset[i] != 0:
-        return grads, None
-    if len(grads) == 1 and len(params) > 1:  # a pre-flattened partition: cut it at the parameters
-        sizes = [p.numel() for p in params]
-        grads = list(grads[0].split(sizes + [grads[0].numel() - sum(sizes)]))
-    if any(g.numel() != p.numel() for g, p in zip(grads, params)):
-        return grads, None
-    mirrors = []
-    for piece, param in zip(grads, params + [None] * (len(grads) - len(params))):
+    if (not any(id(p) in targets for p in params) or _group_dp_size(optimizer, i) > 1
+            or optimizer.first_offset[i] != 0 or len(grads) < len(params)
+            or any(g.numel() != p.numel() for g, p in zip(grads, params))):
+        return None
+    mirrors = [None] * len(grads)
+    for j, param in enumerate(params):
         cache, half = targets.get(id(param), (None, None))
-        if cache is None or cache.weights is None:
-            mirrors.append(None)
-            continue
-        mirrors.append(Mirror(cache.weights, half=half, block=math.prod(param.shape[1:])))
-        mirrored.setdefault(cache, set()).add(half)
-    return grads, mirrors
+        if cache is not None and cache.weights is not None:
+            mirrors[j] = Mirror(cache.weights, half=half, block=math.prod(param.shape[1:]))
+            mirrored.setdefault(cache, set()).add(half)
+    return mirrors
 
 
 def mirror_gate_up_weights(optimizer, model: torch.nn.Module) -> int:
