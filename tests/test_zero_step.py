@@ -127,6 +127,22 @@ def test_bf16_moments_follow_fp32_moments(process_group):
         assert (ours - theirs).abs().mean() < 0.02 * moved
 
 
+def test_norms_taken_in_the_backward_give_deepspeeds_norm(process_group):
+    """Gradients reduced where autograd wrote them (a reduce bucket smaller than each expert weight) have
+    their norm taken in the backward; the step's norm uses those and still equals DeepSpeed's."""
+    bucket = 8 * 64 * 64 - 1
+    engine = _engine(reduce_bucket_size=bucket)
+    optimizer = engine.optimizer
+    assert keep_unreduced_grads_in_place(optimizer)
+    _backward(engine)
+    large = {id(p) for p in engine.module.parameters() if p.numel() > bucket}  # experts, embedding, LM head
+    assert len(large) == 2 * 3 + 2 and set(optimizer.qmf_early_norms) == large
+    ours = optimizer.scaled_global_norm()
+    assert "qmf_early_norms" not in vars(optimizer)  # consumed: the next step takes its own
+    del optimizer.scaled_global_norm, optimizer.get_grad_norm_direct
+    assert ours.item() == pytest.approx(optimizer.scaled_global_norm().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("fused_states", [None, torch.float32])
 def test_gradients_left_in_place_train_as_their_copies(process_group, fused_states):
     """A reduce bucket smaller than each expert weight (as in ds_configs/zero2_ep.json at full size): on one
