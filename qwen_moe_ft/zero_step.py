@@ -7,7 +7,9 @@ one Qwen3-30B-A3B layer (BENCHMARKS.md). Here the norm is accumulated in fp32 st
 gradients, and non-finite gradients are found from that norm: an inf or NaN anywhere makes the norm
 non-finite, which DeepSpeed's own step already treats as an overflow, so the update is skipped exactly
 as before. (A norm beyond fp32's range, above 1.8e19, now also skips the step, where fp64 would have
-clipped it.)
+clipped it.) The norm covers every parameter group in one pass without waiting on the GPU
+(_global_grad_norm), and gradients reduced where autograd wrote them have theirs taken during the
+backward (_norm_now).
 
 Clipping: DeepSpeed multiplies the fp32 gradient partition by 1/clip in a pass of its own (2.3 ms of
 that step); torch's fused AdamW divides each gradient by a `grad_scale` tensor inside its kernel, so the
@@ -15,10 +17,11 @@ clip factor is handed to it instead (build_ds_config selects torch's fused AdamW
 
 The step itself (fuse_adam_step): DeepSpeed flattens the bf16 gradient partition, copies it to fp32, runs
 Adam, and copies the fp32 master partition back to the bf16 weights. adamw.MasterAdamW does all of it in
-one pass over the gradients where they lie; everything else (norm, overflow skip, all-gather of the
-updated partitions) is DeepSpeed's own code, and any step that would skip falls back to DeepSpeed's.
-Before that, keep_unreduced_grads_in_place spares the expert gradients ZeRO's copy into its partition
-buffer where their group is one rank.
+one pass over the gradients where they lie; everything else (overflow skip, all-gather of the updated
+partitions) is DeepSpeed's own code, and any step that would skip falls back to DeepSpeed's. The same
+pass writes the experts' gate/up concatenations (mirror_gate_up_weights). Before that,
+keep_unreduced_grads_in_place spares the expert gradients ZeRO's copy into its partition buffer where
+their group is one rank.
 """
 from __future__ import annotations
 
