@@ -1,7 +1,8 @@
 """The leaner ZeRO-2 step on DeepSpeed's real optimizer (one CPU rank, gloo): the same clipping norm as
-DeepSpeed's fp64 norm, a non-finite gradient still skips the step, clipping inside torch's fused
-AdamW updates the weights as DeepSpeed's separate clip pass does, and the one-pass MasterAdamW step
-updates master and bf16 weights as DeepSpeed's own step does."""
+DeepSpeed's fp64 norm (also where the backward took part of it), a non-finite gradient still skips the
+step, clipping inside torch's fused AdamW updates the weights as DeepSpeed's separate clip pass does, the
+one-pass MasterAdamW step updates master and bf16 weights as DeepSpeed's own step does, and the gate/up
+concatenations it keeps train exactly as concatenating in every forward."""
 import deepspeed
 import pytest
 import torch
