@@ -40,8 +40,9 @@ from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_con
 from qwen_moe_ft.optim import lr_lambda
 from qwen_moe_ft.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
+from qwen_moe_ft.grad_norm import lean_grad_checks
 from qwen_moe_ft.zero_step import (fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place,
-                                    lean_grad_checks, mirror_gate_up_weights)
+                                    mirror_gate_up_weights)
 
 
 def _global_sum(values: list[float], device) -> list[float]:

@@ -1,27 +1,17 @@
 """DeepSpeed ZeRO-1/2's optimizer step in fewer passes over the gradients.
 
-Gradient checks: before Adam, DeepSpeed 0.19.8's bf16 ZeRO step reads every gradient three more times
-than it needs to: it copies each gradient to fp64 and takes the norm of the copy (for clipping), and
-runs an amax and an amin over it (looking for inf/NaN). On the H100 benchmark that was 7 ms of the 17.8 ms optimizer step of
-one Qwen3-30B-A3B layer (BENCHMARKS.md). Here the norm is accumulated in fp32 straight from the bf16
-gradients, and non-finite gradients are found from that norm: an inf or NaN anywhere makes the norm
-non-finite, which DeepSpeed's own step already treats as an overflow, so the update is skipped exactly
-as before. (A norm beyond fp32's range, above 1.8e19, now also skips the step, where fp64 would have
-clipped it.) The norm covers every parameter group in one pass without waiting on the GPU
-(_global_grad_norm), and gradients reduced where autograd wrote them have theirs taken during the
-backward (_norm_now).
-
 Clipping: DeepSpeed multiplies the fp32 gradient partition by 1/clip in a pass of its own (2.3 ms of
-that step); torch's fused AdamW divides each gradient by a `grad_scale` tensor inside its kernel, so the
-clip factor is handed to it instead (build_ds_config selects torch's fused AdamW).
+the 17.8 ms optimizer step of one Qwen3-30B-A3B layer on the H100, BENCHMARKS.md); torch's fused AdamW
+divides each gradient by a `grad_scale` tensor inside its kernel, so the clip factor is handed to it
+instead (build_ds_config selects torch's fused AdamW).
 
 The step itself (fuse_adam_step): DeepSpeed flattens the bf16 gradient partition, copies it to fp32, runs
 Adam, and copies the fp32 master partition back to the bf16 weights. adamw.MasterAdamW does all of it in
-one pass over the gradients where they lie; everything else (overflow skip, all-gather of the updated
-partitions) is DeepSpeed's own code, and any step that would skip falls back to DeepSpeed's. The same
-pass writes the experts' gate/up concatenations (mirror_gate_up_weights). Before that,
-keep_unreduced_grads_in_place spares the expert gradients ZeRO's copy into its partition buffer where
-their group is one rank.
+one pass over the gradients where they lie; everything else (the norm, grad_norm.py; overflow skip,
+all-gather of the updated partitions) is DeepSpeed's own code, and any step that would skip falls back to
+DeepSpeed's. The same pass writes the experts' gate/up concatenations (mirror_gate_up_weights). Before
+that, keep_unreduced_grads_in_place spares the expert gradients ZeRO's copy into its partition buffer
+where their group is one rank.
 """
 from __future__ import annotations
 
@@ -29,38 +19,12 @@ import math
 
 import torch
 from deepspeed import comm as dist
-from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm, mask_nan_or_inf_with_val_inplace
-from deepspeed.runtime.zero.stage_1_and_2 import (INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer,
-                                                  combine_grad_norm_groups)
+from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
+from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
 from .adamw import MasterAdamW, Mirror
 from .expert_mlp import GateUpCache, cache_gate_up_weights
-
-
-def _fp32_grad_norm(optimizer: DeepSpeedZeroOptimizer, gradients, params, norm_type=2) -> torch.Tensor:
-    """DeepSpeed's get_grad_norm_direct for the L2 norm of this rank's gradient partition, reduced over the
-    data-parallel group; invalid norms come back as -1, the sentinel DeepSpeed's step checks for."""
-    if float(norm_type) != 2.0:
-        return DeepSpeedZeroOptimizer.get_grad_norm_direct(optimizer, gradients, params, norm_type)
-    grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
-    device = torch.device(optimizer.device)
-    if grads:
-        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
-    else:
-        squares = torch.zeros((), dtype=torch.float32, device=device)
-    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
-    optimizer._model_parallel_all_reduce(tensor=squares, op=dist.ReduceOp.SUM)
-    norm = squares.sqrt()
-    mask_nan_or_inf_with_val_inplace(norm, device=optimizer.device)
-    return norm
-
-
-def _device_index(optimizer, key: str, values: list[int]) -> torch.Tensor:
-    """`values` as a device tensor, built once: a host-to-device copy waits for the GPU to catch up."""
-    cache = optimizer.__dict__.setdefault("_qmf_device_indices", {})
-    if key not in cache or cache[key][0] != values:
-        cache[key] = (values, torch.tensor(values, dtype=torch.long, device=torch.device(optimizer.device)))
-    return cache[key][1]
+from .grad_norm import norm_in_backward
 
 
 def _group_dp_size(optimizer: DeepSpeedZeroOptimizer, i: int) -> int:
@@ -69,77 +33,6 @@ def _group_dp_size(optimizer: DeepSpeedZeroOptimizer, i: int) -> int:
     if i not in sizes:
         sizes[i] = dist.get_world_size(group=optimizer.real_dp_process_group[i])
     return sizes[i]
-
-
-def _all_reduce_unless_alone(tensor: torch.Tensor, group) -> None:
-    if dist.get_world_size(group=group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-
-
-def _global_grad_norm(optimizer: DeepSpeedZeroOptimizer, norm_type=2) -> torch.Tensor:
-    """DeepSpeed's scaled_global_norm (L2, no offload, no Muon) computed for all parameter groups at once.
-
-    The same arithmetic: each group's squared gradient norm summed over the data-parallel group, its root
-    masked to -1 if not finite, expert groups averaged over their own data-parallel group, the groups
-    combined keeping an invalid one invalid. DeepSpeed does it group by group (DeepSpeed splits experts into
-    groups of at most ~179M parameters, 3-4 per Qwen3-30B-A3B layer), with an all-reduce per group even on
-    one rank and a host-to-device copy of its -1 sentinel that waits for the GPU each time; here one norm pass
-    over every gradient whose norm the backward did not already take (_norm_now), one all-reduce per process
-    group of more than one rank, and no wait."""
-    early = optimizer.__dict__.pop("qmf_early_norms", {})  # this step's, or none
-    if any(optimizer._muon_update_lacks_loss_scale(i) for i in range(len(optimizer.bit16_groups))):
-        return DeepSpeedZeroOptimizer.scaled_global_norm(optimizer, norm_type)
-    assert float(norm_type) == 2.0, "only the L2 norm"
-    norms, owners, grads, slots = [], [], [], []  # norms: one per piece, those still to take left None
-    for i in range(len(optimizer.bit16_groups)):
-        pieces = [g for g in optimizer.averaged_gradients[i] if not getattr(g, "_zero_padding", False)]
-        params = optimizer.params_in_partition[i]
-        aligned = len(pieces) == len(params) and all(g.numel() == p.numel() for g, p in zip(pieces, params))
-        for j, grad in enumerate(pieces):
-            norms.append(early.get(id(params[j])) if aligned else None)
-            owners.append(i)
-            if norms[-1] is None:
-                grads.append(grad.detach())
-                slots.append(len(norms) - 1)
-    for slot, norm in zip(slots, torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else []):
-        norms[slot] = norm
-    squares = torch.zeros(len(optimizer.bit16_groups), dtype=torch.float32, device=torch.device(optimizer.device))
-    if norms:
-        squares.index_add_(0, _device_index(optimizer, "owners", owners), torch.stack(norms).square())
-    _all_reduce_unless_alone(squares, optimizer.dp_process_group)
-    norms = squares.sqrt()
-    norms = torch.where(torch.isfinite(norms), norms, -1.0)  # DeepSpeed's invalid-norm sentinel
-    if optimizer.has_moe_layers:  # DeepSpeed's _average_expert_grad_norms, one all-reduce per expert group
-        members: dict[int, tuple] = {}
-        for i in range(len(optimizer.bit16_groups)):
-            if optimizer.is_moe_param_group[i]:
-                group = optimizer.real_dp_process_group[i]
-                members.setdefault(id(group), (group, []))[1].append(i)
-        for group, indices in members.values():
-            size = dist.get_world_size(group=group)
-            if size > 1:
-                index = _device_index(optimizer, f"experts {indices}", indices)
-                averaged = norms.index_select(0, index) / size
-                dist.all_reduce(averaged, op=dist.ReduceOp.SUM, group=group)
-                norms = norms.index_copy(0, index, averaged)
-    return combine_grad_norm_groups(list(norms.unbind(0)), norm_type=2)
-
-
-def lean_grad_checks(optimizer) -> bool:
-    """Install the one-pass norm and overflow check on a DeepSpeed ZeRO-1/2 optimizer; False (nothing done)
-    for any other optimizer, or where the step would not compute a norm (nothing to find overflow from)."""
-    if (type(optimizer) is not DeepSpeedZeroOptimizer or not optimizer.compute_grad_norm or optimizer.cpu_offload
-            or optimizer.model_parallel_world_size > 1):  # tensor-parallel duplicates: DeepSpeed's norm filters them
-        return False
-    optimizer.get_grad_norm_direct = lambda gradients, params, norm_type=2: _fp32_grad_norm(
-        optimizer, gradients, params, norm_type)
-    optimizer.scaled_global_norm = lambda norm_type=2: _global_grad_norm(optimizer, norm_type)
-    optimizer.qmf_one_pass_norm = True
-    # step() marks an invalid norm as an overflow when check_grad_overflow is set; that check replaces
-    # the separate amax/amin pass over every gradient.
-    optimizer.check_grad_overflow = True
-    optimizer.check_overflow = lambda partition_gradients=True: None
-    return True
 
 
 def _grad_divisor(optimizer: DeepSpeedZeroOptimizer, total_norm) -> torch.Tensor | None:
@@ -290,25 +183,11 @@ def _reduced_in_place(optimizer: DeepSpeedZeroOptimizer, param, group_idx: int) 
             and _group_dp_size(optimizer, group_idx) == 1)
 
 
-def _norm_now(optimizer: DeepSpeedZeroOptimizer, param) -> None:
-    """Take a final gradient's norm as soon as it is reduced, on DeepSpeed's reduction stream, where it overlaps
-    the rest of the backward instead of delaying the step (0.58 ms of a Qwen3-30B-A3B layer's optimizer step
-    on the H100 was the norm pass over its gradients). Final: the accumulation boundary of a run without
-    accumulation, in a one-rank group; consumed by the step's norm (_global_grad_norm), which takes the norm
-    of any gradient not found here itself."""
-    if (optimizer.gradient_accumulation_steps == 1 and optimizer.is_gradient_accumulation_boundary()
-            and getattr(optimizer, "qmf_one_pass_norm", False)):
-        grad = optimizer.get_param_gradient_attribute(param)
-        # the same kernel as the step's pass, so the norm does not depend on where it was taken
-        optimizer.__dict__.setdefault("qmf_early_norms", {})[id(param)] = torch._foreach_norm(
-            [grad.detach()], 2, dtype=torch.float32)[0]
-
-
 def _copy_grads_in_partition(optimizer: DeepSpeedZeroOptimizer, deepspeed_copy, param, group_idx=None) -> None:
     if group_idx is None:
         group_idx = optimizer._get_param_group_idx(param)
     if _reduced_in_place(optimizer, param, group_idx):
-        _norm_now(optimizer, param)
+        norm_in_backward(optimizer, param)
         return
     if optimizer.grads_in_partition is None:  # DeepSpeed would size it for every parameter of the partition
         size = sum(p.numel() for i, group in enumerate(optimizer.params_in_partition) for p in group

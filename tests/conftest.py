@@ -70,9 +70,10 @@ def eval_loss(model, tokenizer) -> tuple[float, int]:
     return loss_sum / tokens, tokens
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def process_group():
-    """The one-rank process group DeepSpeed and AutoEP need even inside one test process."""
+    """The one-rank process group DeepSpeed and AutoEP need even inside one test process: one for the whole
+    session, as DeepSpeed keeps the expert groups it builds on it in globals."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -84,3 +85,44 @@ def process_group():
         deepspeed.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     yield
     dist.destroy_process_group()
+
+
+def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, reduce_bucket_size=None):
+    """DeepSpeed ZeRO-1/2 over the tiny model on one CPU rank with the lean norm checks (grad_norm.py);
+    `fused_states`: the moments' dtype of the one-pass step (fuse_adam_step), None for DeepSpeed's step."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_moe_ft.config import TrainConfig
+    from qwen_moe_ft.grad_norm import lean_grad_checks
+    from qwen_moe_ft.parallel import build_ds_config
+    from qwen_moe_ft.zero_step import fold_clip_into_adam, fuse_adam_step
+
+    dtype = dtype or torch.bfloat16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
+    cfg = TrainConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.1, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                      zero_stage=zero_stage)
+    ds_config = build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu")
+    if reduce_bucket_size:
+        ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    assert lean_grad_checks(engine.optimizer)
+    if fused_states is not None:
+        assert fuse_adam_step(engine.optimizer, fused_states)
+    elif fold_clip:
+        assert fold_clip_into_adam(engine.optimizer)
+    return engine
+
+
+def zero_backward(engine, poison: str | None = None):
+    """One micro-batch (a gradient accumulation boundary); `poison` names a parameter whose gradient is NaN."""
+    import torch
+
+    params = dict(engine.module.named_parameters())
+    hook = params[poison].register_hook(lambda g: torch.full_like(g, float("nan"))) if poison else None
+    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1)).to(engine.device)
+    engine.backward(engine(input_ids=ids, labels=ids).loss * 100)  # scaled so the clip is active
+    if hook:
+        hook.remove()
