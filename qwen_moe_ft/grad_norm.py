@@ -56,11 +56,11 @@ def _global_grad_norm(optimizer: DeepSpeedZeroOptimizer, norm_type=2) -> torch.T
 
     The same arithmetic: each group's squared gradient norm summed over the data-parallel group, its root
     masked to -1 if not finite, expert groups averaged over their own data-parallel group, the groups
-    combined keeping an invalid one invalid. DeepSpeed does it group by group (DeepSpeed splits experts into
-    groups of at most ~179M parameters, 3-4 per Qwen3-30B-A3B layer), with an all-reduce per group even on
-    one rank and a host-to-device copy of its -1 sentinel that waits for the GPU each time; here one norm pass
-    over every gradient whose norm the backward did not already take (norm_in_backward), one all-reduce per process
-    group of more than one rank, and no wait."""
+    combined keeping an invalid one invalid. DeepSpeed does it group by group (it splits experts into groups
+    of at most ~179M parameters, 3-4 per Qwen3-30B-A3B layer), with an all-reduce per group even on one rank
+    and a host-to-device copy of its -1 sentinel that waits for the GPU each time; here one norm pass over
+    every gradient whose norm the backward did not already take (norm_in_backward), one all-reduce per
+    process group of more than one rank, and no wait."""
     early = optimizer.__dict__.pop("qmf_early_norms", {})  # this step's, or none
     if any(optimizer._muon_update_lacks_loss_scale(i) for i in range(len(optimizer.bit16_groups))):
         return DeepSpeedZeroOptimizer.scaled_global_norm(optimizer, norm_type)
