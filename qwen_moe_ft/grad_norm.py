@@ -46,6 +46,14 @@ def _device_index(optimizer, key: str, values: list[int]) -> torch.Tensor:
     return cache[key][1]
 
 
+def piece_owners(pieces: list[torch.Tensor], params: list) -> list | None:
+    """The parameter whose whole gradient each of a ZeRO partition's gradient pieces is (None for padding
+    past them), or None where the partition starts or ends inside a parameter."""
+    if len(pieces) < len(params) or any(g.numel() != p.numel() for g, p in zip(pieces, params)):
+        return None
+    return params + [None] * (len(pieces) - len(params))
+
+
 def _all_reduce_unless_alone(tensor: torch.Tensor, group) -> None:
     if dist.get_world_size(group=group) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
@@ -68,10 +76,9 @@ def _global_grad_norm(optimizer: DeepSpeedZeroOptimizer, norm_type=2) -> torch.T
     norms, owners, grads, slots = [], [], [], []  # norms: one per piece, those still to take left None
     for i in range(len(optimizer.bit16_groups)):
         pieces = [g for g in optimizer.averaged_gradients[i] if not getattr(g, "_zero_padding", False)]
-        params = optimizer.params_in_partition[i]
-        aligned = len(pieces) == len(params) and all(g.numel() == p.numel() for g, p in zip(pieces, params))
-        for j, grad in enumerate(pieces):
-            norms.append(early.get(id(params[j])) if aligned else None)
+        params = piece_owners(pieces, optimizer.params_in_partition[i]) or [None] * len(pieces)
+        for grad, param in zip(pieces, params):
+            norms.append(early.get(id(param)) if param is not None else None)
             owners.append(i)
             if norms[-1] is None:
                 grads.append(grad.detach())

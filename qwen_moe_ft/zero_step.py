@@ -24,7 +24,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpee
 
 from .adamw import MasterAdamW, Mirror
 from .expert_mlp import GateUpCache, cache_gate_up_weights
-from .grad_norm import norm_in_backward
+from .grad_norm import norm_in_backward, piece_owners
 
 
 def _group_dp_size(optimizer: DeepSpeedZeroOptimizer, i: int) -> int:
@@ -84,9 +84,8 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
     for i in sorted(range(len(optimizer.bit16_groups)), key=lambda i: -optimizer.partition_size[i]):
         partition_id = dist.get_rank(group=optimizer.real_dp_process_group[i])
         optimizer.free_grad_in_param_list(optimizer.params_not_in_partition[i])
-        flat = optimizer._get_preflattened_grad_partition(i)
         # laid end to end these are exactly what DeepSpeed flattens into the partition (padding past them)
-        grads = [flat] if flat is not None else [g.view(-1) for g in optimizer.averaged_gradients[i]]
+        grads = [g.view(-1) for g in optimizer.averaged_gradients[i]]
         mirrors = _gate_up_mirrors(optimizer, i, grads, mirrored)
         master = optimizer.single_partition_of_fp32_groups[i]
         group = adam.param_groups[i]
@@ -94,7 +93,6 @@ def _fused_step(optimizer: DeepSpeedZeroOptimizer, deepspeed_step) -> None:
         adam.update(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
                     grad_scale=divisor, group_index=i, mirrors=mirrors)
         optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
-        optimizer._release_preflattened_grad_buffers(i)
         optimizer.averaged_gradients[i] = None
         optimizer.all_grad_tensors[i] = None
     all_gather_dp_groups(groups_flat=optimizer.bit16_groups_flat,
@@ -119,17 +117,19 @@ def _gate_up_mirrors(optimizer: DeepSpeedZeroOptimizer, i: int, grads: list[torc
     module's GateUpCache. `mirrored` collects which halves of which cache are written; caches left out
     are rebuilt by their next forward."""
     targets = getattr(optimizer, "qmf_gate_up_targets", {})
-    params = optimizer.params_in_partition[i]
-    if (not any(id(p) in targets for p in params) or _group_dp_size(optimizer, i) > 1
-            or optimizer.first_offset[i] != 0 or len(grads) < len(params)
-            or any(g.numel() != p.numel() for g, p in zip(grads, params))):
+    if not any(id(p) in targets for p in optimizer.params_in_partition[i]) or _group_dp_size(optimizer, i) > 1:
         return None
-    mirrors = [None] * len(grads)
-    for j, param in enumerate(params):
+    params = piece_owners(grads, optimizer.params_in_partition[i])
+    if params is None:
+        return None
+    mirrors = []
+    for param in params:
         cache, half = targets.get(id(param), (None, None))
-        if cache is not None and cache.weights is not None:
-            mirrors[j] = Mirror(cache.weights, half=half, block=math.prod(param.shape[1:]))
-            mirrored.setdefault(cache, set()).add(half)
+        if cache is None or cache.weights is None:
+            mirrors.append(None)
+            continue
+        mirrors.append(Mirror(cache.weights, half=half, block=math.prod(param.shape[1:])))
+        mirrored.setdefault(cache, set()).add(half)
     return mirrors
 
 
