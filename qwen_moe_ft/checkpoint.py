@@ -18,8 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .zero_step import invalidate_gate_up_caches
-
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step-(\d+)$")
@@ -99,12 +97,12 @@ def resolve(resume: str, root: Path) -> Path:
 
 
 def load(engine, path: Path, *, rank: int) -> int:
-    """Restore model, optimizer, scheduler and RNG; returns the number of steps already done."""
+    """Restore model, optimizer, scheduler and RNG; returns the number of steps already done. The fast path
+    rebuilds what it keeps from the old weights (FastPath.after_load, called by the trainer)."""
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
-    invalidate_gate_up_caches(engine.optimizer)
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))

@@ -13,6 +13,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = str(REPO_ROOT / "data" / "tiny-qwen3-moe")
 REAL_MODEL = "Qwen/Qwen3-30B-A3B"
+QWEN3_30B_A3B = str(REPO_ROOT / "data" / "qwen3-30b-a3b-config")  # its config.json alone: random-init benchmarks
 DEFAULT_DS_CONFIG = str(REPO_ROOT / "ds_configs" / "zero2_ep.json")
 # --report-to: the modules Accelerate's tracker can write with, and what to install for them
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -33,7 +34,7 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 | fp32
     attn: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
     loss_impl: str = "auto"  # auto | torch | cce | liger
-    fused_kernels: str = "auto"  # auto | liger | none: fused RMSNorm and RoPE (fused_kernels.py)
+    fused_kernels: str = "auto"  # auto | liger | none: fused RMSNorm and RoPE (fastpath/liger.py)
     # data
     data: str = str(REPO_ROOT / "data" / "sample_sft.jsonl")
     eval_data: str = ""
@@ -59,14 +60,15 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
-    adam_states: str = "bf16"  # bf16 | fp32: dtype of AdamW's two moments; master weights stay fp32 (adamw.py)
+    adam_states: str = "bf16"  # bf16 | fp32: dtype of AdamW's two moments (fast path; stock DeepSpeed: fp32)
     grad_accum: int = 1
     seed: int = 42
     # parallelism
     ep_size: int = 0  # 0: largest size dividing both world size and the number of experts
     zero_stage: int = 2
     ds_config: str = DEFAULT_DS_CONFIG
-    gate_up_recompute: bool = False  # rebuild the experts' gate+up concat in backward: less memory (expert_mlp.py)
+    fast_path: str = "on"  # on | off: the patches of DeepSpeed/transformers internals in fastpath/; off is stock
+    gate_up_recompute: bool = False  # rebuild the experts' gate+up concat in backward: less memory (fastpath/expert_mlp.py)
     # output and logging
     output_dir: str = "outputs/run"
     logging_steps: int = 1
@@ -92,7 +94,7 @@ class TrainConfig:
         choices = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
                    "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
                    "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"),
-                   "lr_schedule": ("cosine", "constant"), "adam_states": ("bf16", "fp32"), "report_to": ("none", "tensorboard", "wandb")}
+                   "lr_schedule": ("cosine", "constant"), "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")
@@ -133,6 +135,9 @@ class TrainConfig:
             raise bad("save_steps" if self.save_steps else "resume",
                       "checkpoints of LoRA runs are not supported yet (DeepSpeed's AutoEP checkpoint code expects "
                       "plain expert weights); a LoRA run writes its adapter at the end and when stopped")
+        if self.fast_path == "off" and self.fused_kernels == "liger":
+            raise bad("fused_kernels", "liger's kernels are part of the fast path; drop --fused-kernels liger or "
+                      "use --fast-path on")
         if self.num_hidden_layers and not self.random_init:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")
         if self.report_to != "none" and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[self.report_to]):

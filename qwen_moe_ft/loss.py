@@ -10,24 +10,9 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
-from transformers import PreTrainedModel
-
 from .config import ConfigError
-from .data import IGNORE
-
-
-def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers *ForCausalLM inside a DeepSpeed engine and/or PEFT wrapper."""
-    # DeepSpeedEngine and PeftModel forward unknown attributes to what they wrap: test types, not hasattr.
-    while not (isinstance(model, PreTrainedModel) and hasattr(model, "lm_head")):
-        if isinstance(model, PeftModel):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        else:
-            raise TypeError(f"{type(model).__name__} holds no causal LM with an lm_head")
-    return model
+from .data.rows import IGNORE
+from .model.loading import causal_lm_of
 
 
 # Fused linear cross-entropy kernels (optional packages) and the plain logits path.

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch qwen_moe_ft/train.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # the repository root, in place of this folder (whose module names would shadow top-level packages)
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
     __package__ = "qwen_moe_ft"
 
 import torch
@@ -22,27 +24,22 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, set_seed
 
 from qwen_moe_ft import checkpoint
-from qwen_moe_ft.adamw import STATE_DTYPES
-from qwen_moe_ft.attention import register_varlen_attention, select_backend
 from qwen_moe_ft.checkpoint import CheckpointError
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
-from qwen_moe_ft.data import DataError, load_tokenized
-from qwen_moe_ft.expert_mlp import use_layout_preserving_gate_up
-from qwen_moe_ft.export import save_hf_checkpoint
+from qwen_moe_ft.data.loader import StepLoader
+from qwen_moe_ft.data.packing import MicroBatch, packing_efficiency
+from qwen_moe_ft.data.rows import DataError, load_tokenized
 from qwen_moe_ft.flops import peak_tflops
-from qwen_moe_ft.fused_kernels import apply_fused_kernels, select_fused_kernels
-from qwen_moe_ft.loader import StepLoader
-from qwen_moe_ft.local_dispatch import gather_rows_by_token, skip_single_rank_permutation
-from qwen_moe_ft.lora import apply_lora, merge_lora, save_adapter
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
+from qwen_moe_ft.lr_schedule import lr_lambda
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, drop_metrics_after, step_metrics
-from qwen_moe_ft.model import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
-from qwen_moe_ft.optim import lr_lambda
-from qwen_moe_ft.packing import MicroBatch, packing_efficiency
-from qwen_moe_ft.parallel import build_ds_config, choose_ep_size, ensure_process_env
-from qwen_moe_ft.grad_norm import lean_grad_checks
-from qwen_moe_ft.zero_step import (fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place,
-                                    mirror_gate_up_weights)
+from qwen_moe_ft.model.attention import register_varlen_attention, select_backend
+from qwen_moe_ft.model.export import save_hf_checkpoint
+from qwen_moe_ft.model.loading import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
+from qwen_moe_ft.model.lora import apply_lora, merge_lora, save_adapter
+from qwen_moe_ft.parallel.ds_config import build_ds_config
+from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
+from qwen_moe_ft.parallel.process import ensure_process_env
 
 
 def _global_sum(values: list[float], device) -> list[float]:
@@ -53,86 +50,116 @@ def _global_sum(values: list[float], device) -> list[float]:
 
 
 class Trainer:
+    """Builds a run in the order a reader expects (config, processes, data, model, engine, fast path, logging),
+    then runs its steps."""
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
+        self._init_processes()
+        self._build_data()
+        self._build_engine(self._build_model())
+        self._install_fast_path()
+        self._start_logging()
+
+    def _init_processes(self):
+        """Process group and Accelerator, with the DeepSpeed config this run needs (EP size from the model's
+        expert count)."""
+        cfg = self.cfg
         has_gpu = torch.cuda.is_available()
         self.model_name = cfg.resolved_model(has_gpu)
         ensure_process_env()
         world_size = int(os.environ["WORLD_SIZE"])
         self.model_config = load_model_config(cfg, self.model_name)
         self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # so Accelerate runs DeepSpeed on CPU processes too
-        ds_config = build_ds_config(cfg, self.ep_size, world_size, "cuda" if has_gpu else "cpu")
-        if cfg.lora:  # the trainer applies AutoEP itself, before LoRA (see lora.py)
-            self.autoep_config = ds_config
-            ds_config = {**ds_config, "expert_parallel": {**ds_config["expert_parallel"], "enabled": False}}
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
-        self.accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.grad_accum,
+        self.ds_config = build_ds_config(cfg, self.ep_size, world_size, "cuda" if has_gpu else "cpu")
+        engine_config = self.ds_config
+        if cfg.lora:  # the trainer applies AutoEP itself, before LoRA (see model/lora.py)
+            engine_config = {**engine_config, "expert_parallel": {**engine_config["expert_parallel"], "enabled": False}}
+        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=engine_config),
+                                       gradient_accumulation_steps=cfg.grad_accum,
                                        log_with=None if cfg.report_to == "none" else cfg.report_to,
                                        project_dir=cfg.output_dir,
                                        # Without a GPU, Accelerate would not start a process group at all.
                                        kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
         acc = self.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
         set_seed(cfg.seed)
 
+    def _build_data(self):
+        cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg, self.model_name)
-        with acc.main_process_first():
-            data = load_tokenized(cfg, self.tokenizer)
+        with self.accelerator.main_process_first():
+            self.data = load_tokenized(cfg, self.tokenizer)
         loader_args = dict(capacity=cfg.max_tokens_per_batch, packing=cfg.packing, seed=cfg.seed,
                            shuffle_buffer=cfg.shuffle_buffer, world_size=self.world_size, rank=self.rank,
                            grad_accum=cfg.grad_accum, pad_id=self.tokenizer.pad_token_id)
-        self.train_loader = StepLoader(data.train, **loader_args)
-        self.eval_loader = StepLoader(data.eval, **{**loader_args, "grad_accum": 1}) if data.eval else None
-        steps_per_epoch = self.train_loader.steps_per_epoch
-        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+        self.train_loader = StepLoader(self.data.train, **loader_args)
+        self.eval_loader = StepLoader(self.data.eval, **{**loader_args, "grad_accum": 1}) if self.data.eval else None
+        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.train_loader.steps_per_epoch)
 
+    def _build_model(self) -> torch.nn.Module:
+        """The model with packed attention, the fast path's kernels swapped in, and LoRA if asked."""
+        cfg = self.cfg
         if cfg.packing:
             self.attn_backend = select_backend(cfg.attn, self.device.type)
             attn_implementation = register_varlen_attention(self.attn_backend)
         else:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
         self.loss_impl = select_loss_impl(cfg.loss_impl, self.device.type)
-        self.fused_kernels = select_fused_kernels(cfg.fused_kernels, self.device.type)
-        model = apply_fused_kernels(load_model(cfg, self.model_name, self.model_config, attn_implementation),
-                                    self.fused_kernels)
+        if cfg.fast_path == "on":  # imported only when used: `--fast-path off` loads no patch module
+            from qwen_moe_ft.fastpath import FastPath
+
+            self.fast_path = FastPath()
+        else:
+            self.fast_path = None
+        model = load_model(cfg, self.model_name, self.model_config, attn_implementation)
+        self.fused_kernels = "none"
+        if self.fast_path:
+            model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fused_kernels, self.device.type)
         if cfg.lora:
-            model = apply_lora(model, cfg, self.autoep_config, self.rank)
+            model = apply_lora(model, cfg, self.ds_config, self.rank)
+        return model
+
+    def _build_engine(self, model: torch.nn.Module):
+        """DeepSpeed ZeRO-2 (+ AutoEP) through Accelerate, with our AdamW settings and LR schedule."""
+        cfg = self.cfg
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = DummyOptim(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
-        self.engine, _, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        # The fast path's changes to DeepSpeed's ZeRO-2 step and to the MoE blocks AutoEP put in place inside
-        # prepare(); each is measured in BENCHMARKS.md and tested against the path it replaces.
-        lean_grad_checks(self.engine.optimizer)
-        keep_unreduced_grads_in_place(self.engine.optimizer)
-        fuse_adam_step(self.engine.optimizer, STATE_DTYPES[cfg.adam_states])
-        fold_clip_into_adam(self.engine.optimizer)  # where the fused step does not apply
-        use_layout_preserving_gate_up(self.engine.module, recompute=cfg.gate_up_recompute)
-        mirror_gate_up_weights(self.engine.optimizer, self.engine.module)
-        skip_single_rank_permutation(self.engine.module)
-        gather_rows_by_token(self.engine.module)
-        self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
+        self.engine, _, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
 
+    def _install_fast_path(self):
+        """The fast path's replacements of DeepSpeed's ZeRO-2 step and AutoEP's MoE blocks: from here on
+        engine.step() is the fast path's step where `one_pass_adamw` is listed at startup."""
+        if self.fast_path:
+            self.fast_path.install(self.engine, adam_states=self.cfg.adam_states,
+                                   gate_up_recompute=self.cfg.gate_up_recompute)
+
+    def _start_logging(self):
+        cfg, acc = self.cfg, self.accelerator
         self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"
         self.stop_signal: str | None = None
         self.metrics = MetricsLogger(cfg.output_dir, self.total_steps, acc, enabled=acc.is_main_process,
                                      progress_bar=cfg.progress_bar)
         if cfg.report_to != "none":
             acc.init_trackers("qwen_moe_ft", config=cfg.to_dict())
-        plan = self.train_loader.plan(1)
-        lengths = self.train_loader.lengths
+        plan, lengths = self.train_loader.plan(1), self.train_loader.lengths
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
             f"zero {cfg.zero_stage} | {'LoRA on ' + cfg.lora_targets if cfg.lora else 'full fine-tuning'} | "
-            f"attention {self.attn_backend} | loss {self.loss_impl} | fused kernels {self.fused_kernels} | {len(lengths)} examples, mean length "
-            f"{sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
-            f"{'packing' if cfg.packing else 'padding'} efficiency {packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
-            f"{steps_per_epoch} steps per epoch, {self.total_steps} steps")
-        if data.skipped or data.truncated:
-            self.metrics.info(f"skipped rows by reason: {dict(data.skipped)}; truncated at a turn boundary: "
-                              f"{data.truncated}")
+            f"attention {self.attn_backend} | loss {self.loss_impl} | fused kernels {self.fused_kernels} | "
+            f"adam moments {self.fast_path.adam_states if self.fast_path else 'fp32'} | {len(lengths)} examples, "
+            f"mean length {sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
+            f"{'packing' if cfg.packing else 'padding'} efficiency "
+            f"{packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
+            f"{self.train_loader.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+        self.metrics.info(self.fast_path.summary() if self.fast_path else "fast path off (--fast-path off): stock "
+                          "DeepSpeed ZeRO-2 + AutoEP")
+        if self.data.skipped or self.data.truncated:
+            self.metrics.info(f"skipped rows by reason: {dict(self.data.skipped)}; truncated at a turn boundary: "
+                              f"{self.data.truncated}")
 
     def train_step(self, step: int):
         batches = self.train_loader.step(step)
@@ -193,6 +220,8 @@ class Trainer:
     def _resume(self) -> int:
         path = checkpoint.resolve(self.cfg.resume, self.checkpoint_root)
         start = checkpoint.load(self.engine, path, rank=self.rank)
+        if self.fast_path:
+            self.fast_path.after_load()
         if self.accelerator.is_main_process:
             drop_metrics_after(Path(self.cfg.output_dir) / "metrics.jsonl", start)
         self.metrics.info(f"resumed from {path} at step {start}")
@@ -223,7 +252,7 @@ class Trainer:
                 then = "LoRA runs cannot resume yet" if cfg.lora else "continue with --resume latest"
                 self.metrics.info(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {done}; "
                                   f"{then}")
-                self.metrics.close()
+                self._finish()
                 return 0
         if cfg.lora:
             self._save_adapter()
@@ -233,9 +262,14 @@ class Trainer:
                                      is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.dtype])
             merged = ", LoRA merged" if cfg.merge else ""
             self.metrics.info(f"saved {out} (transformers Qwen3-MoE layout, safetensors{merged})")
-        self.metrics.close()
+        self._finish()
         self.accelerator.end_training()
         return 0
+
+    def _finish(self):
+        self.metrics.close()
+        if self.fast_path:
+            self.fast_path.restore()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,227 @@
+"""SFT data: load rows, render and tokenise them once (cached), mask labels, account for bad rows.
+
+Every example becomes `input_ids` and `labels` of equal length; `labels` holds the token itself
+where the model is trained to predict it and -100 elsewhere (unshifted; the collator shifts per
+document so that no label crosses into the next document of a packed row).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import datasets
+
+from ..config import TrainConfig
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+# ChatML, as Qwen's templates write it: the answer and its <|im_end|> are what the model learns.
+ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
+LOCAL_FORMATS = {".jsonl": "text", ".json": "json", ".parquet": "parquet"}
+REPORT_LIMIT = 5
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the row and what is wrong."""
+
+
+class BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class EncodeOptions(NamedTuple):
+    """The options tokenisation depends on (and its cache key), nothing more."""
+    max_seq_len: int
+    train_on_prompt: bool
+    truncation: str
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "EncodeOptions":
+        return cls(cfg.max_seq_len, cfg.train_on_prompt, cfg.truncation)
+
+
+@dataclass
+class TokenizedData:
+    train: datasets.Dataset
+    eval: datasets.Dataset | None
+    skipped: Counter
+    truncated: int
+
+
+def _load_raw(source: str) -> tuple[datasets.Dataset, str]:
+    """Rows of `source`, and how they are stored: 'line' (raw JSONL text) or 'record' (parsed)."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return datasets.load_from_disk(str(path)), "record"
+        raise DataError(f"{path}: a directory, but not one saved by datasets.save_to_disk; "
+                        "point --data at a .jsonl, .json or .parquet file or such a directory")
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        loader = LOCAL_FORMATS[path.suffix]
+        if loader == "text":
+            # Lines are read as text and parsed per row, so that one broken line is reported
+            # with its number instead of failing the whole load; undecodable bytes become U+FFFD.
+            raw = datasets.load_dataset("text", data_files=str(path), split="train", encoding_errors="replace")
+            return raw, "line"
+        return datasets.load_dataset(loader, data_files=str(path), split="train"), "record"
+    if path.suffix or "/" not in source:
+        raise DataError(f"{source}: no such file; --data takes a .jsonl/.json/.parquet file, a directory saved "
+                        "by datasets, or a hub dataset name like org/name")
+    try:
+        return datasets.load_dataset(source, split="train"), "record"
+    except Exception as err:  # the hub client raises many types; all mean "could not fetch"
+        raise DataError(f"{source}: could not load this hub dataset ({type(err).__name__}: {err}). "
+                        "Offline? Download it elsewhere and point --data at a local file.") from err
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    if "\ufffd" in line:
+        raise BadRow("not_utf8", "the line is not valid UTF-8")
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadRow("bad_json", f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise BadRow("bad_json", "a JSON object was expected")
+    return record
+
+
+def _messages_of(record: dict[str, Any]) -> list[dict[str, str]] | None:
+    """The conversation of a chat or prompt/response row; None for a plain-text row."""
+    if "messages" in record and record["messages"] is not None:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise BadRow("empty_conversation", "'messages' is empty or not a list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise BadRow("missing_field", f"message {i} needs 'role' and 'content'")
+            if message["role"] not in ROLES:
+                raise BadRow("wrong_role", f"message {i} has role {message['role']!r}; use one of {', '.join(ROLES)}")
+            if not isinstance(message["content"], str):
+                raise BadRow("missing_field", f"message {i} has non-string content")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadRow("empty_conversation", "the conversation has no assistant turn to learn from")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if record.get("prompt") is not None or record.get("response") is not None:
+        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+            raise BadRow("missing_field", "a prompt/response row needs both as strings")
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+    if isinstance(record.get("text"), str):
+        return None
+    raise BadRow("missing_field", "found none of 'messages', 'prompt'/'response' or 'text'")
+
+
+def _encode_chat(messages, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if train_on_prompt:
+        return ids, list(ids)
+    spans = [m.span(1) for m in ASSISTANT_SPAN.finditer(text)]
+    if not spans:
+        raise DataError("the tokenizer's chat template does not write assistant turns as "
+                        "'<|im_start|>assistant\\n...<|im_end|>' (ChatML, as Qwen does); "
+                        "use --train-on-prompt or a Qwen tokenizer")
+    labels = [IGNORE] * len(ids)
+    span = 0
+    for i, (start, end) in enumerate(enc["offset_mapping"]):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span < len(spans) and start >= spans[span][0] and end > start:
+            labels[i] = ids[i]
+    return ids, labels
+
+
+def _fit_chat(messages, tokenizer, cfg: EncodeOptions) -> tuple[list[int], list[int], bool]:
+    """Encode, dropping whole trailing turns under --truncation truncate; never cuts inside an answer."""
+    ids, labels = _encode_chat(messages, tokenizer, cfg.train_on_prompt)
+    if len(ids) <= cfg.max_seq_len:
+        return ids, labels, False
+    if cfg.truncation == "truncate":
+        ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for end in reversed(ends[:-1]):
+            ids, labels = _encode_chat(messages[:end], tokenizer, cfg.train_on_prompt)
+            if len(ids) <= cfg.max_seq_len:
+                return ids, labels, True
+    raise BadRow("too_long", f"{len(ids)} tokens exceed --max-seq-len {cfg.max_seq_len}"
+                 + ("" if cfg.truncation == "truncate" else "; --truncation truncate drops trailing turns to fit"))
+
+
+def encode_record(record: dict[str, Any], tokenizer, cfg: EncodeOptions) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) of one parsed row; raises BadRow."""
+    messages = _messages_of(record)
+    if messages is not None:
+        return _fit_chat(messages, tokenizer, cfg)
+    ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) <= 1:
+        raise BadRow("empty_text", "'text' is empty")
+    truncated = len(ids) > cfg.max_seq_len
+    if truncated and cfg.truncation != "truncate":
+        raise BadRow("too_long", f"{len(ids)} tokens exceed --max-seq-len {cfg.max_seq_len}; "
+                     "--truncation truncate cuts plain text to fit")
+    ids = ids[:cfg.max_seq_len]
+    return ids, list(ids), truncated
+
+
+def _tokenize_batch(batch, indices, *, kind, tokenizer, cfg):
+    out = {"input_ids": [], "labels": [], "row": [], "bad_reason": [], "bad_detail": [], "truncated": []}
+    keys = list(batch.keys())
+    for j, index in enumerate(indices):
+        ids, labels, truncated, reason, detail = [], [], False, "", ""
+        try:
+            record = _parse_line(batch["text"][j]) if kind == "line" else {k: batch[k][j] for k in keys}
+            if record is None:
+                reason = "blank"
+            else:
+                ids, labels, truncated = encode_record(record, tokenizer, cfg)
+                if not any(label != IGNORE for label in labels[1:]):
+                    raise BadRow("no_labels", "no token to learn from after masking")
+        except BadRow as bad:
+            reason, detail = bad.reason, bad.detail
+        for key, value in zip(out, (ids, labels, index + 1, reason, detail, truncated)):
+            out[key].append(value)
+    return out
+
+
+def tokenize_source(source: str, tokenizer, cfg: TrainConfig) -> tuple[datasets.Dataset, Counter, int]:
+    """Tokenised good rows of `source`, skip counts by reason, and the number truncated."""
+    raw, kind = _load_raw(source)
+    tokenized = raw.map(_tokenize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                        fn_kwargs={"kind": kind, "tokenizer": tokenizer, "cfg": EncodeOptions.of(cfg)},
+                        num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc=f"tokenizing {source}")
+    reasons = Counter(r for r in tokenized["bad_reason"] if r and r != "blank")
+    if reasons and cfg.on_bad_row == "error":
+        bad = tokenized.filter(lambda r: r["bad_reason"] not in ("", "blank"))
+        lines = [f"  row {r}: {reason}: {detail}" for r, reason, detail in
+                 zip(bad["row"][:REPORT_LIMIT], bad["bad_reason"][:REPORT_LIMIT], bad["bad_detail"][:REPORT_LIMIT])]
+        raise DataError(f"{source}: {sum(reasons.values())} bad row(s) ({dict(reasons)}), first:\n"
+                        + "\n".join(lines) + "\nFix them, or pass --on-bad-row skip to skip and count them.")
+    truncated = sum(tokenized["truncated"])
+    good = tokenized.filter(lambda r: r["bad_reason"] == "", desc="dropping bad rows")
+    return good.select_columns(["input_ids", "labels"]), reasons, truncated
+
+
+def load_tokenized(cfg: TrainConfig, tokenizer) -> TokenizedData:
+    train, skipped, truncated = tokenize_source(cfg.data, tokenizer, cfg)
+    eval_set = None
+    if cfg.eval_data:
+        eval_set, eval_skipped, eval_truncated = tokenize_source(cfg.eval_data, tokenizer, cfg)
+        skipped += eval_skipped
+        truncated += eval_truncated
+    elif cfg.eval_split:
+        split = train.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
+        train, eval_set = split["train"], split["test"]
+    if len(train) == 0:
+        raise DataError(f"{cfg.data}: no usable rows left (skipped: {dict(skipped)})")
+    return TokenizedData(train=train, eval=eval_set, skipped=skipped, truncated=truncated)

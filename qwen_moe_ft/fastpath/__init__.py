@@ -1,0 +1,112 @@
+"""The fast path: every replacement of DeepSpeed, transformers or liger-kernel internals, applied in one place.
+
+`--fast-path on` (the default) installs the patches below; `--fast-path off` trains on stock DeepSpeed
+ZeRO-2 + AutoEP as ds_configs/zero2_ep.json configures it and imports none of them. Each patch module
+names, in its header, the upstream symbols it replaces (at the pinned versions) and the test that guards
+it; each patch is measured in BENCHMARKS.md.
+
+The order matters, and is this:
+ 1. liger_norm_rope            (liger.py) before DeepSpeed wraps the model
+ 2. one_pass_grad_norm         (grad_norm.py) the step's norm and overflow check
+ 3. grads_in_place             (zero_step.py) its gradient hook takes norms in the backward for 2
+ 4. one_pass_adamw             (zero_step.py, adamw.py) replaces the wrapped AdamW before its first step
+ 5. clip_in_adam               (zero_step.py) only where 4 is refused
+ 6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
+ 7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
+ 8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
+
+The patch modules import private DeepSpeed symbols, so they are imported here only once the version guard
+(versions.py) has passed: on other versions one warning names them and the run continues on the stock path.
+What the patches share lives in a ZeroState held by this object, never on DeepSpeed's objects.
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from . import versions
+from .applied import Applied
+
+STATE_DTYPES = ("bf16", "fp32")
+
+
+class FastPath:
+    def __init__(self, enabled: bool = True):
+        self.applied: list[Applied] = []
+        self.off_because = "" if enabled else "--fast-path off"
+        if enabled and (mismatches := versions.mismatches()):
+            self.off_because = "written for other versions: " + "; ".join(mismatches)
+            warnings.warn(f"the fast path is not installed, {self.off_because}; the run continues on stock "
+                          "DeepSpeed ZeRO-2 + AutoEP (slower, same results)", stacklevel=2)
+        self._zero_state = None
+        self._restore = []
+
+    @property
+    def on(self) -> bool:
+        return not self.off_because
+
+    def prepare_model(self, model: nn.Module, fused_kernels: str, device_type: str) -> tuple[nn.Module, str]:
+        """Before DeepSpeed wraps the model: liger's norms and RoPE if chosen (--fused-kernels); returns the
+        model and the kernel choice made."""
+        if not self.on:
+            return model, "none"
+        from .liger import apply_liger, select_fused_kernels
+
+        choice = select_fused_kernels(fused_kernels, device_type)
+        applied, restore = apply_liger(model, choice)
+        self.applied.append(applied)
+        self._restore.append(restore)
+        return model, choice
+
+    def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False) -> list[Applied]:
+        """Patch the DeepSpeed engine's ZeRO optimizer and its AutoEP modules, in the order above."""
+        if not self.on:
+            return []
+        import torch
+
+        from .expert_mlp import use_layout_preserving_gate_up
+        from .grad_norm import lean_grad_checks
+        from .local_dispatch import one_rank_dispatch
+        from .state import ZeroState
+        from .zero_step import fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, mirror_gate_up_weights
+
+        if adam_states not in STATE_DTYPES:
+            raise ValueError(f"adam_states must be one of {STATE_DTYPES}, got {adam_states!r}")
+        state = self._zero_state = ZeroState(engine.optimizer)
+        self.applied += [lean_grad_checks(state), keep_unreduced_grads_in_place(state),
+                         fuse_adam_step(state, torch.bfloat16 if adam_states == "bf16" else torch.float32)]
+        if not state.fused_step:
+            self.applied.append(fold_clip_into_adam(state))
+        forwards = use_layout_preserving_gate_up(engine.module, recompute=gate_up_recompute)
+        self.applied.append(Applied("layout_preserving_gate_up", "GroupedExperts.forward (fused gate/up)",
+                                    "" if forwards else "no expert module runs the fused gate/up on torch._grouped_mm"))
+        self.applied += [mirror_gate_up_weights(state, forwards), one_rank_dispatch(engine.module)]
+        return self.applied
+
+    def after_load(self) -> None:
+        """After a checkpoint load wrote the weights: caches built from the old ones are rebuilt."""
+        if self._zero_state is not None:
+            self._zero_state.gate_up.invalidate()
+
+    @property
+    def adam_states(self) -> str:
+        """The dtype of Adam's moments this run really uses: DeepSpeed's own step keeps them in fp32."""
+        state = self._zero_state
+        if state is None or not state.fused_step:
+            return "fp32"
+        return "bf16" if state.optimizer.optimizer.state_dtype.itemsize == 2 else "fp32"
+
+    def summary(self) -> str:
+        """The startup line's account: each patch applied, each refused with its reason."""
+        if not self.on:
+            return f"fast path off ({self.off_because})"
+        on = [a.name for a in self.applied if a]
+        refused = [a.describe() for a in self.applied if not a]
+        return f"fast path: {', '.join(on) or 'nothing applied'}" + (f"; refused: {'; '.join(refused)}" if refused else "")
+
+    def restore(self) -> None:
+        """Put back what the patches replaced for the whole process (the engine's own patches die with it)."""
+        for restore in self._restore:
+            restore()
+        self._restore = []

@@ -1,0 +1,124 @@
+"""AutoEP with one expert-parallel rank, without its alignment permutation and its scatter-add.
+
+Replaces: deepspeed/module_inject/auto_ep_layer.py AutoEPMoELayer._forward (deepspeed 0.19.8) on layers with
+ep_size 1, per instance. Guarded by tests/unit/fastpath/test_local_dispatch.py (the block's output and all
+gradients equal to AutoEP's own forward, which is made to fail if it runs).
+
+With EP=1, AutoEP's routed rows are already sorted by expert (an argsort of the router's choices) when
+it permutes them once more, only to pad each expert's rows to a multiple of 8, and un-permutes the
+expert output afterwards: two gathers forward and two backward over every routed row. torch._grouped_mm
+takes groups of any size, so the rows go to the experts as they are (AutoEP's Triton grouped GEMM, on GPUs
+before sm90, keeps the padding).
+
+The routed rows are gathered from the tokens (`x[rows // top_k]`), whose backward is a sort-based
+scatter-add of every row into its token. Each token has exactly top_k rows, so the backward here gathers
+them back instead and sums them: one Triton kernel on GPU, embedding_bag elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import torch.nn.functional as F
+from deepspeed.module_inject import auto_ep_layer
+from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer, RouterOutput
+from deepspeed.moe.ep_experts import GroupedExperts
+from deepspeed.ops.triton_ops import autoep_fused_token_ops
+from torch import nn
+
+from .applied import Applied
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: embedding_bag
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _sum_token_rows_kernel(rows_ptr, position_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < hidden
+        rows = tl.load(position_ptr + token * TOP_K + tl.arange(0, TOP_K))
+        values = tl.load(rows_ptr + rows[:, None] * hidden + cols[None, :], mask=inside[None, :], other=0.0)
+        total = tl.sum(values.to(tl.float32), axis=0)
+        tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _sum_token_rows(grad_rows: torch.Tensor, position: torch.Tensor, top_k: int) -> torch.Tensor:
+    """out[t] = sum over k of grad_rows[position[t * top_k + k]]."""
+    grad_rows = grad_rows.contiguous()
+    if triton is not None and grad_rows.is_cuda and top_k & (top_k - 1) == 0:
+        tokens, hidden = position.numel() // top_k, grad_rows.shape[1]
+        out = grad_rows.new_empty(tokens, hidden)
+        block = min(1024, triton.next_power_of_2(hidden))
+        _sum_token_rows_kernel[(tokens, triton.cdiv(hidden, block))](grad_rows, position, out, hidden, TOP_K=top_k,
+                                                                     BLOCK=block, num_warps=4)
+        return out
+    return F.embedding_bag(position.view(-1, top_k), grad_rows, mode="sum")
+
+
+class _GatherTokenRows(torch.autograd.Function):
+    """x[rows // top_k] for `rows`, a permutation of all T * top_k (token, slot) pairs."""
+
+    @staticmethod
+    def forward(ctx, x, rows, top_k):
+        ctx.save_for_backward(rows)
+        ctx.top_k = top_k
+        return x.index_select(0, rows // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (rows,) = ctx.saved_tensors
+        position = torch.empty_like(rows)
+        position[rows] = torch.arange(rows.numel(), device=rows.device)
+        # position[t * top_k + k]: where token t's k-th row went
+        return _sum_token_rows(grad_rows, position, ctx.top_k), None, None
+
+
+def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad_rows: bool):
+    """AutoEPMoELayer._forward's EP=1 path (router, expert-ordered rows, experts, combine), with the rows
+    gathered by _GatherTokenRows and, unless `pad_rows`, passed to the experts without AutoEP's permutation."""
+    bsz, seqlen, hdim = hidden_states.shape
+    x = hidden_states.reshape(-1, hdim)
+    if layer.combine_impl == "fused_weighted_sum" and not layer._fused_combine_checked:
+        autoep_fused_token_ops.assert_supported(x, score_apply=layer.score_apply)
+        layer._fused_combine_checked = True
+    routing = RouterOutput(*layer.router(x, layer.expert_bias))
+    with torch.no_grad():
+        layer.tokens_per_expert.add_(routing.num_tokens_per_expert)
+    rows = torch.argsort(routing.selected_experts.view(-1), stable=True)
+    routed = _GatherTokenRows.apply(x, rows, layer.top_k)
+    if layer.score_apply == "pre":
+        routed = auto_ep_layer.apply_scores_before_experts_if_enabled(routed, routing.top_scores.view(-1)[rows],
+                                                                      score_apply="pre")
+    if pad_rows:
+        routed, permutation, counts, n_rows = auto_ep_layer.permute_by_local_expert(routed,
+                                                                                    routing.num_tokens_per_expert)
+        expert_output = auto_ep_layer.unpermute_by_local_expert(layer.experts(routed, counts), permutation, n_rows)
+    else:
+        expert_output = layer.experts(routed, routing.num_tokens_per_expert)
+    combine = dict(top_scores=routing.top_scores, token_indices_sorted=rows, top_k=layer.top_k,
+                   shape=(bsz, seqlen, hdim))
+    if layer.combine_impl == "fused_weighted_sum":
+        output = autoep_fused_token_ops.fused_weighted_restore(expert_output, **combine)
+    else:
+        output = auto_ep_layer.combine_from_routed(expert_output, score_apply=layer.score_apply,
+                                                   combine_impl=layer.combine_impl, **combine)
+    return layer._finalize_output(output, x, hidden_states, hdim)
+
+
+def one_rank_dispatch(model: nn.Module) -> Applied:
+    """Give every one-rank AutoEP block (no expert parallelism, no tensor-parallel folding, AutoEP's eager row
+    weighting) the forward above."""
+    changed = 0
+    for layer in model.modules():
+        if (isinstance(layer, AutoEPMoELayer) and layer.ep_size == 1 and layer.folding_group_handles is None
+                and layer.row_weighting_impl != "fused"):
+            pad_rows = any(m.use_triton_grouped_mm for m in layer.modules() if isinstance(m, GroupedExperts))
+            layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=pad_rows), layer)
+            changed += 1
+    return Applied("one_rank_dispatch", "AutoEPMoELayer._forward at EP=1",
+                   "" if changed else "no AutoEP layer with one expert-parallel rank")

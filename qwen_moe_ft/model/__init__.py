@@ -1,0 +1,1 @@
+"""The model: loading (loading.py), packed attention (attention.py), LoRA (lora.py), hf/ export (export.py)."""

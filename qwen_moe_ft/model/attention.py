@@ -1,0 +1,118 @@
+"""Varlen attention for packed batches, registered in transformers' AttentionInterface.
+
+A packed micro-batch is one row of several documents; `cu_seq_lens_q/k` (cumulative document
+lengths) and `max_length_q/k` arrive as keyword arguments of the model's forward and reach the
+attention function unchanged, so the stock Qwen3-MoE modules run as they are.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from ..config import ConfigError
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+
+
+def _flash_attn(q, k, v, cu, max_len, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+
+
+def _torch_varlen(q, k, v, cu, max_len, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
+    # torch 2.11's varlen_attn has no GQA: give every query head its own copy of the kv head.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0))
+
+
+def _per_document_sdpa(q, k, v, cu, max_len, scale):
+    """Reference path: causal sdpa on each document alone (CPU and tests)."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    groups = q.shape[1] // k.shape[1]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            kd, vd = kd.repeat_interleave(groups, dim=0), vd.repeat_interleave(groups, dim=0)
+        out[start:end] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def _equal_documents(q, k, v, n_docs, scale):
+    """Documents of one length: a dense causal batch through sdpa, which picks cuDNN's kernel on the H100
+    (fwd+bwd of 2 x 4096 tokens at ~420 TFLOP/s against ~245 for the varlen kernels; BENCHMARKS.md)."""
+    def batch(t):
+        return t.unflatten(0, (n_docs, -1)).transpose(1, 2)  # [docs, heads, length, head_dim]
+
+    out = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2).flatten(0, 1)
+
+
+_KERNELS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa": _per_document_sdpa}
+
+
+def attention_name(backend: str) -> str:
+    return f"qwen_moe_ft_varlen_{backend}"
+
+
+def _make_forward(backend: str):
+    kernel = _KERNELS[backend]
+
+    def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """query/key/value are [1, heads, tokens, head_dim]; returns [1, tokens, heads, head_dim]."""
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is None:
+            raise ValueError(f"attention '{attention_name(backend)}' serves packed batches and needs "
+                             "cu_seq_lens_q; unpacked batches use sdpa")
+        if query.shape[0] != 1:
+            raise ValueError(f"packed batches are one row of documents, got batch size {query.shape[0]}")
+        max_len = int(kwargs.get("max_length_q") or (cu[1:] - cu[:-1]).max())
+        # squeeze, not [0]: the backward of a select zero-fills and copies (0.12 ms a layer on the H100)
+        q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
+        n_docs = cu.shape[0] - 1
+        if n_docs * max_len == q.shape[0]:  # every document is max_len long (documents never exceed it)
+            return _equal_documents(q, k, v, n_docs, scaling).unsqueeze(0), None
+        return kernel(q, k, v, cu.to(torch.int32), max_len, scaling).unsqueeze(0), None
+
+    return varlen_attention_forward
+
+
+def available_backends(device_type: str) -> list[str]:
+    """Backends usable on this machine, fastest first."""
+    found = []
+    if device_type == "cuda":
+        if importlib.util.find_spec("flash_attn") is not None:
+            found.append("flash_attn")
+        if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+            found.append("torch_varlen")
+    found.append("sdpa")
+    return found
+
+
+def select_backend(requested: str, device_type: str) -> str:
+    """Resolve --attn (auto picks the fastest available); an unavailable explicit choice is an error."""
+    available = available_backends(device_type)
+    backend = available[0] if requested == "auto" else requested
+    if backend not in available:
+        raise ConfigError(f"--attn {requested}: not available on this machine ({device_type}); "
+                         f"available: {', '.join(available)}. Install the `flash` extra for flash_attn.")
+    return backend
+
+
+def register_varlen_attention(backend: str) -> str:
+    """Register the packed-attention function of `backend`; returns the name to give the model."""
+    if backend not in _KERNELS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    name = attention_name(backend)
+    AttentionInterface.register(name, _make_forward(backend))
+    return name

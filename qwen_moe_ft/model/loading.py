@@ -1,0 +1,76 @@
+"""Loading the model and tokenizer, from the hub or a local directory, the same way for every size."""
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..config import TrainConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _not_found(name: str, what: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load the {what} of '{name}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        f"Without network access, download it where you have one (`hf download {name} --local-dir DIR`) "
+        "and pass --model DIR (and --tokenizer DIR if the tokenizer lives elsewhere).")
+
+
+def load_model_config(cfg: TrainConfig, name: str):
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, "config", err) from err
+    if config.model_type not in ("qwen3_moe", "qwen2_moe"):
+        raise ModelLoadError(f"--model {name} is a '{config.model_type}' model; this package trains Qwen3-MoE "
+                             "(model_type qwen3_moe)")
+    if cfg.num_hidden_layers:
+        config.num_hidden_layers = cfg.num_hidden_layers
+    config.use_cache = False
+    return config
+
+
+def load_tokenizer(cfg: TrainConfig, name: str):
+    source = cfg.tokenizer or name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise _not_found(source, "tokenizer", err) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: TrainConfig, name: str, config, attn_implementation: str):
+    """bf16 (or fp32) weights from `name`; with --random-init, fresh weights from its config."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.random_init:
+        # Initialising billions of weights is minutes on the CPU and seconds on the GPU.
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
+                                                    attn_implementation=attn_implementation)
+    except OSError as err:
+        raise _not_found(name, "weights", err) from err
+
+
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers *ForCausalLM inside a DeepSpeed engine and/or PEFT wrapper."""
+    # DeepSpeedEngine and PeftModel forward unknown attributes to what they wrap: test types, not hasattr.
+    while not (isinstance(model, PreTrainedModel) and hasattr(model, "lm_head")):
+        if isinstance(model, PeftModel):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            raise TypeError(f"{type(model).__name__} holds no causal LM with an lm_head")
+    return model

@@ -1,0 +1,151 @@
+"""LoRA under DeepSpeed AutoEP, exported as a PEFT adapter of the stock transformers Qwen3-MoE model.
+
+DeepSpeed would run AutoEP inside `deepspeed.initialize`, after the optimizer's parameters are
+fixed and with PEFT's `base_model.model.` prefix in every path. So the order here is: AutoEP's
+own layer replacement first (this rank keeps its block of experts), then LoRA on this rank's
+experts (our module, with PEFT's `target_parameters` semantics for `experts.gate_up_proj` and
+`experts.down_proj`), then PEFT on the attention projections. The engine recognises the replaced
+layers, builds the expert-parallel groups itself, and optimises the expert LoRA factors over the
+expert-data-parallel group like any expert weight.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config import TrainConfig
+from ..parallel.expert_parallel import apply_autoep, gather_experts
+
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def peft_config(cfg: TrainConfig, base_model: str) -> LoraConfig:
+    """The adapter's config as PEFT writes it for the stock model (also what adapter_config.json holds)."""
+    targets = cfg.lora_target_list()
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=ATTENTION_MODULES if "attn" in targets else [],
+                      target_parameters=EXPERT_PARAMETERS if "experts" in targets else None,
+                      base_model_name_or_path=base_model, task_type="CAUSAL_LM")
+
+
+class ExpertLoRA(nn.Module):
+    """LoRA of this rank's experts: W_e + (alpha / r) B_e A_e for gate_up ([2I, H]) and down ([H, I]).
+
+    A is initialised per global expert index from its own seed, so a run gives the same adapter at
+    any EP size; B starts at zero, so training starts from the base model.
+    """
+
+    def __init__(self, experts: nn.Module, *, first_expert: int, layer: int, rank: int, alpha: float, seed: int):
+        super().__init__()
+        self.base = experts
+        local, inter, hidden = experts.w1.shape
+        self.inter = inter
+        self.scaling = alpha / rank
+        self.lora_A_gate_up = nn.Parameter(self._init_a(local, rank, hidden, first_expert, layer, seed, 0))
+        self.lora_B_gate_up = nn.Parameter(torch.zeros(local, 2 * inter, rank, dtype=experts.w1.dtype))
+        self.lora_A_down = nn.Parameter(self._init_a(local, rank, inter, first_expert, layer, seed, 1))
+        self.lora_B_down = nn.Parameter(torch.zeros(local, hidden, rank, dtype=experts.w1.dtype))
+        for param in self.lora_parameters():
+            # What AutoEP marks on expert weights: reduce over the expert-data-parallel group only.
+            for attr in ("allreduce", "group_name", "ds_zero_placement_family", "ds_zero_partition_group_name"):
+                setattr(param, attr, getattr(experts.w1, attr))
+
+    @staticmethod
+    def _init_a(local, rank, fan_in, first_expert, layer, seed, which):
+        bound = 1 / math.sqrt(fan_in)  # nn.Linear's default (kaiming uniform, a=sqrt(5)), as PEFT's lora_A
+        rows = []
+        for e in range(first_expert, first_expert + local):
+            g = torch.Generator().manual_seed(hash((seed, layer, e, which)) % 2**63)
+            rows.append(torch.empty(rank, fan_in).uniform_(-bound, bound, generator=g))
+        return torch.stack(rows)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A_gate_up, self.lora_B_gate_up, self.lora_A_down, self.lora_B_down]
+
+    def deltas(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate_up = self.scaling * torch.bmm(self.lora_B_gate_up, self.lora_A_gate_up)
+        down = self.scaling * torch.bmm(self.lora_B_down, self.lora_A_down)
+        return gate_up[:, :self.inter], gate_up[:, self.inter:], down  # gate (w1), up (w3), down (w2)
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        d1, d3, d2 = self.deltas()
+        weights = {"w1": self.base.w1 + d1, "w3": self.base.w3 + d3, "w2": self.base.w2 + d2}
+        return torch.func.functional_call(self.base, weights, (x, num_tokens_per_expert))
+
+
+def apply_lora(model: nn.Module, cfg: TrainConfig, ds_config: dict, rank: int) -> nn.Module:
+    """AutoEP layout, then LoRA on local experts and attention; every base weight frozen."""
+    apply_autoep(model, ds_config, rank)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if "experts" in cfg.lora_target_list():
+        for index, layer in enumerate(model.model.layers):
+            moe = layer.mlp
+            moe.experts = ExpertLoRA(moe.experts, first_expert=moe.ep_rank * moe.num_local_experts, layer=index,
+                                     rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+    if "attn" in cfg.lora_target_list():
+        torch.manual_seed(cfg.seed)  # same attention LoRA init at every EP size
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=ATTENTION_MODULES, bias="none"))
+    for module in model.modules():  # get_peft_model freezes all but its own adapters
+        if isinstance(module, ExpertLoRA):
+            for param in module.lora_parameters():
+                param.requires_grad_(True)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight; returns the plain causal LM (ends training)."""
+    for module in model.modules():
+        if isinstance(module, ExpertLoRA):
+            for name, delta in zip(("w1", "w3", "w2"), module.deltas()):
+                getattr(module.base, name).add_(delta.to(getattr(module.base, name).dtype))
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, ExpertLoRA):
+                setattr(module, name, child.base)
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under PEFT's names for the stock model; expert factors gathered over EP (collective)."""
+    out = {}
+    for name, param in model.named_parameters():
+        if ".lora_A.default." in name or ".lora_B.default." in name:
+            out[name.replace(".default.", ".")] = param.detach()
+    for name, module in model.named_modules():
+        if not isinstance(module, ExpertLoRA):
+            continue
+        layer = name[:-len(".experts")]
+        moe = model.get_submodule(layer)
+        a_gu, b_gu, a_d, b_d = (gather_experts(p, moe) for p in module.lora_parameters())
+        experts, rank = a_gu.shape[0], a_gu.shape[1]
+        # PEFT names parameters of the stock model under base_model.model.
+        prefix = ("" if layer.startswith("base_model.model.") else "base_model.model.") + f"{layer}.experts"
+        # PEFT's ParamWrapper: lora_A rows are expert-major (e, r); lora_B columns rank-major (r, e).
+        out[f"{prefix}.base_layer.lora_A.weight"] = a_gu.reshape(experts * rank, -1)
+        out[f"{prefix}.base_layer.lora_B.weight"] = b_gu.permute(1, 2, 0).reshape(b_gu.shape[1], rank * experts)
+        out[f"{prefix}.lora_A.weight"] = a_d.reshape(experts * rank, -1)
+        out[f"{prefix}.lora_B.weight"] = b_d.permute(1, 2, 0).reshape(b_d.shape[1], rank * experts)
+    return {k: v.to("cpu").clone() for k, v in out.items()}
+
+
+def save_adapter(model: nn.Module, cfg: TrainConfig, base_model: str, out_dir: str | Path, *, is_main: bool) -> Path:
+    """adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads on the stock model."""
+    out = Path(out_dir)
+    state = adapter_state_dict(model)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        peft_config(cfg, base_model).save_pretrained(out)
+        save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    if dist.is_initialized():
+        dist.barrier()
+    return out

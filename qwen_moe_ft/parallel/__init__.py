@@ -1,0 +1,1 @@
+"""Process groups, expert parallelism (DeepSpeed AutoEP) and the DeepSpeed config a run hands to Accelerate."""

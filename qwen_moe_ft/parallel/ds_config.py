@@ -1,0 +1,37 @@
+"""The DeepSpeed config (ZeRO-2 + AutoEP) a run hands to Accelerate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import TrainConfig
+
+
+def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int, device_type: str = "cuda") -> dict:
+    """The DeepSpeed config file of --ds-config with every value this run decides filled in.
+
+    ds_configs/zero2_ep.json is the fast path measured in BENCHMARKS.md: AutoEP's one-GEMM gate/up
+    projection and Triton weighted combine, and reduce buckets smaller than one expert weight, so the
+    expert gradients are reduced where they lie instead of being copied into a bucket first.
+    """
+    ds = json.loads(Path(cfg.ds_config).read_text())
+    ds["train_micro_batch_size_per_gpu"] = 1  # one packed row (or one padded batch) per micro-step
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = world_size * cfg.grad_accum
+    ds["gradient_clipping"] = cfg.grad_clip
+    # The loss is already a mean over the global batch's label tokens (loss.backward_scale), so ranks'
+    # gradients add; "mean" would divide every gradient by the world size in a pass of its own.
+    ds["gradient_allreduce_op"] = "sum"
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.dtype == "bf16"}
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
+    # torch's AdamW rather than DeepSpeed's FusedAdam: zero_step.fuse_adam_step swaps it for the one-pass
+    # MasterAdamW; where that does not apply, the fused torch kernel takes the clip factor (fold_clip_into_adam)
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                                                   "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay,
+                                                   "torch_adam": True, "fused": True}}
+    ds.pop("scheduler", None)  # the schedule is ours (LambdaLR), stepped by the engine
+    ds["expert_parallel"] = {"preset_model": "qwen3_moe", **ds.get("expert_parallel", {}),
+                             "enabled": True, "autoep_size": ep_size}
+    if device_type != "cuda" and ds["expert_parallel"].get("combine_impl") == "fused_weighted_sum":
+        ds["expert_parallel"]["combine_impl"] = "weighted_sum"  # a Triton kernel: CUDA only; same sum
+    return ds

@@ -1,0 +1,46 @@
+"""Expert parallelism through DeepSpeed AutoEP: the EP size, the layer replacement, gathering experts.
+
+AutoEP replaces every Qwen3-MoE block with one that holds this rank's contiguous block of
+`num_experts / ep_size` experts (`experts.w1` gate and `experts.w3` up, [E_local, I, H]; `experts.w2`
+down, [E_local, H, I]) and exchanges tokens with an all-to-all. Ranks of one EP group are consecutive.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.module_inject.auto_ep import AutoEP
+from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+from torch import nn
+
+from ..config import ConfigError
+
+
+def choose_ep_size(requested: int, world_size: int, num_experts: int) -> int:
+    """--ep-size, checked; 0 picks the largest size dividing both the world size and the expert count."""
+    if requested == 0:
+        return max(d for d in range(1, world_size + 1) if world_size % d == 0 and num_experts % d == 0)
+    if world_size % requested:
+        raise ConfigError(f"--ep-size {requested} does not divide the world size {world_size} (number of "
+                          f"processes); use a divisor of it, or 0 for automatic")
+    if num_experts % requested:
+        raise ConfigError(f"--ep-size {requested} does not divide the model's {num_experts} experts; "
+                          f"use a divisor of {num_experts}, or 0 for automatic")
+    return requested
+
+
+def apply_autoep(model: nn.Module, ds_config: dict, rank: int) -> None:
+    """AutoEP's layer replacement, done before DeepSpeed sees the model (as LoRA needs)."""
+    ep_section = ds_config["expert_parallel"]
+    autoep = AutoEP(model, parse_autoep_config(ep_section))
+    ep_size = ep_section["autoep_size"]
+    autoep.replace_moe_layers(autoep.ep_parser(), ep_size=ep_size, ep_rank=rank % ep_size)
+
+
+def gather_experts(local: torch.Tensor, layer) -> torch.Tensor:
+    """[E_local, ...] of this rank -> [E, ...] in expert order (ranks hold contiguous blocks); a collective
+    over the layer's EP group."""
+    if layer.ep_size == 1:
+        return local.detach()
+    parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
+    dist.all_gather(parts, local.detach().contiguous(), group=layer.ep_group)
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,277 @@
+"""Benchmark one GPU: our training step against transformers' grouped_mm and against stock DeepSpeed ZeRO-2 +
+AutoEP (our trainer with --fast-path off), same batches, same process tree.
+
+    python -m qwen_moe_ft.bench [--layers 2,4] [--tokens 8192] [--full-length] [--out bench.json]
+
+Each (stack, depth) runs in a fresh subprocess on a Qwen3-30B-A3B-shaped model cut to that depth
+(random init, seeded). Per-layer costs are differences between the two depths; the 48-layer
+equivalent is rest + 48 x per-layer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import DEFAULT_DS_CONFIG, QWEN3_30B_A3B, TINY_MODEL
+from ..data.rows import IGNORE
+from ..flops import flops_per_token, mean_causal_context, peak_tflops
+from .kernel_table import format_per_layer, per_layer_table, profile_step
+from ..metrics import StepTimer
+from ..data.packing import collate_packed, collate_padded, plan_micro_batches
+
+# ours: the trainer with the fast path; deepspeed_stock: the same trainer with --fast-path off
+STACKS = ("ours", "deepspeed_stock", "hf_grouped_mm")
+BASELINES = ("hf_grouped_mm", "deepspeed_stock")
+
+
+def document_lengths(tokens: int, full_length: bool, rng: random.Random) -> list[int]:
+    """Lengths summing to `tokens`: 4096 each, or a fixed long-tailed SFT-like mix (64..4096)."""
+    if full_length:
+        return [4096] * (tokens // 4096)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(min(4096, max(64, int(rng.lognormvariate(6.3, 0.9)))))
+    lengths[-1] -= sum(lengths) - tokens
+    return [n for n in lengths if n > 0]
+
+
+def make_batches(count: int, tokens: int, full_length: bool, vocab: int, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        docs = []
+        for n in document_lengths(tokens, full_length, rng):
+            ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+            docs.append({"input_ids": ids, "labels": list(ids)})
+        batches.append(docs)
+    return batches
+
+
+def _run_ours(args, batches):
+    from ..config import TrainConfig
+    from ..train import Trainer
+
+    cfg = TrainConfig(model=args.model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=args.depth,
+                      dtype="bf16", attn=args.attn, packing=True, max_tokens_per_batch=args.tokens,
+                      max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
+                      output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed,
+                      ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage,
+                      fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
+                      gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
+                      fast_path="on" if args.stack == "ours" else "off")
+    trainer = Trainer(cfg)
+    trainer.engine.train()
+
+    def step(docs, i, timer):
+        return trainer.run_step([collate_packed(docs)], step=i + 1, epoch=1, timer=timer).loss
+
+    fast_path = trainer.fast_path.summary() if trainer.fast_path else "fast path off"
+    return step, f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}; {fast_path}"
+
+
+def _run_hf(args, batches):
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from ..config import TrainConfig
+    from ..model.loading import load_model_config
+
+    set_seed(args.seed)
+    config = load_model_config(TrainConfig(random_init=True, num_hidden_layers=args.depth), args.model)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 experts_implementation="grouped_mm")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+
+    def step(docs, i, timer):
+        # What a user of padded batches runs: micro-batches within the same token budget, accumulated.
+        lengths = [len(d["input_ids"]) for d in docs]
+        plan = plan_micro_batches(lengths, args.tokens, packing=False, seed=i, epoch=1, shuffle_buffer=len(docs))
+        micro = [collate_padded([docs[j] for j in batch], pad_id=0).to("cuda") for batch in plan]
+        label_tokens = sum(m.num_label_tokens for m in micro)
+        timer.begin()
+        total = torch.zeros((), device="cuda")
+        for m in micro:
+            logits = model(**m.inputs).logits.float()
+            loss_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), m.shift_labels.flatten(),
+                                                         ignore_index=IGNORE, reduction="sum")
+            (loss_sum / label_tokens).backward()
+            total += loss_sum.detach()
+            del logits, loss_sum
+        timer.mark("forward_backward")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(total) / label_tokens
+
+    return step, "sdpa (padded)"
+
+
+def worker(args) -> dict:
+    """One stack at one depth: median step, forward+backward and optimizer times after warm-up."""
+    batches = make_batches(args.warmup + args.steps, args.tokens, args.full_length, vocab=151936, seed=args.seed)
+    step, attention = (_run_hf if args.stack == "hf_grouped_mm" else _run_ours)(args, batches)
+    timer = StepTimer(torch.device("cuda"))  # resets the peak each step: the reported peak is the last step's
+    losses, steps, fwd_bwd = [], [], []
+    for i, docs in enumerate(batches):
+        loss = step(docs, i, timer)
+        seconds = timer.end()
+        losses.append(loss)
+        if i >= args.warmup:
+            steps.append(seconds)
+            fwd_bwd.append(timer.marks["forward_backward"])
+    kernels = profile_step(lambda t: step(batches[-1], len(batches), t)) if args.profile else None
+    step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
+    quartiles = statistics.quantiles(steps, n=4) if len(steps) > 1 else [step_s, step_s, step_s]
+    lengths = [len(d["input_ids"]) for d in batches[0]]
+    return dict(stack=args.stack, depth=args.depth, attention=attention, step_ms=1e3 * step_s,
+                step_ms_spread=1e3 * (quartiles[2] - quartiles[0]),
+                fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
+                steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
+                gpu=torch.cuda.get_device_name(), kernels=kernels)
+
+
+def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict:
+    from ..config import TrainConfig
+    from ..model.loading import load_model_config
+
+    low, high = depths
+    out = {}
+    for stack in {r["stack"] for r in results}:
+        by_depth = {r["depth"]: r for r in results if r["stack"] == stack}
+        a, b = by_depth[low], by_depth[high]
+        span = high - low
+        whole_steps = dict(attention=b["attention"], **{f"step_ms_{d}L": by_depth[d]["step_ms"] for d in depths},
+                           peak_mem_gib=b["peak_mem_gib"], tokens_per_s=b["tokens"] / (b["step_ms"] / 1e3),
+                           first_losses=a["losses"][:3])
+        if b["step_ms"] - a["step_ms"] <= max(a.get("step_ms_spread", 0.0), b.get("step_ms_spread", 0.0)):
+            # The added layers changed the median step by less than steps vary (e.g. padded batches of
+            # mixed lengths, dominated by the LM head): a per-layer difference would be noise.
+            out[stack] = dict(whole_steps, per_layer_within_noise=True)
+            continue
+        per_layer = {k: (b[k] - a[k]) / span for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms")}
+        cfg_low = load_model_config(TrainConfig(random_init=True, num_hidden_layers=low), QWEN3_30B_A3B)
+        cfg_high = load_model_config(TrainConfig(random_init=True, num_hidden_layers=high), QWEN3_30B_A3B)
+        layer_flops = (flops_per_token(cfg_high, b["mean_context"]) - flops_per_token(cfg_low, b["mean_context"])) / span
+        layer_tflops = layer_flops * b["tokens"] / (per_layer["step_ms"] / 1e3) / 1e12
+        fb_tflops = layer_flops * b["tokens"] / (per_layer["fwd_bwd_ms"] / 1e3) / 1e12
+        rest_ms = a["step_ms"] - low * per_layer["step_ms"]
+        step48_ms = rest_ms + 48 * per_layer["step_ms"]
+        out[stack] = dict(
+            whole_steps, per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
+            optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
+            fwd_bwd_layer_mfu=fb_tflops / peak, tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3))
+    ours = out.get("ours", {})
+    for baseline in BASELINES:
+        base = out.get(baseline, {})
+        if "per_layer_ms" in ours and "per_layer_ms" in base:
+            out[f"ratios_{baseline}"] = {k: base[k] / ours[k] for k in ("per_layer_ms", "fwd_bwd_per_layer_ms",
+                                                                          "optimizer_per_layer_ms")}
+            out[f"ratios_{baseline}"]["note"] = "baseline time / our time: above 1 means we are faster"
+    return out
+
+
+def kernel_tables(results: list[dict], depths: tuple[int, int]) -> dict[str, list[dict]]:
+    low, high = depths
+    tables = {}
+    for stack in STACKS:
+        by_depth = {r["depth"]: r["kernels"] for r in results if r["stack"] == stack}
+        if low in by_depth and high in by_depth:
+            tables[stack] = per_layer_table(by_depth[low], by_depth[high], high - low)
+    return tables
+
+
+def table(summary: dict) -> str:
+    rows = ["| stack | attention | per layer ms | fwd+bwd/layer ms | optimizer/layer ms | layer TFLOP/s | layer MFU | "
+            "peak mem GiB | tokens/s | 48-layer tokens/s |", "|" + " --- |" * 10]
+    notes = []
+    for stack in STACKS:
+        if stack in summary and summary[stack].get("per_layer_within_noise"):
+            s = summary[stack]
+            rows.append(f"| {stack} | {s['attention']} | n/a | n/a | n/a | n/a | n/a | {s['peak_mem_gib']:.1f} | "
+                        f"{s['tokens_per_s']:.0f} | n/a |")
+            notes.append(f"{stack}: the deeper model's median step differs from the shallower one's by less than "
+                         f"steps vary; per-layer figures omitted, compare whole steps (tokens/s)")
+        elif stack in summary:
+            s = summary[stack]
+            rows.append(f"| {stack} | {s['attention']} | {s['per_layer_ms']:.1f} | {s['fwd_bwd_per_layer_ms']:.1f} | "
+                        f"{s['optimizer_per_layer_ms']:.1f} | {s['layer_tflops']:.0f} | {100 * s['layer_mfu']:.1f}% | "
+                        f"{s['peak_mem_gib']:.1f} | {s['tokens_per_s']:.0f} | {s['tokens_per_s_48L']:.0f} |")
+    for baseline in BASELINES:
+        if f"ratios_{baseline}" in summary:
+            r = summary[f"ratios_{baseline}"]
+            rows.append(f"\n{baseline}/ours: per layer {r['per_layer_ms']:.2f}x, forward+backward "
+                        f"{r['fwd_bwd_per_layer_ms']:.2f}x, optimizer {r['optimizer_per_layer_ms']:.2f}x")
+    return "\n".join(rows + notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="2,4", help="two depths, comma separated")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
+    parser.add_argument("--full-length", action="store_true", help="4096-token documents (the seed's setting)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps; per-layer figures are differences of medians, so more is steadier")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--attn", default="auto")
+    parser.add_argument("--model", default=QWEN3_30B_A3B, help="config directory of the full-size model")
+    parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ds-config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config of our stack")
+    parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
+    parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, liger or torch")
+    parser.add_argument("--fused-kernels", default="auto", help="fused RMSNorm/RoPE of our stack: auto, liger, none")
+    parser.add_argument("--gate-up-recompute", action="store_true",
+                        help="our stack rebuilds the gate/up concat in backward")
+    parser.add_argument("--adam-states", default="bf16", choices=("bf16", "fp32"), help="Adam moments of our stack")
+    parser.add_argument("--profile", action="store_true", help="profile one step per worker; print and save per-layer kernel tables")
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--scratch", default="outputs/bench")
+    parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.worker:
+        args.stack, args.depth = args.worker[0], int(args.worker[1])
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+    depths = tuple(int(d) for d in args.layers.split(","))
+    results = []
+    for stack in args.stacks.split(","):
+        for depth in depths:
+            cmd = [sys.executable, "-m", "qwen_moe_ft.bench", "--worker", stack, str(depth),
+                   *[a for a in (argv if argv is not None else sys.argv[1:])]]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not found:
+                print(f"{stack} at {depth} layers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
+                return 1
+            results.append(json.loads(found[-1][len("RESULT "):]))
+            print(f"{stack} {depth} layers: step {results[-1]['step_ms']:.1f} ms, losses {results[-1]['losses'][:3]}",
+                  flush=True)
+    peak = args.peak_tflops or peak_tflops(results[0]["gpu"]) or 989.0
+    summary = summarise(results, depths, peak)
+    report = dict(gpu=results[0]["gpu"], torch=torch.__version__, tokens=args.tokens, full_length=args.full_length,
+                  depths=depths, peak_tflops=peak, results=results, summary=summary)
+    if args.profile:
+        report["per_layer_kernels"] = kernel_tables(results, depths)
+        for stack, rows in report["per_layer_kernels"].items():
+            print(f"\n{stack}, kernels per layer ({depths[1]} minus {depths[0]} layers)\n{format_per_layer(rows)}")
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

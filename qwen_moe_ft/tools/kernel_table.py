@@ -1,0 +1,136 @@
+"""Kernel tables for the benchmark: device time per kernel, split into forward+backward and optimizer.
+
+A profiled step gets a marker event where StepTimer.mark("forward_backward") synchronised the
+device; kernels that start before it are forward+backward, the rest the optimizer step. The
+difference of two depths' tables, divided by the layer difference, is the per-layer table.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import record_function
+
+from ..metrics import StepTimer
+
+MARK_PREFIX = "qwen_moe_ft.bench.mark:"
+PHASES = ("forward_backward", "optimizer")
+
+
+class MarkedTimer(StepTimer):
+    """StepTimer whose marks also appear in a torch.profiler trace."""
+
+    def mark(self, name: str):
+        super().mark(name)
+        with record_function(MARK_PREFIX + name):
+            pass
+
+
+def short_name(name: str, width: int) -> str:
+    name = " ".join(name.split())
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+# CPU events of the profiler's own bookkeeping that kernels can end up nested under; they are not where
+# a kernel came from, and filing kernels under them split one op's time over two rows.
+PROFILER_EVENTS = frozenset({"Activity Buffer Request"})
+
+
+def _context(event) -> str:
+    """Where a kernel came from: its launching op, under the backward node or outermost op around it."""
+    chain, parent = [event.name], event.cpu_parent
+    while parent is not None:
+        chain.append(parent.name)
+        parent = parent.cpu_parent
+    chain = [n for n in chain if n not in PROFILER_EVENTS] or ["(no op)"]
+    backward = [n for n in chain if n.startswith("autograd::engine::evaluate_function: ")]
+    outer = ("bwd " + backward[-1].split(": ", 1)[1]) if backward else chain[-1]
+    return outer if outer == chain[0] else f"{outer} > {chain[0]}"
+
+
+def phase_table(events, device_type: DeviceType = DeviceType.CUDA) -> dict[str, dict[str, float]]:
+    """{"op > kernel": {forward_backward: us, optimizer: us, calls: n}} for one profiled step.
+
+    On a GPU each kernel is filed under the op that launched it; on the CPU (tests) top-level aten ops
+    are the rows.
+    """
+    marks = [e.time_range.start for e in events if e.name == MARK_PREFIX + "forward_backward"]
+    if not marks:
+        raise ValueError("no forward_backward mark in the profile: profile a step timed with MarkedTimer")
+    split = marks[-1]
+    table: dict[str, dict[str, float]] = defaultdict(lambda: {"forward_backward": 0.0, "optimizer": 0.0, "calls": 0})
+
+    def phase(start):
+        return "forward_backward" if start < split else "optimizer"
+
+    def add(name, start, us):
+        row = table[name]
+        row[phase(start)] += us
+        row["calls"] += 1
+
+    if device_type == DeviceType.CPU:
+        for e in events:
+            if e.device_type == DeviceType.CPU and e.cpu_parent is None and e.name.startswith("aten::"):
+                add(e.name, e.time_range.start, e.time_range.elapsed_us())
+        return dict(table)
+    # Kernels launched from an op are filed under it; the rest (extension and Triton launches outside an
+    # aten op, such as DeepSpeed's FusedAdam) under "(no op)". Device events carry the device's own
+    # start time, which lies before the mark for forward+backward: the mark waits for the device.
+    unattributed: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.device_type == device_type and not getattr(e, "is_user_annotation", False):
+            key = (short_name(e.name, 70), phase(e.time_range.start))
+            unattributed[key][0] += e.time_range.elapsed_us()
+            unattributed[key][1] += 1
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.name.startswith(MARK_PREFIX):
+            continue
+        for kernel in e.kernels:
+            name = short_name(kernel.name, 70)
+            add(f"{short_name(_context(e), 70)} | {name}", e.time_range.start, kernel.duration)
+            left = unattributed[(name, phase(e.time_range.start))]
+            left[0] -= kernel.duration
+            left[1] -= 1
+    for (name, phase), (us, calls) in unattributed.items():
+        if calls > 0 and us > 0:
+            row = table[f"(no op) | {name}"]
+            row[phase] += us
+            row["calls"] += calls
+    return dict(table)
+
+
+def per_layer_table(low: dict, high: dict, span: int) -> list[dict]:
+    """Per-layer device time of each kernel, (high - low) / span, largest total first."""
+    rows = []
+    for name in set(low) | set(high):
+        a, b = low.get(name, {}), high.get(name, {})
+        row = {"kernel": name}
+        for key in (*PHASES, "calls"):
+            row[key] = (b.get(key, 0.0) - a.get(key, 0.0)) / span
+        row["total"] = row["forward_backward"] + row["optimizer"]
+        rows.append(row)
+    return sorted(rows, key=lambda r: -abs(r["total"]))
+
+
+def format_per_layer(rows: list[dict], top: int = 25) -> str:
+    total = {p: sum(r[p] for r in rows) for p in PHASES}
+    lines = [f"per layer: forward+backward {total['forward_backward'] / 1e3:.2f} ms, "
+             f"optimizer {total['optimizer'] / 1e3:.2f} ms of device time",
+             "| kernel | fwd+bwd us | optimizer us | calls |", "| --- | --- | --- | --- |"]
+    for r in rows[:top]:
+        lines.append(f"| {r['kernel']} | {r['forward_backward']:.0f} | {r['optimizer']:.0f} | {r['calls']:.1f} |")
+    return "\n".join(lines)
+
+
+def profile_step(run_step) -> dict[str, dict[str, float]]:
+    """Profile one call of run_step(timer) and return its phase table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    timer = MarkedTimer(torch.device("cuda" if cuda else "cpu"))
+    with profile(activities=activities) as prof:
+        run_step(timer)
+        timer.end()
+    return phase_table(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)

@@ -1,0 +1,132 @@
+"""Per-GPU memory of full fine-tuning with ZeRO-2 + AutoEP, before launching.
+
+    python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus 8] [--ep-size 8] [--tokens 4096]
+                                 [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
+
+Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
+weights and two Adam moments (bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all
+GPUs, each expert over its expert-data-parallel group, so both come to 1/GPUs of the whole). With gradient accumulation
+DeepSpeed keeps the earlier micro-batches' bf16 gradient partition while the next backward fills a
+new one: one more gradient partition. Transient at the peak (the loss): activations of every layer
+(and the fused gate/up weight copies, one layer's with --gate-up-recompute) and the LM head's logits.
+Checked against one-GPU H100 peaks (BENCHMARKS.md); the multi-GPU partitioning terms follow
+DeepSpeed's ZeRO-2 and are not yet measured.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+GIB = 2**30
+ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+def zero2_bytes_per_param(adam_states: str) -> int:
+    return 2 + 4 + 2 * ADAM_STATE_BYTES[adam_states]  # bf16 gradient, fp32 master weight, Adam m and v
+# Activations saved for backward per token and layer (bf16, top-8 of 128 experts), fitted to 2- vs 4-layer
+# peak differences of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md): 48 KiB with the stock modules,
+# 35 KiB less with liger's norms, which keep no fp32 copies.
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
+LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
+BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
+
+
+PARTS = ("weights", "zero2_states", "accumulation", "activations", "gate_up_copies", "logits", "buckets")
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    zero2_states: float
+    accumulation: float
+    activations: float
+    gate_up_copies: float
+    logits: float
+    buckets: float
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, k) for k in PARTS)
+
+    def table(self) -> str:
+        rows = [(k, getattr(self, k)) for k in PARTS]
+        return "\n".join(f"{k:<14}{v / GIB:8.2f} GiB" for k, v in rows + [("total", self.total)])
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(dense, expert) parameter counts of a Qwen3-MoE config (norms included in dense)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    attn = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 2 * head_dim
+    router = config.num_experts * hidden
+    dense = layers * (attn + router + 2 * hidden) + 2 * config.vocab_size * hidden + hidden
+    expert = layers * config.num_experts * 3 * hidden * config.moe_intermediate_size
+    return dense, expert
+
+
+def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
+             fused_loss: bool = False, adam_states: str = "bf16") -> MemoryEstimate:
+    """Peak bytes on one GPU for micro-batches of `tokens` tokens."""
+    dense, expert = parameter_counts(config)
+    # The fused gate/up projection's concatenated bf16 gate+up weights of this GPU's experts: kept for every
+    # layer (between steps too: expert_mlp.GateUpCache; measured +0.75 GiB per layer at EP=1, exactly their
+    # size), or one layer's at a time when the backward rebuilds them.
+    gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
+    return MemoryEstimate(
+        weights=2 * (dense + expert / ep_size),
+        zero2_states=zero2_bytes_per_param(adam_states) * (dense + expert) / gpus,
+        # measured +5.80 GiB for 2 micro-batches of the 4-layer model on one H100; 2 bytes x 3.115e9 = 5.80 GiB
+        accumulation=2 * (dense + expert) / gpus if grad_accum > 1 else 0,
+        activations=ACTIVATION_BYTES_PER_TOKEN_LAYER * tokens * config.num_hidden_layers,
+        gate_up_copies=gate_up_copy * (1 if gate_up_recompute else config.num_hidden_layers),
+        logits=0 if fused_loss else LOGIT_BYTES * tokens * config.vocab_size,
+        buckets=BUCKET_BYTES if gpus > 1 else 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..config import QWEN3_30B_A3B, TrainConfig, load_config
+    from ..model.loading import load_model_config
+    from ..parallel.expert_parallel import choose_ep_size
+
+    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a train.py recipe: its micro-batch, accumulation, EP size, gate/up "
+                        "recompute and loss are the defaults of the options below")
+    parser.add_argument("--model", default=QWEN3_30B_A3B, help="hub id or directory with config.json")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--ep-size", type=int, help="default 8, or the recipe's (0: as train.py chooses)")
+    parser.add_argument("--tokens", type=int, help="tokens per micro-batch (--max-tokens-per-batch); default 4096")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per step; default 1")
+    parser.add_argument("--gate-up-recompute", action="store_true", default=None)
+    parser.add_argument("--adam-states", choices=sorted(ADAM_STATE_BYTES), help="dtype of the Adam moments; "
+                        "default bf16, or the recipe's")
+    parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
+    parser.add_argument("--fused-loss", action="store_true", default=None,
+                        help="--loss-impl cce/liger: no materialised logits")
+    parser.add_argument("--gpu-gib", type=float, default=79.6,
+                        help="memory of one GPU (default: an 80 GB H100, 81559 MiB), to say whether it fits")
+    args = parser.parse_args(argv)
+    recipe = load_config(["--config", args.config]) if args.config else TrainConfig(
+        max_tokens_per_batch=4096, ep_size=8)
+    config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
+    tokens = args.tokens or recipe.max_tokens_per_batch
+    grad_accum = args.grad_accum or recipe.grad_accum
+    ep_size = choose_ep_size(recipe.ep_size if args.ep_size is None else args.ep_size, args.gpus, config.num_experts)
+    recompute = recipe.gate_up_recompute if args.gate_up_recompute is None else args.gate_up_recompute
+    fused_loss = recipe.loss_impl in ("cce", "liger") if args.fused_loss is None else args.fused_loss
+    adam_states = args.adam_states or recipe.adam_states
+    result = estimate(config, gpus=args.gpus, ep_size=ep_size, tokens=tokens, grad_accum=grad_accum,
+                      gate_up_recompute=recompute, fused_loss=fused_loss, adam_states=adam_states)
+    print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs, EP={ep_size}, {tokens} tokens per "
+          f"micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}, {adam_states} Adam moments")
+    print(result.table())
+    headroom = args.gpu_gib - result.total / GIB
+    fits = headroom >= 0
+    print(f"{'fits' if fits else 'does NOT fit'} a {args.gpu_gib:.1f} GiB GPU ({headroom:+.1f} GiB to spare; "
+          "the allocator's fragmentation needs a few)")
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

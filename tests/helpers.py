@@ -1,0 +1,106 @@
+"""Helpers the tests share: the tiny model's paths, training runs on CPU processes, ZeRO engines on one rank."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "data" / "tiny-qwen3-moe"
+SAMPLE = REPO / "data" / "sample_sft.jsonl"
+EVAL = REPO / "data" / "sample_eval.jsonl"
+
+
+def cpu_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def train(output_dir: Path, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True,
+          ) -> subprocess.CompletedProcess:
+    """Run qwen_moe_ft/train.py on `nproc` CPU processes (real DeepSpeed over gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "qwen_moe_ft" / "train.py"), "--model", str(TINY), "--dtype", "fp32",
+           "--progress-bar", "false", "--output-dir", str(output_dir), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def max_rel_err(a, b) -> float:
+    """Largest absolute difference of a from the reference b, relative to b's largest magnitude."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def eval_loss(model, tokenizer) -> tuple[float, int]:
+    """Loss per label token of a plain transformers model over the sample eval set, as the trainer counts it."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen_moe_ft.config import TrainConfig
+    from qwen_moe_ft.data.rows import IGNORE, tokenize_source
+    from qwen_moe_ft.data.packing import collate_padded
+
+    data, _, _ = tokenize_source(str(EVAL), tokenizer, TrainConfig(max_seq_len=512))
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data), 16):
+            batch = collate_padded([data[j] for j in range(i, min(i + 16, len(data)))], tokenizer.pad_token_id)
+            logits = model(**batch.inputs).logits
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), batch.shift_labels.flatten(), ignore_index=IGNORE,
+                                        reduction="sum").item()
+            tokens += batch.num_label_tokens
+    return loss_sum / tokens, tokens
+
+
+def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, reduce_bucket_size=None):
+    """DeepSpeed ZeRO-1/2 over the tiny model on one CPU rank with the lean norm checks (grad_norm.py), and the
+    fast path's ZeroState of its optimizer; `fused_states`: the moments' dtype of the one-pass step
+    (fuse_adam_step), None for DeepSpeed's step."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_moe_ft.config import TrainConfig
+    from qwen_moe_ft.fastpath.grad_norm import lean_grad_checks
+    from qwen_moe_ft.parallel.ds_config import build_ds_config
+    from qwen_moe_ft.fastpath.state import ZeroState
+    from qwen_moe_ft.fastpath.zero_step import fold_clip_into_adam, fuse_adam_step
+
+    dtype = dtype or torch.bfloat16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
+    cfg = TrainConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.1, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                      zero_stage=zero_stage)
+    ds_config = build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu")
+    if reduce_bucket_size:
+        ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    state = ZeroState(engine.optimizer)
+    assert lean_grad_checks(state)
+    if fused_states is not None:
+        assert fuse_adam_step(state, fused_states)
+    elif fold_clip:
+        assert fold_clip_into_adam(state)
+    return engine, state
+
+
+def zero_backward(engine, poison: str | None = None):
+    """One micro-batch (a gradient accumulation boundary); `poison` names a parameter whose gradient is NaN."""
+    import torch
+
+    params = dict(engine.module.named_parameters())
+    hook = params[poison].register_hook(lambda g: torch.full_like(g, float("nan"))) if poison else None
+    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1)).to(engine.device)
+    engine.backward(engine(input_ids=ids, labels=ids).loss * 100)  # scaled so the clip is active
+    if hook:
+        hook.remove()

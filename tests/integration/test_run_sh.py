@@ -1,0 +1,72 @@
+"""`bash run.sh packed|unpacked` on a machine without GPU: the tiny model on two CPU processes."""
+import math
+import subprocess
+
+import pytest
+
+from helpers import REPO, cpu_env, read_metrics
+from qwen_moe_ft.metrics import KEYS
+
+
+def run_sh(mode, output_dir, *args):
+    proc = subprocess.run(["bash", str(REPO / "run.sh"), mode, "--output-dir", str(output_dir),
+                           "--progress-bar", "false", *args],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    return out, run_sh("packed", out)
+
+
+def test_packed_run_logs_every_key_and_the_loss_falls(packed):
+    out, stdout = packed
+    steps = [m for m in read_metrics(out) if "eval_loss" not in m]
+    assert len(steps) > 100
+    for record in steps:
+        assert set(record) == set(KEYS)
+        for key in KEYS:
+            if key in ("mem_gib", "mfu"):
+                assert record[key] is None, "no GPU: memory and MFU are n/a, never made up"
+            else:
+                assert math.isfinite(record[key]), (key, record)
+    first = sum(m["loss"] for m in steps[:10]) / 10
+    last = sum(m["loss"] for m in steps[-10:]) / 10
+    assert last < first - 1.0, (first, last)
+    evals = [m["eval_loss"] for m in read_metrics(out) if "eval_loss" in m]
+    assert evals[-1] < evals[0]
+    assert "| mfu n/a" in stdout and "packing efficiency" in stdout
+    assert (out / "hf" / "model.safetensors").is_file()
+
+
+def test_plot_draws_the_run(packed):
+    from qwen_moe_ft.tools.plot import main
+
+    out, _ = packed
+    assert main([str(out)]) == 0
+    assert (out / "metrics.png").stat().st_size > 10_000
+
+
+def test_unpacked_run_needs_more_steps_per_epoch(packed, tmp_path):
+    out, stdout = packed
+    unpacked = run_sh("unpacked", tmp_path, "--epochs", "1", "--export-hf", "false")
+    steps_of = lambda text: int(text.split(" steps per epoch")[0].rsplit("| ", 1)[1])
+    assert steps_of(unpacked) > steps_of(stdout)
+    assert "padding efficiency" in unpacked
+
+
+def test_lora_run_leaves_an_adapter_peft_loads(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from helpers import TINY
+
+    stdout = run_sh("lora", tmp_path, "--max-steps", "5")
+    assert "LoRA on attn,experts" in stdout and "saved" in stdout
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
+                                      tmp_path / "adapter")
+    assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()

@@ -1,0 +1,115 @@
+import json
+
+import datasets
+import pytest
+
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.data.rows import IGNORE, DataError, load_tokenized, tokenize_source
+
+
+def write_jsonl(path, rows):
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
+    return str(path)
+
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3"},
+                     {"role": "assistant", "content": "5"}, {"role": "user", "content": "Reverse abc"},
+                     {"role": "assistant", "content": "cba"}]}
+
+
+def labelled_text(tokenizer, example):
+    return tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE])
+
+
+def test_chat_labels_only_the_assistant_answers(tmp_path, tiny_tokenizer):
+    data, _, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", [CHAT]), tiny_tokenizer, TrainConfig())
+    example = data[0]
+    assert labelled_text(tiny_tokenizer, example) == "5<|im_end|>cba<|im_end|>"
+    assert tiny_tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_train_on_prompt_labels_everything(tmp_path, tiny_tokenizer):
+    cfg = TrainConfig(train_on_prompt=True)
+    data, _, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", [CHAT]), tiny_tokenizer, cfg)
+    assert data[0]["labels"] == data[0]["input_ids"]
+
+
+def test_prompt_response_and_text_formats(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": "Add 1 and 1", "response": "2"}, {"text": "plain text for pre-training"}]
+    data, skipped, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", rows), tiny_tokenizer, TrainConfig())
+    assert not skipped and len(data) == 2
+    assert labelled_text(tiny_tokenizer, data[0]) == "2<|im_end|>"
+    assert labelled_text(tiny_tokenizer, data[1]) == "plain text for pre-training<|im_end|>"
+
+
+BAD_ROWS = [
+    ({"messages": []}, "empty_conversation"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "empty_conversation"),
+    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "wrong_role"),
+    ({"conversation": "hi"}, "missing_field"),
+    ({"prompt": "only a prompt"}, "missing_field"),
+    (b'{"text": "caf\xe9"}', "not_utf8"),
+    (b'{"text": "unterminated', "bad_json"),
+    ({"text": "word " * 600}, "too_long"),
+]
+
+
+@pytest.mark.parametrize("row, reason", BAD_ROWS)
+def test_each_bad_row_is_named_with_file_and_row(tmp_path, tiny_tokenizer, row, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT, row])
+    with pytest.raises(DataError) as err:
+        tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=512))
+    assert path in str(err.value) and "row 2" in str(err.value) and reason in str(err.value)
+    assert "--on-bad-row skip" in str(err.value)
+
+
+def test_skip_counts_every_bad_row_by_reason(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT] + [row for row, _ in BAD_ROWS] + [CHAT])
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=512, on_bad_row="skip"))
+    assert len(data) == 2
+    expected = {}
+    for _, reason in BAD_ROWS:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert dict(skipped) == expected
+
+
+def test_truncate_drops_whole_turns_never_part_of_an_answer(tmp_path, tiny_tokenizer):
+    long_second_turn = {"messages": CHAT["messages"][:3] + [{"role": "user", "content": "abc " * 300},
+                                                            {"role": "assistant", "content": "ok"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [long_second_turn])
+    with pytest.raises(DataError, match="too_long"):
+        tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=64))
+    data, skipped, truncated = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=64, truncation="truncate"))
+    assert truncated == 1 and not skipped
+    assert labelled_text(tiny_tokenizer, data[0]) == "5<|im_end|>"
+
+
+def test_parquet_and_saved_dataset_directories(tmp_path, tiny_tokenizer):
+    ds = datasets.Dataset.from_list([{"prompt": "Add 1 and 2", "response": "3"}] * 3)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for source in (tmp_path / "d.parquet", tmp_path / "saved"):
+        data, _, _ = tokenize_source(str(source), tiny_tokenizer, TrainConfig())
+        assert len(data) == 3 and labelled_text(tiny_tokenizer, data[0]) == "3<|im_end|>"
+
+
+def test_missing_file_and_offline_hub_name_are_clear_errors(tmp_path, tiny_tokenizer, monkeypatch):
+    with pytest.raises(DataError, match="no such file"):
+        tokenize_source(str(tmp_path / "absent.jsonl"), tiny_tokenizer, TrainConfig())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="Offline"):
+        tokenize_source("some-org/some-dataset", tiny_tokenizer, TrainConfig())
+
+
+def test_tokenisation_is_cached_and_reused(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 5)
+    first, _, _ = tokenize_source(path, tiny_tokenizer, TrainConfig())
+    second, _, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(lr=0.5))  # lr does not touch tokens
+    assert first.cache_files and first.cache_files == second.cache_files
+
+
+def test_eval_split_is_held_out(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Add {i} and 1", "response": str(i + 1)} for i in range(50)])
+    data = load_tokenized(TrainConfig(data=path, eval_split=0.2), tiny_tokenizer)
+    assert len(data.train) == 40 and len(data.eval) == 10

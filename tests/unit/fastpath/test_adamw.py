@@ -1,0 +1,205 @@
+"""MasterAdamW against torch's AdamW: the same update with fp32 moments, unbiased bf16 moments, the
+gradient taken in pieces with a bf16 copy written out, and (on a GPU) the Triton kernel = the torch path."""
+import pytest
+import torch
+
+from qwen_moe_ft.fastpath.adamw import MasterAdamW, Mirror, round_to_bf16_stochastic, triton
+
+HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def _pair(n=1000, device="cpu", state_dtype=torch.float32):
+    torch.manual_seed(0)
+    start = torch.randn(n, device=device)
+    reference = start.clone().requires_grad_()
+    ours = start.clone()
+    return (reference, torch.optim.AdamW([reference], **HYPER, foreach=False),
+            ours, MasterAdamW([ours], **HYPER, state_dtype=state_dtype))
+
+
+def test_fp32_moments_give_torch_adamw_updates_with_the_gradient_in_pieces_and_a_scale():
+    reference, torch_adam, ours, master_adam = _pair()
+    scale = torch.tensor([4.0])
+    for _ in range(5):
+        grad = torch.randn(1000)
+        reference.grad = grad / 4.0
+        torch_adam.step()
+        master_adam.update(master_adam.param_groups[0], ours, [(grad[:300]), grad[300:]], grad_scale=scale)
+    torch.testing.assert_close(ours, reference.detach(), rtol=1e-6, atol=1e-7)
+    state = master_adam.state[ours]
+    torch.testing.assert_close(state["exp_avg_sq"], torch_adam.state[reference]["exp_avg_sq"], rtol=1e-6, atol=0)
+    assert int(state["step"]) == 5
+
+
+def test_update_writes_the_bf16_copy_and_leaves_elements_past_the_gradient_alone():
+    param = torch.randn(100)
+    out = torch.zeros(100, dtype=torch.bfloat16)
+    adam = MasterAdamW([param], **HYPER)
+    before = param.clone()
+    adam.update(adam.param_groups[0], param, [torch.randn(60, dtype=torch.bfloat16)], out=out)
+    assert not torch.equal(param[:60], before[:60]) and torch.equal(param[60:], before[60:])
+    assert torch.equal(out[:60], param[:60].bfloat16()) and not out[60:].any()
+    with pytest.raises(ValueError, match="more than the parameter's 100 elements"):
+        adam.update(adam.param_groups[0], param, [torch.randn(60), torch.randn(60)])
+
+
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
+    x = torch.full((200_000,), 1.0 + 2**-9)  # a quarter of the way from 1.0 to the next bf16 value 1 + 2**-7
+    rounded = round_to_bf16_stochastic(x, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2**-9, rel=2e-5)
+    negative = round_to_bf16_stochastic(-x, torch.Generator().manual_seed(0)).float()
+    assert negative.mean().item() == pytest.approx(-(1.0 + 2**-9), rel=2e-5)
+
+
+def test_bf16_second_moment_keeps_decaying_where_round_to_nearest_would_stall():
+    """beta2 = 0.999: after the gradient stops, v shrinks 0.1% a step, under half a bf16 ulp."""
+    param = torch.zeros(10_000)
+    adam = MasterAdamW([param], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, state_dtype=torch.bfloat16)
+    group = adam.param_groups[0]
+    adam.update(group, param, [torch.ones(10_000)])
+    for _ in range(300):
+        adam.update(group, param, [torch.zeros(10_000)])
+    exact = 0.001 * 0.999**300  # fp32 moments give this
+    assert adam.state[param]["exp_avg_sq"].dtype == torch.bfloat16
+    assert adam.state[param]["exp_avg_sq"].float().mean().item() == pytest.approx(exact, rel=0.01)
+
+
+def test_bf16_moments_track_fp32_adamw():
+    reference, torch_adam, ours, master_adam = _pair(state_dtype=torch.bfloat16)
+    for _ in range(20):
+        grad = torch.randn(1000)
+        reference.grad = grad.clone()
+        torch_adam.step()
+        master_adam.update(master_adam.param_groups[0], ours, [grad])
+    moved = (reference.detach() - _pair()[2]).abs().mean()
+    assert (ours - reference.detach()).abs().mean() < 0.01 * moved
+
+
+def test_loaded_state_keeps_bf16_moments():
+    param = torch.randn(10)
+    adam = MasterAdamW([param], **HYPER)
+    adam.update(adam.param_groups[0], param, [torch.randn(10)])
+    saved = adam.state_dict()
+    fresh = MasterAdamW([param], **HYPER)
+    fresh.load_state_dict(saved)
+    state = fresh.state[param]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert torch.equal(state["exp_avg"], adam.state[param]["exp_avg"]) and int(state["step"]) == 1
+
+
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or triton is None,
+                                  reason="the Triton kernel needs a CUDA GPU")
+
+
+def _gpu_runs(state_dtype, steps, grads):
+    """(param, bf16 copy, state) after `steps` updates on the Triton kernel and on the torch path."""
+    runs = {}
+    for path in ("triton", "torch"):
+        torch.manual_seed(0)
+        param = torch.randn(grads.numel(), device="cuda")
+        out = torch.empty_like(param, dtype=torch.bfloat16)
+        adam = MasterAdamW([param], **HYPER, state_dtype=state_dtype)
+        if path == "torch":
+            adam._triton_update = adam._torch_update
+        for _ in range(steps):
+            adam.update(adam.param_groups[0], param, [grads[:grads.numel() // 3], grads[grads.numel() // 3:]],
+                        out=out, grad_scale=torch.tensor([2.0], device="cuda"))
+        runs[path] = param, out, adam.state[param]
+    return runs["triton"], runs["torch"]
+
+
+@needs_triton
+def test_triton_kernel_matches_the_torch_path_with_fp32_moments():
+    grads = torch.randn(3_000_000, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).bfloat16()
+    (p_triton, out_triton, s_triton), (p_torch, _, s_torch) = _gpu_runs(torch.float32, 3, grads)
+    torch.testing.assert_close(p_triton, p_torch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_triton, p_triton.bfloat16(), rtol=0, atol=0)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(s_triton[key], s_torch[key], rtol=1e-5, atol=1e-12)
+
+
+@needs_triton
+def test_triton_kernel_writes_the_mirror_as_the_torch_path():
+    out, concat, shape = _mirrored_update("cuda", experts=8, inter=96, hidden=64)
+    w = shape[0] * shape[1] * shape[2]
+    assert torch.equal(concat, torch.cat([out[:w].view(shape), out[w:2 * w].view(shape)], dim=1))
+
+
+@needs_triton
+def test_triton_kernel_rounds_bf16_moments_stochastically():
+    """Every gradient (1 + 2**-9) / 0.1 x 2: the first moment is a quarter of the way between two bf16
+    values; the kernel must store one of the two, the upper one a quarter of the time."""
+    grads = torch.full((3_000_000,), 2 * (1 + 2**-9) / 0.1, device="cuda")
+    (p_triton, out_triton, s_triton), (p_torch, _, _) = _gpu_runs(torch.bfloat16, 1, grads)
+    torch.testing.assert_close(p_triton, p_torch, rtol=1e-6, atol=1e-7)  # the step uses unrounded moments
+    torch.testing.assert_close(out_triton, p_triton.bfloat16(), rtol=0, atol=0)
+    exact = (grads[:1] / 2) * (1.0 - 0.9)
+    first = s_triton["exp_avg"].float()
+    assert set(first.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert first.mean().item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_an_lr_scheduler_of_the_replaced_optimizer_still_steers_after_a_load():
+    """DeepSpeed's lr scheduler is built on the AdamW that fuse_adam_step replaces; a checkpoint load must
+    not leave it steering group dicts the optimizer no longer reads."""
+    param = torch.zeros(4)
+    adam = torch.optim.AdamW([param], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adam, lambda step: 0.5**step)
+    ours = MasterAdamW.replacing(adam, torch.bfloat16)
+    ours.update(ours.param_groups[0], param, [torch.ones(4)])
+    ours.load_state_dict(ours.state_dict())
+    scheduler.step()
+    assert ours.param_groups[0]["lr"] == 0.5
+
+
+def test_small_gradients_updated_together_as_when_apart(monkeypatch):
+    import qwen_moe_ft.fastpath.adamw as adamw
+
+    sizes = [5, 7, 300, 2, 3, 400, 1]
+    grads = [torch.randn(n) for n in sizes]
+    results = []
+    for small, run in ((1, 1), (100, 12)):  # every piece alone; small pieces merged in runs of 12 elements
+        monkeypatch.setattr(adamw, "_SMALL", small)
+        monkeypatch.setattr(adamw, "_RUN", run)
+        param, out = torch.arange(800.0), torch.zeros(800, dtype=torch.bfloat16)
+        adam = MasterAdamW([param], **HYPER, state_dtype=torch.float32)
+        adam.update(adam.param_groups[0], param, grads, out=out)
+        results.append((param, out))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[1][0][sum(sizes):], torch.arange(800.0)[sum(sizes):])
+    pieces = adamw._coalesced(grads, [None] * len(grads))
+    assert [(o, g.numel()) for o, g, _ in pieces] == [(0, 12), (12, 300), (312, 5), (317, 400), (717, 1)]
+
+
+def _mirrored_update(device, experts=3, inter=5, hidden=4, steps=2):
+    """A partition [w1 | w3 | bias] of gate/up weights ([experts, inter, hidden] each) updated with w1 and w3
+    mirrored into their concatenation, w3's gradient in two pieces split inside a row; (bf16 out, mirror)."""
+    block = inter * hidden
+    w = experts * block
+    torch.manual_seed(0)
+    param = torch.randn(2 * w + 7, device=device)
+    out = torch.zeros(2 * w + 7, dtype=torch.bfloat16, device=device)
+    concat = torch.zeros(experts, 2 * inter, hidden, dtype=torch.bfloat16, device=device)
+    adam = MasterAdamW([param], **HYPER, state_dtype=torch.float32)
+    split = block + 3
+    mirrors = [Mirror(concat, half=0, block=block), Mirror(concat, half=1, block=block),
+               Mirror(concat, half=1, block=block, start=split), None]
+    for _ in range(steps):
+        grad = torch.randn(2 * w + 7, device=device).bfloat16()
+        adam.update(adam.param_groups[0], param, list(grad.split([w, split, w - split, 7])), out=out,
+                    mirrors=mirrors)
+    return out, concat, (experts, inter, hidden)
+
+
+def test_mirror_holds_the_gate_up_concatenation_of_the_bf16_weights(monkeypatch):
+    import qwen_moe_ft.fastpath.adamw as adamw
+
+    monkeypatch.setattr(adamw, "_TORCH_CHUNK", 7)  # chunks that start and end inside rows
+    out, concat, shape = _mirrored_update("cpu")
+    w = shape[0] * shape[1] * shape[2]
+    expected = torch.cat([out[:w].view(shape), out[w:2 * w].view(shape)], dim=1)
+    assert torch.equal(concat, expected)
+    with pytest.raises(ValueError, match="1 mirrors for 2 gradient pieces"):
+        MasterAdamW([torch.zeros(4)]).update({"lr": 1.0, "betas": (0.9, 0.9), "eps": 1e-8, "weight_decay": 0.0},
+                                             torch.zeros(4), [torch.ones(2), torch.ones(2)], mirrors=[None])

@@ -1,0 +1,74 @@
+"""The fast path's one entry point on DeepSpeed's real ZeRO-2 engine (one CPU rank): what it installs, in
+which order, what it refuses and why; the version guard; `import qwen_moe_ft.train` imports no patch."""
+import subprocess
+import sys
+import warnings
+
+import deepspeed
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import REPO, TINY, cpu_env
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.fastpath import FastPath, versions
+from qwen_moe_ft.parallel.ds_config import build_ds_config
+from qwen_moe_ft.parallel.expert_parallel import apply_autoep
+
+
+def _engine(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
+    ds_config = build_ds_config(TrainConfig(dtype="bf16" if dtype == torch.bfloat16 else "fp32"), ep_size=1,
+                                world_size=1, device_type="cpu")
+    apply_autoep(model, ds_config, rank=0)
+    ds_config = {**ds_config, "expert_parallel": {**ds_config["expert_parallel"], "enabled": False}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    return engine
+
+
+def test_install_applies_every_patch_in_order_and_names_them(process_group):
+    engine = _engine()
+    fast_path = FastPath()
+    model, kernels = fast_path.prepare_model(engine.module, "auto", "cpu")
+    assert kernels == "none"  # no GPU: liger is refused with the reason
+    applied = fast_path.install(engine, adam_states="bf16")
+    assert [a.name for a in applied] == ["liger_norm_rope", "one_pass_grad_norm", "grads_in_place", "one_pass_adamw",
+                                         "layout_preserving_gate_up", "gate_up_cache", "one_rank_dispatch"]
+    assert [a.name for a in applied if not a] == ["liger_norm_rope"]
+    assert fast_path.adam_states == "bf16"
+    summary = fast_path.summary()
+    assert summary.startswith("fast path: one_pass_grad_norm, grads_in_place, one_pass_adamw")
+    assert "refused: liger_norm_rope (refused: --fused-kernels none)" in summary
+    assert type(engine.optimizer.optimizer).__name__ == "MasterAdamW"
+    assert not any(name.startswith(("qmf", "_qmf")) for name in vars(engine.optimizer))  # state is ours
+
+
+def test_recompute_refuses_the_cache_and_says_why(process_group):
+    fast_path = FastPath()
+    applied = {a.name: a for a in fast_path.install(_engine(), gate_up_recompute=True)}
+    assert applied["layout_preserving_gate_up"] and not applied["gate_up_cache"]
+    assert "--gate-up-recompute" in applied["gate_up_cache"].refused
+
+
+def test_other_versions_install_nothing_with_one_warning(process_group, monkeypatch):
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda p: "0.20.0" if p == "deepspeed" else real(p))
+    with pytest.warns(UserWarning, match=r"deepspeed 0\.20\.0 \(written for 0\.19\.8\).*stock DeepSpeed"):
+        fast_path = FastPath()
+    engine = _engine()
+    step = engine.optimizer.step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fast_path.install(engine) == []
+        assert fast_path.prepare_model(engine.module, "auto", "cpu")[1] == "none"
+    assert engine.optimizer.step == step and fast_path.adam_states == "fp32"
+    assert fast_path.summary().startswith("fast path off (written for other versions: deepspeed 0.20.0")
+
+
+def test_importing_the_trainer_imports_no_patch():
+    code = ("import sys, qwen_moe_ft.train; "
+            "print(sorted(m for m in sys.modules if m.startswith('qwen_moe_ft.fastpath')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

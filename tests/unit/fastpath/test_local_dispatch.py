@@ -1,0 +1,80 @@
+"""AutoEP's MoE block at EP=1 without the alignment permutation, and with the token rows gathered by
+_GatherTokenRows, gives what AutoEP's own path gives."""
+import copy
+
+import pytest
+import torch
+from deepspeed.module_inject import auto_ep_layer
+from transformers import AutoModelForCausalLM
+
+from helpers import TINY, max_rel_err
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.parallel.expert_parallel import apply_autoep
+from qwen_moe_ft.fastpath.local_dispatch import one_rank_dispatch
+from qwen_moe_ft.parallel.ds_config import build_ds_config
+
+# AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
+DEVICE, DTYPE, TOLERANCE = ("cuda", torch.bfloat16, 1e-2) if torch.cuda.is_available() else ("cpu", torch.float32, 1e-6)
+
+
+@pytest.fixture(scope="module")
+def moe_block(process_group):
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type=DEVICE), rank=0)
+    return model.model.layers[0].mlp.to(DEVICE, DTYPE), model.config.hidden_size
+
+
+def _run(block, x, grad_out):
+    x = x.clone().requires_grad_(True)
+    out = block(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(grad_out)
+    return out, x.grad, {name: p.grad for name, p in block.named_parameters()}
+
+
+def _inputs_and_reference(block, hidden_size, seed):
+    """Inputs, an output gradient and AutoEP's own output and gradients for them."""
+    torch.manual_seed(seed)
+    x = torch.randn(2, 40, hidden_size, device=DEVICE, dtype=DTYPE)
+    grad_out = torch.randn_like(x)
+    return x, grad_out, _run(copy.deepcopy(block), x, grad_out)
+
+
+def _assert_same(ours, reference):
+    assert max_rel_err(ours[0], reference[0]) < TOLERANCE
+    assert max_rel_err(ours[1], reference[1]) < TOLERANCE
+    assert sorted(ours[2]) == sorted(reference[2])
+    for name, grad in reference[2].items():
+        assert max_rel_err(ours[2][name], grad) < TOLERANCE, name
+
+
+def test_one_rank_dispatch_gives_autoeps_output_and_gradients(moe_block, monkeypatch):
+    """Rows gathered by token and passed to the experts unpermuted: AutoEP's forward and its alignment
+    permutation must not run, and the result must be theirs."""
+    moe_block, hidden_size = moe_block
+    x, grad_out, reference = _inputs_and_reference(moe_block, hidden_size, seed=1)
+    block = copy.deepcopy(moe_block)
+    assert one_rank_dispatch(block)
+
+    def must_not_run(*args):
+        raise AssertionError("AutoEP's own forward or permutation ran at EP=1")
+
+    for name in ("permute_by_local_expert", "unpermute_by_local_expert"):
+        monkeypatch.setattr(auto_ep_layer, name, must_not_run)
+    monkeypatch.setattr(auto_ep_layer.AutoEPMoELayer, "_forward", must_not_run)
+    ours = _run(block, x, grad_out)
+    assert block.tokens_per_expert.sum().item() == 2 * 40 * block.top_k
+    _assert_same(ours, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton gather-sum runs on CUDA")
+def test_triton_gather_sum_matches_embedding_bag():
+    from qwen_moe_ft.fastpath.local_dispatch import _sum_token_rows
+
+    torch.manual_seed(0)
+    tokens, top_k, hidden = 1000, 8, 2048 + 64  # a hidden size that is not a multiple of the block
+    grad_rows = torch.randn(tokens * top_k, hidden, device="cuda", dtype=torch.bfloat16)
+    position = torch.randperm(tokens * top_k, device="cuda")
+    ours = _sum_token_rows(grad_rows, position, top_k)
+    reference = torch.nn.functional.embedding_bag(position.view(-1, top_k), grad_rows.float(), mode="sum")
+    torch.testing.assert_close(ours.float(), reference, rtol=2**-7, atol=1e-2)

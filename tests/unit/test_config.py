@@ -1,0 +1,71 @@
+import pytest
+
+from qwen_moe_ft.config import REAL_MODEL, TINY_MODEL, ConfigError, TrainConfig, load_config
+from qwen_moe_ft.parallel.ds_config import build_ds_config
+from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
+
+
+def test_cli_overrides_recipe_overrides_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 0.5\nepochs: 3\npacking: false\n")
+    cfg = load_config(["--config", str(recipe), "--lr", "0.25", "--packing"])
+    assert cfg.lr == 0.25 and cfg.epochs == 3.0 and cfg.packing is True
+    assert cfg.grad_accum == TrainConfig().grad_accum
+
+
+def test_unknown_recipe_key_is_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--attn", "xformers"], "--attn"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--max-tokens-per-batch", "100", "--max-seq-len", "200"], "--max-tokens-per-batch"),
+    (["--num-hidden-layers", "2"], "--num-hidden-layers"),
+    (["--eval-split", "1.5"], "--eval-split"),
+])
+def test_bad_options_name_the_option(argv, option):
+    with pytest.raises(ConfigError, match=option):
+        load_config(argv).validate()
+
+
+def test_bad_type_names_the_option():
+    with pytest.raises(ConfigError, match="--lr: expected float"):
+        load_config(["--lr", "fast"])
+
+
+def test_default_model_follows_the_machine():
+    assert TrainConfig().resolved_model(has_gpu=False) == TINY_MODEL
+    assert TrainConfig().resolved_model(has_gpu=True) == REAL_MODEL
+    assert TrainConfig(model="x/y").resolved_model(has_gpu=True) == "x/y"
+
+
+def test_ep_size_auto_is_largest_common_divisor():
+    assert choose_ep_size(0, 8, 128) == 8
+    assert choose_ep_size(0, 6, 128) == 2
+    assert choose_ep_size(0, 2, 8) == 2
+    assert choose_ep_size(0, 1, 8) == 1
+
+
+@pytest.mark.parametrize("ep, world, experts, what", [(3, 8, 128, "world size"), (4, 4, 6, "experts")])
+def test_impossible_ep_size_is_an_error(ep, world, experts, what):
+    with pytest.raises(ConfigError, match=f"--ep-size {ep}.*{what}"):
+        choose_ep_size(ep, world, experts)
+
+
+def test_ds_config_carries_the_run():
+    cfg = TrainConfig(grad_accum=4, grad_clip=0.5, lr=2e-5, dtype="bf16")
+    ds = build_ds_config(cfg, ep_size=8, world_size=8)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["expert_parallel"] == {"preset_model": "qwen3_moe", "enabled": True, "autoep_size": 8,
+                                     "gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}
+    on_cpu = build_ds_config(cfg, ep_size=8, world_size=8, device_type="cpu")
+    assert on_cpu["expert_parallel"]["combine_impl"] == "weighted_sum"
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_allreduce_op"] == "sum"  # loss.backward_scale relies on it
+    assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
+    assert ds["bf16"]["enabled"] is True
+    assert build_ds_config(TrainConfig(dtype="fp32"), 1, 1)["bf16"]["enabled"] is False

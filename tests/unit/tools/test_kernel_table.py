@@ -1,0 +1,51 @@
+import torch
+
+from qwen_moe_ft.tools.kernel_table import format_per_layer, per_layer_table, profile_step
+
+
+def _step(layers: int):
+    x = torch.randn(64, 64)
+
+    def run(timer):
+        timer.begin()
+        y = x
+        for _ in range(layers):
+            y = torch.mm(y, x)
+        timer.mark("forward_backward")
+        for _ in range(layers):
+            y = torch.add(y, 1.0)
+
+    return run
+
+
+def test_ops_are_split_at_the_forward_backward_mark():
+    table = profile_step(_step(3))
+    assert table["aten::mm"]["calls"] == 3
+    assert table["aten::mm"]["forward_backward"] > 0 and table["aten::mm"]["optimizer"] == 0
+    assert table["aten::add"]["calls"] == 3
+    assert table["aten::add"]["optimizer"] > 0 and table["aten::add"]["forward_backward"] == 0
+
+
+def test_per_layer_table_is_the_depth_difference():
+    low = {"gemm": {"forward_backward": 100.0, "optimizer": 10.0, "calls": 4}, "only_low": {"forward_backward": 5.0, "optimizer": 0.0, "calls": 1}}
+    high = {"gemm": {"forward_backward": 300.0, "optimizer": 30.0, "calls": 8}, "adam": {"forward_backward": 0.0, "optimizer": 50.0, "calls": 2}}
+    rows = {r["kernel"]: r for r in per_layer_table(low, high, span=2)}
+    assert rows["gemm"] == {"kernel": "gemm", "forward_backward": 100.0, "optimizer": 10.0, "calls": 2.0, "total": 110.0}
+    assert rows["adam"]["optimizer"] == 25.0 and rows["only_low"]["forward_backward"] == -2.5
+    text = format_per_layer(list(rows.values()))
+    assert text.splitlines()[0] == "per layer: forward+backward 0.10 ms, optimizer 0.04 ms of device time"
+
+
+def test_profiler_bookkeeping_is_not_a_kernels_op():
+    from types import SimpleNamespace
+
+    from qwen_moe_ft.tools.kernel_table import _context
+
+    def event(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    mm = event("aten::_grouped_mm", event("Activity Buffer Request", event("_GateUpGroupedMm")))
+    assert _context(mm) == "_GateUpGroupedMm > aten::_grouped_mm"
+    assert _context(event("Activity Buffer Request", event("aten::cat"))) == "aten::cat"
+    assert _context(event("aten::mm", event("autograd::engine::evaluate_function: MmBackward0"))) == \
+        "bwd MmBackward0 > aten::mm"

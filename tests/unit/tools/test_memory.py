@@ -1,0 +1,56 @@
+import pytest
+
+from helpers import REPO
+from qwen_moe_ft.config import QWEN3_30B_A3B
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.tools.memory import GIB, estimate, main, parameter_counts
+from qwen_moe_ft.model.loading import load_model_config
+
+
+def qwen3(layers=0):
+    return load_model_config(TrainConfig(random_init=bool(layers), num_hidden_layers=layers), QWEN3_30B_A3B)
+
+
+def test_parameter_count_is_qwen3_30b_a3b():
+    dense, expert = parameter_counts(qwen3())
+    assert round((dense + expert) / 1e9, 1) == 30.5
+    assert expert == 48 * 128 * 3 * 2048 * 768
+
+
+@pytest.mark.parametrize("layers, adam_states, measured_gib",
+                         [(2, "fp32", 42.2), (4, "fp32", 62.2), (2, "bf16", 35.2), (4, "bf16", 50.5)])
+def test_estimate_within_ten_percent_of_the_h100_peaks(layers, adam_states, measured_gib):
+    # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (BENCHMARKS.md, commits
+    # 760241f and 507b4c3): one GPU, 8192 tokens per step, plain torch loss.
+    total = estimate(qwen3(layers), gpus=1, ep_size=1, tokens=8192, adam_states=adam_states).total / GIB
+    assert total == pytest.approx(measured_gib, rel=0.10)
+
+
+def test_expert_parallelism_shards_weights_and_zero2_states():
+    one = estimate(qwen3(), gpus=8, ep_size=1, tokens=4096)
+    eight = estimate(qwen3(), gpus=8, ep_size=8, tokens=4096)
+    assert eight.weights < one.weights / 5
+    assert eight.zero2_states == one.zero2_states
+
+
+def test_bf16_adam_moments_make_room_for_twice_the_micro_batch(capsys):
+    eight_gpus = ["--gpus", "8", "--ep-size", "8"]
+    assert main([*eight_gpus, "--tokens", "4096", "--adam-states", "fp32"]) == 0
+    assert main([*eight_gpus, "--tokens", "8192", "--adam-states", "fp32"]) == 1
+    assert main([*eight_gpus, "--tokens", "8192"]) == 0
+    assert main([*eight_gpus, "--tokens", "16384"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_accumulation_adds_the_gradient_partition_measured_on_the_h100():
+    # train.py on the H100, 4 layers, 8192-token micro-batches: 62.61 GiB peak with one micro-batch per
+    # step, 68.41 with two (BENCHMARKS.md).
+    one, two = (estimate(qwen3(4), gpus=1, ep_size=1, tokens=8192, grad_accum=ga, adam_states="fp32").total / GIB
+                for ga in (1, 2))
+    assert two - one == pytest.approx(68.41 - 62.61, rel=0.10)
+
+
+@pytest.mark.parametrize("mode", ["packed", "unpacked"])
+def test_qwen3_30b_a3b_recipes_fit_8_x_80gb(mode, capsys):
+    recipe = REPO / "qwen_moe_ft" / "recipes" / f"qwen3-30b-a3b-{mode}.yaml"
+    assert main(["--config", str(recipe), "--gpus", "8"]) == 0, capsys.readouterr().out
