@@ -5,7 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 # Exact pins where the patches reach into private code: deepspeed (ZeRO-1/2 optimizer, AutoEP layers),
 # transformers (Qwen3-MoE modules that liger swaps). torch: the private ops used (_grouped_mm,
-# _foreach_norm) exist in this range.
+# _foreach_norm) exist in this range. No patch touches PEFT's internals (LoRA is model/lora.py's own module).
 WRITTEN_FOR = {"deepspeed": ("0.19.8",), "transformers": ("5.17.0",)}
 TORCH_RANGE = ((2, 11), (2, 13))  # major.minor, inclusive
 

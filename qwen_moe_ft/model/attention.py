@@ -48,8 +48,8 @@ def _per_document_sdpa(q, k, v, cu, max_len, scale):
 
 
 def _equal_documents(q, k, v, n_docs, scale):
-    """Documents of one length: a dense causal batch through sdpa, which picks cuDNN's kernel on the H100
-    (fwd+bwd of 2 x 4096 tokens at ~420 TFLOP/s against ~245 for the varlen kernels; BENCHMARKS.md)."""
+    """Documents of one length: a dense causal batch through sdpa, which picks cuDNN's kernel on Hopper,
+    faster than the varlen kernels (BENCHMARKS.md)."""
     def batch(t):
         return t.unflatten(0, (n_docs, -1)).transpose(1, 2)  # [docs, heads, length, head_dim]
 
@@ -77,7 +77,7 @@ def _make_forward(backend: str):
         if query.shape[0] != 1:
             raise ValueError(f"packed batches are one row of documents, got batch size {query.shape[0]}")
         max_len = int(kwargs.get("max_length_q") or (cu[1:] - cu[:-1]).max())
-        # squeeze, not [0]: the backward of a select zero-fills and copies (0.12 ms a layer on the H100)
+        # squeeze, not [0]: the backward of a select zero-fills and copies
         q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
         n_docs = cu.shape[0] - 1
         if n_docs * max_len == q.shape[0]:  # every document is max_len long (documents never exceed it)

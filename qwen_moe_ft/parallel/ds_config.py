@@ -24,8 +24,8 @@ def build_ds_config(cfg: TrainConfig, ep_size: int, world_size: int, device_type
     ds["gradient_allreduce_op"] = "sum"
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.dtype == "bf16"}
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.zero_stage}
-    # torch's AdamW rather than DeepSpeed's FusedAdam: zero_step.fuse_adam_step swaps it for the one-pass
-    # MasterAdamW; where that does not apply, the fused torch kernel takes the clip factor (fold_clip_into_adam)
+    # torch's fused AdamW rather than DeepSpeed's FusedAdam: the fast path swaps it for its one-pass AdamW
+    # (fastpath/zero_step.py), and stock DeepSpeed runs it as it is
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.adam_beta1, cfg.adam_beta2],
                                                    "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay,
                                                    "torch_adam": True, "fused": True}}
