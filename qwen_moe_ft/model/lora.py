@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe.ep_experts import apply_expert_activation
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
@@ -35,10 +37,21 @@ def peft_config(cfg: TrainConfig, base_model: str) -> LoraConfig:
                       base_model_name_or_path=base_model, task_type="CAUSAL_LM")
 
 
+def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(x_e A_e^T) B_e^T for each expert's rows of x: two grouped GEMMs through rank r, nothing of W's size."""
+    pad = -a.shape[1] % (16 // x.element_size())
+    if pad:  # torch._grouped_mm needs 16-byte row strides; zero rank rows add nothing
+        a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+    return torch._grouped_mm(torch._grouped_mm(x, a.to(x.dtype).transpose(-2, -1), offs=offsets),
+                             b.to(x.dtype).transpose(-2, -1), offs=offsets)
+
+
 class ExpertLoRA(nn.Module):
     """LoRA of this rank's experts: W_e + (alpha / r) B_e A_e for gate_up ([2I, H]) and down ([H, I]).
 
-    A is initialised per global expert index from its own seed, so a run gives the same adapter at
+    The forward never builds W_e + (alpha / r) B_e A_e: the frozen base runs its grouped GEMMs and the
+    update is added as (alpha / r) (x A_e^T) B_e^T, so autograd keeps rank-r and activation-sized tensors
+    only. A is initialised per global expert index from its own seed, so a run gives the same adapter at
     any EP size; B starts at zero, so training starts from the base model.
     """
 
@@ -75,9 +88,18 @@ class ExpertLoRA(nn.Module):
         return gate_up[:, :self.inter], gate_up[:, self.inter:], down  # gate (w1), up (w3), down (w2)
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        d1, d3, d2 = self.deltas()
-        weights = {"w1": self.base.w1 + d1, "w3": self.base.w3 + d3, "w2": self.base.w2 + d2}
-        return torch.func.functional_call(self.base, weights, (x, num_tokens_per_expert))
+        base, offsets = self.base, torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+        # Gate and up as two GEMMs (AutoEP's "separate" path): the fused one would concatenate w1 and w3 anew
+        # each call, a copy of the weights' size; frozen weights are all autograd keeps of them.
+        gate = torch._grouped_mm(x, base.w1.to(x.dtype).transpose(-2, -1), offs=offsets)
+        up = torch._grouped_mm(x, base.w3.to(x.dtype).transpose(-2, -1), offs=offsets)
+        gate_up = _low_rank(x, self.lora_A_gate_up, self.lora_B_gate_up, offsets)
+        gate.add_(gate_up[:, :self.inter], alpha=self.scaling)
+        up.add_(gate_up[:, self.inter:], alpha=self.scaling)
+        h = apply_expert_activation(gate, up, base.activation, base.activation_alpha, base.activation_limit)
+        out = torch._grouped_mm(h, base.w2.to(x.dtype).transpose(-2, -1), offs=offsets)
+        out.add_(_low_rank(h, self.lora_A_down, self.lora_B_down, offsets), alpha=self.scaling)
+        return out.type_as(x)
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig, ds_config: dict, rank: int) -> nn.Module:
