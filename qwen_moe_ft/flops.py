@@ -17,19 +17,23 @@ def mean_causal_context(doc_lengths: Iterable[int]) -> float:
     return sum(n * (n + 1) / 2 for n in lengths) / tokens
 
 
-def flops_per_token(config, mean_context: float) -> float:
+def flops_per_token(config, mean_context: float, frozen_weights: bool = False) -> float:
     """6 x active matmul params per layer + causal attention scores, times depth, plus the LM head.
 
-    Norms, RoPE, the softmax and the embedding lookup are left out, as is usual for MFU.
+    frozen_weights (LoRA): 4 x instead of 6 x, as frozen weights need no weight gradient (the input
+    gradients still flow through them; the rank-r adapters are left out). Recomputation under activation
+    checkpointing is not counted: this is model FLOPs. Norms, RoPE, the softmax and the embedding lookup are
+    left out, as is usual for MFU.
     """
+    weight_factor = 4 if frozen_weights else 6
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     attn_params = hidden * head_dim * (2 * heads + 2 * config.num_key_value_heads)
     expert_params = config.num_experts_per_tok * 3 * hidden * config.moe_intermediate_size
     router_params = config.num_experts * hidden
-    per_layer = 6 * (attn_params + expert_params + router_params) + 12 * heads * head_dim * mean_context
-    return config.num_hidden_layers * per_layer + 6 * config.vocab_size * hidden
+    per_layer = weight_factor * (attn_params + expert_params + router_params) + 12 * heads * head_dim * mean_context
+    return config.num_hidden_layers * per_layer + weight_factor * config.vocab_size * hidden
 
 
 def peak_tflops(device_name: str | None) -> float | None:

@@ -1,11 +1,14 @@
 """Benchmark one GPU: our training step against transformers' grouped_mm and against stock DeepSpeed ZeRO-2 +
 AutoEP (our trainer with --fast-path off), same batches, same process tree.
 
-    python -m qwen_moe_ft.bench [--layers 2,4] [--tokens 8192] [--full-length] [--out bench.json]
+    python -m qwen_moe_ft.bench [--layers 2,4] [--tokens 8192] [--lengths full|chat|mixed] [--out bench.json]
+    python -m qwen_moe_ft.bench --lora --layers 48 --tokens 4096 --lengths chat   # LoRA, whole model, one GPU
 
 Each (stack, depth) runs in a fresh subprocess on a Qwen3-30B-A3B-shaped model cut to that depth
-(random init, seeded). Per-layer costs are differences between the two depths; the 48-layer
-equivalent is rest + 48 x per-layer.
+(random init, seeded). With two depths, per-layer costs are differences between them and the 48-layer
+equivalent is rest + 48 x per-layer; with one depth, whole steps. `--lora` compares our LoRA (rank 16,
+attention and experts) with transformers + PEFT LoRA of the same targets (`target_parameters` on the
+experts), both with activation checkpointing unless `--no-activation-checkpointing`.
 """
 from __future__ import annotations
 
@@ -28,27 +31,33 @@ from ..data.packing import collate_packed, collate_padded, plan_micro_batches
 
 # ours: the trainer with the fast path; deepspeed_stock: the same trainer with --fast-path off
 STACKS = ("ours", "deepspeed_stock", "hf_grouped_mm")
-BASELINES = ("hf_grouped_mm", "deepspeed_stock")
+LORA_STACKS = ("ours", "hf_peft_lora")
+BASELINES = ("hf_grouped_mm", "deepspeed_stock", "hf_peft_lora")
+LORA_RANK, LORA_ALPHA = 16, 32.0
+# Document lengths (log-normal, cut to 64..4096): "mixed" a long tail of short SFT rows (median ~550 tokens),
+# "chat" chat-like conversations (median ~1.5k tokens)
+LOG_NORMAL = {"mixed": (6.3, 0.9), "chat": (7.3, 0.6)}
 
 
-def document_lengths(tokens: int, full_length: bool, rng: random.Random) -> list[int]:
-    """Lengths summing to `tokens`: 4096 each, or a fixed long-tailed SFT-like mix (64..4096)."""
-    if full_length:
+def document_lengths(tokens: int, lengths: str, rng: random.Random) -> list[int]:
+    """Lengths summing to `tokens`: 4096 each ("full"), or drawn from a fixed log-normal mix."""
+    if lengths == "full":
         return [4096] * (tokens // 4096)
-    lengths = []
-    while sum(lengths) < tokens:
-        lengths.append(min(4096, max(64, int(rng.lognormvariate(6.3, 0.9)))))
-    lengths[-1] -= sum(lengths) - tokens
-    return [n for n in lengths if n > 0]
+    mu, sigma = LOG_NORMAL[lengths]
+    out = []
+    while sum(out) < tokens:
+        out.append(min(4096, max(64, int(rng.lognormvariate(mu, sigma)))))
+    out[-1] -= sum(out) - tokens
+    return [n for n in out if n > 0]
 
 
-def make_batches(count: int, tokens: int, full_length: bool, vocab: int, seed: int = 0) -> list[list[dict]]:
+def make_batches(count: int, tokens: int, lengths: str, vocab: int, seed: int = 0) -> list[list[dict]]:
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
         docs = []
-        for n in document_lengths(tokens, full_length, rng):
+        for n in document_lengths(tokens, lengths, rng):
             ids = torch.randint(0, vocab, (n,), generator=g).tolist()
             docs.append({"input_ids": ids, "labels": list(ids)})
         batches.append(docs)
@@ -66,7 +75,7 @@ def _run_ours(args, batches):
                       ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage,
                       fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
                       gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
-                      fast_path="on" if args.stack == "ours" else "off")
+                      fast_path="on" if args.stack == "ours" else "off", **_lora_options(args))
     trainer = Trainer(cfg)
     trainer.engine.train()
 
@@ -75,6 +84,26 @@ def _run_ours(args, batches):
 
     fast_path = trainer.fast_path.summary() if trainer.fast_path else "fast path off"
     return step, f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}; {fast_path}"
+
+
+def _lora_options(args) -> dict:
+    if not args.lora:
+        return {}
+    return dict(lora=True, lora_targets="attn,experts", lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, ep_size=1,
+                activation_checkpointing=args.activation_checkpointing)
+
+
+def _peft_lora(model, args):
+    """What a transformers user runs for LoRA of a Qwen3-MoE model: PEFT on the attention projections and, through
+    target_parameters, on the fused expert weights; activation checkpointing to fit."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
 
 
 def _run_hf(args, batches):
@@ -88,8 +117,11 @@ def _run_hf(args, batches):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
                                                  experts_implementation="grouped_mm")
+    if args.lora:
+        model = _peft_lora(model, args)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, fused=True)
 
     def step(docs, i, timer):
         # What a user of padded batches runs: micro-batches within the same token budget, accumulated.
@@ -107,18 +139,18 @@ def _run_hf(args, batches):
             total += loss_sum.detach()
             del logits, loss_sum
         timer.mark("forward_backward")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(total) / label_tokens
 
-    return step, "sdpa (padded)"
+    return step, "sdpa (padded)" + (", PEFT LoRA" if args.lora else "")
 
 
 def worker(args) -> dict:
     """One stack at one depth: median step, forward+backward and optimizer times after warm-up."""
-    batches = make_batches(args.warmup + args.steps, args.tokens, args.full_length, vocab=151936, seed=args.seed)
-    step, attention = (_run_hf if args.stack == "hf_grouped_mm" else _run_ours)(args, batches)
+    batches = make_batches(args.warmup + args.steps, args.tokens, args.lengths, vocab=151936, seed=args.seed)
+    step, attention = (_run_hf if args.stack.startswith("hf_") else _run_ours)(args, batches)
     timer = StepTimer(torch.device("cuda"))  # resets the peak each step: the reported peak is the last step's
     losses, steps, fwd_bwd = [], [], []
     for i, docs in enumerate(batches):
@@ -140,28 +172,34 @@ def worker(args) -> dict:
                 gpu=torch.cuda.get_device_name(), kernels=kernels)
 
 
-def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict:
+def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_weights: bool = False) -> dict:
+    """Per stack: whole steps at the deepest depth (tokens/s, MFU, peak memory) and, given two depths, per-layer
+    figures from their difference; ratios of each baseline's time to ours. frozen_weights: a LoRA step."""
     from ..config import TrainConfig
     from ..model.loading import load_model_config
 
-    low, high = depths
+    low, high = depths[0], depths[-1]
+    config_at = {d: load_model_config(TrainConfig(random_init=True, num_hidden_layers=d), QWEN3_30B_A3B) for d in depths}
     out = {}
     for stack in {r["stack"] for r in results}:
         by_depth = {r["depth"]: r for r in results if r["stack"] == stack}
         a, b = by_depth[low], by_depth[high]
         span = high - low
+        tokens_per_s = b["tokens"] / (b["step_ms"] / 1e3)
+        step_flops = flops_per_token(config_at[high], b["mean_context"], frozen_weights=frozen_weights)
         whole_steps = dict(attention=b["attention"], **{f"step_ms_{d}L": by_depth[d]["step_ms"] for d in depths},
-                           peak_mem_gib=b["peak_mem_gib"], tokens_per_s=b["tokens"] / (b["step_ms"] / 1e3),
-                           first_losses=a["losses"][:3])
+                           peak_mem_gib=b["peak_mem_gib"], tokens_per_s=tokens_per_s,
+                           step_mfu=tokens_per_s * step_flops / 1e12 / peak, first_losses=a["losses"][:3])
+        if span == 0:
+            out[stack] = whole_steps
+            continue
         if b["step_ms"] - a["step_ms"] <= max(a.get("step_ms_spread", 0.0), b.get("step_ms_spread", 0.0)):
             # The added layers changed the median step by less than steps vary (e.g. padded batches of
             # mixed lengths, dominated by the LM head): a per-layer difference would be noise.
             out[stack] = dict(whole_steps, per_layer_within_noise=True)
             continue
         per_layer = {k: (b[k] - a[k]) / span for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms")}
-        cfg_low = load_model_config(TrainConfig(random_init=True, num_hidden_layers=low), QWEN3_30B_A3B)
-        cfg_high = load_model_config(TrainConfig(random_init=True, num_hidden_layers=high), QWEN3_30B_A3B)
-        layer_flops = (flops_per_token(cfg_high, b["mean_context"]) - flops_per_token(cfg_low, b["mean_context"])) / span
+        layer_flops = (step_flops - flops_per_token(config_at[low], b["mean_context"], frozen_weights=frozen_weights)) / span
         layer_tflops = layer_flops * b["tokens"] / (per_layer["step_ms"] / 1e3) / 1e12
         fb_tflops = layer_flops * b["tokens"] / (per_layer["fwd_bwd_ms"] / 1e3) / 1e12
         rest_ms = a["step_ms"] - low * per_layer["step_ms"]
@@ -173,7 +211,10 @@ def summarise(results: list[dict], depths: tuple[int, int], peak: float) -> dict
     ours = out.get("ours", {})
     for baseline in BASELINES:
         base = out.get(baseline, {})
-        if "per_layer_ms" in ours and "per_layer_ms" in base:
+        if span == 0 and ours and base:
+            out[f"ratios_{baseline}"] = {"tokens_per_s": ours["tokens_per_s"] / base["tokens_per_s"],
+                                         "note": "our tokens/s / the baseline's: above 1 means we are faster"}
+        elif "per_layer_ms" in ours and "per_layer_ms" in base:
             out[f"ratios_{baseline}"] = {k: base[k] / ours[k] for k in ("per_layer_ms", "fwd_bwd_per_layer_ms",
                                                                           "optimizer_per_layer_ms")}
             out[f"ratios_{baseline}"]["note"] = "baseline time / our time: above 1 means we are faster"
@@ -191,6 +232,9 @@ def kernel_tables(results: list[dict], depths: tuple[int, int]) -> dict[str, lis
 
 
 def table(summary: dict) -> str:
+    if not any("per_layer_ms" in v or v.get("per_layer_within_noise") for v in summary.values() if isinstance(v, dict)
+               and "attention" in v):
+        return whole_step_table(summary)
     rows = ["| stack | attention | per layer ms | fwd+bwd/layer ms | optimizer/layer ms | layer TFLOP/s | layer MFU | "
             "peak mem GiB | tokens/s | 48-layer tokens/s |", "|" + " --- |" * 10]
     notes = []
@@ -214,15 +258,36 @@ def table(summary: dict) -> str:
     return "\n".join(rows + notes)
 
 
+def whole_step_table(summary: dict) -> str:
+    """One depth: whole steps only."""
+    rows = ["| stack | attention | step ms | tokens/s | MFU | peak mem GiB |", "|" + " --- |" * 6]
+    for stack in (*STACKS, *LORA_STACKS[1:]):
+        if stack in summary:
+            s = summary[stack]
+            step_ms = [v for k, v in s.items() if k.startswith("step_ms_")][-1]
+            rows.append(f"| {stack} | {s['attention']} | {step_ms:.1f} | {s['tokens_per_s']:.0f} | "
+                        f"{100 * s['step_mfu']:.1f}% | {s['peak_mem_gib']:.1f} |")
+    for baseline in BASELINES:
+        if "tokens_per_s" in summary.get(f"ratios_{baseline}", {}):
+            rows.append(f"\nours/{baseline} tokens/s: {summary[f'ratios_{baseline}']['tokens_per_s']:.2f}x")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", default="2,4", help="two depths, comma separated")
+    parser.add_argument("--layers", default="2,4", help="two depths, comma separated (per-layer figures), or one")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
-    parser.add_argument("--full-length", action="store_true", help="4096-token documents (the seed's setting)")
+    parser.add_argument("--lengths", choices=("full", *LOG_NORMAL), default="mixed",
+                        help="documents of 4096 tokens, chat-like (median ~1.5k) or a long tail of short rows")
+    parser.add_argument("--full-length", action="store_true", help="the same as --lengths full")
+    parser.add_argument("--lora", action="store_true", help="LoRA (rank 16, attention + experts): ours against "
+                        "transformers + PEFT (stacks ours,hf_peft_lora)")
+    parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                        help="with --lora: keep every layer's activations (both stacks)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps; per-layer figures are differences of medians, so more is steadier")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--stacks", help=f"comma list; default {','.join(STACKS)}, with --lora {','.join(LORA_STACKS)}")
     parser.add_argument("--attn", default="auto")
     parser.add_argument("--model", default=QWEN3_30B_A3B, help="config directory of the full-size model")
     parser.add_argument("--peak-tflops", type=float, default=0.0)
@@ -239,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", default="outputs/bench")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.lengths = "full" if args.full_length else args.lengths
+    args.stacks = args.stacks or ",".join(LORA_STACKS if args.lora else STACKS)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -247,29 +314,36 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
     depths = tuple(int(d) for d in args.layers.split(","))
-    results = []
+    results, failures = [], []
     for stack in args.stacks.split(","):
         for depth in depths:
             cmd = [sys.executable, "-m", "qwen_moe_ft.bench", "--worker", stack, str(depth),
                    *[a for a in (argv if argv is not None else sys.argv[1:])]]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not found:
+            if proc.returncode or not found:  # e.g. out of memory: reported, and the other stacks still run
                 print(f"{stack} at {depth} layers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
-                return 1
+                failures.append(dict(stack=stack, depth=depth, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
+                continue
             results.append(json.loads(found[-1][len("RESULT "):]))
             print(f"{stack} {depth} layers: step {results[-1]['step_ms']:.1f} ms, losses {results[-1]['losses'][:3]}",
                   flush=True)
-    peak = args.peak_tflops or peak_tflops(results[0]["gpu"]) or 989.0
-    summary = summarise(results, depths, peak)
-    report = dict(gpu=results[0]["gpu"], torch=torch.__version__, tokens=args.tokens, full_length=args.full_length,
-                  depths=depths, peak_tflops=peak, results=results, summary=summary)
-    if args.profile:
+    complete = [r for r in results if {x["depth"] for x in results if x["stack"] == r["stack"]} == set(depths)]
+    if not complete:
+        print("error: no stack ran at every depth", file=sys.stderr)
+        return 1
+    peak = args.peak_tflops or peak_tflops(complete[0]["gpu"]) or 989.0
+    summary = summarise(complete, depths, peak, frozen_weights=args.lora)
+    report = dict(gpu=complete[0]["gpu"], torch=torch.__version__, tokens=args.tokens, lengths=args.lengths,
+                  lora=args.lora, depths=depths, peak_tflops=peak, results=results, failures=failures, summary=summary)
+    if args.profile and len(depths) == 2:
         report["per_layer_kernels"] = kernel_tables(results, depths)
         for stack, rows in report["per_layer_kernels"].items():
             print(f"\n{stack}, kernels per layer ({depths[1]} minus {depths[0]} layers)\n{format_per_layer(rows)}")
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(summary))
+    for failure in failures:
+        print(f"{failure['stack']} at {failure['depth']} layers failed: {failure['error']}")
     return 0
 
 

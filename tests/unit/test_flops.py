@@ -22,6 +22,12 @@ def test_qwen3_30b_a3b_at_4096_token_documents_by_hand():
     assert round(flops_per_token(qwen3_30b_a3b(), context) / 1e9, 1) == 23.1
 
 
+def test_lora_counts_no_weight_gradients():
+    # By hand: weight terms 4/6 of the above: 4 x 56,885,248 = 227,540,992 per layer + the same attention
+    # 100,687,872 -> 48 x 328,228,864 = 15,754,985,472; LM head 4*151936*2048 = 1,244,659,712.
+    assert flops_per_token(qwen3_30b_a3b(), 2048.5, frozen_weights=True) == 16_999_645_184
+
+
 def test_per_layer_difference_is_one_layer():
     c2, c4 = qwen3_30b_a3b(2), qwen3_30b_a3b(4)
     per_layer = (flops_per_token(c4, 2048.5) - flops_per_token(c2, 2048.5)) / 2

@@ -35,3 +35,14 @@ def test_a_depth_difference_within_the_step_spread_gives_no_per_layer_figures():
     assert summary["ours"]["per_layer_ms"] == pytest.approx(26.35)
     printed = table(summary)
     assert "| hf_grouped_mm | x | n/a |" in printed and "compare whole steps" in printed
+
+
+def test_one_depth_gives_whole_steps_and_tokens_per_second_ratios():
+    summary = summarise([result("ours", 48, 400.0, 5.0, 300.0), result("hf_peft_lora", 48, 1000.0, 5.0, 900.0)],
+                        (48,), peak=989.0, frozen_weights=True)
+    assert "per_layer_ms" not in summary["ours"]
+    assert summary["ours"]["tokens_per_s"] == pytest.approx(8192 / 0.4)
+    assert summary["ratios_hf_peft_lora"]["tokens_per_s"] == pytest.approx(2.5)
+    assert summary["ours"]["step_mfu"] < summary["ours"]["tokens_per_s"] * 6 * 3.4e9 / 989e12  # 4N, not 6N
+    printed = table(summary)
+    assert "| hf_peft_lora | x | 1000.0 |" in printed and "ours/hf_peft_lora tokens/s: 2.50x" in printed

@@ -1,13 +1,14 @@
 """The shipped default: data/tiny-qwen3-moe loads like a hub Qwen3-MoE checkpoint, and the sample data is valid."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+from helpers import REPO
+
+DATA = REPO / "data"
 TINY = DATA / "tiny-qwen3-moe"
 SAMPLES = {"sample_sft.jsonl": 3000, "sample_eval.jsonl": 200}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3"},
