@@ -74,11 +74,12 @@ class StepTimer:
 
 def step_metrics(*, step: int, epoch: int, loss: float, grad_norm: float, lr: float, seconds: float,
                  tokens: int, label_tokens: int, mean_context: float, world_size: int, model_config,
-                 peak_tflops: float | None, mem_gib: float | None) -> StepMetrics:
-    """Throughput counts real (unpadded) tokens of the global batch over the step's wall time."""
+                 peak_tflops: float | None, mem_gib: float | None, frozen_weights: bool = False) -> StepMetrics:
+    """Throughput counts real (unpadded) tokens of the global batch over the step's wall time; frozen_weights
+    (LoRA): the base weights get no weight gradient, which the FLOPs count leaves out."""
     tps = tokens / seconds
     per_gpu = tps / world_size
-    tflops = per_gpu * flops_per_token(model_config, mean_context) / 1e12
+    tflops = per_gpu * flops_per_token(model_config, mean_context, frozen_weights) / 1e12
     mfu = tflops / peak_tflops if peak_tflops else None
     return StepMetrics(step, epoch, loss, grad_norm, lr, mem_gib, tps, per_gpu, label_tokens, tflops, mfu)
 

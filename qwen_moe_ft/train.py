@@ -193,7 +193,7 @@ class Trainer:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr, seconds=seconds,
             tokens=int(tokens), label_tokens=int(label_tokens), mean_context=context_sum / max(tokens, 1),
             world_size=self.world_size, model_config=self.model_config, peak_tflops=self.peak,
-            mem_gib=timer.peak_mem_gib())
+            mem_gib=timer.peak_mem_gib(), frozen_weights=self.cfg.lora)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int]:
