@@ -1,0 +1,146 @@
+"""The router terms on the tiny model (8 experts, top-2, 2 layers) under AutoEP, through AutoEP's own forward and
+the fast path's: load-balancing loss and z-loss with their gradients equal to autograd of the formulas written
+out from the router logits, padding and filler batches left out; load counts; router freezing."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import TINY, max_rel_err
+from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.data.packing import MicroBatch, collate_padded, filler_batch
+from qwen_moe_ft.fastpath.local_dispatch import one_rank_dispatch
+from qwen_moe_ft.parallel.ds_config import build_ds_config
+from qwen_moe_ft.parallel.expert_parallel import apply_autoep
+from qwen_moe_ft.router import RouterStats, RouterTerms, freeze_router
+
+AUX, Z = 0.5, 0.05  # large enough that the router terms' gradients are far above float32 rounding
+
+
+@pytest.fixture(scope="module")
+def autoep_model(process_group):
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    return model
+
+
+def _micro_batches() -> list[MicroBatch]:
+    """A full row (no mask), a padded batch (rows of 30 and 17 tokens), and a filler batch."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 2048, (1, 40), generator=g)
+    full = MicroBatch({"input_ids": ids}, ids.clone(), [40])
+    padded = collate_padded([{"input_ids": torch.randint(1, 2048, (n,), generator=g).tolist(), "labels": [0] * n}
+                             for n in (30, 17)], pad_id=0)
+    return [full, padded, filler_batch(0, packing=False)]
+
+
+def _mask(micro: MicroBatch) -> torch.Tensor:
+    if micro.num_tokens == 0:
+        return torch.zeros(micro.inputs["input_ids"].numel(), dtype=torch.bool)
+    mask = micro.inputs.get("attention_mask")
+    return torch.ones(micro.inputs["input_ids"].numel(), dtype=torch.bool) if mask is None else mask.flatten().bool()
+
+
+def _reference(model, micro_batches, scope):
+    """Autograd of the formulas of router.py's docstring, from each layer's router logits of the real tokens."""
+    layers = [m for m in model.modules() if hasattr(m, "router") and hasattr(m, "tokens_per_expert")]
+    assert all(layer.expert_bias is None for layer in layers)  # the router's choice is the top-k of softmax
+    top_k, experts = layers[0].top_k, layers[0].num_experts
+    logits = {i: [] for i in range(len(layers))}
+    hooks = [layer.router.gate.register_forward_hook(lambda m, a, out, i=i: logits[i].append(out))
+             for i, layer in enumerate(layers)]
+    for micro in micro_batches:
+        model.model(**micro.inputs, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+
+    def balance(rows):  # coef * E * sum_i f_i * P_i of one layer's rows
+        probs = torch.softmax(rows, dim=-1)
+        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, experts).sum((0, 1)).float()
+        return AUX * experts * (chosen / (len(rows) * top_k) * probs.mean(0)).sum()
+
+    masks = [_mask(m) for m in micro_batches]
+    real = [[x[mask] for x, mask in zip(logits[i], masks)] for i in logits]  # [layer][micro] -> rows
+    if scope == "global":
+        aux = torch.stack([balance(torch.cat(rows)) for rows in real]).mean()
+    else:
+        kept = [j for j, mask in enumerate(masks) if mask.any()]
+        aux = torch.stack([torch.stack([balance(rows[j]) for rows in real]).mean() for j in kept]).mean()
+    z = Z * torch.stack([torch.logsumexp(torch.cat(rows), dim=-1).square().mean() for rows in real]).mean()
+    return aux, z
+
+
+def _ours(model, micro_batches, scope):
+    terms = RouterTerms(model, aux_coef=AUX, z_coef=Z, scope=scope)
+    try:
+        terms.start_step(micro_batches, real_tokens=sum(m.num_tokens for m in micro_batches),
+                         nonempty_micro_batches=sum(1 for m in micro_batches if m.num_tokens), device="cpu")
+        for micro in micro_batches:
+            with terms.micro_batch(micro):
+                model.model(**micro.inputs, use_cache=False)
+            terms.loss().backward()  # one backward per micro-batch, as the trainer's
+        return terms, terms.read(terms.step_totals().tolist())
+    finally:
+        terms.remove()
+
+
+@pytest.mark.parametrize("forward", ["autoep", "fast_path"])
+@pytest.mark.parametrize("scope", ["global", "micro_batch"])
+def test_router_terms_and_gradients_equal_the_formulas(autoep_model, scope, forward):
+    """Float32 throughout: both sides sum a few hundred terms of size ~1/(N E) in another order, so they agree to
+    a few hundred float32 roundings of the largest magnitude, far below 1e-5 relative."""
+    model = copy.deepcopy(autoep_model)
+    if forward == "fast_path":
+        assert one_rank_dispatch(model)
+    micro_batches = _micro_batches()
+    aux, z = _reference(model, micro_batches, scope)
+    (aux + z).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    terms, stats = _ours(model, micro_batches, scope)
+    assert stats.aux_loss == pytest.approx(aux.item(), rel=1e-6)
+    assert stats.z_loss == pytest.approx(z.item(), rel=1e-6)
+    ours = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert sorted(ours) == sorted(expected)
+    assert any("router.gate" in name for name in ours) and any("self_attn" in name for name in ours)
+    for name, grad in expected.items():
+        assert max_rel_err(ours[name], grad) < 1e-5, name
+    # the load counts the real tokens' slots only: 40 + 30 + 17 tokens, top-2, in every layer
+    assert [sum(row) for row in stats.load] == [2 * 87] * 2
+    if scope == "global":  # the counting pass saw what the training forwards routed
+        assert torch.equal(terms.global_counts, terms.step_counts)
+
+
+def test_one_micro_batch_needs_no_counting_pass(autoep_model):
+    terms = RouterTerms(autoep_model, aux_coef=AUX, z_coef=0.0, scope="global")
+    try:
+        assert not terms.needs_counting_pass(1) and terms.needs_counting_pass(2)
+        assert not RouterTerms(autoep_model, aux_coef=0.0, z_coef=0.0, scope="global").needs_counting_pass(2)
+    finally:
+        terms.remove()
+
+
+def test_hooks_record_nothing_outside_a_training_micro_batch(autoep_model):
+    terms = RouterTerms(autoep_model, aux_coef=AUX, z_coef=Z, scope="global")
+    try:
+        with torch.no_grad():
+            autoep_model.model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
+        assert terms._capture is None and terms._logits is None
+    finally:
+        terms.remove()
+
+
+def test_expert_load_max_and_dead_experts():
+    stats = RouterStats(aux_loss=0.0, z_loss=0.0, load=[[4, 4, 4, 4], [10, 6, 0, 0]])
+    assert stats.expert_load_max == 2.5  # layer 1: 10 over the mean 4
+    assert stats.dead_experts == 2
+
+
+def test_freeze_router_before_autoep_freezes_autoeps_gates_alone(process_group):
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    assert freeze_router(model) == 2
+    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == [f"model.layers.{i}.mlp.router.gate.weight" for i in range(2)]
