@@ -72,9 +72,8 @@ class Trainer:
         self.model_config = load_model_config(cfg, self.model_name)
         self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
         self.ds_config = build_ds_config(cfg, self.ep_size, world_size, "cuda" if has_gpu else "cpu")
-        engine_config = self.ds_config
-        if cfg.lora:  # the trainer applies AutoEP itself, before LoRA (see model/lora.py)
-            engine_config = {**engine_config, "expert_parallel": {**engine_config["expert_parallel"], "enabled": False}}
+        # The model arrives in AutoEP's layout (model/rank_local.py): the engine only builds the EP groups.
+        engine_config = {**self.ds_config, "expert_parallel": {**self.ds_config["expert_parallel"], "enabled": False}}
         self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=engine_config),
                                        gradient_accumulation_steps=cfg.grad_accum,
                                        log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -113,7 +112,7 @@ class Trainer:
             self.fast_path = FastPath()
         else:
             self.fast_path = None
-        model = load_model(cfg, self.model_name, self.model_config, attn_implementation)
+        model = load_model(cfg, self.model_name, self.model_config, attn_implementation, self.ds_config, self.rank)
         self.fused_kernels = "none"
         if self.fast_path:
             model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fused_kernels, self.device.type)

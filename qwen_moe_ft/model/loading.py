@@ -4,16 +4,16 @@ from __future__ import annotations
 import os
 
 import torch
+from huggingface_hub import snapshot_download
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from ..config import TrainConfig
+from ..parallel.expert_parallel import apply_autoep
+from .rank_local import load_rank_local
+from .shards import ModelLoadError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def _not_found(name: str, what: str, err: Exception) -> ModelLoadError:
@@ -48,19 +48,32 @@ def load_tokenizer(cfg: TrainConfig, name: str):
     return tokenizer
 
 
-def load_model(cfg: TrainConfig, name: str, config, attn_implementation: str):
-    """bf16 (or fp32) weights from `name`; with --random-init, fresh weights from its config."""
+def _local_dir(name: str) -> str:
+    """`name` itself if it is a directory, else the hub snapshot of its config and safetensors (cached)."""
+    if os.path.isdir(name):
+        return name
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as err:  # offline, unknown repo, no access: all end the same way for the user
+        raise _not_found(name, "weights", err) from err
+
+
+def load_model(cfg: TrainConfig, name: str, config, attn_implementation: str, ds_config: dict, rank: int):
+    """bf16 (or fp32) weights from `name` in AutoEP's layout, only this rank's experts read (rank_local.py);
+    with --random-init, fresh weights from its config."""
     dtype = DTYPES[cfg.dtype]
     if cfg.random_init:
         # Initialising billions of weights is minutes on the CPU and seconds on the GPU.
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
-                                                    attn_implementation=attn_implementation)
-    except OSError as err:
-        raise _not_found(name, "weights", err) from err
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        apply_autoep(model, ds_config, rank)
+        return model
+    directory = _local_dir(name)
+    model = load_rank_local(directory, config, dtype, attn_implementation, ds_config, rank)
+    if os.path.exists(os.path.join(directory, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
 
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from deepspeed.module_inject.auto_ep import AutoEP
+from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 from torch import nn
 
@@ -29,10 +30,17 @@ def choose_ep_size(requested: int, world_size: int, num_experts: int) -> int:
 
 
 def apply_autoep(model: nn.Module, ds_config: dict, rank: int) -> None:
-    """AutoEP's layer replacement, done before DeepSpeed sees the model (as LoRA needs)."""
+    """AutoEP's layer replacement, done before DeepSpeed sees the model; the engine is then configured with
+    expert_parallel disabled and builds the EP groups for the replaced layers itself. A model that already
+    holds AutoEP layers of this EP size (model/rank_local.py loads it so) is left as it is."""
     ep_section = ds_config["expert_parallel"]
-    autoep = AutoEP(model, parse_autoep_config(ep_section))
     ep_size = ep_section["autoep_size"]
+    done = {m.ep_size for m in model.modules() if isinstance(m, AutoEPMoELayer)}
+    if done:
+        if done != {ep_size}:
+            raise ValueError(f"the model holds AutoEP layers of EP size {sorted(done)}, not {ep_size}")
+        return
+    autoep = AutoEP(model, parse_autoep_config(ep_section))
     autoep.replace_moe_layers(autoep.ep_parser(), ep_size=ep_size, ep_rank=rank % ep_size)
 
 
