@@ -52,3 +52,21 @@ def gather_experts(local: torch.Tensor, layer) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
     dist.all_gather(parts, local.detach().contiguous(), group=layer.ep_group)
     return torch.cat(parts, dim=0)
+
+
+def gather_experts_to(local: torch.Tensor, layer, dst: int) -> torch.Tensor | None:
+    """[E_local, ...] of this rank -> [E, ...] on global rank `dst` only (None on the other ranks of its EP
+    group); a collective over the layer's EP group, which only the ranks of `dst`'s group may call."""
+    if layer.ep_size == 1:
+        return local.detach()
+    is_dst = dist.get_rank() == dst
+    parts = [torch.empty_like(local) for _ in range(layer.ep_size)] if is_dst else None
+    dist.gather(local.detach().contiguous(), parts, dst=dst, group=layer.ep_group)
+    return torch.cat(parts, dim=0) if is_dst else None
+
+
+def in_ep_group_of(layer, rank: int) -> bool:
+    """Whether `rank` shares this rank's EP group in `layer` (every rank does at EP size 1 with itself only)."""
+    if layer.ep_size == 1:
+        return dist.get_rank() == rank if dist.is_initialized() else rank == 0
+    return rank in dist.get_process_group_ranks(layer.ep_group)
