@@ -10,7 +10,10 @@ case "$mode" in
   -h|--help) sed -n 2,4p "$0"; exit 0 ;;
   *) echo "run.sh: unknown mode '$mode'; use packed, unpacked or lora" >&2; exit 2 ;;
 esac
-gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+gpus=0  # without nvidia-smi there is no GPU to count, and importing torch to say so takes seconds
+if command -v nvidia-smi >/dev/null; then
+  gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+fi
 if [ "$gpus" -gt 0 ]; then
   recipe=qwen_moe_ft/recipes/qwen3-30b-a3b-$mode.yaml
   nproc=${NUM_PROCESSES:-$gpus}
@@ -22,5 +25,7 @@ else
   # Accelerate's own CPU multi-process mode needs MPI; torchrun gives DeepSpeed plain gloo processes.
   launch=(torchrun --standalone --nproc_per_node "$nproc")
 fi
+# Options checked once here, before any process starts: a typo is one line, not one traceback per rank.
+python3 -m qwen_moe_ft.cli --config "$recipe" "$@" || exit $?
 echo "run.sh: $mode, $nproc process(es), recipe $recipe"
 exec "${launch[@]}" qwen_moe_ft/train.py --config "$recipe" "$@"

@@ -70,14 +70,20 @@ def save(engine, root: Path, step: int, *, rank: int, keep: int) -> Path:
         pointer = root / (LATEST + ".tmp")
         pointer.write_text(tag + "\n")
         os.replace(pointer, root / LATEST)
-        finished = complete_checkpoints(root)
-        for old in finished[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stray in root.iterdir():  # half-written saves of earlier, interrupted runs
-            if _TAG.match(stray.name) and not (stray / COMPLETE).exists() and stray != path:
-                shutil.rmtree(stray, ignore_errors=True)
+        prune(root, keep, latest=path)
     _barrier()
     return path
+
+
+def prune(root: Path, keep: int, *, latest: Path):
+    """Keep `latest` and the newest others, `keep` in all (0: all), and remove half-written saves. `latest` may have
+    a lower step than the others (resumed from an earlier checkpoint): it is never the one removed."""
+    others = [p for p in complete_checkpoints(root) if p != latest]
+    for old in others[:max(len(others) - (keep - 1), 0)] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stray in root.iterdir():  # half-written saves of earlier, interrupted runs
+        if _TAG.match(stray.name) and not (stray / COMPLETE).exists() and stray != latest:
+            shutil.rmtree(stray, ignore_errors=True)
 
 
 def resolve(resume: str, root: Path) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,82 +21,94 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wa
 TRACKER_PACKAGES = {"tensorboard": "'qwen-moe-ft[tensorboard]'", "wandb": "wandb"}
 
 
+# The options of a fixed set of values, for validate() and for -h.
+CHOICES = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
+           "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
+           "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"), "lr_schedule": ("cosine", "constant"),
+           "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb")}
+# -h lists the options in groups, as the dataclass orders them: each group starts at the option named here.
+GROUP_STARTS = {"model": "model", "data": "data", "max_steps": "optimisation", "ep_size": "parallelism",
+                "output_dir": "output and logging", "save_steps": "checkpoints", "lora": "LoRA"}
+
+
 class ConfigError(ValueError):
     """A bad option: the message names the option and what to change."""
 
 
+def _opt(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    # model
-    model: str = ""  # hub id or local dir; empty: the tiny model without GPU, Qwen3-30B-A3B with
-    tokenizer: str = ""  # empty: same as model
-    random_init: bool = False  # build the model from its config.json with random weights (benchmarks)
-    num_hidden_layers: int = 0  # >0 cuts the model to this depth (with random_init)
-    dtype: str = "bf16"  # bf16 | fp32
-    attn: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
-    loss_impl: str = "auto"  # auto | torch | cce | liger
-    fused_kernels: str = "auto"  # auto | liger | none: fused RMSNorm and RoPE (fastpath/liger.py)
-    # data
-    data: str = str(REPO_ROOT / "data" / "sample_sft.jsonl")
-    eval_data: str = ""
-    eval_split: float = 0.0
-    eval_steps: int = 0
-    max_seq_len: int = 4096
-    train_on_prompt: bool = False
-    on_bad_row: str = "error"  # error | skip
-    truncation: str = "drop"  # drop | truncate
-    num_proc: int = 1
-    packing: bool = True
-    max_tokens_per_batch: int = 4096  # micro-batch size in tokens, per GPU
-    shuffle_buffer: int = 10000
-    # optimisation
-    max_steps: int = 0  # 0: run `epochs` epochs
-    epochs: float = 1.0
-    lr: float = 1e-4
-    lr_schedule: str = "cosine"  # cosine | constant
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    adam_states: str = "bf16"  # bf16 | fp32: dtype of AdamW's two moments (fast path; stock DeepSpeed: fp32)
-    grad_accum: int = 1
-    seed: int = 42
-    # parallelism
-    ep_size: int = 0  # 0: largest size dividing both world size and the number of experts
-    zero_stage: int = 2
-    ds_config: str = DEFAULT_DS_CONFIG
-    fast_path: str = "on"  # on | off: the patches of DeepSpeed/transformers internals in fastpath/; off is stock
-    gate_up_recompute: bool = False  # rebuild the experts' gate+up concat in backward: less memory (fastpath/expert_mlp.py)
-    # output and logging
-    output_dir: str = "outputs/run"
-    logging_steps: int = 1
-    report_to: str = "none"  # none | tensorboard | wandb
-    peak_tflops: float = 0.0  # 0: look up from the GPU name
-    progress_bar: bool = True
-    # checkpoints
-    save_steps: int = 0
-    save_total_limit: int = 2
-    resume: str = ""  # "" | latest | path to a checkpoint directory
-    export_hf: bool = True  # full fine-tuning: OUTPUT_DIR/hf/ at the end
-    # LoRA (base weights frozen; OUTPUT_DIR/adapter/ in PEFT's format)
-    lora: bool = False
-    lora_targets: str = "attn,experts"  # comma list of attn, experts
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    merge: bool = False  # with --lora: also write OUTPUT_DIR/hf/ with the adapter merged in
+    # Each option's help is its metadata (`-h` prints it); blank lines part the groups of GROUP_STARTS.
+    model: str = _opt("", "hub id or local dir; empty: the tiny model without GPU, Qwen3-30B-A3B with GPUs")
+    tokenizer: str = _opt("", "hub id or local dir of the tokenizer; empty: the model's")
+    random_init: bool = _opt(False, "build the model from its config.json with random weights (benchmarks)")
+    num_hidden_layers: int = _opt(0, ">0 cuts the model to this depth (with --random-init)")
+    dtype: str = _opt("bf16", "dtype of weights and compute")
+    attn: str = _opt("auto", "attention kernel of packed rows")
+    loss_impl: str = _opt("auto", "cross-entropy kernel")
+    fused_kernels: str = _opt("auto", "fused RMSNorm and RoPE (fastpath/liger.py)")
+
+    data: str = _opt(str(REPO_ROOT / "data" / "sample_sft.jsonl"),
+                     "training rows: .jsonl/.json/.parquet/.csv file, datasets.save_to_disk dir, or hub name org/name")
+    eval_data: str = _opt("", "held-out rows, same formats as --data")
+    eval_split: float = _opt(0.0, "fraction of --data held out for evaluation instead of --eval-data")
+    eval_steps: int = _opt(0, "evaluate every N steps (and at the end); 0: at the end only")
+    max_seq_len: int = _opt(4096, "longest example in tokens; longer ones are dropped or truncated (--truncation)")
+    train_on_prompt: bool = _opt(False, "learn the prompt tokens too, not only the assistant's answers")
+    on_bad_row: str = _opt("error", "a malformed row stops the run (error) or is skipped and counted (skip)")
+    truncation: str = _opt("drop", "rows over --max-seq-len: dropped and counted, or cut at a turn boundary")
+    num_proc: int = _opt(1, "processes that tokenise the data")
+    packing: bool = _opt(True, "pack several examples into one row (varlen attention) instead of padding")
+    max_tokens_per_batch: int = _opt(4096, "micro-batch size in tokens, per GPU")
+    shuffle_buffer: int = _opt(10000, "examples shuffled together when planning micro-batches")
+
+    max_steps: int = _opt(0, "optimizer steps; 0: run --epochs epochs")
+    epochs: float = _opt(1.0, "passes over the data when --max-steps is 0")
+    lr: float = _opt(1e-4, "peak learning rate")
+    lr_schedule: str = _opt("cosine", "decay after warmup")
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.95, "AdamW beta2")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0: no clipping")
+    adam_states: str = _opt("bf16", "dtype of AdamW's two moments (fast path; stock DeepSpeed: fp32)")
+    grad_accum: int = _opt(1, "micro-batches per rank per optimizer step")
+    seed: int = _opt(42, "seed of weights init, shuffling and dropout")
+
+    ep_size: int = _opt(0, "expert-parallel size; 0: largest size dividing both world size and expert count")
+    zero_stage: int = _opt(2, "DeepSpeed ZeRO stage (1 or 2)")
+    ds_config: str = _opt(DEFAULT_DS_CONFIG, "DeepSpeed config the run's settings are filled into")
+    fast_path: str = _opt("on", "the patches of DeepSpeed/transformers internals in fastpath/; off is stock")
+    gate_up_recompute: bool = _opt(False, "rebuild the experts' gate+up concat in backward: less memory")
+
+    output_dir: str = _opt("outputs/run", "where metrics.jsonl, checkpoints/, hf/ and adapter/ are written")
+    overwrite_output_dir: bool = _opt(False, "remove an earlier run's metrics, checkpoints and exports first")
+    logging_steps: int = _opt(1, "print and record metrics every N steps")
+    report_to: str = _opt("none", "tracker that also receives the metrics")
+    peak_tflops: float = _opt(0.0, "peak TFLOPS per GPU for MFU; 0: look up from the GPU name")
+    progress_bar: bool = _opt(True, "a progress bar when stdout is a terminal")
+
+    save_steps: int = _opt(0, "save a checkpoint every N steps (and at the end); 0: only when stopped by a signal")
+    save_total_limit: int = _opt(2, "checkpoints kept (the newest and the one `latest` names); 0: all")
+    resume: str = _opt("", "continue from `latest` or a checkpoint directory")
+    export_hf: bool = _opt(True, "full fine-tuning: write OUTPUT_DIR/hf/ at the end")
+
+    lora: bool = _opt(False, "train LoRA adapters, base weights frozen; OUTPUT_DIR/adapter/ in PEFT's format")
+    lora_targets: str = _opt("attn,experts", "comma list of attn, experts")
+    lora_rank: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha (scale alpha/rank)")
+    merge: bool = _opt(False, "with --lora: also write OUTPUT_DIR/hf/ with the adapter merged in")
 
     def validate(self) -> "TrainConfig":
         def bad(option: str, why: str) -> ConfigError:
             return ConfigError(f"--{option.replace('_', '-')}: {why}")
 
-        choices = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
-                   "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
-                   "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"),
-                   "lr_schedule": ("cosine", "constant"), "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb")}
-        for option, allowed in choices.items():
+        for option, allowed in CHOICES.items():
             if getattr(self, option) not in allowed:
                 raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")
         positive = ("max_seq_len", "max_tokens_per_batch", "grad_accum", "logging_steps", "num_proc",
@@ -129,6 +142,8 @@ class TrainConfig:
         if self.lora and "experts" not in targets:
             raise bad("lora_targets", "must include experts: DeepSpeed's expert-parallel optimizer needs trainable "
                       "expert parameters (use attn,experts)")
+        if self.overwrite_output_dir and self.resume:
+            raise bad("overwrite_output_dir", "would remove the checkpoints --resume continues from; give one of them")
         if self.merge and not self.lora:
             raise bad("merge", "merges a LoRA adapter into the model; add --lora true or drop --merge")
         if self.lora and (self.save_steps or self.resume):
@@ -178,28 +193,81 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         raise ConfigError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}") from None
 
 
+# What other trainers (transformers' Trainer and those built on it) call some of these options.
+OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+               "max_grad_norm": "grad_clip", "model_name_or_path": "model", "dataset": "data",
+               "max_length": "max_seq_len", "max_seq_length": "max_seq_len", "lr_scheduler_type": "lr_schedule",
+               "deepspeed": "ds_config", "resume_from_checkpoint": "resume",
+               "per_device_train_batch_size": "max_tokens_per_batch"}
+
+
+def _did_you_mean(name: str) -> str:
+    """' (did you mean --x?)' for an unknown option name, or ''."""
+    key = name.lstrip("-").replace("-", "_")
+    names = [f.name for f in fields(TrainConfig)] + ["config"]
+    match = OTHER_NAMES.get(key) or next(iter(difflib.get_close_matches(key, names, n=1, cutoff=0.6)), None)
+    return f"; did you mean --{match.replace('_', '-')}?" if match else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises ConfigError (one line) where argparse would print its usage and exit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see `python -m qwen_moe_ft.train -h`")
+
+
+def _help(field: dataclasses.Field) -> str:
+    default = {True: "true", False: "false", "": '""'}.get(field.default, field.default)
+    allowed = f"; one of {', '.join(CHOICES[field.name])}" if field.name in CHOICES else ""
+    return f"{field.metadata.get('help', '')} (default {default}{allowed})".replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every TrainConfig option as a flag, with its help, default and allowed values, in the dataclass's groups."""
+    types = _option_types()
+    parser = _Parser(prog="qwen_moe_ft.train", usage="%(prog)s [--config RECIPE] [--option value ...]",
+                     description="Fine-tune a Qwen3-MoE model. Options override the --config recipe, which overrides "
+                     "the defaults shown.")
+    parser.add_argument("--config", help="YAML recipe (qwen_moe_ft/recipes/); command-line options override it")
+    group = parser
+    for field in fields(TrainConfig):
+        if field.name in GROUP_STARTS:
+            group = parser.add_argument_group(GROUP_STARTS[field.name])
+        flag, kind = "--" + field.name.replace("_", "-"), types[field.name]
+        if kind is bool:
+            group.add_argument(flag, nargs="?", const="true", default=None, metavar="BOOL", help=_help(field))
+        else:
+            group.add_argument(flag, default=None, metavar=kind.__name__.upper(), help=_help(field))
+    return parser
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist")
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML ({getattr(err, 'problem', None) or err}{where})") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"--config {path}: expected `option: value` lines, got a {type(recipe).__name__}")
+    unknown = sorted(set(recipe) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"{path}: unknown option {unknown[0]}{_did_you_mean(unknown[0])}"
+                          + (f" (and {', '.join(unknown[1:])})" if unknown[1:] else ""))
+    return recipe
+
+
 def load_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then the YAML recipe given by --config, then --key value options, in that order."""
     types = _option_types()
-    parser = argparse.ArgumentParser(prog="qwen_moe_ft.train", description="Fine-tune a Qwen3-MoE model.")
-    parser.add_argument("--config", help="YAML recipe; command-line options override it")
-    for name, kind in types.items():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, nargs="?", const="true", default=None, metavar="BOOL")
-        else:
-            parser.add_argument(flag, default=None, metavar=kind.__name__.upper())
-    args = parser.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config: {path} does not exist")
-        recipe = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(recipe) - set(types))
-        if unknown:
-            raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; see `python -m qwen_moe_ft.train -h`")
-        values.update(recipe)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        first = unknown[0]
+        if first.startswith("-"):
+            raise ConfigError(f"unknown option {first.split('=')[0]}{_did_you_mean(first.split('=')[0])}")
+        raise ConfigError(f"unexpected argument {first!r}; options are --key value pairs")
+    values: dict[str, Any] = _read_recipe(Path(args.config)) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k in types and v is not None})
     return TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
-

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ class StepMetrics:
         mfu = "n/a" if self.mfu is None else f"{100 * self.mfu:.1f}%"
         return (f"step {self.step} | epoch {self.epoch} | loss {self.loss:.4f} | grad_norm {self.grad_norm:.4f} | "
                 f"lr {self.lr:.2e} | mem {mem} | tps {self.tps:.2f}({self.tps_per_gpu:.2f}/gpu) | "
-                f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.1f}/gpu | mfu {mfu}")
+                f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.3g}/gpu | mfu {mfu}")
 
 
 class StepTimer:
@@ -96,7 +97,8 @@ class MetricsLogger:
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
         self.total_steps = total_steps
-        self.progress_bar = progress_bar and enabled
+        # tqdm's redraws are for a terminal; in a log file they would join the step lines with carriage returns
+        self.progress_bar = progress_bar and enabled and sys.stdout.isatty()
         self.bar = None
         self.file = None
         if enabled:
@@ -146,9 +148,21 @@ class MetricsLogger:
             self.file.close()
 
 
-def drop_metrics_after(path: Path, step: int):
-    """Forget records past `step`: a resumed run logs those steps again."""
+def drop_metrics_after(path: Path, step: int) -> str | None:
+    """Forget records past `step`, training and eval ones: a resumed run logs those steps again. Lines that are not
+    JSON (a process killed mid-write tears the last one) are dropped too; returns a note saying so, or None."""
     if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        return None
+    kept, torn = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn.append(number)
+            continue
+        if record["step"] <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
+    return f"{path}: dropped line(s) {torn}, not JSON (written when the run was killed)" if torn else None

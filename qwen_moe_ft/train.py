@@ -18,6 +18,12 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch qwen_moe_
     sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
     __package__ = "qwen_moe_ft"
 
+if __name__ == "__main__":  # -h and a bad option answer before torch and DeepSpeed are imported (seconds)
+    from qwen_moe_ft.cli import main as _preflight
+
+    if _preflight(sys.argv[1:]) != 0:
+        sys.exit(2)
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -25,6 +31,7 @@ from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitPr
 
 from qwen_moe_ft import checkpoint
 from qwen_moe_ft.checkpoint import CheckpointError
+from qwen_moe_ft.cli import report
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data.loader import StepLoader
 from qwen_moe_ft.data.packing import MicroBatch, packing_efficiency
@@ -37,9 +44,10 @@ from qwen_moe_ft.model.attention import register_varlen_attention, select_backen
 from qwen_moe_ft.model.export import save_hf_checkpoint
 from qwen_moe_ft.model.loading import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
 from qwen_moe_ft.model.lora import apply_lora, merge_lora, save_adapter
+from qwen_moe_ft.output_dir import check_output_dir, clear_earlier_run
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
-from qwen_moe_ft.parallel.process import ensure_process_env
+from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
 
 
 def _global_sum(values: list[float], device) -> list[float]:
@@ -55,6 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
+        check_output_dir(cfg)
         self._init_processes()
         self._build_data()
         self._build_engine(self._build_model())
@@ -68,20 +77,26 @@ class Trainer:
         has_gpu = torch.cuda.is_available()
         self.model_name = cfg.resolved_model(has_gpu)
         ensure_process_env()
+        silence_known_warnings(int(os.environ["RANK"]))
         world_size = int(os.environ["WORLD_SIZE"])
         self.model_config = load_model_config(cfg, self.model_name)
         self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
         self.ds_config = build_ds_config(cfg, self.ep_size, world_size, "cuda" if has_gpu else "cpu")
         # The model arrives in AutoEP's layout (model/rank_local.py): the engine only builds the EP groups.
         engine_config = {**self.ds_config, "expert_parallel": {**self.ds_config["expert_parallel"], "enabled": False}}
-        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=engine_config),
-                                       gradient_accumulation_steps=cfg.grad_accum,
-                                       log_with=None if cfg.report_to == "none" else cfg.report_to,
-                                       project_dir=cfg.output_dir,
-                                       # Without a GPU, Accelerate would not start a process group at all.
-                                       kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
+        with without_harmless_lines():
+            self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=engine_config),
+                                           gradient_accumulation_steps=cfg.grad_accum,
+                                           log_with=None if cfg.report_to == "none" else cfg.report_to,
+                                           project_dir=cfg.output_dir,
+                                           # Without a GPU, Accelerate would not start a process group at all.
+                                           kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
         acc = self.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        if cfg.overwrite_output_dir:
+            if acc.is_main_process and (removed := clear_earlier_run(Path(cfg.output_dir))):
+                print(f"--overwrite-output-dir: removed the earlier run's {', '.join(removed)} from {cfg.output_dir}")
+            acc.wait_for_everyone()
         self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
         set_seed(cfg.seed)
 
@@ -222,7 +237,8 @@ class Trainer:
         if self.fast_path:
             self.fast_path.after_load()
         if self.accelerator.is_main_process:
-            drop_metrics_after(Path(self.cfg.output_dir) / "metrics.jsonl", start)
+            if note := drop_metrics_after(Path(self.cfg.output_dir) / "metrics.jsonl", start):
+                self.metrics.info(note)
         self.metrics.info(f"resumed from {path} at step {start}")
         return start
 
@@ -277,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         return Trainer(cfg).run()
     except (ConfigError, DataError, ModelLoadError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(err)
         return 2
 
 

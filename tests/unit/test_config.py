@@ -69,3 +69,33 @@ def test_ds_config_carries_the_run():
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
     assert ds["bf16"]["enabled"] is True
     assert build_ds_config(TrainConfig(dtype="fp32"), 1, 1)["bf16"]["enabled"] is False
+
+
+def test_every_option_has_a_one_line_help():
+    from dataclasses import fields
+
+    for field in fields(TrainConfig):
+        assert field.metadata.get("help") and "\n" not in field.metadata["help"], field.name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning-rate", "1"], "unknown option --learning-rate; did you mean --lr?"),
+    (["--max-seq-length=3"], "unknown option --max-seq-length; did you mean --max-seq-len?"),
+    (["--warmpu-steps", "3"], "did you mean --warmup-steps?"),
+    (["--lr"], "argument --lr: expected one argument"),
+    (["stray"], "unexpected argument 'stray'"),
+])
+def test_command_line_errors_are_one_line_with_a_suggestion(argv, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recipe_syntax_error_and_unknown_key_are_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 0.1\nepochs: [3\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: not valid YAML .* line 3"):
+        load_config(["--config", str(recipe)])
+    recipe.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown option learning_rate; did you mean --lr"):
+        load_config(["--config", str(recipe)])

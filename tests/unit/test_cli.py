@@ -1,0 +1,44 @@
+"""The command line before any process starts: run.sh's check of the options, and `-h` without heavy imports."""
+import subprocess
+import sys
+import time
+
+from helpers import REPO, cpu_env
+from qwen_moe_ft.cli import main
+
+
+def test_run_sh_typo_is_one_line_with_a_suggestion_and_no_process_started():
+    started = time.perf_counter()
+    proc = subprocess.run(["bash", str(REPO / "run.sh"), "packed", "--learning-rate", "1"], cwd=REPO,
+                          env=cpu_env(), capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown option --learning-rate; did you mean --lr?"]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # run.sh's launch line never printed
+    assert seconds < 20, seconds  # the check imports no torch; loose for a loaded 2-core machine
+
+
+def test_check_passes_a_good_command_line_and_refuses_an_earlier_run(tmp_path, capsys):
+    assert main(["--output-dir", str(tmp_path), "--lr", "1e-3"]) == 0
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert main(["--output-dir", str(tmp_path)]) == 2
+    assert "--overwrite-output-dir true" in capsys.readouterr().err
+
+
+def test_errors_are_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--lr", "fast"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_help_lists_options_in_groups_without_importing_torch():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qwen_moe_ft.train", "-h"], cwd=REPO,
+                          env=cpu_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "deepspeed", "transformers", "accelerate", "datasets"}
+    help_text = " ".join(proc.stdout.split())  # argparse wraps lines at the terminal's width
+    for expected in ("model:", "data:", "optimisation:", "parallelism:", "checkpoints:", "LoRA:",
+                     "--lr FLOAT peak learning rate (default 0.0001)",
+                     "(default drop; one of drop, truncate)", "--overwrite-output-dir [BOOL]"):
+        assert expected in help_text, expected
