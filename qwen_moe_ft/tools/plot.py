@@ -1,4 +1,5 @@
-"""Draw loss, tokens/s per GPU and MFU over steps: `python -m qwen_moe_ft.plot OUTPUT_DIR [--out FILE]`."""
+"""Draw loss, tokens/s per GPU and MFU over steps, and beside them the experts' load of the last step recorded
+in expert_load.jsonl (layers x experts): `python -m qwen_moe_ft.plot OUTPUT_DIR [--out FILE]`."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
@@ -26,6 +28,30 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return steps, evals
 
 
+def last_expert_load(path: Path) -> tuple[int, list[list[int]]] | None:
+    """(step, [layer][expert] token counts) of the last step in an expert_load.jsonl, or None without one."""
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    step = rows[-1]["step"]
+    last = sorted((r for r in rows if r["step"] == step), key=lambda r: r["layer"])
+    return step, [r["tokens"] for r in last]
+
+
+def _draw_load(ax, fig, step: int, load: list[list[int]]):
+    # each layer over its mean, so layers of any token count share one colour scale (1: even)
+    relative = [[c * len(row) / max(sum(row), 1) for c in row] for row in load]
+    image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"expert load at step {step} (tokens / layer mean)")
+    fig.colorbar(image, ax=ax)
+
+
 def plot(output_dir: str, out: str | None = None) -> Path:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -34,7 +60,13 @@ def plot(output_dir: str, out: str | None = None) -> Path:
     if not steps:
         raise ValueError(f"{path} holds no training steps yet")
     x = [r["step"] for r in steps]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    load = last_expert_load(Path(output_dir) / "expert_load.jsonl")
+    fig = plt.figure(figsize=(15 if load else 8, 9))
+    grid = fig.add_gridspec(3, 2 if load else 1)
+    axes = [fig.add_subplot(grid[0, 0])]
+    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in (1, 2)]
+    if load:
+        _draw_load(fig.add_subplot(grid[:, 1]), fig, *load)
     axes[0].plot(x, [r["loss"] for r in steps], label="train")
     if evals:
         axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
