@@ -5,6 +5,11 @@ shards per EP rank), our per-rank RNG states and, written last, a COMPLETE marke
 `latest` is replaced atomically only after every rank has finished, so a crash mid-save leaves the
 previous checkpoint as the one resumed from. The data position is the step: batches are planned
 deterministically from (seed, epoch).
+
+LoRA runs write, in place of DeepSpeed's files, one file per rank with its trainable weights (LoRA factors),
+its ZeRO optimizer partition (fp32 master weights and moments) and the scheduler: DeepSpeed's AutoEP
+checkpoint code reads the plain expert weights of each MoE block, which LoRA wraps, and the frozen base
+needs no saving.
 """
 from __future__ import annotations
 
@@ -55,14 +60,52 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save(engine, root: Path, step: int, *, rank: int, keep: int) -> Path:
+def _lora_file(path: Path, rank: int) -> Path:
+    return path / f"lora_rank{rank}.pt"
+
+
+def _save_lora(engine, path: Path, step: int, rank: int):
+    trainable = {name: p.detach().cpu().clone() for name, p in engine.module.named_parameters() if p.requires_grad}
+    torch.save({"step": step, "trainable": trainable, "optimizer": engine.optimizer.state_dict(),
+                "scheduler": engine.lr_scheduler.state_dict(), "global_steps": engine.global_steps,
+                "global_samples": engine.global_samples, "skipped_steps": engine.skipped_steps},
+               _lora_file(path, rank))
+
+
+def _load_lora(engine, path: Path, rank: int) -> int:
+    file = _lora_file(path, rank)
+    if not file.exists():
+        raise CheckpointError(f"{path} holds no LoRA state for rank {rank} ({file.name}): it was written by a full "
+                              "fine-tuning run or with another number of processes")
+    state = torch.load(file, weights_only=False)
+    params = dict(engine.module.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer = engine.optimizer
+    # ZeRO reads only this rank's entry of the list; fp32 master weights come from it, not from the bf16 copies
+    ranks = dist.get_world_size(optimizer.dp_process_group) if dist.is_initialized() else 1
+    optimizer.load_state_dict([state["optimizer"]] * ranks, load_optimizer_states=True, load_from_fp32_weights=True)
+    engine.lr_scheduler.load_state_dict(state["scheduler"])
+    engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
+    engine.skipped_steps = state["skipped_steps"]
+    return int(state["step"])
+
+
+def save(engine, root: Path, step: int, *, rank: int, keep: int, lora: bool = False) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the checkpoint and prunes old ones."""
     tag = f"step-{step}"
     path = root / tag
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # a leftover of an interrupted save of this same step
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    if lora:
+        if rank == 0:
+            path.mkdir(parents=True)
+        _barrier()
+        _save_lora(engine, path, step, rank)
+    else:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
@@ -102,14 +145,18 @@ def resolve(resume: str, root: Path) -> Path:
     return path
 
 
-def load(engine, path: Path, *, rank: int) -> int:
+def load(engine, path: Path, *, rank: int, lora: bool = False) -> int:
     """Restore model, optimizer, scheduler and RNG; returns the number of steps already done. The fast path
     rebuilds what it keeps from the old weights (FastPath.after_load, called by the trainer)."""
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-    if client_state is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}")
+    if lora:
+        step = _load_lora(engine, path, rank)
+    else:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        if client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load {path}")
+        step = int(client_state["step"])
     rng = path / f"rng_rank{rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return int(client_state["step"])
+    return step

@@ -146,10 +146,6 @@ class TrainConfig:
             raise bad("overwrite_output_dir", "would remove the checkpoints --resume continues from; give one of them")
         if self.merge and not self.lora:
             raise bad("merge", "merges a LoRA adapter into the model; add --lora true or drop --merge")
-        if self.lora and (self.save_steps or self.resume):
-            raise bad("save_steps" if self.save_steps else "resume",
-                      "checkpoints of LoRA runs are not supported yet (DeepSpeed's AutoEP checkpoint code expects "
-                      "plain expert weights); a LoRA run writes its adapter at the end and when stopped")
         if self.fast_path == "off" and self.fused_kernels == "liger":
             raise bad("fused_kernels", "liger's kernels are part of the fast path; drop --fused-kernels liger or "
                       "use --fast-path on")

@@ -233,7 +233,7 @@ class Trainer:
 
     def _resume(self) -> int:
         path = checkpoint.resolve(self.cfg.resume, self.checkpoint_root)
-        start = checkpoint.load(self.engine, path, rank=self.rank)
+        start = checkpoint.load(self.engine, path, rank=self.rank, lora=self.cfg.lora)
         if self.fast_path:
             self.fast_path.after_load()
         if self.accelerator.is_main_process:
@@ -257,16 +257,15 @@ class Trainer:
                 self.metrics.log_eval(done, *self.evaluate())
             # Every rank must agree to stop at the same step: the signal may reach them apart.
             stop = _global_sum([float(self.stop_signal is not None)], self.device)[0] > 0
-            if not cfg.lora and (cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop):
+            if cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop:
                 path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
-                                       keep=cfg.save_total_limit)
+                                       keep=cfg.save_total_limit, lora=cfg.lora)
                 self.metrics.info(f"saved checkpoint {path}")
             if stop:
                 if cfg.lora:
                     self._save_adapter()
-                then = "LoRA runs cannot resume yet" if cfg.lora else "continue with --resume latest"
                 self.metrics.info(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {done}; "
-                                  f"{then}")
+                                  "continue with --resume latest")
                 self._finish()
                 return 0
         if cfg.lora:

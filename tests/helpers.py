@@ -1,8 +1,10 @@
 """Helpers the tests share: the tiny model's paths, training runs on CPU processes, ZeRO engines on one rank."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,16 +20,32 @@ def cpu_env() -> dict:
     return env
 
 
+def _train_command(output_dir: Path, args, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(REPO / "qwen_moe_ft" / "train.py"), "--model", str(TINY), "--dtype", "fp32",
+            "--progress-bar", "false", "--output-dir", str(output_dir), *args]
+
+
 def train(output_dir: Path, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True,
           ) -> subprocess.CompletedProcess:
     """Run qwen_moe_ft/train.py on `nproc` CPU processes (real DeepSpeed over gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "qwen_moe_ft" / "train.py"), "--model", str(TINY), "--dtype", "fp32",
-           "--progress-bar", "false", "--output-dir", str(output_dir), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(_train_command(output_dir, args, nproc), cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def train_until_sigterm(output_dir: Path, *args: str, after_steps: int, nproc: int = 2) -> str:
+    """Start the run of `train`, send it SIGTERM once `after_steps` steps are logged; its output."""
+    proc = subprocess.Popen(_train_command(output_dir, args, nproc), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = Path(output_dir) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=300)[0]
 
 
 def max_rel_err(a, b) -> float:

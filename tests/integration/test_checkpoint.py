@@ -1,24 +1,12 @@
 """Checkpoints: SIGTERM saves and stops, --resume continues on the same loss curve (EP=2), and
 an interrupted save is never the one resumed from."""
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
-from helpers import REPO, SAMPLE, TINY, cpu_env, read_metrics, train
+from helpers import SAMPLE, read_metrics, train, train_until_sigterm
 from qwen_moe_ft.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve
 
 RUN = ["--data", str(SAMPLE), "--max-steps", "24", "--grad-accum", "2", "--max-tokens-per-batch", "2048",
        "--max-seq-len", "512", "--export-hf", "false", "--lr", "1e-3"]
-
-
-def start_training(output_dir):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "qwen_moe_ft" / "train.py"), "--model", str(TINY), "--dtype", "fp32", "--progress-bar", "false",
-           "--output-dir", str(output_dir), *RUN]
-    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +14,7 @@ def interrupted_and_resumed(tmp_path_factory):
     straight = tmp_path_factory.mktemp("straight")
     train(straight, *RUN)
     resumed = tmp_path_factory.mktemp("resumed")
-    proc = start_training(resumed)
-    metrics = resumed / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    first_output = proc.communicate(timeout=300)[0]
+    first_output = train_until_sigterm(resumed, *RUN, after_steps=3)
     stopped_at = len(read_metrics(resumed))
     second = train(resumed, *RUN, "--resume", "latest")
     return straight, resumed, first_output, stopped_at, second.stdout

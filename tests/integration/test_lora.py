@@ -1,12 +1,13 @@
-"""LoRA under AutoEP: EP=2 trains what EP=1 trains, and the exported PEFT adapter on the stock model
-reproduces the trained engine."""
+"""LoRA under AutoEP: EP=2 trains what EP=1 trains, the exported PEFT adapter on the stock model
+reproduces the trained engine, and a run stopped by SIGTERM resumes exactly."""
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import EVAL, SAMPLE, TINY, eval_loss, read_metrics, train
+from helpers import EVAL, SAMPLE, TINY, eval_loss, max_rel_err, read_metrics, train, train_until_sigterm
+from qwen_moe_ft.checkpoint import COMPLETE
 from qwen_moe_ft.config import ConfigError, TrainConfig
 
 RUN = ["--lora", "true", "--data", str(SAMPLE), "--eval-data", str(EVAL), "--max-steps", "6", "--lr", "5e-3",
@@ -14,13 +15,25 @@ RUN = ["--lora", "true", "--data", str(SAMPLE), "--eval-data", str(EVAL), "--max
        "--adam-states", "fp32"]  # bf16 moments round with random bits drawn per partition offset, which EP changes
 
 
+EP2 = [*RUN, "--ep-size", "2", "--merge", "true"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
-    for ep in (1, 2):
-        out[ep] = tmp_path_factory.mktemp(f"lora_ep{ep}")
-        train(out[ep], *RUN, "--ep-size", str(ep), *(["--merge", "true"] if ep == 2 else []))
+    out = {1: tmp_path_factory.mktemp("lora_ep1"), 2: tmp_path_factory.mktemp("lora_ep2")}
+    train(out[1], *RUN, "--ep-size", "1")
+    train(out[2], *EP2)
     return out
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_resumed(tmp_path_factory):
+    """The EP=2 run of `runs`, stopped by SIGTERM after a few of its 6 steps, then resumed from its checkpoint."""
+    out = tmp_path_factory.mktemp("lora_ep2_resumed")
+    first_output = train_until_sigterm(out, *EP2, after_steps=2)
+    stopped_at = len(read_metrics(out))
+    second = train(out, *EP2, "--resume", "latest")
+    return out, first_output, stopped_at, second.stdout
 
 
 def test_ep2_lora_matches_ep1(runs):
@@ -48,13 +61,30 @@ def test_adapter_on_the_stock_model_gives_the_engine_eval_loss(runs):
     assert any("mlp.experts.base_layer.lora_B" in k for k in keys) and any("q_proj.lora_A" in k for k in keys)
 
 
-def test_lora_needs_expert_targets_and_has_no_checkpoints_yet():
+def test_lora_needs_expert_targets_and_takes_checkpoint_options():
     with pytest.raises(ConfigError, match="--lora-targets"):
         TrainConfig(lora=True, lora_targets="attn").validate()
-    with pytest.raises(ConfigError, match="--save-steps"):
-        TrainConfig(lora=True, save_steps=10).validate()
     with pytest.raises(ConfigError, match="--merge"):
         TrainConfig(merge=True).validate()
+    TrainConfig(lora=True, save_steps=10, resume="latest").validate()
+
+
+def test_sigterm_saves_a_lora_checkpoint_and_the_resumed_run_continues_exactly(runs, interrupted_and_resumed):
+    resumed, first_output, stopped_at, second_output = interrupted_and_resumed
+    assert 2 <= stopped_at < 6, "SIGTERM came after the last step: nothing was resumed"
+    assert f"stopped by SIGTERM after step {stopped_at}; continue with --resume latest" in first_output
+    checkpoint = resumed / "checkpoints" / f"step-{stopped_at}"
+    assert (checkpoint / COMPLETE).exists() and (checkpoint / "lora_rank1.pt").exists()
+    assert f"resumed from {checkpoint} at step {stopped_at}" in second_output
+    straight, again = read_metrics(runs[2]), read_metrics(resumed)
+    assert [m.get("step") for m in again] == [m.get("step") for m in straight]
+    # the same arithmetic in the same order: only a lost or stale state would move a loss
+    for a, b in zip(straight, again):
+        assert a.get("loss", a.get("eval_loss")) == pytest.approx(b.get("loss", b.get("eval_loss")), rel=1e-6)
+    w1, w2 = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (runs[2], resumed))
+    assert sorted(w1) == sorted(w2)
+    for name in w1:
+        assert max_rel_err(w2[name], w1[name]) < 1e-6, name
 
 
 def test_merged_checkpoint_loads_as_a_plain_model_with_the_engine_eval_loss(runs):
