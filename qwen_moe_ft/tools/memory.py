@@ -1,7 +1,10 @@
 """Per-GPU memory of full fine-tuning with ZeRO-2 + AutoEP, before launching.
 
-    python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus 8] [--ep-size 8] [--tokens 4096]
-                                 [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
+    python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
+                                 [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
+
+--gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
+where the training will run.
 
 Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
 weights and two Adam moments (bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all
@@ -29,6 +32,7 @@ def zero2_bytes_per_param(adam_states: str) -> int:
 # 35 KiB less with liger's norms, which keep no fp32 copies.
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
+H100_GIB = 79.6  # an 80 GB H100: 81559 MiB
 BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
 
 
@@ -84,6 +88,15 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
         buckets=BUCKET_BYTES if gpus > 1 else 0)
 
 
+def this_machine() -> tuple[int, float] | None:
+    """(GPU count, GiB of GPU 0) of the machine this runs on; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..config import QWEN3_30B_A3B, TrainConfig, load_config
     from ..model.loading import load_model_config
@@ -94,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a train.py recipe: its micro-batch, accumulation, EP size, gate/up "
                         "recompute and loss are the defaults of the options below")
     parser.add_argument("--model", default=QWEN3_30B_A3B, help="hub id or directory with config.json")
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--ep-size", type=int, help="default 8, or the recipe's (0: as train.py chooses)")
+    parser.add_argument("--gpus", type=int, help="default: this machine's GPU count, or 8 without a GPU")
+    parser.add_argument("--ep-size", type=int, help="default the recipe's, or 0: as train.py chooses (the largest "
+                        "size dividing both the GPU count and the expert count)")
     parser.add_argument("--tokens", type=int, help="tokens per micro-batch (--max-tokens-per-batch); default 4096")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step; default 1")
     parser.add_argument("--gate-up-recompute", action="store_true", default=None)
@@ -104,11 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
     parser.add_argument("--fused-loss", action="store_true", default=None,
                         help="--loss-impl cce/liger: no materialised logits")
-    parser.add_argument("--gpu-gib", type=float, default=79.6,
-                        help="memory of one GPU (default: an 80 GB H100, 81559 MiB), to say whether it fits")
+    parser.add_argument("--gpu-gib", type=float, help="memory of one GPU, to say whether it fits (default: "
+                        "this machine's GPU, or an 80 GB H100's 79.6 GiB without a GPU)")
     args = parser.parse_args(argv)
-    recipe = load_config(["--config", args.config]) if args.config else TrainConfig(
-        max_tokens_per_batch=4096, ep_size=8)
+    machine = this_machine()
+    gpus_of = " (this machine's)" if machine and args.gpus is None else ""
+    args.gpus = args.gpus or (machine[0] if machine else 8)
+    args.gpu_gib = args.gpu_gib or (machine[1] if machine else H100_GIB)
+    recipe = load_config(["--config", args.config]) if args.config else TrainConfig(max_tokens_per_batch=4096)
     config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
     tokens = args.tokens or recipe.max_tokens_per_batch
     grad_accum = args.grad_accum or recipe.grad_accum
@@ -118,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     adam_states = args.adam_states or recipe.adam_states
     result = estimate(config, gpus=args.gpus, ep_size=ep_size, tokens=tokens, grad_accum=grad_accum,
                       gate_up_recompute=recompute, fused_loss=fused_loss, adam_states=adam_states)
-    print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs, EP={ep_size}, {tokens} tokens per "
-          f"micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}, {adam_states} Adam moments")
+    print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs{gpus_of}, EP={ep_size}, {tokens} "
+          f"tokens per micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}, {adam_states} Adam "
+          "moments")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB
     fits = headroom >= 0

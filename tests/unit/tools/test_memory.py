@@ -54,3 +54,27 @@ def test_accumulation_adds_the_gradient_partition_measured_on_the_h100():
 def test_qwen3_30b_a3b_recipes_fit_8_x_80gb(mode, capsys):
     recipe = REPO / "qwen_moe_ft" / "recipes" / f"qwen3-30b-a3b-{mode}.yaml"
     assert main(["--config", str(recipe), "--gpus", "8"]) == 0, capsys.readouterr().out
+
+
+def test_gpus_and_their_memory_default_to_the_machine(monkeypatch, capsys):
+    import torch
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=140 * GIB))
+    recipe = REPO / "qwen_moe_ft" / "recipes" / "qwen3-30b-a3b-packed.yaml"
+    main(["--config", str(recipe)])
+    out = capsys.readouterr().out
+    assert "4 GPUs (this machine's), EP=4" in out and "a 140.0 GiB GPU" in out
+    main(["--config", str(recipe), "--gpus", "2", "--gpu-gib", "80"])
+    out = capsys.readouterr().out
+    assert "2 GPUs, EP=2" in out and "a 80.0 GiB GPU" in out
+
+
+@pytest.mark.parametrize("mode", ["packed", "unpacked", "lora"])
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+def test_qwen3_30b_a3b_recipes_choose_the_ep_size_of_any_gpu_count(mode, gpus, capsys):
+    recipe = REPO / "qwen_moe_ft" / "recipes" / f"qwen3-30b-a3b-{mode}.yaml"
+    main(["--config", str(recipe), "--gpus", str(gpus)])  # fits or not: no EP-size error either way
+    assert f"{gpus} GPUs, EP={gpus}," in capsys.readouterr().out
