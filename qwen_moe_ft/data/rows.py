@@ -6,6 +6,7 @@ document so that no label crosses into the next document of a packed row).
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections import Counter
@@ -21,8 +22,14 @@ IGNORE = -100
 ROLES = ("system", "user", "assistant")
 # ChatML, as Qwen's templates write it: the answer and its <|im_end|> are what the model learns.
 ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
-LOCAL_FORMATS = {".jsonl": "text", ".json": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".jsonl": "text", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 REPORT_LIMIT = 5
+# Reasons a row is dropped and counted whatever --on-bad-row says: the data is fine, --max-seq-len is the choice.
+DROPPED_NOT_BAD = ("too_long",)
+# JSONL bytes that are not UTF-8 become NUL, which no valid JSON line holds raw (JSON escapes control characters),
+# so a row that is valid UTF-8 and contains U+FFFD stays a good row.
+NOT_UTF8 = "\x00"
+codecs.register_error("qwen_moe_ft.not_utf8", lambda err: (NOT_UTF8, err.end))
 
 
 class DataError(ValueError):
@@ -57,25 +64,35 @@ class TokenizedData:
 
 def _load_raw(source: str) -> tuple[datasets.Dataset, str]:
     """Rows of `source`, and how they are stored: 'line' (raw JSONL text) or 'record' (parsed)."""
-    path = Path(source)
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return datasets.load_from_disk(str(path)), "record"
         raise DataError(f"{path}: a directory, but not one saved by datasets.save_to_disk; "
-                        "point --data at a .jsonl, .json or .parquet file or such a directory")
-    if path.suffix in LOCAL_FORMATS:
+                        f"point --data at a {'/'.join(LOCAL_FORMATS)} file or such a directory")
+    if path.is_file() and suffix not in LOCAL_FORMATS:
+        raise DataError(f"{path}: a {suffix or 'suffix-less'} file; --data reads {', '.join(LOCAL_FORMATS)} files")
+    if suffix in LOCAL_FORMATS or _looks_local(source):
         if not path.is_file():
-            raise DataError(f"{path}: no such file")
-        loader = LOCAL_FORMATS[path.suffix]
+            raise DataError(f"{path}: no such file or directory; --data takes a {'/'.join(LOCAL_FORMATS)} file, a "
+                            "directory saved by datasets, or a hub dataset name like org/name")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty")
+        loader = LOCAL_FORMATS[suffix]
         if loader == "text":
-            # Lines are read as text and parsed per row, so that one broken line is reported
-            # with its number instead of failing the whole load; undecodable bytes become U+FFFD.
-            raw = datasets.load_dataset("text", data_files=str(path), split="train", encoding_errors="replace")
+            # Lines are read as text and parsed per row, so that one broken line is reported with its number
+            # instead of failing the whole load; utf-8-sig drops a byte-order mark.
+            raw = datasets.load_dataset("text", data_files=str(path), split="train", encoding="utf-8-sig",
+                                        encoding_errors="qwen_moe_ft.not_utf8")
             return raw, "line"
-        return datasets.load_dataset(loader, data_files=str(path), split="train"), "record"
-    if path.suffix or "/" not in source:
-        raise DataError(f"{source}: no such file; --data takes a .jsonl/.json/.parquet file, a directory saved "
-                        "by datasets, or a hub dataset name like org/name")
+        try:
+            raw = datasets.load_dataset(loader, data_files=str(path), split="train")
+            if loader == "csv":  # cells are text, as JSON strings are: a response 3 is the string "3"
+                raw = raw.cast(datasets.Features({name: datasets.Value("string") for name in raw.column_names}))
+            return raw, "record"
+        except Exception as err:  # datasets wraps the parser's error in its own types
+            raise DataError(f"{path}: could not be read as {loader} ({_where_invalid(path, loader, err)})") from None
     try:
         return datasets.load_dataset(source, split="train"), "record"
     except Exception as err:  # the hub client raises many types; all mean "could not fetch"
@@ -83,8 +100,27 @@ def _load_raw(source: str) -> tuple[datasets.Dataset, str]:
                         "Offline? Download it elsewhere and point --data at a local file.") from err
 
 
+def _looks_local(source: str) -> bool:
+    """A path, not a hub name (org/name): starts with . / ~, has several parts, or its first part is a local
+    directory (`data/sft_typo` beside ./data); such a source that does not exist is reported missing."""
+    return (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") != 1
+            or Path(source.split("/")[0]).is_dir())
+
+
+def _where_invalid(path: Path, loader: str, err: Exception) -> str:
+    """Where a .json file stops being JSON (line and column), else what datasets said."""
+    if loader == "json":
+        try:
+            json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as bad:
+            return f"not valid JSON: {bad.msg} at line {bad.lineno}, column {bad.colno}"
+        except UnicodeDecodeError:
+            return "not valid UTF-8"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def _parse_line(line: str) -> dict[str, Any] | None:
-    if "\ufffd" in line:
+    if NOT_UTF8 in line:
         raise BadRow("not_utf8", "the line is not valid UTF-8")
     if not line.strip():
         return None
@@ -94,6 +130,10 @@ def _parse_line(line: str) -> dict[str, Any] | None:
         raise BadRow("bad_json", f"not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
         raise BadRow("bad_json", "a JSON object was expected")
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow("not_utf8", "holds a lone surrogate escape (\\ud800-\\udfff), which no UTF-8 text can") from None
     return record
 
 
@@ -201,8 +241,9 @@ def tokenize_source(source: str, tokenizer, cfg: TrainConfig) -> tuple[datasets.
                         fn_kwargs={"kind": kind, "tokenizer": tokenizer, "cfg": EncodeOptions.of(cfg)},
                         num_proc=cfg.num_proc if cfg.num_proc > 1 else None, desc=f"tokenizing {source}")
     reasons = Counter(r for r in tokenized["bad_reason"] if r and r != "blank")
-    if reasons and cfg.on_bad_row == "error":
-        bad = tokenized.filter(lambda r: r["bad_reason"] not in ("", "blank"))
+    if cfg.on_bad_row == "error" and set(reasons) - set(DROPPED_NOT_BAD):
+        bad = tokenized.filter(lambda r: r["bad_reason"] not in ("", "blank", *DROPPED_NOT_BAD))
+        reasons = Counter({k: v for k, v in reasons.items() if k not in DROPPED_NOT_BAD})
         lines = [f"  row {r}: {reason}: {detail}" for r, reason, detail in
                  zip(bad["row"][:REPORT_LIMIT], bad["bad_reason"][:REPORT_LIMIT], bad["bad_detail"][:REPORT_LIMIT])]
         raise DataError(f"{source}: {sum(reasons.values())} bad row(s) ({dict(reasons)}), first:\n"

@@ -50,8 +50,9 @@ BAD_ROWS = [
     ({"prompt": "only a prompt"}, "missing_field"),
     (b'{"text": "caf\xe9"}', "not_utf8"),
     (b'{"text": "unterminated', "bad_json"),
-    ({"text": "word " * 600}, "too_long"),
+    (b'{"text": "half a pair \\ud800 of surrogates"}', "not_utf8"),
 ]
+TOO_LONG = {"text": "word " * 600}
 
 
 @pytest.mark.parametrize("row, reason", BAD_ROWS)
@@ -64,21 +65,30 @@ def test_each_bad_row_is_named_with_file_and_row(tmp_path, tiny_tokenizer, row, 
 
 
 def test_skip_counts_every_bad_row_by_reason(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [CHAT] + [row for row, _ in BAD_ROWS] + [CHAT])
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT] + [row for row, _ in BAD_ROWS] + [TOO_LONG, CHAT])
     data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=512, on_bad_row="skip"))
     assert len(data) == 2
-    expected = {}
+    expected = {"too_long": 1}
     for _, reason in BAD_ROWS:
         expected[reason] = expected.get(reason, 0) + 1
     assert dict(skipped) == expected
+
+
+def test_over_long_rows_are_dropped_and_counted_not_an_error(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT, TOO_LONG, CHAT])
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=512, on_bad_row="error"))
+    assert len(data) == 2 and dict(skipped) == {"too_long": 1}
+    with pytest.raises(DataError, match=r"1 bad row\(s\) \({'bad_json': 1}\)"):  # malformed rows still stop it
+        tokenize_source(write_jsonl(tmp_path / "e.jsonl", [CHAT, TOO_LONG, b"{"]), tiny_tokenizer,
+                        TrainConfig(max_seq_len=512))
 
 
 def test_truncate_drops_whole_turns_never_part_of_an_answer(tmp_path, tiny_tokenizer):
     long_second_turn = {"messages": CHAT["messages"][:3] + [{"role": "user", "content": "abc " * 300},
                                                             {"role": "assistant", "content": "ok"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [long_second_turn])
-    with pytest.raises(DataError, match="too_long"):
-        tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=64))
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=64))
+    assert len(data) == 0 and dict(skipped) == {"too_long": 1}
     data, skipped, truncated = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=64, truncation="truncate"))
     assert truncated == 1 and not skipped
     assert labelled_text(tiny_tokenizer, data[0]) == "5<|im_end|>"
@@ -113,3 +123,55 @@ def test_eval_split_is_held_out(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Add {i} and 1", "response": str(i + 1)} for i in range(50)])
     data = load_tokenized(TrainConfig(data=path, eval_split=0.2), tiny_tokenizer)
     assert len(data.train) == 40 and len(data.eval) == 10
+
+
+def test_byte_order_mark_and_upper_case_suffix(tmp_path, tiny_tokenizer):
+    path = tmp_path / "d.JSONL"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CHAT).encode() + b"\n")
+    data, skipped, _ = tokenize_source(str(path), tiny_tokenizer, TrainConfig())
+    assert len(data) == 1 and not skipped
+
+
+def test_a_valid_row_may_contain_the_replacement_character(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "what is \ufffd?", "response": "U+FFFD"}])
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig())
+    assert len(data) == 1 and not skipped
+    assert "\ufffd" in tiny_tokenizer.decode(data[0]["input_ids"])
+
+
+def test_csv_is_read(tmp_path, tiny_tokenizer):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,response\n"Add 1 and 2",3\n')
+    data, _, _ = tokenize_source(str(path), tiny_tokenizer, TrainConfig())
+    assert len(data) == 1 and labelled_text(tiny_tokenizer, data[0]) == "3<|im_end|>"
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_empty_file_is_a_clear_error(tmp_path, tiny_tokenizer, name):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=f"{name}: the file is empty"):
+        tokenize_source(str(tmp_path / name), tiny_tokenizer, TrainConfig())
+
+
+def test_invalid_json_array_names_file_and_line(tmp_path, tiny_tokenizer):
+    path = tmp_path / "d.json"
+    path.write_text('[\n{"prompt": "a", "response": "b"},\n{"prompt": "c", "response": }\n]\n')
+    with pytest.raises(DataError, match=r"d.json: could not be read as json \(not valid JSON: .* at line 3"):
+        tokenize_source(str(path), tiny_tokenizer, TrainConfig())
+
+
+def test_unknown_suffix_says_what_is_read(tmp_path, tiny_tokenizer):
+    (tmp_path / "d.txt").write_text("hello\n")
+    with pytest.raises(DataError, match=r"a .txt file; --data reads .jsonl, .json, .parquet, .csv"):
+        tokenize_source(str(tmp_path / "d.txt"), tiny_tokenizer, TrainConfig())
+
+
+@pytest.mark.parametrize("source", ["./sft_typo", "{tmp}/sft_typo", "{tmp}/a/b", "{dir}/sft_typo"])
+def test_local_looking_path_is_reported_missing_never_fetched(tmp_path, tiny_tokenizer, monkeypatch, source):
+    """`data/sft_typo` beside a ./data directory is a typo of a local path, not the hub dataset data/sft_typo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    source = source.format(tmp=tmp_path, dir="data")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"{source} fetched from the hub"))
+    with pytest.raises(DataError, match="no such file or directory"):
+        tokenize_source(source, tiny_tokenizer, TrainConfig())
