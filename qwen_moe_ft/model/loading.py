@@ -16,7 +16,15 @@ from .shards import ModelLoadError
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# What each loader needs in a local directory, for the message when it is not there.
+LOCAL_FILES = {"config": "config.json", "tokenizer": "tokenizer files (tokenizer.json or vocab)",
+               "weights": "weights (*.safetensors)"}
+
+
 def _not_found(name: str, what: str, err: Exception) -> ModelLoadError:
+    if os.path.isdir(name):  # a local directory: downloading it again is not the advice
+        return ModelLoadError(f"{name} is a local directory without {LOCAL_FILES[what]}; point --model (or "
+                              "--tokenizer) at a directory written by save_pretrained or `hf download`")
     return ModelLoadError(
         f"could not load the {what} of '{name}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
         f"Without network access, download it where you have one (`hf download {name} --local-dir DIR`) "
@@ -28,9 +36,10 @@ def load_model_config(cfg: TrainConfig, name: str):
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         raise _not_found(name, "config", err) from err
-    if config.model_type not in ("qwen3_moe", "qwen2_moe"):
+    if config.model_type != "qwen3_moe":
+        # Qwen2-MoE would train, but its shared expert is exported under names transformers does not load back.
         raise ModelLoadError(f"--model {name} is a '{config.model_type}' model; this package trains Qwen3-MoE "
-                             "(model_type qwen3_moe)")
+                             "models only (model_type qwen3_moe, e.g. Qwen/Qwen3-30B-A3B)")
     if cfg.num_hidden_layers:
         config.num_hidden_layers = cfg.num_hidden_layers
     config.use_cache = False
