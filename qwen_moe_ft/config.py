@@ -7,7 +7,7 @@ import difflib
 import importlib.util
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
@@ -25,9 +25,11 @@ TRACKER_PACKAGES = {"tensorboard": "'qwen-moe-ft[tensorboard]'", "wandb": "wandb
 CHOICES = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
            "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
            "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"), "lr_schedule": ("cosine", "constant"),
-           "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb")}
+           "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb"),
+           "router_aux_scope": ("global", "micro_batch")}
 # -h lists the options in groups, as the dataclass orders them: each group starts at the option named here.
-GROUP_STARTS = {"model": "model", "data": "data", "max_steps": "optimisation", "ep_size": "parallelism",
+GROUP_STARTS = {"model": "model", "data": "data", "max_steps": "optimisation",
+                "router_aux_loss_coef": "MoE router", "ep_size": "parallelism",
                 "output_dir": "output and logging", "save_steps": "checkpoints", "lora": "LoRA"}
 
 
@@ -80,11 +82,24 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per rank per optimizer step")
     seed: int = _opt(42, "seed of weights init, shuffling and dropout")
 
+    # router.py; its docstring has the formulas and why the global scope is exact under accumulation
+    router_aux_loss_coef: float | None = _opt(None, "load-balancing loss coef * E * sum_i f_i P_i, a mean over layers; "
+                                              "unset: the model config's router_aux_loss_coef; 0: off")
+    router_aux_scope: str = _opt("global", "token counts f_i of the whole step (every micro-batch and rank: the "
+                                 "same loss at any EP size, rank count or accumulation) or of each micro-batch")
+    router_z_loss_coef: float = _opt(0.0, "router z-loss coef * mean(logsumexp(router logits)^2); 0: off")
+    freeze_router: bool = _opt(False, "the routers' gate weights get no gradient and no optimizer state "
+                               "(--lora freezes them anyway)")
+    expert_load_steps: int = _opt(50, "a row per layer of expert token counts in OUTPUT_DIR/expert_load.jsonl "
+                                  "every N steps; 0: never")
+
     ep_size: int = _opt(0, "expert-parallel size; 0: largest size dividing both world size and expert count")
     zero_stage: int = _opt(2, "DeepSpeed ZeRO stage (1 or 2)")
     ds_config: str = _opt(DEFAULT_DS_CONFIG, "DeepSpeed config the run's settings are filled into")
     fast_path: str = _opt("on", "the patches of DeepSpeed/transformers internals in fastpath/; off is stock")
     gate_up_recompute: bool = _opt(False, "rebuild the experts' gate+up concat in backward: less memory")
+    activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
+                                          "activations of one layer instead of all, for about a third more compute")
 
     output_dir: str = _opt("outputs/run", "where metrics.jsonl, checkpoints/, hf/ and adapter/ are written")
     overwrite_output_dir: bool = _opt(False, "remove an earlier run's metrics, checkpoints and exports first")
@@ -117,12 +132,16 @@ class TrainConfig:
             if getattr(self, option) < 1:
                 raise bad(option, f"must be at least 1, got {getattr(self, option)}")
         non_negative = ("max_steps", "warmup_steps", "ep_size", "eval_steps", "save_steps", "save_total_limit",
-                        "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers")
+                        "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers", "router_z_loss_coef",
+                        "expert_load_steps")
         for option in non_negative:
             if getattr(self, option) < 0:
                 raise bad(option, f"must not be negative, got {getattr(self, option)}")
         if self.lr < 0:
             raise bad("lr", f"must not be negative, got {self.lr}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise bad("router_aux_loss_coef", f"must not be negative, got {self.router_aux_loss_coef}; 0 turns the "
+                      "load-balancing loss off, leaving it out takes the model config's")
         if self.max_steps == 0 and self.epochs <= 0:
             raise bad("epochs", "must be positive when --max-steps is 0; set one of them")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -169,8 +188,10 @@ class TrainConfig:
 
 
 def _option_types() -> dict[str, type]:
+    """Each option's type; `float | None` gives float (None: not given, decided from the model)."""
     hints = get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+    return {f.name: next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+            for f in fields(TrainConfig)}
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

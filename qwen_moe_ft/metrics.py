@@ -13,15 +13,17 @@ from tqdm.auto import tqdm
 
 from .flops import flops_per_token
 
-KEYS = ("step", "epoch", "loss", "grad_norm", "lr", "mem_gib", "tps", "tps_per_gpu", "num_label_tokens",
-        "tflops_per_gpu", "mfu")
+KEYS = ("step", "epoch", "loss", "aux_loss", "z_loss", "grad_norm", "lr", "mem_gib", "tps", "tps_per_gpu",
+        "num_label_tokens", "tflops_per_gpu", "mfu", "expert_load_max", "dead_experts")
 
 
 @dataclass
 class StepMetrics:
     step: int
     epoch: int
-    loss: float
+    loss: float  # the LM loss per label token alone, comparable with and without the router terms
+    aux_loss: float  # load-balancing loss of the step (router.py)
+    z_loss: float  # router z-loss of the step
     grad_norm: float
     lr: float
     mem_gib: float | None
@@ -30,13 +32,17 @@ class StepMetrics:
     num_label_tokens: int
     tflops_per_gpu: float
     mfu: float | None
+    expert_load_max: float  # over layers, the busiest expert's token-slots over the mean
+    dead_experts: int  # experts that got no token this step, summed over layers
 
     def line(self) -> str:
         mem = "n/a" if self.mem_gib is None else f"{self.mem_gib:.2f} GiB"
         mfu = "n/a" if self.mfu is None else f"{100 * self.mfu:.1f}%"
-        return (f"step {self.step} | epoch {self.epoch} | loss {self.loss:.4f} | grad_norm {self.grad_norm:.4f} | "
+        return (f"step {self.step} | epoch {self.epoch} | loss {self.loss:.4f} | aux_loss {self.aux_loss:.4g} | "
+                f"z_loss {self.z_loss:.4g} | grad_norm {self.grad_norm:.4f} | "
                 f"lr {self.lr:.2e} | mem {mem} | tps {self.tps:.2f}({self.tps_per_gpu:.2f}/gpu) | "
-                f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.3g}/gpu | mfu {mfu}")
+                f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.3g}/gpu | mfu {mfu} | "
+                f"expert_load_max {self.expert_load_max:.2f} | dead_experts {self.dead_experts}")
 
 
 class StepTimer:
@@ -75,14 +81,16 @@ class StepTimer:
 
 def step_metrics(*, step: int, epoch: int, loss: float, grad_norm: float, lr: float, seconds: float,
                  tokens: int, label_tokens: int, mean_context: float, world_size: int, model_config,
-                 peak_tflops: float | None, mem_gib: float | None, frozen_weights: bool = False) -> StepMetrics:
+                 peak_tflops: float | None, mem_gib: float | None, aux_loss: float, z_loss: float,
+                 expert_load_max: float, dead_experts: int, frozen_weights: bool = False) -> StepMetrics:
     """Throughput counts real (unpadded) tokens of the global batch over the step's wall time; frozen_weights
     (LoRA): the base weights get no weight gradient, which the FLOPs count leaves out."""
     tps = tokens / seconds
     per_gpu = tps / world_size
     tflops = per_gpu * flops_per_token(model_config, mean_context, frozen_weights) / 1e12
     mfu = tflops / peak_tflops if peak_tflops else None
-    return StepMetrics(step, epoch, loss, grad_norm, lr, mem_gib, tps, per_gpu, label_tokens, tflops, mfu)
+    return StepMetrics(step, epoch, loss, aux_loss, z_loss, grad_norm, lr, mem_gib, tps, per_gpu, label_tokens,
+                       tflops, mfu, expert_load_max, dead_experts)
 
 
 def _finite_or_none(value):
@@ -96,6 +104,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.load_path = Path(output_dir) / "expert_load.jsonl"
         self.total_steps = total_steps
         # tqdm's redraws are for a terminal; in a log file they would join the step lines with carriage returns
         self.progress_bar = progress_bar and enabled and sys.stdout.isatty()
@@ -132,6 +141,14 @@ class MetricsLogger:
         if self.enabled:
             self._write({"step": step, "eval_loss": eval_loss, "eval_label_tokens": label_tokens},
                         f"eval step {step} | eval_loss {eval_loss:.4f} | label_tokens {label_tokens}")
+
+    def log_expert_load(self, step: int, load: list[list[float]]):
+        """A row per layer in expert_load.jsonl: the token-slots each expert got this step, over all ranks."""
+        if not self.enabled:
+            return
+        with self.load_path.open("a") as file:
+            for layer, counts in enumerate(load):
+                file.write(json.dumps({"step": step, "layer": layer, "tokens": [int(c) for c in counts]}) + "\n")
 
     def info(self, message: str):
         if not self.enabled:

@@ -48,10 +48,11 @@ from qwen_moe_ft.output_dir import check_output_dir, clear_earlier_run
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
+from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
 
 
-def _global_sum(values: list[float], device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _global_sum(values: list[float] | torch.Tensor, device) -> list[float]:
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -128,9 +129,13 @@ class Trainer:
         else:
             self.fast_path = None
         model = load_model(cfg, self.model_name, self.model_config, attn_implementation, self.ds_config, self.rank)
+        if cfg.freeze_router:  # before the engine: AutoEP's router copies the flag, DeepSpeed skips the weight
+            freeze_router(model)
         self.fused_kernels = "none"
         if self.fast_path:
             model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fused_kernels, self.device.type)
+        if cfg.activation_checkpointing:  # non-reentrant: frozen inputs (LoRA) need no requires_grad trick
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora:
             model = apply_lora(model, cfg, self.ds_config, self.rank)
         return model
@@ -143,6 +148,8 @@ class Trainer:
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
         self.engine, _, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.router = RouterTerms(self.engine.module, z_coef=cfg.router_z_loss_coef, scope=cfg.router_aux_scope,
+                                  aux_coef=resolve_aux_coef(cfg.router_aux_loss_coef, self.model_config))
 
     def _install_fast_path(self):
         """The fast path's replacements of DeepSpeed's ZeRO-2 step and AutoEP's MoE blocks: from here on
@@ -169,6 +176,7 @@ class Trainer:
             f"{'packing' if cfg.packing else 'padding'} efficiency "
             f"{packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
             f"{self.train_loader.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+        self.metrics.info(self.router.summary(cfg.grad_accum) + (", routers frozen" if cfg.freeze_router else ""))
         self.metrics.info(self.fast_path.summary() if self.fast_path else "fast path off (--fast-path off): stock "
                           "DeepSpeed ZeRO-2 + AutoEP")
         if self.data.skipped or self.data.truncated:
@@ -184,9 +192,12 @@ class Trainer:
         timer = timer or StepTimer(self.device)
         timer.begin()
         local = [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches),
-                 sum(n * (n + 1) / 2 for b in micro_batches for n in b.doc_lengths)]
-        label_tokens, tokens, context_sum = _global_sum(local, self.device)
+                 sum(n * (n + 1) / 2 for b in micro_batches for n in b.doc_lengths),
+                 sum(1 for b in micro_batches if b.num_tokens)]
+        label_tokens, tokens, context_sum, filled = _global_sum(local, self.device)
         scale = backward_scale(int(label_tokens), len(micro_batches))
+        self.router.start_step(micro_batches, real_tokens=int(tokens), nonempty_micro_batches=int(filled),
+                               device=self.device)
         lr = self.scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         for i, micro in enumerate(micro_batches):
@@ -194,12 +205,16 @@ class Trainer:
             last = i == len(micro_batches) - 1
             # What Accelerate's backward does for DeepSpeed, spelled out to time the optimizer apart.
             self.engine.set_gradient_accumulation_boundary(is_boundary=last)
-            loss = token_loss_sum(self.engine, micro.inputs, micro.shift_labels, self.loss_impl)
-            self.engine.backward(loss * scale)
+            with self.router.micro_batch(micro):
+                loss = token_loss_sum(self.engine, micro.inputs, micro.shift_labels, self.loss_impl)
+            # The router terms are already the step's sums: only DeepSpeed's division by the accumulation undone.
+            self.engine.backward(loss * scale + self.router.loss() * len(micro_batches))
             loss_sum += loss.detach()
         timer.mark("forward_backward")
         self.engine.step()
-        (loss_total,) = _global_sum([loss_sum.item()], self.device)
+        loss_total, *router_totals = _global_sum(torch.cat([loss_sum.view(1), self.router.step_totals()]),
+                                                 self.device)
+        self.router_stats = self.router.read(router_totals)
         grad_norm = self.engine.get_global_grad_norm()
         seconds = timer.end()
         return step_metrics(
@@ -207,7 +222,9 @@ class Trainer:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr, seconds=seconds,
             tokens=int(tokens), label_tokens=int(label_tokens), mean_context=context_sum / max(tokens, 1),
             world_size=self.world_size, model_config=self.model_config, peak_tflops=self.peak,
-            mem_gib=timer.peak_mem_gib(), frozen_weights=self.cfg.lora)
+            mem_gib=timer.peak_mem_gib(), frozen_weights=self.cfg.lora, aux_loss=self.router_stats.aux_loss,
+            z_loss=self.router_stats.z_loss, expert_load_max=self.router_stats.expert_load_max,
+            dead_experts=self.router_stats.dead_experts)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int]:
@@ -237,8 +254,9 @@ class Trainer:
         if self.fast_path:
             self.fast_path.after_load()
         if self.accelerator.is_main_process:
-            if note := drop_metrics_after(Path(self.cfg.output_dir) / "metrics.jsonl", start):
-                self.metrics.info(note)
+            for name in ("metrics.jsonl", "expert_load.jsonl"):
+                if note := drop_metrics_after(Path(self.cfg.output_dir) / name, start):
+                    self.metrics.info(note)
         self.metrics.info(f"resumed from {path} at step {start}")
         return start
 
@@ -253,6 +271,8 @@ class Trainer:
             metrics = self.train_step(step)
             done = step + 1
             self.metrics.log_step(metrics, log_line=done % cfg.logging_steps == 0 or done == self.total_steps)
+            if cfg.expert_load_steps and (done % cfg.expert_load_steps == 0 or done == self.total_steps):
+                self.metrics.log_expert_load(done, self.router_stats.load)
             if self.eval_loader and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
                 self.metrics.log_eval(done, *self.evaluate())
             # Every rank must agree to stop at the same step: the signal may reach them apart.

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import TINY, max_rel_err
-from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data.packing import MicroBatch, collate_padded, filler_batch
 from qwen_moe_ft.fastpath.local_dispatch import one_rank_dispatch
 from qwen_moe_ft.parallel.ds_config import build_ds_config
@@ -85,7 +85,7 @@ def _ours(model, micro_batches, scope):
         terms.remove()
 
 
-@pytest.mark.parametrize("forward", ["autoep", "fast_path"])
+@pytest.mark.parametrize("forward", ["autoep", "fast_path", "checkpointed"])
 @pytest.mark.parametrize("scope", ["global", "micro_batch"])
 def test_router_terms_and_gradients_equal_the_formulas(autoep_model, scope, forward):
     """Float32 throughout: both sides sum a few hundred terms of size ~1/(N E) in another order, so they agree to
@@ -93,6 +93,9 @@ def test_router_terms_and_gradients_equal_the_formulas(autoep_model, scope, forw
     model = copy.deepcopy(autoep_model)
     if forward == "fast_path":
         assert one_rank_dispatch(model)
+    if forward == "checkpointed":  # --activation-checkpointing: the layers' recompute runs no hook
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     micro_batches = _micro_batches()
     aux, z = _reference(model, micro_batches, scope)
     (aux + z).backward()
@@ -144,3 +147,21 @@ def test_freeze_router_before_autoep_freezes_autoeps_gates_alone(process_group):
     apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
     frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
     assert frozen == [f"model.layers.{i}.mlp.router.gate.weight" for i in range(2)]
+
+
+@pytest.mark.parametrize("option, value", [("--router-aux-loss-coef", "-0.1"), ("--router-z-loss-coef", "-1"),
+                                           ("--router-aux-scope", "batch"), ("--expert-load-steps", "-1")])
+def test_bad_router_values_name_the_option(option, value):
+    with pytest.raises(ConfigError, match=option):
+        load_config([option, value]).validate()
+
+
+def test_router_aux_loss_coef_left_out_is_the_model_configs():
+    from transformers import AutoConfig
+
+    from qwen_moe_ft.router import resolve_aux_coef
+
+    config = AutoConfig.from_pretrained(TINY)
+    assert load_config([]).router_aux_loss_coef is None
+    assert resolve_aux_coef(None, config) == config.router_aux_loss_coef == 0.001
+    assert resolve_aux_coef(load_config(["--router-aux-loss-coef", "0"]).validate().router_aux_loss_coef, config) == 0
