@@ -3,9 +3,10 @@
 Forward hooks on every AutoEP block's router (`layer.router`, DeepSpeed's TokenChoiceTopKRouter) and on its
 gate (`layer.router.gate`, the nn.Linear that gives the logits) see each layer's logits and chosen experts
 whichever forward runs the block: AutoEP's `_forward` at any EP size and the fast path's `_one_rank_forward`
-both call `layer.router(x, layer.expert_bias)`. Per micro-batch and layer they keep, over real tokens only
-(padding of unpacked batches and filler batches are masked out), on the device, read by the host only with
-the step's metrics:
+both call `layer.router(x, layer.expert_bias)`. Per micro-batch and layer they keep the logits and c below;
+after the forward, loss() computes s and z from the logits (outside any activation-checkpointed layer, whose
+recompute runs no hook). All over real tokens only (padding of unpacked batches and filler batches are masked
+out), on the device, read by the host only with the step's metrics:
     c_i  token-slots that chose expert i (no gradient)
     s_i  sum over tokens of the router probability softmax(logits)_i
     z    sum over tokens of logsumexp(logits)^2
@@ -98,8 +99,7 @@ class RouterStats:
 class _Capture:
     mask: torch.Tensor | None
     counts: list[torch.Tensor]
-    prob_sums: list[torch.Tensor]
-    z_sums: list[torch.Tensor]
+    logits: list[torch.Tensor]
 
 
 class RouterTerms:
@@ -154,19 +154,13 @@ class RouterTerms:
             slots = mask.repeat_interleave(self.top_k)
             capture.counts.append(torch.zeros(self.num_experts, device=slots.device).index_add_(
                 0, selected.reshape(-1), slots))
-        if not torch.is_grad_enabled():  # the counting pass
-            return
-        logits = logits.float()  # the router scores in float32 too
-        if self.aux_coef:
-            probs = torch.softmax(logits, dim=-1)
-            capture.prob_sums.append(probs.sum(0) if mask is None else mask @ probs)
-        if self.z_coef:
-            squares = torch.logsumexp(logits, dim=-1).square()
-            capture.z_sums.append(squares.sum() if mask is None else mask @ squares)
+        if torch.is_grad_enabled():  # not the counting pass
+            # Terms computed in loss(): ops here would run in a checkpointed layer's forward but not in its recompute
+            capture.logits.append(logits)
 
     @contextlib.contextmanager
     def _capturing(self, micro: MicroBatch):
-        self._capture = _Capture(real_token_mask(micro), [], [], [])
+        self._capture = _Capture(real_token_mask(micro), [], [])
         try:
             yield self._capture
         finally:
@@ -214,8 +208,9 @@ class RouterTerms:
         counts = torch.stack(capture.counts)
         self.step_counts += counts
         total = torch.zeros((), device=counts.device)
+        logits = [logits.float() for logits in capture.logits]  # the router scores in float32 too
         if self.aux_coef:
-            probs = torch.stack(capture.prob_sums)
+            probs = torch.stack([_token_sum(torch.softmax(x, dim=-1), capture.mask) for x in logits])
             if self.scope == "global":
                 if self.global_counts is None:  # one micro-batch a step: this forward's counts are the step's
                     self.global_counts = _all_reduced(counts.clone())
@@ -228,7 +223,8 @@ class RouterTerms:
                     (counts / (n * self.top_k)) * (probs / n)).sum()
             self.aux_sum += total.detach()
         if self.z_coef:
-            z = self.z_coef / (layers * self.real_tokens) * torch.stack(capture.z_sums).sum()
+            squares = torch.stack([_token_sum(torch.logsumexp(x, dim=-1).square(), capture.mask) for x in logits])
+            z = self.z_coef / (layers * self.real_tokens) * squares.sum()
             self.z_sum += z.detach()
             total = total + z
         self.current = None
@@ -243,6 +239,11 @@ class RouterTerms:
         experts = self.num_experts
         load = [totals[2 + i * experts: 2 + (i + 1) * experts] for i in range(len(self.layers))]
         return RouterStats(aux_loss=totals[0], z_loss=totals[1], load=load)
+
+
+def _token_sum(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the real tokens (dim 0) of per-token values."""
+    return values.sum(0) if mask is None else mask @ values
 
 
 def _all_reduced(tensor: torch.Tensor) -> torch.Tensor:
