@@ -100,8 +100,6 @@ class TrainConfig:
     gate_up_recompute: bool = _opt(False, "rebuild the experts' gate+up concat in backward: less memory")
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
                                           "activations of one layer instead of all, for about a third more compute")
-    activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
-                                          "activations of one layer instead of all, for about a third more compute")
 
     output_dir: str = _opt("outputs/run", "where metrics.jsonl, checkpoints/, hf/ and adapter/ are written")
     overwrite_output_dir: bool = _opt(False, "remove an earlier run's metrics, checkpoints and exports first")
