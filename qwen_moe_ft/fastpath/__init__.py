@@ -80,7 +80,7 @@ class FastPath:
             self.applied.append(fold_clip_into_adam(state))
         forwards = use_layout_preserving_gate_up(engine.module, recompute=gate_up_recompute)
         self.applied.append(Applied("layout_preserving_gate_up", "GroupedExperts.forward (fused gate/up)",
-                                    "" if forwards else "no expert module runs the fused gate/up on torch._grouped_mm"))
+                                    "" if forwards else "no trainable expert module runs the fused gate/up on torch._grouped_mm"))
         self.applied += [mirror_gate_up_weights(state, forwards), one_rank_dispatch(engine.module)]
         return self.applied
 

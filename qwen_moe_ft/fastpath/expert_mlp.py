@@ -73,13 +73,13 @@ class LayoutPreservingGateUp:
 
 
 def use_layout_preserving_gate_up(model: nn.Module, recompute: bool = False) -> list[LayoutPreservingGateUp]:
-    """Give every AutoEP expert module that runs the fused gate/up GEMM through torch._grouped_mm this forward;
-    returns the forwards installed. recompute: rebuild the concatenated weights in the backward instead of
-    keeping them."""
+    """Give every trainable AutoEP expert module that runs the fused gate/up GEMM through torch._grouped_mm this
+    forward (its point is the weight gradients' layout: frozen experts, as under LoRA, have none); returns the
+    forwards installed. recompute: rebuild the concatenated weights in the backward instead of keeping them."""
     installed = []
     for module in model.modules():
         if (isinstance(module, GroupedExperts) and module.gate_up_impl == "fused" and module.use_grouped_mm
-                and not module.use_triton_grouped_mm):
+                and not module.use_triton_grouped_mm and module.w1.requires_grad):
             module.forward = LayoutPreservingGateUp(module, recompute)
             installed.append(module.forward)
     return installed

@@ -57,6 +57,9 @@ def test_modules_on_another_path_are_left_alone():
                               disable_triton_grouped_mm=True)
     assert use_layout_preserving_gate_up(nn.Sequential(separate)) == []
     assert "forward" not in vars(separate)
+    frozen = GroupedExperts(dim=16, hidden_dim=8, num_experts=2, gate_up_impl="fused", disable_triton_grouped_mm=True)
+    frozen.requires_grad_(False)  # LoRA's base experts: no weight gradient whose layout to keep
+    assert use_layout_preserving_gate_up(nn.Sequential(frozen)) == []
 
 
 @pytest.mark.parametrize("device,dtype", [(device, dtype) for device, dtype, _ in DEVICES])
