@@ -42,7 +42,13 @@ def test_fast_path_trains_what_stock_deepspeed_trains(runs, stock_runs, ep):
     weights_ours = load_file(runs[ep] / "hf" / "model.safetensors")
     weights_stock = load_file(stock_runs[ep] / "hf" / "model.safetensors")
     for name, weight in weights_stock.items():
-        assert max_rel_err(weights_ours[name], weight) < 1e-5, name
+        if name == "model.embed_tokens.weight":
+            # A token's row sums its gradient over its occurrences (and, with the default load-balancing loss, over
+            # the router terms'); where they nearly cancel, Adam's normalised update turns their rounding into up to
+            # ~1e-4 of the 4 x lr a weight can move (measured): bounded at 1e-3 of it.
+            assert (weights_ours[name] - weight).abs().max() < 1e-3 * 4 * 3e-3, name
+        else:
+            assert max_rel_err(weights_ours[name], weight) < 1e-5, name
 
 
 def test_losses_match(runs):
