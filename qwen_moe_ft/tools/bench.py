@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not found:  # e.g. out of memory: reported, and the other stacks still run
                 print(f"{stack} at {depth} layers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
-                failures.append(dict(stack=stack, depth=depth, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
+                lines = proc.stderr.strip().splitlines() or ["?"]
+                errors = [line for line in lines if "Error" in line]  # the exception, not the teardown noise after it
+                failures.append(dict(stack=stack, depth=depth, error=(errors or lines)[-1]))
                 continue
             results.append(json.loads(found[-1][len("RESULT "):]))
             print(f"{stack} {depth} layers: step {results[-1]['step_ms']:.1f} ms, losses {results[-1]['losses'][:3]}",
