@@ -1,5 +1,7 @@
 """EP=2 over two processes must train exactly what EP=1 trains, and the fast path what stock DeepSpeed ZeRO-2 +
 AutoEP trains (`--fast-path off`, no patch imported), at both EP sizes: same losses, same weights."""
+import json
+
 import pytest
 from safetensors.torch import load_file
 
@@ -57,7 +59,18 @@ def test_losses_match(runs):
     for a, b in zip(ep1, ep2):
         assert a["num_label_tokens"] == b["num_label_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # the default load-balancing loss (the model config's coefficient), counted over both ranks' tokens
+        assert a["aux_loss"] > 0 and a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-5)
+        assert a["expert_load_max"] == pytest.approx(b["expert_load_max"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_expert_load_rows_sum_to_the_routed_slots(runs):
+    """Every layer routes each real token to its top-k experts: the last step's rows hold one total."""
+    rows = [json.loads(line) for line in (runs[2] / "expert_load.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["step"] == 4]
+    assert [r["layer"] for r in last] == [0, 1] and all(len(r["tokens"]) == 8 for r in last)
+    assert len({sum(r["tokens"]) for r in last}) == 1 and sum(last[0]["tokens"]) > 0
 
 
 def test_updated_weights_match_and_moved(runs):
