@@ -15,8 +15,10 @@ if command -v nvidia-smi >/dev/null; then
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 fi
 if [ "$gpus" -gt 0 ]; then
-  recipe=qwen_moe_ft/recipes/qwen3-30b-a3b-$mode.yaml
   nproc=${NUM_PROCESSES:-$gpus}
+  recipe=qwen_moe_ft/recipes/qwen3-30b-a3b-$mode.yaml
+  # one GPU holds all 48 layers' frozen weights for LoRA only with activation checkpointing
+  if [ "$mode" = lora ] && [ "$nproc" -eq 1 ]; then recipe=qwen_moe_ft/recipes/qwen3-30b-a3b-lora-1gpu.yaml; fi
   launch=(accelerate launch --num_processes "$nproc" --num_machines 1 --mixed_precision no --dynamo_backend no)
 else
   recipe=qwen_moe_ft/recipes/tiny-$mode.yaml

@@ -1,5 +1,6 @@
 import pytest
 
+from helpers import REPO
 from qwen_moe_ft.config import REAL_MODEL, TINY_MODEL, ConfigError, TrainConfig, load_config
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
@@ -99,3 +100,10 @@ def test_recipe_syntax_error_and_unknown_key_are_one_line(tmp_path):
     recipe.write_text("learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown option learning_rate; did you mean --lr"):
         load_config(["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "qwen_moe_ft" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = load_config(["--config", str(recipe)]).validate()
+    if recipe.stem == "qwen3-30b-a3b-lora-1gpu":  # what lets one GPU hold all 48 layers for LoRA
+        assert cfg.lora and cfg.activation_checkpointing and cfg.ep_size == 1
