@@ -11,7 +11,9 @@ def epoch_loss(output_dir):
 
 
 def test_packed_and_unpacked_optimise_the_same_objective(tmp_path):
-    common = ["--data", str(SAMPLE), "--epochs", "1", "--lr", "0", "--max-tokens-per-batch", "2048",
+    rows = tmp_path / "rows.jsonl"  # a fifth of the sample: an epoch of each is enough to compare
+    rows.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:600]))
+    common = ["--data", str(rows), "--epochs", "1", "--lr", "0", "--max-tokens-per-batch", "2048",
               "--max-seq-len", "512", "--export-hf", "false"]
     train(tmp_path / "packed", *common, "--packing", "true")
     train(tmp_path / "unpacked", *common, "--packing", "false")
