@@ -1,7 +1,8 @@
 """DeepSpeed checkpoints that resume exactly, and that an interrupted save never spoils.
 
 Layout: OUTPUT_DIR/checkpoints/step-N/ holds DeepSpeed's files (model, optimizer, scheduler; expert
-shards per EP rank), our per-rank RNG states and, written last, a COMPLETE marker. The pointer file
+shards per EP rank), our per-rank RNG states and, written last, a COMPLETE marker (JSON: the step and the
+layout it was saved with: processes, EP size, LoRA or not). The pointer file
 `latest` is replaced atomically only after every rank has finished, so a crash mid-save leaves the
 previous checkpoint as the one resumed from. The data position is the step: batches are planned
 deterministically from (seed, epoch).
@@ -13,11 +14,13 @@ needs no saving.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +33,38 @@ _TAG = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class Layout(NamedTuple):
+    """How a run is split: a checkpoint resumes only into the same (ZeRO partitions and expert shards are
+    per rank)."""
+    processes: int
+    ep_size: int
+    lora: bool
+
+    def describe(self) -> str:
+        return f"{self.processes} process(es) at EP={self.ep_size} ({'LoRA' if self.lora else 'full fine-tuning'})"
+
+
+def saved_layout(path: Path) -> Layout | None:
+    """The layout in a checkpoint's COMPLETE marker; None for markers written before it was recorded."""
+    try:
+        record = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return Layout(**record["layout"]) if isinstance(record, dict) and "layout" in record else None
+
+
+def check_layout(path: Path, layout: Layout) -> None:
+    """Stop before anything is loaded when `path` was saved with another layout, saying how to resume it."""
+    saved = saved_layout(path)
+    if saved is None or saved == layout:
+        return
+    raise CheckpointError(
+        f"--resume: {path} was saved by {saved.describe()}; this run has {layout.describe()}. Resume it with "
+        f"the same layout (NUM_PROCESSES={saved.processes} bash run.sh ..., or --nproc_per_node "
+        f"{saved.processes}, with --ep-size {saved.ep_size}{' and --lora true' if saved.lora else ''}); "
+        "resuming with another number of processes is not supported yet")
 
 
 def _barrier():
@@ -92,8 +127,9 @@ def _load_lora(engine, path: Path, rank: int) -> int:
     return int(state["step"])
 
 
-def save(engine, root: Path, step: int, *, rank: int, keep: int, lora: bool = False) -> Path:
+def save(engine, root: Path, step: int, *, rank: int, keep: int, layout: Layout) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the checkpoint and prunes old ones."""
+    lora = layout.lora
     tag = f"step-{step}"
     path = root / tag
     if rank == 0 and path.exists():
@@ -109,7 +145,7 @@ def save(engine, root: Path, step: int, *, rank: int, keep: int, lora: bool = Fa
     torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
-        (path / COMPLETE).write_text(f"{step}\n")
+        (path / COMPLETE).write_text(json.dumps({"step": step, "layout": layout._asdict()}) + "\n")
         pointer = root / (LATEST + ".tmp")
         pointer.write_text(tag + "\n")
         os.replace(pointer, root / LATEST)

@@ -165,21 +165,25 @@ class MetricsLogger:
             self.file.close()
 
 
-def drop_metrics_after(path: Path, step: int) -> str | None:
-    """Forget records past `step`, training and eval ones: a resumed run logs those steps again. Lines that are not
-    JSON (a process killed mid-write tears the last one) are dropped too; returns a note saying so, or None."""
-    if not path.exists():
-        return None
-    kept, torn = [], []
+def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a JSONL file, and the numbers of its lines that are not JSON (a process killed mid-write
+    tears the last one)."""
+    records, torn = [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             torn.append(number)
-            continue
-        if record["step"] <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    return records, torn
+
+
+def drop_metrics_after(path: Path, step: int) -> str | None:
+    """Forget records past `step`, training and eval ones: a resumed run logs those steps again. Lines that are not
+    JSON are dropped too; returns a note saying so, or None."""
+    if not path.exists():
+        return None
+    records, torn = read_jsonl(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
     return f"{path}: dropped line(s) {torn}, not JSON (written when the run was killed)" if torn else None

@@ -94,6 +94,11 @@ class Trainer:
                                            kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
         acc = self.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        self.layout = checkpoint.Layout(self.world_size, self.ep_size, cfg.lora)
+        self.resume_path = None
+        if cfg.resume:  # before any weight is loaded: a checkpoint of another layout cannot resume here
+            self.resume_path = checkpoint.resolve(cfg.resume, Path(cfg.output_dir) / "checkpoints")
+            checkpoint.check_layout(self.resume_path, self.layout)
         if cfg.overwrite_output_dir:
             if acc.is_main_process and (removed := clear_earlier_run(Path(cfg.output_dir))):
                 print(f"--overwrite-output-dir: removed the earlier run's {', '.join(removed)} from {cfg.output_dir}")
@@ -249,7 +254,7 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
 
     def _resume(self) -> int:
-        path = checkpoint.resolve(self.cfg.resume, self.checkpoint_root)
+        path = self.resume_path
         start = checkpoint.load(self.engine, path, rank=self.rank, lora=self.cfg.lora)
         if self.fast_path:
             self.fast_path.after_load()
@@ -279,7 +284,7 @@ class Trainer:
             stop = _global_sum([float(self.stop_signal is not None)], self.device)[0] > 0
             if cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop:
                 path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
-                                       keep=cfg.save_total_limit, lora=cfg.lora)
+                                       keep=cfg.save_total_limit, layout=self.layout)
                 self.metrics.info(f"saved checkpoint {path}")
             if stop:
                 if cfg.lora:

@@ -3,7 +3,6 @@ in expert_load.jsonl (layers x experts): `python -m qwen_moe_ft.plot OUTPUT_DIR 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -13,26 +12,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from ..metrics import read_jsonl  # noqa: E402
+
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """Training-step records and eval records of a metrics.jsonl."""
-    steps, evals = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number}: not JSON ({err.msg})") from None
-        (evals if "eval_loss" in record else steps).append(record)
-    return steps, evals
+    """Training-step records and eval records of a metrics.jsonl (a torn last line, of a killed run, left out)."""
+    records, _ = read_jsonl(path)
+    return [r for r in records if "eval_loss" not in r], [r for r in records if "eval_loss" in r]
 
 
 def last_expert_load(path: Path) -> tuple[int, list[list[int]]] | None:
     """(step, [layer][expert] token counts) of the last step in an expert_load.jsonl, or None without one."""
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, _ = read_jsonl(path)
     if not rows:
         return None
     step = rows[-1]["step"]

@@ -37,6 +37,14 @@ def test_resumed_run_follows_the_uninterrupted_loss_curve(interrupted_and_resume
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-9)
 
 
+def test_resuming_with_another_number_of_processes_stops_before_loading(interrupted_and_resumed):
+    _, resumed, _, _, _ = interrupted_and_resumed
+    proc = train(resumed, *RUN, "--resume", "latest", nproc=1, check=False)
+    assert proc.returncode != 0
+    assert "was saved by 2 process(es) at EP=2 (full fine-tuning); this run has 1 process(es) at EP=1" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ZeRORuntimeException" not in proc.stderr
+
+
 def test_interrupted_save_is_never_resumed_from(tmp_path):
     root = tmp_path / "checkpoints"
     for step, complete in ((10, True), (20, True), (30, False)):

@@ -1,4 +1,9 @@
-from qwen_moe_ft.checkpoint import COMPLETE, complete_checkpoints, prune
+import json
+
+import pytest
+
+from qwen_moe_ft.checkpoint import (COMPLETE, CheckpointError, Layout, check_layout, complete_checkpoints, prune,
+                                   saved_layout)
 
 
 def finished(root, *steps):
@@ -27,3 +32,17 @@ def test_keep_zero_keeps_all(tmp_path):
     finished(tmp_path, 1, 2, 3)
     prune(tmp_path, 0, latest=tmp_path / "step-3")
     assert len(complete_checkpoints(tmp_path)) == 3
+
+
+def test_a_checkpoint_of_another_layout_is_refused_saying_how_to_resume_it(tmp_path):
+    step = tmp_path / "step-4"
+    step.mkdir()
+    saved = Layout(processes=2, ep_size=2, lora=False)
+    (step / COMPLETE).write_text(json.dumps({"step": 4, "layout": saved._asdict()}))
+    assert saved_layout(step) == saved
+    check_layout(step, saved)  # the same layout resumes
+    with pytest.raises(CheckpointError, match=r"saved by 2 process\(es\) at EP=2 \(full fine-tuning\); this run has "
+                                              r"1 process\(es\) at EP=1.*NUM_PROCESSES=2.*--ep-size 2"):
+        check_layout(step, Layout(processes=1, ep_size=1, lora=False))
+    (step / COMPLETE).write_text("4\n")  # a marker from before layouts were recorded: nothing to check against
+    check_layout(step, Layout(processes=1, ep_size=1, lora=False))
