@@ -5,7 +5,8 @@ import pytest
 from helpers import SAMPLE, read_metrics, train, train_until_sigterm
 from qwen_moe_ft.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve
 
-RUN = ["--data", str(SAMPLE), "--max-steps", "24", "--grad-accum", "2", "--max-tokens-per-batch", "2048",
+STEPS = 12  # the SIGTERM lands after step 3, and the run stops at the end of the step it is in
+RUN = ["--data", str(SAMPLE), "--max-steps", str(STEPS), "--grad-accum", "2", "--max-tokens-per-batch", "2048",
        "--max-seq-len", "512", "--export-hf", "false", "--lr", "1e-3"]
 
 
@@ -22,7 +23,7 @@ def interrupted_and_resumed(tmp_path_factory):
 
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(interrupted_and_resumed):
     _, resumed, output, stopped_at, _ = interrupted_and_resumed
-    assert 3 <= stopped_at < 24
+    assert 3 <= stopped_at < STEPS
     assert f"stopped by SIGTERM after step {stopped_at}; continue with --resume latest" in output
     assert (resumed / "checkpoints" / f"step-{stopped_at}" / COMPLETE).exists()
 
@@ -31,7 +32,7 @@ def test_resumed_run_follows_the_uninterrupted_loss_curve(interrupted_and_resume
     straight, resumed, _, stopped_at, second_output = interrupted_and_resumed
     assert "resumed from" in second_output and f"at step {stopped_at}" in second_output
     a, b = read_metrics(straight), read_metrics(resumed)
-    assert [m["step"] for m in b] == list(range(1, 25))
+    assert [m["step"] for m in b] == list(range(1, STEPS + 1))
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6), x["step"]
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-9)
