@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import IGNORE
+from .rows import IGNORE, DataError
 
 
 def _first_fit_decreasing(indices: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
@@ -49,8 +49,8 @@ def plan_micro_batches(lengths: list[int], capacity: int, *, packing: bool, seed
     """Example indices of each micro-batch of one epoch, at most `capacity` tokens each."""
     too_long = [i for i, n in enumerate(lengths) if n > capacity]
     if too_long:
-        raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the micro-batch "
-                         f"capacity {capacity}; raise --max-tokens-per-batch")
+        raise DataError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the micro-batch "
+                        f"capacity {capacity}; raise --max-tokens-per-batch (or lower --max-seq-len)")
     rng = random.Random(seed * 100003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)

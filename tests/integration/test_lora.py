@@ -44,7 +44,13 @@ def test_ep2_lora_matches_ep1(runs):
     w1, w2 = (load_file(runs[ep] / "adapter" / "adapter_model.safetensors") for ep in (1, 2))
     assert sorted(w1) == sorted(w2)
     for name in w1:
-        assert (w1[name] - w2[name]).abs().max() < 1e-5, name
+        # float32 in another reduction order: ~1e-7 relative a step for a typical element, but an element whose
+        # gradient nearly cancels takes an Adam step of ~lr either way, so single elements may differ by a few
+        # 1e-3 of the largest (1.4e-3 seen on an AVX2 machine): the mean bounds the whole, the max the outliers.
+        # A missing rank's gradients would move both to ~1.
+        diff = (w1[name] - w2[name]).abs()
+        assert diff.mean() <= 1e-4 * w1[name].abs().mean(), name
+        assert diff.max() <= 1e-2 * w1[name].abs().max(), name
 
 
 def test_adapter_on_the_stock_model_gives_the_engine_eval_loss(runs):
