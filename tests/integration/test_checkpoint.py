@@ -43,7 +43,8 @@ def test_resuming_with_another_number_of_processes_stops_before_loading(interrup
     proc = train(resumed, *RUN, "--resume", "latest", nproc=1, check=False)
     assert proc.returncode != 0
     assert "was saved by 2 process(es) at EP=2 (full fine-tuning); this run has 1 process(es) at EP=1" in proc.stderr
-    assert "Traceback" not in proc.stderr and "ZeRORuntimeException" not in proc.stderr
+    # stopped by our check, not inside DeepSpeed's loader (torchrun adds its own ChildFailedError summary)
+    assert "load_checkpoint" not in proc.stderr and "ZeRORuntimeException" not in proc.stderr
 
 
 def test_interrupted_save_is_never_resumed_from(tmp_path):
