@@ -6,6 +6,7 @@ attention function unchanged, so the stock Qwen3-MoE modules run as they are.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import torch
@@ -17,10 +18,32 @@ from ..config import ConfigError
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 
-def _flash_attn(q, k, v, cu, max_len, scale):
-    from flash_attn import flash_attn_varlen_func
+@functools.cache
+def flash_attn_version() -> int | None:
+    """2 for flash-attn 2 (`flash_attn`, CUDA extension), 4 for flash-attn 4 (`flash_attn.cute`, CuTe DSL kernels,
+    a pure-Python wheel), None without either. Both take packed documents by cu_seqlens and GQA natively."""
+    try:
+        if importlib.util.find_spec("flash_attn") is None:
+            return None
+        if importlib.util.find_spec("flash_attn.flash_attn_interface") is not None:
+            return 2
+        if importlib.util.find_spec("flash_attn.cute") is not None:
+            return 4
+    except ImportError:  # a parent package that fails to import (e.g. a CUDA extension built for another torch)
+        return None
+    return None
 
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+
+def _flash_attn(q, k, v, cu, max_len, scale):
+    if flash_attn_version() == 2:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out, _lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                       max_seqlen_k=max_len, softmax_scale=scale, causal=True)
+    return out
 
 
 def _torch_varlen(q, k, v, cu, max_len, scale):
@@ -62,7 +85,8 @@ _KERNELS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa": _p
 
 
 def attention_name(backend: str) -> str:
-    return f"qwen_moe_ft_varlen_{backend}"
+    # transformers takes any implementation name containing "flash" for one of its own flash-attention kernels
+    return f"qwen_moe_ft_varlen_{backend.replace('flash_attn', 'fa')}"
 
 
 def _make_forward(backend: str):
@@ -91,7 +115,7 @@ def available_backends(device_type: str) -> list[str]:
     """Backends usable on this machine, fastest first."""
     found = []
     if device_type == "cuda":
-        if importlib.util.find_spec("flash_attn") is not None:
+        if flash_attn_version() is not None:
             found.append("flash_attn")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
             found.append("torch_varlen")

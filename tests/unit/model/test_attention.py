@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from helpers import TINY, max_rel_err
-from qwen_moe_ft.model.attention import available_backends, register_varlen_attention, select_backend
+from qwen_moe_ft.model.attention import (BACKENDS, attention_name, available_backends, register_varlen_attention,
+                                        select_backend)
 from qwen_moe_ft.data.rows import IGNORE
 from qwen_moe_ft.loss import token_loss_sum
 from qwen_moe_ft.data.packing import collate_packed
@@ -58,6 +59,12 @@ def test_varlen_attention_without_cu_seqlens_is_a_clear_error():
     model = _model(register_varlen_attention("sdpa"))
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_registered_names_are_not_taken_for_transformers_own_flash_attention():
+    # transformers treats an implementation name containing "flash" as one of its kernels and tries to import it
+    assert all("flash" not in attention_name(b) for b in BACKENDS)
+    assert len({attention_name(b) for b in BACKENDS}) == len(BACKENDS)
 
 
 def test_backend_selection():

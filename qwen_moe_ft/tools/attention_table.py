@@ -1,0 +1,131 @@
+"""Packed causal attention on the GPU: each installed backend checked against per-document sdpa, then timed.
+
+    python -m qwen_moe_ft.tools.attention_table [--tokens 8192] [--lengths full,chat] [--out attention.json]
+
+Qwen3-30B-A3B's attention shape (32 query heads, 4 kv heads, head dim 128, bf16). For each length mix (the
+benchmark's fixed-seed document lengths) and backend: forward+backward time (median of --iters after warm-up)
+and TFLOP/s counting only the causal half of each document's scores; and the largest error of the output and of
+the q/k/v gradients relative to the largest magnitude, against per-document sdpa computed in float32.
+`cudnn` is the dense causal batch through sdpa that equal-length documents take; it runs on full-length
+documents only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from ..model.attention import _KERNELS, _equal_documents, _per_document_sdpa, available_backends
+from .bench import document_lengths
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
+
+
+def attention_flops(lengths: list[int]) -> float:
+    """Forward+backward matmul FLOPs of causal attention: QK^T and PV forward (2 x 2 x n^2/2 x d per head),
+    the backward 2.5 times that (dV, dP, dQ, dK and the recomputed scores)."""
+    forward = sum(2 * 2 * n * n / 2 * HEAD_DIM * HEADS for n in lengths)
+    return 3.5 * forward
+
+
+def inputs(lengths: list[int], seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    total = sum(lengths)
+
+    def make(heads):
+        return torch.randn(total, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    q, k, v, grad_out = make(HEADS), make(KV_HEADS), make(KV_HEADS), make(HEADS)
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    return q, k, v, grad_out, cu
+
+
+def kernel_of(backend: str, lengths: list[int]):
+    if backend == "cudnn":
+        n_docs = len(lengths)
+        return lambda q, k, v, cu, max_len, scale: _equal_documents(q, k, v, n_docs, scale)
+    return _KERNELS[backend]
+
+
+def forward_backward(kernel, q, k, v, grad_out, cu, max_len):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = kernel(q, k, v, cu, max_len, HEAD_DIM ** -0.5)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def errors(results, reference) -> dict[str, float]:
+    return {name: float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+            for name, a, b in zip(("out", "dq", "dk", "dv"), results, reference)}
+
+
+def time_ms(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(lengths: list[int], backends: list[str], iters: int) -> list[dict]:
+    q, k, v, grad_out, cu = inputs(lengths)
+    max_len = max(lengths)
+    reference = forward_backward(_per_document_sdpa, q.float(), k.float(), v.float(), grad_out.float(), cu, max_len)
+    rows = []
+    for backend in backends:
+        kernel = kernel_of(backend, lengths)
+        try:
+            errs = errors(forward_backward(kernel, q, k, v, grad_out, cu, max_len), reference)
+            ms = time_ms(lambda: forward_backward(kernel, q, k, v, grad_out, cu, max_len), iters)
+        except Exception as e:  # report a backend that fails here and go on with the others
+            rows.append(dict(backend=backend, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            continue
+        rows.append(dict(backend=backend, fwd_bwd_ms=ms, tflops=attention_flops(lengths) / ms / 1e9,
+                         max_rel_err=errs))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.tools.attention_table", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--lengths", default="full,chat", help="comma list of the benchmark's length mixes")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="attention.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, tables={})
+    for mix in args.lengths.split(","):
+        lengths = document_lengths(args.tokens, mix, random.Random(args.seed))
+        backends = [b for b in available_backends("cuda") if b != "sdpa"]
+        if len(set(lengths)) == 1:
+            backends.append("cudnn")
+        rows = measure(lengths, backends + ["sdpa"], args.iters)
+        report["tables"][mix] = dict(documents=len(lengths), median_length=statistics.median(lengths), rows=rows)
+        print(f"\n{mix}: {len(lengths)} documents, {sum(lengths)} tokens, median length {statistics.median(lengths):.0f}")
+        print("| backend | fwd+bwd ms | TFLOP/s | max rel err out / dq / dk / dv |\n| --- | --- | --- | --- |")
+        for r in rows:
+            if "error" in r:
+                print(f"| {r['backend']} | failed: {r['error']} | | |")
+            else:
+                e = r["max_rel_err"]
+                print(f"| {r['backend']} | {r['fwd_bwd_ms']:.3f} | {r['tflops']:.0f} | "
+                      f"{e['out']:.1e} / {e['dq']:.1e} / {e['dk']:.1e} / {e['dv']:.1e} |")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
