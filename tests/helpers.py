@@ -36,6 +36,17 @@ def train(output_dir: Path, *args: str, nproc: int = 2, timeout: int = 600, chec
     return proc
 
 
+def train_together(runs: list[tuple[Path, list[str]]], nproc: int = 1, timeout: int = 600) -> None:
+    """Several one-process runs of `train` at once: each takes one core (OMP_NUM_THREADS=1), so two of them cost the
+    2-core CI machine the time of one."""
+    procs = [subprocess.Popen(_train_command(out, args, nproc), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for out, args in runs]
+    for proc in procs:
+        output = proc.communicate(timeout=timeout)[0]
+        if proc.returncode != 0:
+            raise AssertionError(f"training failed ({proc.returncode}):\n{output[-8000:]}")
+
+
 def train_until_sigterm(output_dir: Path, *args: str, after_steps: int, nproc: int = 2) -> str:
     """Start the run of `train`, send it SIGTERM once `after_steps` steps are logged; its output."""
     proc = subprocess.Popen(_train_command(output_dir, args, nproc), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,

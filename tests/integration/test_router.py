@@ -5,7 +5,7 @@ and test_four_ranks.py (4 ranks at EP=1, 2 and 4 against 1 rank accumulating 4, 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import SAMPLE, TINY, read_metrics, train
+from helpers import SAMPLE, TINY, read_metrics, train, train_together
 
 ROUTER = ["--router-aux-loss-coef", "0.1", "--router-z-loss-coef", "0.01", "--router-aux-scope", "global"]
 STEPS = ["--data", str(SAMPLE), "--max-steps", "3", "--max-tokens-per-batch", "512", "--max-seq-len", "512",
@@ -29,8 +29,7 @@ def test_load_balancing_loss_lowers_the_busiest_experts_load(tmp_path):
     run without it (measured ~2.2 against ~3.5 times the mean) and below its own first 25 steps (~3.5)."""
     common = ["--data", str(SAMPLE), "--max-steps", "200", "--max-tokens-per-batch", "256", "--max-seq-len", "256",
               "--lr", "3e-3", "--lr-schedule", "constant", "--export-hf", "false"]
-    for coef in ("0", "0.1"):
-        train(tmp_path / coef, *common, "--router-aux-loss-coef", coef, nproc=1)
+    train_together([(tmp_path / coef, [*common, "--router-aux-loss-coef", coef]) for coef in ("0", "0.1")])
     load = {coef: [m["expert_load_max"] for m in read_metrics(tmp_path / coef)] for coef in ("0", "0.1")}
     late = {coef: sum(values[-50:]) / 50 for coef, values in load.items()}
     assert late["0.1"] < 0.8 * late["0"]

@@ -106,9 +106,14 @@ def test_parquet_and_saved_dataset_directories(tmp_path, tiny_tokenizer):
 def test_missing_file_and_offline_hub_name_are_clear_errors(tmp_path, tiny_tokenizer, monkeypatch):
     with pytest.raises(DataError, match="no such file"):
         tokenize_source(str(tmp_path / "absent.jsonl"), tiny_tokenizer, TrainConfig())
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="Offline"):
+    # HF_HUB_OFFLINE is read when the libraries are imported: set their flags (the environment variable now
+    # would leave datasets retrying the hub for ~25 s)
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="OfflineModeIsEnabled.*Offline\\? Download it elsewhere"):
         tokenize_source("some-org/some-dataset", tiny_tokenizer, TrainConfig())
 
 

@@ -47,10 +47,3 @@ def test_summary_compares_each_run_with_the_reference_and_the_plot_is_drawn(tmp_
     plot(report, str(tmp_path / "c.png"), window=10)
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
-
-def test_attention_flops_count_the_causal_half_forward_and_backward():
-    from qwen_moe_ft.tools.attention_table import HEAD_DIM, HEADS, attention_flops
-
-    one = attention_flops([4096])
-    assert one == pytest.approx(3.5 * 4 * 4096 * 4096 / 2 * HEAD_DIM * HEADS)
-    assert attention_flops([2048, 2048]) == pytest.approx(one / 2)  # two halves: half the scores
