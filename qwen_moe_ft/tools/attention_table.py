@@ -17,7 +17,6 @@ import random
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from ..model.attention import _KERNELS, _equal_documents, _per_document_sdpa, available_backends
 from .bench import document_lengths

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from qwen_moe_ft.tools.convergence import bigram_chain, chain_entropy, make_batches, plot, summarise
 
