@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,12 +40,15 @@ def train(output_dir: Path, *args: str, nproc: int = 2, timeout: int = 600, chec
 def train_together(runs: list[tuple[Path, list[str]]], nproc: int = 1, timeout: int = 600) -> None:
     """Several one-process runs of `train` at once: each takes one core (OMP_NUM_THREADS=1), so two of them cost the
     2-core CI machine the time of one."""
-    procs = [subprocess.Popen(_train_command(out, args, nproc), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for out, args in runs]
-    for proc in procs:
-        output = proc.communicate(timeout=timeout)[0]
+    # output to files, not pipes: a pipe nobody reads yet would block its run once full
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in runs]
+    procs = [subprocess.Popen(_train_command(out, args, nproc), cwd=REPO, env=cpu_env(), stdout=log,
+                              stderr=subprocess.STDOUT, text=True) for (out, args), log in zip(runs, logs)]
+    for proc, log in zip(procs, logs):
+        proc.wait(timeout=timeout)
         if proc.returncode != 0:
-            raise AssertionError(f"training failed ({proc.returncode}):\n{output[-8000:]}")
+            log.seek(0)
+            raise AssertionError(f"training failed ({proc.returncode}):\n{log.read()[-8000:]}")
 
 
 def train_until_sigterm(output_dir: Path, *args: str, after_steps: int, nproc: int = 2) -> str:
