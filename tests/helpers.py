@@ -14,6 +14,17 @@ SAMPLE = REPO / "data" / "sample_sft.jsonl"
 EVAL = REPO / "data" / "sample_eval.jsonl"
 
 
+# The four-process runs of tests/integration/conftest.py
+FOUR_RANK_LR, FOUR_RANK_STEPS = 3e-3, 3
+FOUR_RANK_RUN = [
+    "--data", str(SAMPLE), "--max-steps", str(FOUR_RANK_STEPS), "--max-tokens-per-batch", "512",
+    "--max-seq-len", "512", "--lr", str(FOUR_RANK_LR), "--warmup-steps", "0", "--seed", "3",
+    # large router coefficients, so the global-scope terms move the weights
+    "--router-aux-loss-coef", "0.1", "--router-z-loss-coef", "0.01", "--router-aux-scope", "global",
+    "--adam-states", "fp32"]  # bf16 moments round with random bits drawn per partition offset, which EP changes
+FOUR_RANK_EP2 = [*FOUR_RANK_RUN, "--ep-size", "2", "--grad-accum", "2"]
+
+
 def cpu_env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")

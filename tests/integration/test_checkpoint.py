@@ -1,48 +1,43 @@
-"""Checkpoints: SIGTERM saves and stops, --resume continues on the same loss curve (EP=2), and
-an interrupted save is never the one resumed from."""
+"""Checkpoints: SIGTERM saves and stops, --resume continues exactly (four processes at EP=2, the runs of
+conftest.py), a checkpoint of another layout is refused before loading, and an interrupted save is never the one
+resumed from."""
 import pytest
+from safetensors.torch import load_file
 
-from helpers import SAMPLE, read_metrics, train, train_until_sigterm
+from helpers import FOUR_RANK_RUN, FOUR_RANK_STEPS, SAMPLE, max_rel_err, read_metrics, train
 from qwen_moe_ft.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve
 
-STEPS = 12  # the SIGTERM lands after step 3, and the run stops at the end of the step it is in
-RUN = ["--data", str(SAMPLE), "--max-steps", str(STEPS), "--grad-accum", "2", "--max-tokens-per-batch", "2048",
-       "--max-seq-len", "512", "--export-hf", "false", "--lr", "1e-3"]
 
-
-@pytest.fixture(scope="module")
-def interrupted_and_resumed(tmp_path_factory):
-    straight = tmp_path_factory.mktemp("straight")
-    train(straight, *RUN)
-    resumed = tmp_path_factory.mktemp("resumed")
-    first_output = train_until_sigterm(resumed, *RUN, after_steps=3)
-    stopped_at = len(read_metrics(resumed))
-    second = train(resumed, *RUN, "--resume", "latest")
-    return straight, resumed, first_output, stopped_at, second.stdout
-
-
-def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(interrupted_and_resumed):
-    _, resumed, output, stopped_at, _ = interrupted_and_resumed
-    assert 3 <= stopped_at < STEPS
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(four_rank_ep2_resumed):
+    resumed, output, stopped_at, _ = four_rank_ep2_resumed
+    assert 1 <= stopped_at < FOUR_RANK_STEPS, "SIGTERM came after the last step: nothing was resumed"
     assert f"stopped by SIGTERM after step {stopped_at}; continue with --resume latest" in output
     assert (resumed / "checkpoints" / f"step-{stopped_at}" / COMPLETE).exists()
 
 
-def test_resumed_run_follows_the_uninterrupted_loss_curve(interrupted_and_resumed):
-    straight, resumed, _, stopped_at, second_output = interrupted_and_resumed
-    assert "resumed from" in second_output and f"at step {stopped_at}" in second_output
-    a, b = read_metrics(straight), read_metrics(resumed)
-    assert [m["step"] for m in b] == list(range(1, STEPS + 1))
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6), x["step"]
-        assert x["lr"] == pytest.approx(y["lr"], rel=1e-9)
+def test_resumed_run_continues_exactly_with_expert_groups_of_two_ranks(four_rank_runs, four_rank_ep2_resumed):
+    """Four processes at EP=2, two micro-batches each a step: moments, expert shards, the gate/up cache, the data
+    position within the epoch and the schedule all come back."""
+    resumed, _, stopped_at, second_output = four_rank_ep2_resumed
+    assert f"resumed from {resumed / 'checkpoints' / f'step-{stopped_at}'} at step {stopped_at}" in second_output
+    straight, again = read_metrics(four_rank_runs[2]), read_metrics(resumed)
+    assert [m["step"] for m in again] == [m["step"] for m in straight] == list(range(1, FOUR_RANK_STEPS + 1))
+    # the same arithmetic in the same order: only a lost or stale state would move a loss or a weight
+    for a, b in zip(straight, again):
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (a["step"], key)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    w1, w2 = (load_file(run / "hf" / "model.safetensors") for run in (four_rank_runs[2], resumed))
+    for name in w1:
+        assert max_rel_err(w2[name], w1[name]) < 1e-6, name
 
 
-def test_resuming_with_another_number_of_processes_stops_before_loading(interrupted_and_resumed):
-    _, resumed, _, _, _ = interrupted_and_resumed
-    proc = train(resumed, *RUN, "--resume", "latest", nproc=1, check=False)
+def test_resuming_with_another_number_of_processes_stops_before_loading(four_rank_ep2_resumed, tmp_path):
+    resumed, _, stopped_at, _ = four_rank_ep2_resumed
+    proc = train(tmp_path, *FOUR_RANK_RUN, "--ep-size", "1", "--resume",
+                 str(resumed / "checkpoints" / f"step-{stopped_at}"), nproc=1, check=False)
     assert proc.returncode != 0
-    assert "was saved by 2 process(es) at EP=2 (full fine-tuning); this run has 1 process(es) at EP=1" in proc.stderr
+    assert "was saved by 4 process(es) at EP=2 (full fine-tuning); this run has 1 process(es) at EP=1" in proc.stderr
     # stopped by our check, not inside DeepSpeed's loader (torchrun adds its own ChildFailedError summary)
     assert "load_checkpoint" not in proc.stderr and "ZeRORuntimeException" not in proc.stderr
 
@@ -63,7 +58,7 @@ def test_interrupted_save_is_never_resumed_from(tmp_path):
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path):
-    train(tmp_path, *RUN[:2], "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "2",
+    train(tmp_path, "--data", str(SAMPLE), "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "2",
           "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--export-hf", "false")
     root = tmp_path / "checkpoints"
     assert [p.name for p in complete_checkpoints(root)] == ["step-4", "step-6"]
