@@ -48,18 +48,22 @@ def train(output_dir: Path, *args: str, nproc: int = 2, timeout: int = 600, chec
     return proc
 
 
-def train_together(runs: list[tuple[Path, list[str]]], nproc: int = 1, timeout: int = 600) -> None:
-    """Several one-process runs of `train` at once: each takes one core (OMP_NUM_THREADS=1), so two of them cost the
-    2-core CI machine the time of one."""
+def train_together(runs: list[tuple[Path, list[str]]], nproc: int = 1, timeout: int = 600) -> list[str]:
+    """Several runs of `train` at once; their outputs (stdout and stderr). Each process takes one core
+    (OMP_NUM_THREADS=1), so two one-process runs cost the 2-core CI machine the time of one, and two two-process
+    runs fill the cores through each other's start-up and waits."""
     # output to files, not pipes: a pipe nobody reads yet would block its run once full
     logs = [tempfile.TemporaryFile(mode="w+") for _ in runs]
     procs = [subprocess.Popen(_train_command(out, args, nproc), cwd=REPO, env=cpu_env(), stdout=log,
                               stderr=subprocess.STDOUT, text=True) for (out, args), log in zip(runs, logs)]
+    outputs = []
     for proc, log in zip(procs, logs):
         proc.wait(timeout=timeout)
+        log.seek(0)
+        outputs.append(log.read())
         if proc.returncode != 0:
-            log.seek(0)
-            raise AssertionError(f"training failed ({proc.returncode}):\n{log.read()[-8000:]}")
+            raise AssertionError(f"training failed ({proc.returncode}):\n{outputs[-1][-8000:]}")
+    return outputs
 
 
 def train_until_sigterm(output_dir: Path, *args: str, after_steps: int, nproc: int = 2) -> str:
