@@ -26,7 +26,7 @@ def test_packed_and_unpacked_optimise_the_same_objective(tmp_path):
 
 
 def test_bad_option_fails_before_loading_with_its_name(tmp_path):
-    proc = train(tmp_path, "--ep-size", "3", check=False)
+    proc = train(tmp_path, "--ep-size", "3", nproc=1, check=False)
     assert proc.returncode != 0
     assert "--ep-size 3" in proc.stderr
 
