@@ -161,7 +161,8 @@ class Trainer:
         engine.step() is the fast path's step where `one_pass_adamw` is listed at startup."""
         if self.fast_path:
             self.fast_path.install(self.engine, adam_states=self.cfg.adam_states,
-                                   gate_up_recompute=self.cfg.gate_up_recompute)
+                                   gate_up_recompute=self.cfg.gate_up_recompute,
+                                   expert_kernels=self.cfg.expert_kernels)
 
     def _start_logging(self):
         cfg, acc = self.cfg, self.accelerator

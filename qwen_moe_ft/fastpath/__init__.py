@@ -14,6 +14,7 @@ The order matters, and is this:
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
+ 9. quack_experts              (quack_experts.py) with --expert-kernels quack: 8's experts on quack's kernels
 
 The patch modules import private DeepSpeed symbols, so they are imported here only once the version guard
 (versions.py) has passed: on other versions one warning names them and the run continues on the stock path.
@@ -59,7 +60,8 @@ class FastPath:
         self._restore.append(restore)
         return model, choice
 
-    def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False) -> list[Applied]:
+    def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False,
+                expert_kernels: str = "torch") -> list[Applied]:
         """Patch the DeepSpeed engine's ZeRO optimizer and its AutoEP modules, in the order above."""
         if not self.on:
             return []
@@ -67,7 +69,7 @@ class FastPath:
 
         from .expert_mlp import use_layout_preserving_gate_up
         from .grad_norm import lean_grad_checks
-        from .local_dispatch import one_rank_dispatch
+        from .local_dispatch import one_rank_dispatch, quack_expert_kernels
         from .state import ZeroState
         from .zero_step import fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, mirror_gate_up_weights
 
@@ -82,6 +84,8 @@ class FastPath:
         self.applied.append(Applied("layout_preserving_gate_up", "GroupedExperts.forward (fused gate/up)",
                                     "" if forwards else "no trainable expert module runs the fused gate/up on torch._grouped_mm"))
         self.applied += [mirror_gate_up_weights(state, forwards), one_rank_dispatch(engine.module)]
+        if expert_kernels == "quack":
+            self.applied.append(quack_expert_kernels(engine.module))
         return self.applied
 
     def after_load(self) -> None:

@@ -78,9 +78,20 @@ class _GatherTokenRows(torch.autograd.Function):
         return _sum_token_rows(grad_rows, position, ctx.top_k), None, None
 
 
-def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad_rows: bool):
+def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    from .expert_mlp import LayoutPreservingGateUp
+    from .quack_experts import gathered_swiglu_experts
+
+    experts = layer.experts
+    cache = getattr(experts.forward, "cache", None) if isinstance(experts.forward, LayoutPreservingGateUp) else None
+    w13 = cache.get(experts.w1, experts.w3) if cache is not None else None
+    return gathered_swiglu_experts(x, experts.w1, experts.w2, experts.w3, rows, counts, layer.top_k, w13)
+
+
+def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad_rows: bool, quack: bool = False):
     """AutoEPMoELayer._forward's EP=1 path (router, expert-ordered rows, experts, combine), with the rows
-    gathered by _GatherTokenRows and, unless `pad_rows`, passed to the experts without AutoEP's permutation."""
+    gathered by _GatherTokenRows and, unless `pad_rows`, passed to the experts without AutoEP's permutation;
+    `quack`: gather and experts on quack's kernels (quack_experts.py)."""
     bsz, seqlen, hdim = hidden_states.shape
     x = hidden_states.reshape(-1, hdim)
     if layer.combine_impl == "fused_weighted_sum" and not layer._fused_combine_checked:
@@ -90,6 +101,9 @@ def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad
     with torch.no_grad():
         layer.tokens_per_expert.add_(routing.num_tokens_per_expert)
     rows = torch.argsort(routing.selected_experts.view(-1), stable=True)
+    if quack:
+        expert_output = _quack_experts(layer, x, rows, routing.num_tokens_per_expert)
+        return _combine(layer, expert_output, routing, rows, x, hidden_states)
     routed = _GatherTokenRows.apply(x, rows, layer.top_k)
     if layer.score_apply == "pre":
         routed = auto_ep_layer.apply_scores_before_experts_if_enabled(routed, routing.top_scores.view(-1)[rows],
@@ -100,6 +114,11 @@ def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad
         expert_output = auto_ep_layer.unpermute_by_local_expert(layer.experts(routed, counts), permutation, n_rows)
     else:
         expert_output = layer.experts(routed, routing.num_tokens_per_expert)
+    return _combine(layer, expert_output, routing, rows, x, hidden_states)
+
+
+def _combine(layer: AutoEPMoELayer, expert_output, routing: RouterOutput, rows, x, hidden_states):
+    bsz, seqlen, hdim = hidden_states.shape
     combine = dict(top_scores=routing.top_scores, token_indices_sorted=rows, top_k=layer.top_k,
                    shape=(bsz, seqlen, hdim))
     if layer.combine_impl == "fused_weighted_sum":
@@ -114,11 +133,33 @@ def one_rank_dispatch(model: nn.Module) -> Applied:
     """Give every one-rank AutoEP block (no expert parallelism, no tensor-parallel folding, AutoEP's eager row
     weighting) the forward above."""
     changed = 0
-    for layer in model.modules():
-        if (isinstance(layer, AutoEPMoELayer) and layer.ep_size == 1 and layer.folding_group_handles is None
-                and layer.row_weighting_impl != "fused"):
-            pad_rows = any(m.use_triton_grouped_mm for m in layer.modules() if isinstance(m, GroupedExperts))
-            layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=pad_rows), layer)
-            changed += 1
+    for layer in _one_rank_layers(model):
+        pad_rows = any(m.use_triton_grouped_mm for m in layer.modules() if isinstance(m, GroupedExperts))
+        layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=pad_rows), layer)
+        changed += 1
     return Applied("one_rank_dispatch", "AutoEPMoELayer._forward at EP=1",
                    "" if changed else "no AutoEP layer with one expert-parallel rank")
+
+
+def _one_rank_layers(model: nn.Module) -> list[AutoEPMoELayer]:
+    return [layer for layer in model.modules()
+            if isinstance(layer, AutoEPMoELayer) and layer.ep_size == 1 and layer.folding_group_handles is None
+            and layer.row_weighting_impl != "fused"]
+
+
+def quack_expert_kernels(model: nn.Module) -> Applied:
+    """After one_rank_dispatch: its blocks with trainable SwiGLU experts on quack's kernels (quack_experts.py), where
+    they run here."""
+    from .quack_experts import unavailable_because
+
+    name, replaces = "quack_experts", "token gather + GroupedExperts.forward at EP=1"
+    layers = [layer for layer in _one_rank_layers(model)
+              if layer.score_apply != "pre" and layer.experts.w1.requires_grad
+              and not layer.experts.use_triton_grouped_mm]
+    if not layers:
+        return Applied(name, replaces, "no one-rank AutoEP block with trainable experts on torch._grouped_mm")
+    if why := unavailable_because(layers[0].experts.w1.device, layers[0].experts.activation):
+        return Applied(name, replaces, why)
+    for layer in layers:
+        layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=False, quack=True), layer)
+    return Applied(name, replaces)

@@ -75,6 +75,7 @@ def _run_ours(args, batches):
                       ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage,
                       fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
                       gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
+                      expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
                       router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
                       fast_path="on" if args.stack == "ours" else "off", **_lora_options(args))
     trainer = Trainer(cfg)
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-up-recompute", action="store_true",
                         help="our stack rebuilds the gate/up concat in backward")
     parser.add_argument("--adam-states", default="bf16", choices=("bf16", "fp32"), help="Adam moments of our stack")
+    parser.add_argument("--expert-kernels", default="torch", choices=("torch", "quack"), help="experts of our stack")
     parser.add_argument("--router-aux-loss-coef", type=float, default=None,
                         help="load-balancing loss of our stacks (default the model config's; 0: off, load counts only)")
     parser.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss of our stacks")

@@ -1,0 +1,204 @@
+"""Expert MLP and RMSNorm kernels at the Qwen3-30B-A3B shape, on the GPU: each candidate checked, then timed.
+
+    python -m qwen_moe_ft.tools.expert_kernels [--tokens 8192] [--out experts.json]
+
+Expert chain (one layer at EP=1: token rows gathered in expert order, gate/up grouped GEMM, SwiGLU, down
+grouped GEMM; the combine is the same for every candidate and left out):
+- `torch`: the fast path's chain (fastpath/local_dispatch.py gather, fastpath/expert_mlp.py gate/up GEMM with the
+  layout-keeping backward, DeepSpeed's packed SwiGLU, torch._grouped_mm).
+- `quack`: fastpath/quack_experts.py (`--expert-kernels quack`): quack-kernels' grouped GEMMs with the gather
+  folded into the gate/up GEMM's operand load, SwiGLU into its epilogue and its backward into the down projection's
+  input-gradient GEMM (the kernels sonic-moe builds on).
+RMSNorm (a layer's input norm, [tokens, 2048], and its per-head q norm, [tokens * 32, 128]): liger against quack.
+
+Error = largest |difference| / largest |value| against the torch chain in float32 (outputs and every gradient).
+Times: median of --iters CUDA-event intervals after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import DeviceType
+
+HIDDEN, EXPERTS, TOP_K, INTER, HEADS, HEAD_DIM = 2048, 128, 8, 768, 32, 128
+
+
+def median_ms(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_ms(fn, iters: int = 5) -> float:
+    """Device time of the kernels one call of `fn` launches (torch.profiler), free of the host's launch gaps that
+    small kernels leave between CUDA events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return sum(e.time_range.elapsed_us() for e in kernels) / iters / 1000
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float()
+    return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def routing(tokens: int, seed: int = 0):
+    """Random router choices as the fast path orders them: the (token, slot) rows sorted by expert, and each
+    expert's row count."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(tokens, EXPERTS, device="cuda", generator=g)
+    selected = logits.topk(TOP_K, dim=-1).indices
+    rows = torch.argsort(selected.view(-1), stable=True)
+    counts = torch.bincount(selected.view(-1), minlength=EXPERTS)
+    return rows, counts
+
+
+def weights(dtype, seed: int = 1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def make(*shape):
+        return (torch.randn(*shape, device="cuda", generator=g) * shape[-1] ** -0.5).to(dtype).requires_grad_()
+
+    return make(EXPERTS, INTER, HIDDEN), make(EXPERTS, HIDDEN, INTER), make(EXPERTS, INTER, HIDDEN)
+
+
+def torch_chain(x, w1, w2, w3, rows, counts, top_k: int = TOP_K):
+    """The fast path's torch chain (see the module docstring)."""
+    from ..fastpath.expert_mlp import _GateUpGroupedMm
+    from ..fastpath.local_dispatch import _GatherTokenRows
+
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    routed = _GatherTokenRows.apply(x, rows, top_k)
+    gate_up = _GateUpGroupedMm.apply(routed, w1, w3, offsets, False, None)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+
+
+def quack_chain(x, w1, w2, w3, rows, counts):
+    from ..fastpath.quack_experts import gathered_swiglu_experts
+
+    return gathered_swiglu_experts(x, w1, w2, w3, rows, counts, TOP_K)
+
+
+def expert_table(tokens: int, iters: int) -> dict:
+    rows, counts = routing(tokens)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(tokens, HIDDEN, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = weights(torch.bfloat16)
+    dy = torch.randn(tokens * TOP_K, HIDDEN, device="cuda", generator=g).bfloat16()
+    leaves = [x, *w]
+
+    def grads(fn):
+        for t in leaves:
+            t.grad = None
+        y = fn()
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    x32, w32 = x.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in w]
+    y32 = torch_chain(x32, *w32, rows, counts)
+    y32.backward(dy.float())
+    reference = [y32.detach(), x32.grad, *(t.grad for t in w32)]
+    del x32, w32, y32
+
+    candidates = {"torch": lambda: torch_chain(x, *w, rows, counts), "quack": lambda: quack_chain(x, *w, rows, counts)}
+    table = {}
+    for name, fn in candidates.items():
+        try:
+            got = grads(fn)
+            errors = dict(zip(("out", "dx", "dw1", "dw2", "dw3"), (rel_error(a, b) for a, b in zip(got, reference))))
+            with torch.no_grad():
+                forward = median_ms(fn, iters)
+            both = median_ms(lambda: grads(fn), iters)
+            table[name] = dict(forward_ms=forward, forward_backward_ms=both, kernels_ms=kernel_ms(lambda: grads(fn)),
+                               errors=errors)
+        except Exception as error:  # report and go on: one failing candidate must not hide the others
+            table[name] = dict(error=f"{type(error).__name__}: {error}", trace=traceback.format_exc()[-3000:])
+        print(name, json.dumps(table[name], indent=None)[:3000], flush=True)
+    return table
+
+
+def norm_table(tokens: int, iters: int) -> dict:
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    table = {}
+    for label, shape in (("input_norm", (tokens, HIDDEN)), ("q_norm", (tokens * HEADS, HEAD_DIM))):
+        g = torch.Generator(device="cuda").manual_seed(3)
+        x = torch.randn(*shape, device="cuda", generator=g).bfloat16().requires_grad_()
+        weight = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=g)).bfloat16().requires_grad_()
+        dy = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+
+        def reference():
+            x32 = x.detach().float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return (weight.float() * normed.bfloat16().float())
+
+        def liger():
+            return LigerRMSNormFunction.apply(x, weight, 1e-6, 0.0, "llama", False)
+
+        def quack():
+            from quack.rmsnorm import rmsnorm
+            return rmsnorm(x, weight, eps=1e-6)
+
+        row = {}
+        for name, fn in (("liger", liger), ("quack", quack)):
+            try:
+                out = fn()
+                row[name] = dict(error_out=rel_error(out, reference()))
+                with torch.no_grad():
+                    row[name]["forward_ms"] = median_ms(fn, iters)
+
+                def step():
+                    x.grad = weight.grad = None
+                    fn().backward(dy)
+
+                row[name]["forward_backward_ms"] = median_ms(step, iters)
+                row[name]["kernels_ms"] = kernel_ms(step)
+            except Exception as error:
+                row[name] = dict(error=f"{type(error).__name__}: {error}", trace=traceback.format_exc()[-2000:])
+        table[label] = row
+        print(label, json.dumps(row)[:2000], flush=True)
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--only", choices=("experts", "norms"), default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("expert_kernels needs a GPU")
+    result = dict(gpu=torch.cuda.get_device_name(), tokens=args.tokens)
+    if args.only != "norms":
+        result["experts"] = expert_table(args.tokens, args.iters)
+    if args.only != "experts":
+        result["norms"] = norm_table(args.tokens, args.iters)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
