@@ -64,20 +64,26 @@ def make_batches(count: int, tokens: int, lengths: str, vocab: int, seed: int = 
     return batches
 
 
-def _run_ours(args, batches):
+def trainer_config(model: str, depth: int, tokens: int, attn: str, steps: int, scratch: str, seed: int, **settings):
+    """Our trainer's config for the randomly initialised model of `model`'s config cut to `depth` layers, one packed
+    micro-batch of `tokens` a step, bf16, nothing exported; `settings`: the run's own options."""
     from ..config import TrainConfig
+
+    return TrainConfig(model=model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=depth, dtype="bf16",
+                       attn=attn, packing=True, max_tokens_per_batch=tokens, max_seq_len=min(4096, tokens),
+                       max_steps=steps, output_dir=scratch, progress_bar=False, export_hf=False, seed=seed, **settings)
+
+
+def _run_ours(args, batches):
     from ..train import Trainer
 
-    cfg = TrainConfig(model=args.model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=args.depth,
-                      dtype="bf16", attn=args.attn, packing=True, max_tokens_per_batch=args.tokens,
-                      max_seq_len=min(4096, args.tokens), lr=1e-5, warmup_steps=0, max_steps=len(batches),
-                      output_dir=args.scratch, progress_bar=False, export_hf=False, seed=args.seed,
-                      ds_config=args.ds_config, loss_impl=args.loss_impl, zero_stage=args.zero_stage,
-                      fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
-                      gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
-                      expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
-                      router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
-                      fast_path="on" if args.stack == "ours" else "off", **_lora_options(args))
+    cfg = trainer_config(args.model, args.depth, args.tokens, args.attn, len(batches), args.scratch, args.seed,
+                         lr=1e-5, warmup_steps=0, ds_config=args.ds_config, loss_impl=args.loss_impl,
+                         zero_stage=args.zero_stage, fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
+                         gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
+                         expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
+                         router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
+                         fast_path="on" if args.stack == "ours" else "off", **_lora_options(args))
     trainer = Trainer(cfg)
     trainer.engine.train()
 

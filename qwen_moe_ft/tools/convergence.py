@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import QWEN3_30B_A3B, TINY_MODEL
+from ..config import QWEN3_30B_A3B
 from ..data.packing import collate_packed
 from ..lr_schedule import lr_lambda
 from .bench import document_lengths
@@ -73,16 +73,13 @@ def make_batches(steps: int, tokens: int, lengths: str, vocab: int, seed: int, s
 
 
 def _ours(args, batches):
-    from ..config import TrainConfig
     from ..train import Trainer
+    from .bench import trainer_config
 
-    cfg = TrainConfig(model=args.model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=args.layers,
-                      dtype="bf16", attn=args.attn, packing=True, max_tokens_per_batch=args.tokens,
-                      max_seq_len=min(4096, args.tokens), lr=args.lr, warmup_steps=args.warmup_steps,
-                      min_lr_ratio=MIN_LR_RATIO, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS,
-                      grad_clip=GRAD_CLIP, max_steps=len(batches), output_dir=args.scratch, progress_bar=False,
-                      export_hf=False, seed=args.seed, router_aux_loss_coef=0.0,
-                      adam_states="bf16" if args.run == "ours_bf16" else "fp32")
+    cfg = trainer_config(args.model, args.layers, args.tokens, args.attn, len(batches), args.scratch, args.seed,
+                         lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=MIN_LR_RATIO, adam_beta1=BETAS[0],
+                         adam_beta2=BETAS[1], adam_eps=EPS, grad_clip=GRAD_CLIP, router_aux_loss_coef=0.0,
+                         adam_states="bf16" if args.run == "ours_bf16" else "fp32")
     trainer = Trainer(cfg)
     trainer.engine.train()
     for i, docs in enumerate(batches):
@@ -224,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", layers=args.layers,
                   tokens=args.tokens, lengths=args.lengths, lr=args.lr, warmup_steps=args.warmup_steps,
                   steps=args.steps, seed=args.seed, window=args.window, runs={})
-    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passed = list(argv if argv is not None else sys.argv[1:])
     for run in args.runs.split(","):
         if run not in RUNS:
             parser.error(f"--runs: unknown run {run!r}; choose from {', '.join(RUNS)}")
