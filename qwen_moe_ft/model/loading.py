@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from huggingface_hub import snapshot_download
-from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from ..config import TrainConfig
@@ -88,8 +88,10 @@ def load_model(cfg: TrainConfig, name: str, config, attn_implementation: str, ds
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers *ForCausalLM inside a DeepSpeed engine and/or PEFT wrapper."""
     # DeepSpeedEngine and PeftModel forward unknown attributes to what they wrap: test types, not hasattr.
+    # peft is imported by LoRA runs only (a second a process): without it in sys.modules there is no PeftModel.
+    peft = sys.modules.get("peft")
     while not (isinstance(model, PreTrainedModel) and hasattr(model, "lm_head")):
-        if isinstance(model, PeftModel):
+        if peft is not None and isinstance(model, peft.PeftModel):
             model = model.get_base_model()
         elif isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module

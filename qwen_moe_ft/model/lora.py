@@ -10,6 +10,8 @@ expert-data-parallel group like any expert weight.
 """
 from __future__ import annotations
 
+# peft is imported where LoRA uses it: full fine-tuning runs never load it (a second of start-up a process)
+
 import math
 from pathlib import Path
 
@@ -17,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.ep_experts import apply_expert_activation
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -28,8 +29,10 @@ ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def peft_config(cfg: TrainConfig, base_model: str) -> LoraConfig:
+def peft_config(cfg: TrainConfig, base_model: str):
     """The adapter's config as PEFT writes it for the stock model (also what adapter_config.json holds)."""
+    from peft import LoraConfig
+
     targets = cfg.lora_target_list()
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                       target_modules=ATTENTION_MODULES if "attn" in targets else [],
@@ -113,6 +116,8 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, ds_config: dict, rank: int) -
             moe.experts = ExpertLoRA(moe.experts, first_expert=moe.ep_rank * moe.num_local_experts, layer=index,
                                      rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
     if "attn" in cfg.lora_target_list():
+        from peft import LoraConfig, get_peft_model
+
         torch.manual_seed(cfg.seed)  # same attention LoRA init at every EP size
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                  target_modules=ATTENTION_MODULES, bias="none"))
@@ -134,6 +139,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, child in module.named_children():
             if isinstance(child, ExpertLoRA):
                 setattr(module, name, child.base)
+    from peft import PeftModel
+
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
