@@ -26,7 +26,7 @@ CHOICES = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varl
            "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
            "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"), "lr_schedule": ("cosine", "constant"),
            "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb"),
-           "router_aux_scope": ("global", "micro_batch"), "expert_kernels": ("torch", "quack")}
+           "router_aux_scope": ("global", "micro_batch"), "expert_kernels": ("auto", "torch", "quack")}
 # -h lists the options in groups, as the dataclass orders them: each group starts at the option named here.
 GROUP_STARTS = {"model": "model", "data": "data", "max_steps": "optimisation",
                 "router_aux_loss_coef": "MoE router", "ep_size": "parallelism",
@@ -98,8 +98,9 @@ class TrainConfig:
     ds_config: str = _opt(DEFAULT_DS_CONFIG, "DeepSpeed config the run's settings are filled into")
     fast_path: str = _opt("on", "the patches of DeepSpeed/transformers internals in fastpath/; off is stock")
     gate_up_recompute: bool = _opt(False, "rebuild the experts' gate+up concat in backward: less memory")
-    expert_kernels: str = _opt("torch", "experts at EP=1: torch._grouped_mm, or quack-kernels' grouped GEMMs with the "
-                               "gather and SwiGLU fused (Hopper+, pip install 'qwen-moe-ft[flash4]')")
+    expert_kernels: str = _opt("auto", "experts at EP=1: torch._grouped_mm, or quack-kernels' grouped GEMMs with the "
+                               "gather and SwiGLU fused (Hopper+, pip install 'qwen-moe-ft[flash4]'); auto: quack "
+                               "where it runs")
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
                                           "activations of one layer instead of all, for about a third more compute")
 
@@ -170,7 +171,7 @@ class TrainConfig:
         if self.fast_path == "off" and self.fused_kernels == "liger":
             raise bad("fused_kernels", "liger's kernels are part of the fast path; drop --fused-kernels liger or "
                       "use --fast-path on")
-        if self.fast_path == "off" and self.expert_kernels != "torch":
+        if self.fast_path == "off" and self.expert_kernels == "quack":
             raise bad("expert_kernels", "quack's expert kernels are part of the fast path; use --fast-path on")
         if self.num_hidden_layers and not self.random_init:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")

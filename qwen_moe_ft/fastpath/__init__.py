@@ -14,7 +14,7 @@ The order matters, and is this:
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
- 9. quack_experts              (quack_experts.py) with --expert-kernels quack: 8's experts on quack's kernels
+ 9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
 
 The patch modules import private DeepSpeed symbols, so they are imported here only once the version guard
 (versions.py) has passed: on other versions one warning names them and the run continues on the stock path.
@@ -26,6 +26,7 @@ import warnings
 
 from torch import nn
 
+from ..config import ConfigError
 from . import versions
 from .applied import Applied
 
@@ -61,7 +62,7 @@ class FastPath:
         return model, choice
 
     def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False,
-                expert_kernels: str = "torch") -> list[Applied]:
+                expert_kernels: str = "auto") -> list[Applied]:
         """Patch the DeepSpeed engine's ZeRO optimizer and its AutoEP modules, in the order above."""
         if not self.on:
             return []
@@ -84,8 +85,11 @@ class FastPath:
         self.applied.append(Applied("layout_preserving_gate_up", "GroupedExperts.forward (fused gate/up)",
                                     "" if forwards else "no trainable expert module runs the fused gate/up on torch._grouped_mm"))
         self.applied += [mirror_gate_up_weights(state, forwards), one_rank_dispatch(engine.module)]
-        if expert_kernels == "quack":
-            self.applied.append(quack_expert_kernels(engine.module))
+        if expert_kernels != "torch":
+            quack = quack_expert_kernels(engine.module)
+            if expert_kernels == "quack" and not quack:
+                raise ConfigError(f"--expert-kernels quack: {quack.refused}; use --expert-kernels auto or torch")
+            self.applied.append(quack)
         return self.applied
 
     def after_load(self) -> None:

@@ -1,7 +1,7 @@
 """The experts of a one-rank MoE block on quack-kernels' grouped GEMMs: the token gather folded into the gate/up
 GEMM's operand load, SwiGLU into its epilogue, and SwiGLU's backward into the down projection's input-gradient GEMM.
 
-Replaces, with `--expert-kernels quack`: the token-row gather (local_dispatch._GatherTokenRows) and the expert
+Replaces, with `--expert-kernels auto` (where it runs) or `quack`: the token-row gather (local_dispatch._GatherTokenRows) and the expert
 module's forward (expert_mlp.LayoutPreservingGateUp, i.e. GroupedExperts.forward of deepspeed 0.19.8) inside
 local_dispatch's EP=1 forward. Guarded by tests/unit/fastpath/test_quack_experts.py (the MoE block's output and
 gradients equal to the torch path's, GPU) and measured by `python -m qwen_moe_ft.tools.expert_kernels`.
@@ -14,16 +14,21 @@ that each weight gradient comes out as one grouped GEMM in its parameter's own [
 from __future__ import annotations
 
 import importlib.util
+from importlib.metadata import version
 
 import torch
 
 from .local_dispatch import _sum_token_rows
+
+QUACK_VERSION = "0.6.5"  # gemm_gated / gemm_dgated's interleaved gate/up contract and concat_layout, as read here
 
 
 def unavailable_because(device: torch.device, activation: str) -> str:
     """Empty if this path can run here, else why not."""
     if importlib.util.find_spec("quack") is None:
         return "quack-kernels is not installed (pip install 'qwen-moe-ft[flash4]')"
+    if (installed := version("quack-kernels")) != QUACK_VERSION:
+        return f"written for quack-kernels {QUACK_VERSION}, found {installed}"
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return "quack's grouped GEMMs need a Hopper or newer GPU"
     if activation != "swiglu":

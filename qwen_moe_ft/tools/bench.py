@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-up-recompute", action="store_true",
                         help="our stack rebuilds the gate/up concat in backward")
     parser.add_argument("--adam-states", default="bf16", choices=("bf16", "fp32"), help="Adam moments of our stack")
-    parser.add_argument("--expert-kernels", default="torch", choices=("torch", "quack"), help="experts of our stack")
+    parser.add_argument("--expert-kernels", default="auto", choices=("auto", "torch", "quack"), help="experts of our stack")
     parser.add_argument("--router-aux-loss-coef", type=float, default=None,
                         help="load-balancing loss of our stacks (default the model config's; 0: off, load counts only)")
     parser.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss of our stacks")

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import REPO, TINY, cpu_env
-from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.config import ConfigError, TrainConfig
 from qwen_moe_ft.fastpath import FastPath, versions
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
@@ -34,14 +34,20 @@ def test_install_applies_every_patch_in_order_and_names_them(process_group):
     assert kernels == "none"  # no GPU: liger is refused with the reason
     applied = fast_path.install(engine, adam_states="bf16")
     assert [a.name for a in applied] == ["liger_norm_rope", "one_pass_grad_norm", "grads_in_place", "one_pass_adamw",
-                                         "layout_preserving_gate_up", "gate_up_cache", "one_rank_dispatch"]
-    assert [a.name for a in applied if not a] == ["liger_norm_rope"]
+                                         "layout_preserving_gate_up", "gate_up_cache", "one_rank_dispatch",
+                                         "quack_experts"]
+    assert [a.name for a in applied if not a] == ["liger_norm_rope", "quack_experts"]  # no GPU, no quack here
     assert fast_path.adam_states == "bf16"
     summary = fast_path.summary()
     assert summary.startswith("fast path: one_pass_grad_norm, grads_in_place, one_pass_adamw")
     assert "refused: liger_norm_rope (refused: --fused-kernels none)" in summary
     assert type(engine.optimizer.optimizer).__name__ == "MasterAdamW"
     assert not any(name.startswith(("qmf", "_qmf")) for name in vars(engine.optimizer))  # state is ours
+
+
+def test_quack_experts_asked_for_where_they_cannot_run_stop_the_run(process_group):
+    with pytest.raises(ConfigError, match=r"--expert-kernels quack: .*use --expert-kernels auto or torch"):
+        FastPath().install(_engine(), expert_kernels="quack")
 
 
 def test_recompute_refuses_the_cache_and_says_why(process_group):
