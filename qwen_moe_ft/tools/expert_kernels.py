@@ -18,28 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import traceback
 
 import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
+from .attention_table import time_ms
+
 HIDDEN, EXPERTS, TOP_K, INTER, HEADS, HEAD_DIM = 2048, 128, 8, 768, 32, 128
-
-
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernel_ms(fn, iters: int = 5) -> float:
@@ -128,8 +115,8 @@ def expert_table(tokens: int, iters: int) -> dict:
             got = grads(fn)
             errors = dict(zip(("out", "dx", "dw1", "dw2", "dw3"), (rel_error(a, b) for a, b in zip(got, reference))))
             with torch.no_grad():
-                forward = median_ms(fn, iters)
-            both = median_ms(lambda: grads(fn), iters)
+                forward = time_ms(fn, iters)
+            both = time_ms(lambda: grads(fn), iters)
             table[name] = dict(forward_ms=forward, forward_backward_ms=both, kernels_ms=kernel_ms(lambda: grads(fn)),
                                errors=errors)
         except Exception as error:  # report and go on: one failing candidate must not hide the others
@@ -166,13 +153,13 @@ def norm_table(tokens: int, iters: int) -> dict:
                 out = fn()
                 row[name] = dict(error_out=rel_error(out, reference()))
                 with torch.no_grad():
-                    row[name]["forward_ms"] = median_ms(fn, iters)
+                    row[name]["forward_ms"] = time_ms(fn, iters)
 
                 def step():
                     x.grad = weight.grad = None
                     fn().backward(dy)
 
-                row[name]["forward_backward_ms"] = median_ms(step, iters)
+                row[name]["forward_backward_ms"] = time_ms(step, iters)
                 row[name]["kernels_ms"] = kernel_ms(step)
             except Exception as error:
                 row[name] = dict(error=f"{type(error).__name__}: {error}", trace=traceback.format_exc()[-2000:])
