@@ -153,9 +153,10 @@ def quack_expert_kernels(model: nn.Module) -> Applied:
     from .quack_experts import unavailable_because
 
     name, replaces = "quack_experts", "token gather + GroupedExperts.forward at EP=1"
+    # LoRA wraps the experts (model/lora.py) and freezes their weights: such blocks keep the torch path
     layers = [layer for layer in _one_rank_layers(model)
-              if layer.score_apply != "pre" and layer.experts.w1.requires_grad
-              and not layer.experts.use_triton_grouped_mm]
+              if layer.score_apply != "pre" and isinstance(layer.experts, GroupedExperts)
+              and layer.experts.w1.requires_grad and not layer.experts.use_triton_grouped_mm]
     if not layers:
         return Applied(name, replaces, "no one-rank AutoEP block with trainable experts on torch._grouped_mm")
     if why := unavailable_because(layers[0].experts.w1.device, layers[0].experts.activation):
