@@ -4,7 +4,7 @@ resumed from."""
 import pytest
 from safetensors.torch import load_file
 
-from helpers import FOUR_RANK_RUN, FOUR_RANK_STEPS, SAMPLE, max_rel_err, read_metrics, train
+from helpers import FOUR_RANK_RUN, FOUR_RANK_STEPS, max_rel_err, read_metrics, train
 from qwen_moe_ft.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve
 
 
@@ -57,9 +57,8 @@ def test_interrupted_save_is_never_resumed_from(tmp_path):
         resolve("latest", tmp_path / "nothing")
 
 
-def test_save_total_limit_keeps_the_newest(tmp_path):
-    train(tmp_path, "--data", str(SAMPLE), "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "2",
-          "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--export-hf", "false")
-    root = tmp_path / "checkpoints"
-    assert [p.name for p in complete_checkpoints(root)] == ["step-4", "step-6"]
-    assert (root / "latest").read_text().strip() == "step-6"
+def test_save_total_limit_keeps_the_newest(four_rank_runs):
+    """The one-process run of conftest.py saved after each of its 3 steps with --save-total-limit 2."""
+    root = four_rank_runs["accum"] / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step-2", "step-3"]
+    assert (root / "latest").read_text().strip() == "step-3"

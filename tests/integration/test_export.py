@@ -3,15 +3,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import EVAL, REPO, SAMPLE, eval_loss, read_metrics, train
+from helpers import REPO, eval_loss, read_metrics
 
 
-def test_exported_checkpoint_loads_and_reproduces_the_engine_eval_loss(tmp_path):
-    train(tmp_path, "--data", str(SAMPLE), "--eval-data", str(EVAL), "--max-steps", "5", "--lr", "3e-3",
-          "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--ep-size", "2")
-    engine_eval = [m for m in read_metrics(tmp_path) if "eval_loss" in m][-1]
+def test_exported_checkpoint_loads_and_reproduces_the_engine_eval_loss(exported_run):
+    """The run of conftest.py: two processes at EP=2, 5 steps."""
+    engine_eval = [m for m in read_metrics(exported_run) if "eval_loss" in m][-1]
 
-    hf = tmp_path / "hf"
+    hf = exported_run / "hf"
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert model.config.model_type == "qwen3_moe" and model.config.num_experts == 8

@@ -6,7 +6,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import EVAL, SAMPLE, TINY, eval_loss, max_rel_err, read_metrics, train, train_until_sigterm
+from helpers import (EVAL, SAMPLE, TINY, eval_loss, max_rel_err, read_metrics, train, train_together,
+                     train_until_sigterm)
 from qwen_moe_ft.checkpoint import COMPLETE
 from qwen_moe_ft.config import ConfigError, TrainConfig
 
@@ -22,8 +23,7 @@ EP2 = [*RUN, "--ep-size", "2", "--merge", "true", "--activation-checkpointing", 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = {1: tmp_path_factory.mktemp("lora_ep1"), 2: tmp_path_factory.mktemp("lora_ep2")}
-    train(out[1], *RUN, "--ep-size", "1")
-    train(out[2], *EP2)
+    train_together([(out[1], [*RUN, "--ep-size", "1"]), (out[2], EP2)], nproc=2)  # side by side
     return out
 
 

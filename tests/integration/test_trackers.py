@@ -3,21 +3,20 @@ import importlib.util
 
 import pytest
 
-from helpers import EVAL, SAMPLE, read_metrics, train
+from helpers import read_metrics
 from qwen_moe_ft.config import ConfigError, TrainConfig
 
 
-def test_tensorboard_gets_the_numbers_of_metrics_jsonl(tmp_path):
+def test_tensorboard_gets_the_numbers_of_metrics_jsonl(exported_run):
+    """The run of conftest.py (two processes, 5 steps, evaluated every 2) with --report-to tensorboard."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(tmp_path, "--data", str(SAMPLE), "--eval-data", str(EVAL), "--eval-steps", "2", "--max-steps", "3",
-          "--report-to", "tensorboard", "--export-hf", "false", nproc=1)
-    board = EventAccumulator(str(tmp_path / "qwen_moe_ft")).Reload()  # Accelerate's run directory
+    board = EventAccumulator(str(exported_run / "qwen_moe_ft")).Reload()  # Accelerate's run directory
     logged = {tag: {e.step: e.value for e in board.Scalars(tag)} for tag in board.Tags()["scalars"]}
-    records = read_metrics(tmp_path)
+    records = read_metrics(exported_run)
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     for key in ("loss", "grad_norm", "lr", "tps_per_gpu", "num_label_tokens"):
         assert logged[key] == {r["step"]: pytest.approx(r[key], rel=1e-6) for r in steps}, key
     assert logged["eval_loss"] == {r["step"]: pytest.approx(r["eval_loss"], rel=1e-6)
