@@ -1,10 +1,12 @@
 """The experts of a one-rank MoE block on quack-kernels' grouped GEMMs: the token gather folded into the gate/up
 GEMM's operand load, SwiGLU into its epilogue, and SwiGLU's backward into the down projection's input-gradient GEMM.
 
-Replaces, with `--expert-kernels auto` (where it runs) or `quack`: the token-row gather (local_dispatch._GatherTokenRows) and the expert
-module's forward (expert_mlp.LayoutPreservingGateUp, i.e. GroupedExperts.forward of deepspeed 0.19.8) inside
-local_dispatch's EP=1 forward. Guarded by tests/unit/fastpath/test_quack_experts.py (the MoE block's output and
-gradients equal to the torch path's, GPU) and measured by `python -m qwen_moe_ft.tools.expert_kernels`.
+Replaces, with `--expert-kernels auto` (where it runs) or `quack`: the token-row gather
+(local_dispatch._GatherTokenRows) and the expert module's forward (expert_mlp.LayoutPreservingGateUp, i.e.
+GroupedExperts.forward of deepspeed 0.19.8) inside local_dispatch's EP=1 forward. Guarded by
+tests/unit/fastpath/test_quack_experts.py (the experts' output and the gradients of the tokens and of the three
+weights against the torch chain's, GPU; the refusals, CPU) and measured by `python -m
+qwen_moe_ft.tools.expert_kernels`.
 
 These are the kernels sonic-moe builds on (quack.gemm_interface: gemm_gated, gemm_dgated, varlen grouped GEMMs
 with a gathered operand). Their gated epilogue works on gate/up columns interleaved ([g0, u0, g1, u1, ...]): the
