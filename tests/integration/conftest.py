@@ -1,8 +1,10 @@
 """Runs that several test modules read: the most expensive launches of the suite, made once.
 
+`exported_run`: two processes at EP=2 exporting hf/ and reporting to TensorBoard (test_export.py, test_trackers.py).
 `four_rank_runs`: the same global batches (eight micro-batches a step) run by one process accumulating eight and by
-four processes accumulating two at EP=1, 2 and 4 (test_four_ranks.py). `four_rank_ep2_resumed`: the EP=2 run stopped
-by SIGTERM after one of its steps and resumed from its checkpoint (test_checkpoint.py)."""
+four processes accumulating two at EP=1, 2 and 4 (test_four_ranks.py; the one process's per-step checkpoints:
+test_checkpoint.py). `four_rank_ep2_resumed`: the EP=2 run stopped by SIGTERM after one of its steps and resumed
+from its checkpoint (test_checkpoint.py)."""
 import importlib.util
 
 import pytest
@@ -19,6 +21,7 @@ def exported_run(tmp_path_factory):
     train(out, "--data", str(SAMPLE), "--eval-data", str(EVAL), "--eval-steps", "2", "--max-steps", "5",
           "--lr", "3e-3", "--max-tokens-per-batch", "1024", "--max-seq-len", "512", "--ep-size", "2", *board)
     return out
+
 
 @pytest.fixture(scope="session")
 def four_rank_runs(tmp_path_factory):
