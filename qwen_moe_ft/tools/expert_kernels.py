@@ -5,7 +5,8 @@
 Expert chain (one layer at EP=1: token rows gathered in expert order, gate/up grouped GEMM, SwiGLU, down
 grouped GEMM; the combine is the same for every candidate and left out):
 - `torch`: the fast path's chain (fastpath/local_dispatch.py gather, fastpath/expert_mlp.py gate/up GEMM with the
-  layout-keeping backward, DeepSpeed's packed SwiGLU, torch._grouped_mm).
+  layout-keeping backward, torch._grouped_mm), SwiGLU as silu(gate) * up (training runs DeepSpeed's packed
+  kernel there: one pass fewer, so this chain's time is a little above the trainer's).
 - `quack`: fastpath/quack_experts.py (`--expert-kernels quack`): quack-kernels' grouped GEMMs with the gather
   folded into the gate/up GEMM's operand load, SwiGLU into its epilogue and its backward into the down projection's
   input-gradient GEMM (the kernels sonic-moe builds on).
