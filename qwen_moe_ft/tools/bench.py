@@ -79,7 +79,8 @@ def _run_ours(args, batches):
 
     cfg = trainer_config(args.model, args.depth, args.tokens, args.attn, len(batches), args.scratch, args.seed,
                          lr=1e-5, warmup_steps=0, ds_config=args.ds_config, loss_impl=args.loss_impl,
-                         zero_stage=args.zero_stage, fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
+                         zero_stage=args.zero_stage,
+                         fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
                          gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
                          expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
                          router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
@@ -307,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-up-recompute", action="store_true",
                         help="our stack rebuilds the gate/up concat in backward")
     parser.add_argument("--adam-states", default="bf16", choices=("bf16", "fp32"), help="Adam moments of our stack")
-    parser.add_argument("--expert-kernels", default="auto", choices=("auto", "torch", "quack"), help="experts of our stack")
+    parser.add_argument("--expert-kernels", default="auto", choices=("auto", "torch", "quack"),
+                        help="experts of our stack")
     parser.add_argument("--router-aux-loss-coef", type=float, default=None,
                         help="load-balancing loss of our stacks (default the model config's; 0: off, load counts only)")
     parser.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss of our stacks")
