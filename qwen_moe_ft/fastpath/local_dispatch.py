@@ -60,6 +60,13 @@ def _sum_token_rows(grad_rows: torch.Tensor, position: torch.Tensor, top_k: int)
     return F.embedding_bag(position.view(-1, top_k), grad_rows, mode="sum")
 
 
+def row_positions(rows: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation of `rows`: [t * top_k + k] is where token t's k-th row went."""
+    position = torch.empty_like(rows)
+    position[rows] = torch.arange(rows.numel(), device=rows.device)
+    return position
+
+
 class _GatherTokenRows(torch.autograd.Function):
     """x[rows // top_k] for `rows`, a permutation of all T * top_k (token, slot) pairs."""
 
@@ -72,10 +79,7 @@ class _GatherTokenRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (rows,) = ctx.saved_tensors
-        position = torch.empty_like(rows)
-        position[rows] = torch.arange(rows.numel(), device=rows.device)
-        # position[t * top_k + k]: where token t's k-th row went
-        return _sum_token_rows(grad_rows, position, ctx.top_k), None, None
+        return _sum_token_rows(grad_rows, row_positions(rows), ctx.top_k), None, None
 
 
 def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,7 @@ def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, c
     from .quack_experts import gathered_swiglu_experts
 
     experts = layer.experts
-    cache = getattr(experts.forward, "cache", None) if isinstance(experts.forward, LayoutPreservingGateUp) else None
+    cache = experts.forward.cache if isinstance(experts.forward, LayoutPreservingGateUp) else None
     w13 = cache.get(experts.w1, experts.w3) if cache is not None else None
     return gathered_swiglu_experts(x, experts.w1, experts.w2, experts.w3, rows, counts, layer.top_k, w13)
 

@@ -20,7 +20,7 @@ from importlib.metadata import version
 
 import torch
 
-from .local_dispatch import _sum_token_rows
+from .local_dispatch import _sum_token_rows, row_positions
 
 QUACK_VERSION = "0.6.5"  # gemm_gated / gemm_dgated's interleaved gate/up contract and concat_layout, as read here
 
@@ -76,10 +76,8 @@ def gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                             w13: torch.Tensor | None = None) -> torch.Tensor:
     """The experts' output for each routed row, in expert order. x: [tokens, H]; rows: the (token, slot) pairs
     sorted by expert (token = row // top_k); w1/w3: [E, I, H], w2: [E, H, I]."""
-    position = torch.empty_like(rows)
-    position[rows] = torch.arange(rows.numel(), device=rows.device)
     cu_seqlens = torch.zeros(num_tokens_per_expert.numel() + 1, dtype=torch.int32, device=x.device)
     torch.cumsum(num_tokens_per_expert, 0, out=cu_seqlens[1:])
     w13 = torch.cat([w1, w3], dim=1) if w13 is None else w13
-    return _GatheredSwigluExperts.apply(x, w1, w2, w3, w13, (rows // top_k).to(torch.int32), position, cu_seqlens,
-                                        top_k)
+    return _GatheredSwigluExperts.apply(x, w1, w2, w3, w13, (rows // top_k).to(torch.int32), row_positions(rows),
+                                        cu_seqlens, top_k)
