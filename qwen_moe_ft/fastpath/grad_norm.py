@@ -26,6 +26,23 @@ from .applied import Applied
 from .state import ZeroState
 
 REPLACES = "DeepSpeedZeroOptimizer.get_grad_norm_direct, .scaled_global_norm, .check_overflow"
+# Gradients at least this large get a reduction kernel of their own (torch.linalg.vector_norm, bf16 read and
+# accumulated in fp32 without a copy): torch._foreach_norm's chunked kernel reads one expert weight's 400 MB
+# gradient well below the memory bandwidth (BENCHMARKS.md); the many small ones still go in one foreach launch.
+LARGE_GRADIENT = 1 << 24
+
+
+def l2_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient's L2 norm in fp32 (0-dim tensors on its device), the same kernel for a gradient wherever its
+    norm is taken, so the step's norm does not depend on where it was."""
+    small = [i for i, g in enumerate(grads) if g.numel() < LARGE_GRADIENT]
+    norms: list[torch.Tensor | None] = [None] * len(grads)
+    for i, norm in zip(small, torch._foreach_norm([grads[i] for i in small], 2, dtype=torch.float32) if small else []):
+        norms[i] = norm
+    for i, g in enumerate(grads):
+        if norms[i] is None:
+            norms[i] = torch.linalg.vector_norm(g, 2, dtype=torch.float32)
+    return norms
 
 
 def _fp32_grad_norm(optimizer: DeepSpeedZeroOptimizer, gradients, params, norm_type=2) -> torch.Tensor:
@@ -36,7 +53,7 @@ def _fp32_grad_norm(optimizer: DeepSpeedZeroOptimizer, gradients, params, norm_t
     grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
     device = torch.device(optimizer.device)
     if grads:
-        squares = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+        squares = torch.stack(l2_norms(grads)).square().sum()
     else:
         squares = torch.zeros((), dtype=torch.float32, device=device)
     dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
@@ -84,7 +101,7 @@ def _global_grad_norm(state: ZeroState, norm_type=2) -> torch.Tensor:
             if norms[-1] is None:
                 grads.append(grad.detach())
                 slots.append(len(norms) - 1)
-    for slot, norm in zip(slots, torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else []):
+    for slot, norm in zip(slots, l2_norms(grads)):
         norms[slot] = norm
     squares = torch.zeros(len(optimizer.bit16_groups), dtype=torch.float32, device=torch.device(optimizer.device))
     if norms:
@@ -139,5 +156,4 @@ def norm_in_backward(state: ZeroState, param) -> None:
     if (state.one_pass_norm and optimizer.gradient_accumulation_steps == 1
             and optimizer.is_gradient_accumulation_boundary()):
         grad = optimizer.get_param_gradient_attribute(param)
-        # the same kernel as the step's pass, so the norm does not depend on where it was taken
-        state.early_norms[id(param)] = torch._foreach_norm([grad.detach()], 2, dtype=torch.float32)[0]
+        state.early_norms[id(param)] = l2_norms([grad.detach()])[0]

@@ -5,7 +5,22 @@ import pytest
 import torch
 
 from helpers import zero_backward, zero_engine
+from qwen_moe_ft.fastpath import grad_norm
 from qwen_moe_ft.fastpath.zero_step import keep_unreduced_grads_in_place
+
+
+def test_l2_norms_of_small_and_large_gradients_equal_the_fp64_norms(monkeypatch):
+    monkeypatch.setattr(grad_norm, "LARGE_GRADIENT", 4096)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g).bfloat16() * scale for n, scale in ((7, 1.0), (4096, 3.0), (64, 1e-3),
+                                                                              (20000, 0.5))]
+    norms = grad_norm.l2_norms(grads)
+    assert [n.dtype for n in norms] == [torch.float32] * 4
+    # n squares summed in fp32 (unit roundoff 2**-24) err by at most ~n * 2**-24 relative, whatever the order
+    for norm, grad in zip(norms, grads):
+        assert norm.item() == pytest.approx(grad.double().norm().item(), rel=grad.numel() * 2**-24)
+    grads[3][5] = float("nan")
+    assert torch.isnan(grad_norm.l2_norms(grads)[3])
 
 
 def test_norm_matches_deepspeeds_fp64_norm(process_group):
@@ -38,9 +53,12 @@ def test_nan_gradient_skips_the_step_and_the_next_one_applies(process_group, poi
     assert not torch.equal(before[poison], after[poison])
 
 
-def test_norms_taken_in_the_backward_give_deepspeeds_norm(process_group):
+@pytest.mark.parametrize("large_gradient", [grad_norm.LARGE_GRADIENT, 1])
+def test_norms_taken_in_the_backward_give_deepspeeds_norm(process_group, monkeypatch, large_gradient):
     """Gradients reduced where autograd wrote them (a reduce bucket smaller than each expert weight) have
-    their norm taken in the backward; the step's norm uses those and still equals DeepSpeed's."""
+    their norm taken in the backward; the step's norm uses those and still equals DeepSpeed's, whichever kernel
+    takes each norm."""
+    monkeypatch.setattr(grad_norm, "LARGE_GRADIENT", large_gradient)
     bucket = 8 * 64 * 64 - 1
     engine, state = zero_engine(reduce_bucket_size=bucket)
     optimizer = engine.optimizer
