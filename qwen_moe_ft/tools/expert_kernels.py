@@ -10,7 +10,10 @@ grouped GEMM; the combine is the same for every candidate and left out):
 - `quack`: fastpath/quack_experts.py (`--expert-kernels quack`): quack-kernels' grouped GEMMs with the gather
   folded into the gate/up GEMM's operand load, SwiGLU into its epilogue and its backward into the down projection's
   input-gradient GEMM (the kernels sonic-moe builds on).
+quack's variants: its default configs, its dynamic tile scheduler on every GEMM, its autotuner (first call's time
+reported: the tuning).
 RMSNorm (a layer's input norm, [tokens, 2048], and its per-head q norm, [tokens * 32, 128]): liger against quack.
+Gradient norm of one expert weight's gradient: torch._foreach_norm against fastpath.grad_norm.l2_norms.
 
 Error = largest |difference| / largest |value| against the torch chain in float32 (outputs and every gradient).
 Times: median of --iters CUDA-event intervals after warm-up.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import traceback
 
 import torch
@@ -30,9 +34,9 @@ from .attention_table import time_ms
 HIDDEN, EXPERTS, TOP_K, INTER, HEADS, HEAD_DIM = 2048, 128, 8, 768, 32, 128
 
 
-def kernel_ms(fn, iters: int = 5) -> float:
-    """Device time of the kernels one call of `fn` launches (torch.profiler), free of the host's launch gaps that
-    small kernels leave between CUDA events."""
+def kernels(fn, iters: int = 5) -> list[tuple[str, float]]:
+    """The kernels one call of `fn` launches, in launch order, with their device time in us (mean of `iters` calls,
+    torch.profiler): free of the host's launch gaps that small kernels leave between CUDA events."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -41,8 +45,16 @@ def kernel_ms(fn, iters: int = 5) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-    return sum(e.time_range.elapsed_us() for e in kernels) / iters / 1000
+    launched = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation),
+                      key=lambda e: e.time_range.start)
+    per_call = len(launched) // iters
+    return [(launched[i].name[:90], sum(launched[i + k * per_call].time_range.elapsed_us() for k in range(iters)) / iters)
+            for i in range(per_call)]
+
+
+def kernel_ms(fn, iters: int = 5) -> float:
+    """Device time of the kernels one call of `fn` launches."""
+    return sum(us for _, us in kernels(fn, iters)) / 1000
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -82,10 +94,14 @@ def torch_chain(x, w1, w2, w3, rows, counts, top_k: int = TOP_K):
     return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
 
 
-def quack_chain(x, w1, w2, w3, rows, counts):
-    from ..fastpath.quack_experts import gathered_swiglu_experts
+def quack_chain(x, w1, w2, w3, rows, counts, **gemm_options):
+    from ..fastpath.quack_experts import GemmOptions, gathered_swiglu_experts
 
-    return gathered_swiglu_experts(x, w1, w2, w3, rows, counts, TOP_K)
+    return gathered_swiglu_experts(x, w1, w2, w3, rows, counts, TOP_K, gemms=GemmOptions(**gemm_options))
+
+
+# quack's GEMM options against its defaults (untuned configs, quack's own scheduler choice per GEMM)
+QUACK_VARIANTS = {"quack": {}, "quack_dynamic": dict(dynamic_scheduler=True), "quack_tuned": dict(tuned=True)}
 
 
 def expert_table(tokens: int, iters: int) -> dict:
@@ -109,17 +125,23 @@ def expert_table(tokens: int, iters: int) -> dict:
     reference = [y32.detach(), x32.grad, *(t.grad for t in w32)]
     del x32, w32, y32
 
-    candidates = {"torch": lambda: torch_chain(x, *w, rows, counts), "quack": lambda: quack_chain(x, *w, rows, counts)}
+    candidates = {"torch": lambda: torch_chain(x, *w, rows, counts)}
+    for name, options in QUACK_VARIANTS.items():
+        candidates[name] = lambda options=options: quack_chain(x, *w, rows, counts, **options)
     table = {}
     for name, fn in candidates.items():
         try:
-            got = grads(fn)
+            started = time.perf_counter()
+            got = grads(fn)  # the first call compiles (and with tuned=True autotunes) quack's kernels
+            first_call_s = time.perf_counter() - started
             errors = dict(zip(("out", "dx", "dw1", "dw2", "dw3"), (rel_error(a, b) for a, b in zip(got, reference))))
             with torch.no_grad():
                 forward = time_ms(fn, iters)
             both = time_ms(lambda: grads(fn), iters)
-            table[name] = dict(forward_ms=forward, forward_backward_ms=both, kernels_ms=kernel_ms(lambda: grads(fn)),
-                               errors=errors)
+            launched = kernels(lambda: grads(fn))
+            table[name] = dict(forward_ms=forward, forward_backward_ms=both, first_call_s=first_call_s,
+                               kernels_ms=sum(us for _, us in launched) / 1000, errors=errors,
+                               kernels=[(k, round(us, 1)) for k, us in launched if us > 20])
         except Exception as error:  # report and go on: one failing candidate must not hide the others
             table[name] = dict(error=f"{type(error).__name__}: {error}", trace=traceback.format_exc()[-3000:])
         print(name, json.dumps(table[name], indent=None)[:3000], flush=True)
@@ -169,19 +191,38 @@ def norm_table(tokens: int, iters: int) -> dict:
     return table
 
 
+def grad_norm_table(iters: int) -> dict:
+    """The step's L2 norm of one expert weight's gradient ([128, 768, 2048] bf16, 403 MB): torch._foreach_norm
+    against the fastpath's l2_norms (its own reduction kernel for large gradients), with the bandwidth each reads."""
+    from ..fastpath.grad_norm import l2_norms
+
+    grad = torch.randn(EXPERTS, INTER, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    want = grad.double().norm().item()
+    table = {}
+    for name, fn in (("foreach_norm", lambda: torch._foreach_norm([grad], 2, dtype=torch.float32)[0]),
+                     ("l2_norms", lambda: l2_norms([grad])[0])):
+        ms = kernel_ms(fn, iters)
+        table[name] = dict(kernels_ms=ms, tb_per_s=grad.numel() * 2 / ms / 1e9,
+                           rel_error=abs(fn().item() - want) / want)
+    print("grad_norm", json.dumps(table), flush=True)
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--only", choices=("experts", "norms"), default=None)
+    parser.add_argument("--only", choices=("experts", "norms", "grad_norms"), default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("expert_kernels needs a GPU")
     result = dict(gpu=torch.cuda.get_device_name(), tokens=args.tokens)
-    if args.only != "norms":
+    if args.only in (None, "grad_norms"):
+        result["grad_norms"] = grad_norm_table(args.iters)
+    if args.only in (None, "experts"):
         result["experts"] = expert_table(args.tokens, args.iters)
-    if args.only != "experts":
+    if args.only in (None, "norms"):
         result["norms"] = norm_table(args.tokens, args.iters)
     if args.out:
         with open(args.out, "w") as f:
