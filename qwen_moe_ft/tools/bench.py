@@ -25,7 +25,7 @@ import torch
 from ..config import DEFAULT_DS_CONFIG, QWEN3_30B_A3B, TINY_MODEL
 from ..data.rows import IGNORE
 from ..flops import flops_per_token, mean_causal_context, peak_tflops
-from .kernel_table import format_per_layer, per_layer_table, profile_step
+from .kernel_table import format_per_layer, per_layer_table, profile_step, profile_steps, slowest_against_fastest
 from ..metrics import StepTimer
 from ..data.packing import collate_packed, collate_padded, plan_micro_batches
 
@@ -170,6 +170,12 @@ def worker(args) -> dict:
             steps.append(seconds)
             fwd_bwd.append(timer.marks["forward_backward"])
     kernels = profile_step(lambda t: step(batches[-1], len(batches), t)) if args.profile else None
+    trace = None
+    if args.trace_steps:
+        timelines = profile_steps(lambda t, i: step(batches[args.warmup + i % args.steps], len(batches) + 1 + i, t),
+                                  args.trace_steps)
+        trace = dict(steps=[{k: round(v, 2) for k, v in s.items() if k != "kernels"} for s in timelines],
+                     slowest_against_fastest=slowest_against_fastest(timelines))
     step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
     quartiles = statistics.quantiles(steps, n=4) if len(steps) > 1 else [step_s, step_s, step_s]
     lengths = [len(d["input_ids"]) for d in batches[0]]
@@ -178,7 +184,7 @@ def worker(args) -> dict:
                 fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
                 tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
                 steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
-                gpu=torch.cuda.get_device_name(), kernels=kernels)
+                gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace)
 
 
 def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_weights: bool = False) -> dict:
@@ -314,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="load-balancing loss of our stacks (default the model config's; 0: off, load counts only)")
     parser.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss of our stacks")
     parser.add_argument("--profile", action="store_true", help="profile one step per worker; print and save per-layer kernel tables")
+    parser.add_argument("--trace-steps", type=int, default=0,
+                        help="after the timed steps, profile this many more: each forward+backward's wall, busy and "
+                             "kernel time, and where the slowest differs from the fastest")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
@@ -356,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         report["per_layer_kernels"] = kernel_tables(results, depths)
         for stack, rows in report["per_layer_kernels"].items():
             print(f"\n{stack}, kernels per layer ({depths[1]} minus {depths[0]} layers)\n{format_per_layer(rows)}")
+    for r in results:
+        if r.get("trace"):
+            print(f"\n{r['stack']} at {r['depth']} layers, traced forward+backward steps (ms): "
+                  f"{json.dumps(r['trace']['steps'])}\nslowest against fastest: "
+                  f"{json.dumps(r['trace']['slowest_against_fastest'])}")
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(summary))
     for failure in failures:

@@ -19,7 +19,12 @@ PHASES = ("forward_backward", "optimizer")
 
 
 class MarkedTimer(StepTimer):
-    """StepTimer whose marks also appear in a torch.profiler trace."""
+    """StepTimer whose begin and marks also appear in a torch.profiler trace."""
+
+    def begin(self):
+        super().begin()
+        with record_function(MARK_PREFIX + "begin"):
+            pass
 
     def mark(self, name: str):
         super().mark(name)
@@ -121,6 +126,67 @@ def format_per_layer(rows: list[dict], top: int = 25) -> str:
     for r in rows[:top]:
         lines.append(f"| {r['kernel']} | {r['forward_backward']:.0f} | {r['optimizer']:.0f} | {r['calls']:.1f} |")
     return "\n".join(lines)
+
+
+def _timed_work(events, device_type: DeviceType) -> list[tuple[float, float, str]]:
+    """(start us, end us, name) of each kernel (on the CPU: each top-level aten op)."""
+    if device_type == DeviceType.CPU:
+        chosen = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None
+                  and e.name.startswith("aten::")]
+    else:
+        chosen = [e for e in events if e.device_type == device_type and not getattr(e, "is_user_annotation", False)]
+    return sorted((e.time_range.start, e.time_range.end, short_name(e.name, 70)) for e in chosen)
+
+
+def _union_us(intervals: list[tuple[float, float, str]]) -> float:
+    busy, reach = 0.0, float("-inf")
+    for start, end, _ in intervals:  # sorted by start
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def step_timelines(events, device_type: DeviceType = DeviceType.CUDA) -> list[dict]:
+    """Each profiled step's forward+backward (from MarkedTimer's begin to its forward_backward mark): wall time,
+    device time of its kernels summed over streams, and the time the device was busy (their union; wall - busy
+    is time the device waited, e.g. on the host), all in ms; the number of kernels, and `kernels`: each kernel
+    name's us."""
+    begins = sorted(e.time_range.start for e in events if e.name == MARK_PREFIX + "begin")
+    marks = sorted(e.time_range.start for e in events if e.name == MARK_PREFIX + "forward_backward")
+    work = _timed_work(events, device_type)
+    steps = []
+    for begin, mark in zip(begins, marks):
+        inside = [w for w in work if begin <= w[0] < mark]
+        by_name: dict[str, float] = defaultdict(float)
+        for start, end, name in inside:
+            by_name[name] += end - start
+        steps.append(dict(wall_ms=(mark - begin) / 1e3, kernels_ms=sum(by_name.values()) / 1e3,
+                          busy_ms=_union_us(inside) / 1e3, launches=len(inside), kernels=dict(by_name)))
+    return steps
+
+
+def slowest_against_fastest(steps: list[dict], top: int = 8) -> dict:
+    """Where the slowest forward+backward of several spent its extra time: wall, busy and kernel time against the
+    fastest, and the kernels whose time differs most (us, slowest minus fastest)."""
+    fast, slow = min(steps, key=lambda s: s["wall_ms"]), max(steps, key=lambda s: s["wall_ms"])
+    names = set(fast["kernels"]) | set(slow["kernels"])
+    diffs = sorted(((slow["kernels"].get(n, 0.0) - fast["kernels"].get(n, 0.0), n) for n in names), reverse=True)
+    return dict({key: [round(fast[key], 2), round(slow[key], 2)] for key in ("wall_ms", "busy_ms", "kernels_ms")},
+                kernels_us=[(n, round(d, 1)) for d, n in diffs[:top]])
+
+
+def profile_steps(run_step, count: int) -> list[dict]:
+    """Profile `count` consecutive calls of run_step(timer, i) and return their step_timelines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    timer = MarkedTimer(torch.device("cuda" if cuda else "cpu"))
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(count):
+            run_step(timer, i)
+            timer.end()
+    return step_timelines(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)
 
 
 def profile_step(run_step) -> dict[str, dict[str, float]]:

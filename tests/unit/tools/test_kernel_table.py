@@ -1,6 +1,7 @@
 import torch
 
-from qwen_moe_ft.tools.kernel_table import format_per_layer, per_layer_table, profile_step
+from qwen_moe_ft.tools.kernel_table import (format_per_layer, per_layer_table, profile_step, profile_steps,
+                                            slowest_against_fastest)
 
 
 def _step(layers: int):
@@ -49,3 +50,24 @@ def test_profiler_bookkeeping_is_not_a_kernels_op():
     assert _context(event("Activity Buffer Request", event("aten::cat"))) == "aten::cat"
     assert _context(event("aten::mm", event("autograd::engine::evaluate_function: MmBackward0"))) == \
         "bwd MmBackward0 > aten::mm"
+
+
+def test_step_timelines_time_each_forward_backward():
+    x = torch.randn(256, 256)
+
+    def run(timer, i):
+        timer.begin()
+        y = x
+        for _ in range(2 + 4 * i):  # the last step does the most work
+            y = torch.mm(y, x)
+        timer.mark("forward_backward")
+        torch.add(y, 1.0)
+
+    steps = profile_steps(run, 3)
+    assert [list(s["kernels"]) for s in steps] == [["aten::mm"]] * 3  # the add is after the mark
+    assert [s["launches"] for s in steps] == [2, 6, 10]
+    for s in steps:  # one thread's ops do not overlap: busy is their sum, and within the wall time
+        assert abs(s["busy_ms"] - s["kernels_ms"]) <= 1e-6 * s["kernels_ms"] and s["busy_ms"] <= s["wall_ms"]
+    compared = slowest_against_fastest(steps)
+    fastest, slowest = compared["wall_ms"]
+    assert fastest <= slowest and compared["kernels_us"][0][0] == "aten::mm"
