@@ -13,6 +13,7 @@ experts), both with activation checkpointing unless `--no-activation-checkpointi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -160,6 +161,10 @@ def worker(args) -> dict:
     """One stack at one depth: median step, forward+backward and optimizer times after warm-up."""
     batches = make_batches(args.warmup + args.steps, args.tokens, args.lengths, vocab=151936, seed=args.seed)
     step, attention = (_run_hf if args.stack.startswith("hf_") else _run_ours)(args, batches)
+    if args.no_gc:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
     timer = StepTimer(torch.device("cuda"))  # resets the peak each step: the reported peak is the last step's
     losses, steps, fwd_bwd = [], [], []
     for i, docs in enumerate(batches):
@@ -172,8 +177,9 @@ def worker(args) -> dict:
     kernels = profile_step(lambda t: step(batches[-1], len(batches), t)) if args.profile else None
     trace = None
     if args.trace_steps:
+        export = f"{Path(args.out).with_suffix('')}_{args.stack}_{args.depth}L.trace.json.gz" if args.trace_export else None
         timelines = profile_steps(lambda t, i: step(batches[args.warmup + i % args.steps], len(batches) + 1 + i, t),
-                                  args.trace_steps)
+                                  args.trace_steps, export)
         trace = dict(steps=[{k: round(v, 2) for k, v in s.items() if k != "kernels"} for s in timelines],
                      slowest_against_fastest=slowest_against_fastest(timelines))
     step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
@@ -323,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-steps", type=int, default=0,
                         help="after the timed steps, profile this many more: each forward+backward's wall, busy and "
                              "kernel time, and where the slowest differs from the fastest")
+    parser.add_argument("--no-gc", action="store_true",
+                        help="Python's garbage collector off for the timed steps (after one full collection)")
+    parser.add_argument("--trace-export", action="store_true",
+                        help="with --trace-steps: write each worker's trace beside --out (OUT_STACK_DEPTHL.trace.json.gz)")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)

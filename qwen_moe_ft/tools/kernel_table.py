@@ -176,8 +176,9 @@ def slowest_against_fastest(steps: list[dict], top: int = 8) -> dict:
                 kernels_us=[(n, round(d, 1)) for d, n in diffs[:top]])
 
 
-def profile_steps(run_step, count: int) -> list[dict]:
-    """Profile `count` consecutive calls of run_step(timer, i) and return their step_timelines."""
+def profile_steps(run_step, count: int, export: str | None = None) -> list[dict]:
+    """Profile `count` consecutive calls of run_step(timer, i) and return their step_timelines; `export`: also write
+    the trace there (Chrome trace format, gzipped when the name ends in .gz) for a closer look."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -186,6 +187,8 @@ def profile_steps(run_step, count: int) -> list[dict]:
         for i in range(count):
             run_step(timer, i)
             timer.end()
+    if export:
+        prof.export_chrome_trace(export)
     return step_timelines(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)
 
 
