@@ -9,6 +9,10 @@ Unfused, each of a layer's four RMSNorms (input, post-attention, per-head q and 
 embedding run as chains of fp32 elementwise kernels, forward and backward; liger's Triton kernels do
 each in one pass with the same arithmetic (fp32 statistics, weight applied after the cast back, as
 Qwen3's RMSNorm does). Expert SwiGLU is AutoEP's own fused kernel; liger's loss is --loss-impl.
+
+RoPE is pinned to liger's Triton kernel: liger 0.8.5 picks its CuTe DSL RoPE for our shapes wherever `cutlass` is
+importable (flash-attn 4 and quack bring it), and that one costs ~0.3 ms of host time a call for a ~40 us kernel,
+which the host-bound forward pays as GPU idle time in every layer (BENCHMARKS.md, 2026-12-03 later).
 """
 from __future__ import annotations
 
@@ -21,6 +25,14 @@ from ..config import ConfigError
 from .applied import Applied
 
 REPLACES = "Qwen3MoeRMSNorm.forward, modeling_qwen3_moe.apply_rotary_pos_emb"
+ROPE_IMPL = "nvidia-triton"  # liger 0.8.5's name for its Triton RoPE
+
+
+def triton_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """liger's rotary embedding (liger_rotary_pos_emb) on its Triton kernel, whatever liger would auto-select."""
+    from liger_kernel.backends import dispatch
+
+    return dispatch("rope", q, k, cos, sin, position_ids, unsqueeze_dim, impl=ROPE_IMPL)
 
 
 def select_fused_kernels(requested: str, device_type: str) -> str:
@@ -45,6 +57,7 @@ def apply_liger(model: nn.Module, choice: str) -> tuple[Applied, Callable[[], No
     before = dict(vars(modeling_qwen3_moe))
     apply_liger_kernel_to_qwen3_moe(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=model)
+    modeling_qwen3_moe.apply_rotary_pos_emb = triton_rope
     replaced = {name: value for name, value in before.items() if vars(modeling_qwen3_moe).get(name) is not value}
 
     def restore():
