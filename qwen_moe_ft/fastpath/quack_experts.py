@@ -61,13 +61,13 @@ class _GatheredSwigluExperts(torch.autograd.Function):
     w13: cat([w1, w3], dim=1), built or cached by the caller."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, w3, w13, token_of_row, position, cu_seqlens, top_k, gemms):
+    def forward(ctx, x, w1, w2, w3, w13, token_of_row, rows, cu_seqlens, top_k, gemms):
         from quack.gemm_interface import gemm, gemm_gated
 
         opts = gemms.kwargs()
         preact, h = gemm_gated(x, w13.transpose(-2, -1), activation="swiglu", cu_seqlens_m=cu_seqlens,
                                A_idx=token_of_row, concat_layout=("B",), **opts)
-        ctx.save_for_backward(x, w13, w2, token_of_row, position, cu_seqlens, preact)
+        ctx.save_for_backward(x, w13, w2, token_of_row, rows, cu_seqlens, preact)
         ctx.top_k, ctx.gemms = top_k, gemms
         return gemm(h, w2.transpose(-2, -1), cu_seqlens_m=cu_seqlens, **opts)
 
@@ -75,7 +75,7 @@ class _GatheredSwigluExperts(torch.autograd.Function):
     def backward(ctx, dy):
         from quack.gemm_interface import gemm, gemm_dgated
 
-        x, w13, w2, token_of_row, position, cu_seqlens, preact = ctx.saved_tensors
+        x, w13, w2, token_of_row, rows, cu_seqlens, preact = ctx.saved_tensors
         experts, hidden, inter = w2.shape
         opts = ctx.gemms.kwargs()
         dy = dy.contiguous()
@@ -88,7 +88,9 @@ class _GatheredSwigluExperts(torch.autograd.Function):
         for dw, half in ((dw1, dgate_up[:, :inter]), (dw3, dgate_up[:, inter:])):
             gemm(x.t(), half, out=dw.transpose(-2, -1), cu_seqlens_k=cu_seqlens, A_idx=token_of_row, **opts)
         drows = gemm(dgate_up, w13, cu_seqlens_m=cu_seqlens, **opts)
-        return _sum_token_rows(drows, position, ctx.top_k), dw1, dw2, dw3, None, None, None, None, None, None
+        # the rows' inverse permutation is built here, not in the forward, whose host time the GPU waits for
+        dx = _sum_token_rows(drows, row_positions(rows), ctx.top_k)
+        return dx, dw1, dw2, dw3, None, None, None, None, None, None
 
 
 def gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rows: torch.Tensor,
@@ -99,5 +101,5 @@ def gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     cu_seqlens = torch.zeros(num_tokens_per_expert.numel() + 1, dtype=torch.int32, device=x.device)
     torch.cumsum(num_tokens_per_expert, 0, out=cu_seqlens[1:])
     w13 = torch.cat([w1, w3], dim=1) if w13 is None else w13
-    return _GatheredSwigluExperts.apply(x, w1, w2, w3, w13, (rows // top_k).to(torch.int32), row_positions(rows),
-                                        cu_seqlens, top_k, gemms)
+    return _GatheredSwigluExperts.apply(x, w1, w2, w3, w13, (rows // top_k).to(torch.int32), rows, cu_seqlens, top_k,
+                                        gemms)
