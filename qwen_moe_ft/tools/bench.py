@@ -177,7 +177,9 @@ def worker(args) -> dict:
     kernels = profile_step(lambda t: step(batches[-1], len(batches), t)) if args.profile else None
     trace = None
     if args.trace_steps:
-        export = f"{Path(args.out).with_suffix('')}_{args.stack}_{args.depth}L.trace.json.gz" if args.trace_export else None
+        export = None
+        if args.trace_export:
+            export = f"{Path(args.out).with_suffix('')}_{args.stack}_{args.depth}L.trace.json.gz"
         timelines = profile_steps(lambda t, i: step(batches[args.warmup + i % args.steps], len(batches) + 1 + i, t),
                                   args.trace_steps, export)
         trace = dict(steps=[{k: round(v, 2) for k, v in s.items() if k != "kernels"} for s in timelines],

@@ -48,7 +48,8 @@ def kernels(fn, iters: int = 5) -> list[tuple[str, float]]:
     launched = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation),
                       key=lambda e: e.time_range.start)
     per_call = len(launched) // iters
-    return [(launched[i].name[:90], sum(launched[i + k * per_call].time_range.elapsed_us() for k in range(iters)) / iters)
+    return [(launched[i].name[:90],
+             sum(launched[i + k * per_call].time_range.elapsed_us() for k in range(iters)) / iters)
             for i in range(per_call)]
 
 
