@@ -35,6 +35,18 @@ def triton_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
     return dispatch("rope", q, k, cos, sin, position_ids, unsqueeze_dim, impl=ROPE_IMPL)
 
 
+def _pin_triton_rope(modeling_qwen3_moe) -> None:
+    """Route the module's rotary embedding to liger's Triton kernel where liger can run it; elsewhere liger's own
+    choice stays (the same arithmetic)."""
+    from liger_kernel.backends.dispatch import ImplNotAvailableError, resolve_impl
+
+    try:
+        resolve_impl("rope", requested=ROPE_IMPL)
+    except ImplNotAvailableError:
+        return
+    modeling_qwen3_moe.apply_rotary_pos_emb = triton_rope
+
+
 def select_fused_kernels(requested: str, device_type: str) -> str:
     """auto: liger when on a GPU and installed, else none; liger on request must be usable."""
     usable = device_type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -57,7 +69,7 @@ def apply_liger(model: nn.Module, choice: str) -> tuple[Applied, Callable[[], No
     before = dict(vars(modeling_qwen3_moe))
     apply_liger_kernel_to_qwen3_moe(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=model)
-    modeling_qwen3_moe.apply_rotary_pos_emb = triton_rope
+    _pin_triton_rope(modeling_qwen3_moe)
     replaced = {name: value for name, value in before.items() if vars(modeling_qwen3_moe).get(name) is not value}
 
     def restore():
