@@ -1,0 +1,112 @@
+"""Where the GPU waited in a traced training step: its idle time split into forward and backward, and the host op
+whose kernel each wait was for.
+
+    python -m qwen_moe_ft.bench --full-length --stacks ours --trace-steps 3 --trace-export --out run.json
+    python -m qwen_moe_ft.tools.trace_gaps run_ours_4L.trace.json.gz [--top 15] [--min-gap-us 5]
+
+Reads a trace `bench --trace-export` wrote (Chrome trace format, torch.profiler's events). Each step runs from the
+bench's begin mark to its forward_backward mark; the backward starts at the first GPU event launched from the thread
+that runs autograd's backward nodes. A gap is time in which no kernel, copy or memset ran on any stream; it is
+charged to the op (innermost, on the launching thread) whose launch ended it: the op the GPU was waiting for the
+host to reach.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from bisect import bisect_right
+from collections import defaultdict
+
+MARK = "qwen_moe_ft.bench.mark:"
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATEGORIES = ("cuda_runtime", "cuda_driver")
+BACKWARD_OP = "autograd::engine::evaluate_function"
+
+
+def load(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+class _Ops:
+    """The CPU ops of each thread, to find the innermost one around a moment."""
+
+    def __init__(self, events: list[dict]):
+        self.by_thread: dict[object, list[dict]] = defaultdict(list)
+        for e in events:
+            if e.get("cat") == "cpu_op" and "dur" in e:
+                self.by_thread[e["tid"]].append(e)
+        for ops in self.by_thread.values():
+            ops.sort(key=lambda e: e["ts"])
+        self.starts = {tid: [e["ts"] for e in ops] for tid, ops in self.by_thread.items()}
+
+    def innermost(self, tid, ts: float) -> str:
+        ops = self.by_thread.get(tid, [])
+        inside = [e for e in ops[:bisect_right(self.starts.get(tid, []), ts)] if e["ts"] + e["dur"] >= ts]
+        return min(inside, key=lambda e: e["dur"])["name"] if inside else "(no op)"
+
+
+def step_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[list[dict], dict[str, list[float]]]:
+    """Per step: wall, forward and backward ms with the GPU's idle ms in each; and over all steps, for each op the
+    number of gaps charged to it and their total us."""
+    marks = sorted((e["ts"], e["name"][len(MARK):]) for e in events
+                   if e.get("cat") == "user_annotation" and e["name"].startswith(MARK))
+    windows = [(marks[i][0], marks[i + 1][0]) for i in range(len(marks) - 1)
+               if marks[i][1] == "begin" and marks[i + 1][1] == "forward_backward"]
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in HOST_CATEGORIES and "correlation" in e.get("args", {})}
+    backward_threads = {e["tid"] for e in events if e.get("cat") == "cpu_op" and e["name"].startswith(BACKWARD_OP)}
+    ops = _Ops(events)
+    steps, charged = [], defaultdict(lambda: [0, 0.0])
+    for begin, end in windows:
+        idle = {"forward": 0.0, "backward": 0.0}
+        backward_from, reach = end, begin
+        for g in (g for g in gpu if begin <= g["ts"] < end):
+            launch = launches.get(g.get("args", {}).get("correlation"))
+            if launch is not None and launch["tid"] in backward_threads:
+                backward_from = min(backward_from, g["ts"])
+            gap = g["ts"] - reach
+            if gap >= min_gap_us:
+                idle["forward" if g["ts"] < backward_from else "backward"] += gap
+                op = ops.innermost(launch["tid"], launch["ts"]) if launch is not None else "(launch not traced)"
+                charged[op][0] += 1
+                charged[op][1] += gap
+            reach = max(reach, g["ts"] + g["dur"])
+        steps.append(dict(wall_ms=(end - begin) / 1e3, forward_ms=(backward_from - begin) / 1e3,
+                          forward_idle_ms=idle["forward"] / 1e3, backward_ms=(end - backward_from) / 1e3,
+                          backward_idle_ms=idle["backward"] / 1e3))
+    return steps, dict(charged)
+
+
+def report(steps: list[dict], charged: dict[str, list[float]], top: int) -> str:
+    lines = ["| step | wall ms | forward ms (GPU idle) | backward ms (GPU idle) |", "| --- | --- | --- | --- |"]
+    for i, s in enumerate(steps):
+        lines.append(f"| {i} | {s['wall_ms']:.2f} | {s['forward_ms']:.2f} ({s['forward_idle_ms']:.2f}) | "
+                     f"{s['backward_ms']:.2f} ({s['backward_idle_ms']:.2f}) |")
+    lines += ["", f"GPU idle before the kernels of each op, all {len(steps)} steps (largest first):",
+              "| op | gaps | idle ms |", "| --- | --- | --- |"]
+    for op, (count, us) in sorted(charged.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| {op} | {count} | {us / 1e3:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.tools.trace_gaps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trace", help="a trace written by bench --trace-export (.json or .json.gz)")
+    parser.add_argument("--top", type=int, default=15, help="ops to list")
+    parser.add_argument("--min-gap-us", type=float, default=5.0, help="shorter gaps are not counted")
+    args = parser.parse_args(argv)
+    steps, charged = step_gaps(load(args.trace), args.min_gap_us)
+    if not steps:
+        raise SystemExit(f"{args.trace}: no step between a begin and a forward_backward mark; write traces with "
+                         "`python -m qwen_moe_ft.bench --trace-steps N --trace-export`")
+    print(report(steps, charged, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
