@@ -26,22 +26,24 @@ from .applied import Applied
 
 REPLACES = "Qwen3MoeRMSNorm.forward, modeling_qwen3_moe.apply_rotary_pos_emb"
 ROPE_IMPL = "nvidia-triton"  # liger 0.8.5's name for its Triton RoPE
+_triton_rope = None  # liger's OpImpl for it, resolved once by _pin_triton_rope
 
 
 def triton_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-    """liger's rotary embedding (liger_rotary_pos_emb) on its Triton kernel, whatever liger would auto-select."""
-    from liger_kernel.backends import dispatch
-
-    return dispatch("rope", q, k, cos, sin, position_ids, unsqueeze_dim, impl=ROPE_IMPL)
+    """liger's rotary embedding (liger_rotary_pos_emb) on its Triton kernel, whatever liger would auto-select. Calls
+    the implementation resolved at patch time: liger's dispatch() resolves it again on every call, host time
+    that the host-bound forward pays in every layer."""
+    return _triton_rope.call(q, k, cos, sin, position_ids, unsqueeze_dim)
 
 
 def _pin_triton_rope(modeling_qwen3_moe) -> None:
     """Route the module's rotary embedding to liger's Triton kernel where liger can run it; elsewhere liger's own
     choice stays (the same arithmetic)."""
+    global _triton_rope
     from liger_kernel.backends.dispatch import ImplNotAvailableError, resolve_impl
 
     try:
-        resolve_impl("rope", requested=ROPE_IMPL)
+        _triton_rope = resolve_impl("rope", requested=ROPE_IMPL)
     except ImplNotAvailableError:
         return
     modeling_qwen3_moe.apply_rotary_pos_emb = triton_rope

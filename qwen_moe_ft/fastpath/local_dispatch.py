@@ -60,6 +60,18 @@ def _sum_token_rows(grad_rows: torch.Tensor, position: torch.Tensor, top_k: int)
     return F.embedding_bag(position.view(-1, top_k), grad_rows, mode="sum")
 
 
+def expert_order(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The routed rows (token * top_k + slot) sorted by expert, stable, as argsort of the router's choices gives them.
+    The keys are narrowed to the fewest bytes that hold an expert id first: the GPU's radix sort runs one pass per
+    key byte, and every pass is launched from the host."""
+    keys = selected_experts.view(-1)
+    for narrow in (torch.uint8, torch.int16):
+        if num_experts - 1 <= torch.iinfo(narrow).max:
+            keys = keys.to(narrow)
+            break
+    return torch.argsort(keys, stable=True)
+
+
 def row_positions(rows: torch.Tensor) -> torch.Tensor:
     """The inverse permutation of `rows`: [t * top_k + k] is where token t's k-th row went."""
     position = torch.empty_like(rows)
@@ -104,7 +116,7 @@ def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad
     routing = RouterOutput(*layer.router(x, layer.expert_bias))
     with torch.no_grad():
         layer.tokens_per_expert.add_(routing.num_tokens_per_expert)
-    rows = torch.argsort(routing.selected_experts.view(-1), stable=True)
+    rows = expert_order(routing.selected_experts, layer.num_experts)
     if quack:
         expert_output = _quack_experts(layer, x, rows, routing.num_tokens_per_expert)
         return _combine(layer, expert_output, routing, rows, x, hidden_states)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
+from ..fastpath.local_dispatch import expert_order
 from .attention_table import time_ms
 
 HIDDEN, EXPERTS, TOP_K, INTER, HEADS, HEAD_DIM = 2048, 128, 8, 768, 32, 128
@@ -69,7 +70,7 @@ def routing(tokens: int, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     logits = torch.randn(tokens, EXPERTS, device="cuda", generator=g)
     selected = logits.topk(TOP_K, dim=-1).indices
-    rows = torch.argsort(selected.view(-1), stable=True)
+    rows = expert_order(selected, EXPERTS)
     counts = torch.bincount(selected.view(-1), minlength=EXPERTS)
     return rows, counts
 

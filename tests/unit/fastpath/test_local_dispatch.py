@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from helpers import TINY, max_rel_err
 from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
-from qwen_moe_ft.fastpath.local_dispatch import one_rank_dispatch
+from qwen_moe_ft.fastpath.local_dispatch import expert_order, one_rank_dispatch
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 
 # AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
@@ -78,3 +78,14 @@ def test_triton_gather_sum_matches_embedding_bag():
     ours = _sum_token_rows(grad_rows, position, top_k)
     reference = torch.nn.functional.embedding_bag(position.view(-1, top_k), grad_rows.float(), mode="sum")
     torch.testing.assert_close(ours.float(), reference, rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("num_experts", [2, 128, 256, 257, 40000])
+def test_expert_order_is_the_stable_argsort_of_the_choices(num_experts):
+    """Narrowed keys (uint8 to 256 experts, int16 to 32768, int64 beyond) sort as the router's int64 choices do, ties
+    (a token's rows for one expert: many per expert) kept in row order."""
+    g = torch.Generator().manual_seed(num_experts)
+    selected = torch.randint(0, num_experts, (300, 8), generator=g)
+    selected[:, 0] = num_experts - 1  # the largest id, which a too-narrow key would wrap
+    rows = expert_order(selected.to(DEVICE), num_experts).cpu()
+    assert torch.equal(rows, torch.argsort(selected.view(-1), stable=True))
