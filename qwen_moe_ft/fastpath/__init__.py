@@ -6,7 +6,8 @@ names, in its header, the upstream symbols it replaces (at the pinned versions) 
 it; each patch is measured in BENCHMARKS.md.
 
 The order matters, and is this:
- 1. liger_norm_rope            (liger.py) before DeepSpeed wraps the model
+ 1. liger_norm_rope            (liger.py) before DeepSpeed wraps the model, then torch_hidden_norms and
+    quack_head_norms           (norms.py) the norms on the kernel that suits their width
  2. one_pass_grad_norm         (grad_norm.py) the step's norm and overflow check
  3. grads_in_place             (zero_step.py) its gradient hook takes norms in the backward for 2
  4. one_pass_adamw             (zero_step.py, adamw.py) replaces the wrapped AdamW before its first step
@@ -49,8 +50,8 @@ class FastPath:
         return not self.off_because
 
     def prepare_model(self, model: nn.Module, fused_kernels: str, device_type: str) -> tuple[nn.Module, str]:
-        """Before DeepSpeed wraps the model: liger's norms and RoPE if chosen (--fused-kernels); returns the
-        model and the kernel choice made."""
+        """Before DeepSpeed wraps the model: liger's norms and RoPE if chosen (--fused-kernels), then torch's and
+        quack's norms where they suit better; returns the model and the kernel choice made."""
         if not self.on:
             return model, "none"
         from .liger import apply_liger, select_fused_kernels
@@ -59,6 +60,12 @@ class FastPath:
         applied, restore = apply_liger(model, choice)
         self.applied.append(applied)
         self._restore.append(restore)
+        if choice == "liger":
+            import torch
+
+            from .norms import quack_head_norms, torch_hidden_norms
+
+            self.applied += [torch_hidden_norms(model), quack_head_norms(model, torch.device(device_type))]
         return model, choice
 
     def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False,

@@ -10,9 +10,9 @@ embedding run as chains of fp32 elementwise kernels, forward and backward; liger
 each in one pass with the same arithmetic (fp32 statistics, weight applied after the cast back, as
 Qwen3's RMSNorm does). Expert SwiGLU is AutoEP's own fused kernel; liger's loss is --loss-impl.
 
-RoPE is pinned to liger's Triton kernel: liger 0.8.5 picks its CuTe DSL RoPE for our shapes wherever `cutlass` is
-importable (flash-attn 4 and quack bring it), and that one costs ~0.3 ms of host time a call for a ~40 us kernel,
-which the host-bound forward pays as GPU idle time in every layer (BENCHMARKS.md, 2026-12-03 later).
+RoPE runs the implementation liger picks for the GPU (its CuTe DSL kernel where `cutlass` is importable, as with
+flash-attn 4 or quack, else Triton), resolved once at patch time: liger's own entry point resolves it again on every
+call, host time that the host-bound forward pays in every layer (BENCHMARKS.md, 2026-12-03 norms).
 """
 from __future__ import annotations
 
@@ -25,28 +25,25 @@ from ..config import ConfigError
 from .applied import Applied
 
 REPLACES = "Qwen3MoeRMSNorm.forward, modeling_qwen3_moe.apply_rotary_pos_emb"
-ROPE_IMPL = "nvidia-triton"  # liger 0.8.5's name for its Triton RoPE
-_triton_rope = None  # liger's OpImpl for it, resolved once by _pin_triton_rope
+_rope = None  # the OpImpl liger resolved for RoPE here, bound by _bind_rope
 
 
-def triton_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-    """liger's rotary embedding (liger_rotary_pos_emb) on its Triton kernel, whatever liger would auto-select. Calls
-    the implementation resolved at patch time: liger's dispatch() resolves it again on every call, host time
-    that the host-bound forward pays in every layer."""
-    return _triton_rope.call(q, k, cos, sin, position_ids, unsqueeze_dim)
+def liger_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """liger's rotary embedding (liger_rotary_pos_emb) on the implementation resolved at patch time."""
+    return _rope.call(q, k, cos, sin, position_ids, unsqueeze_dim)
 
 
-def _pin_triton_rope(modeling_qwen3_moe) -> None:
-    """Route the module's rotary embedding to liger's Triton kernel where liger can run it; elsewhere liger's own
-    choice stays (the same arithmetic)."""
-    global _triton_rope
+def _bind_rope(modeling_qwen3_moe) -> None:
+    """Route the module's rotary embedding to liger's implementation for this GPU, resolved now; where liger
+    cannot resolve one, the name liger set stays (the same arithmetic)."""
+    global _rope
     from liger_kernel.backends.dispatch import ImplNotAvailableError, resolve_impl
 
     try:
-        _triton_rope = resolve_impl("rope", requested=ROPE_IMPL)
+        _rope = resolve_impl("rope")
     except ImplNotAvailableError:
         return
-    modeling_qwen3_moe.apply_rotary_pos_emb = triton_rope
+    modeling_qwen3_moe.apply_rotary_pos_emb = liger_rope
 
 
 def select_fused_kernels(requested: str, device_type: str) -> str:
@@ -71,7 +68,7 @@ def apply_liger(model: nn.Module, choice: str) -> tuple[Applied, Callable[[], No
     before = dict(vars(modeling_qwen3_moe))
     apply_liger_kernel_to_qwen3_moe(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=model)
-    _pin_triton_rope(modeling_qwen3_moe)
+    _bind_rope(modeling_qwen3_moe)
     replaced = {name: value for name, value in before.items() if vars(modeling_qwen3_moe).get(name) is not value}
 
     def restore():

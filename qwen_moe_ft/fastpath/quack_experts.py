@@ -23,17 +23,24 @@ import torch
 
 from .local_dispatch import _sum_token_rows, row_positions
 
-QUACK_VERSION = "0.6.5"  # gemm_gated / gemm_dgated's interleaved gate/up contract and concat_layout, as read here
+QUACK_VERSION = "0.6.5"  # gemm_gated / gemm_dgated's interleaved gate/up contract and concat_layout, rmsnorm, as read here
 
 
-def unavailable_because(device: torch.device, activation: str) -> str:
-    """Empty if this path can run here, else why not."""
+def quack_unavailable_because(device: torch.device) -> str:
+    """Empty if quack's kernels (this version, a Hopper or newer GPU) run here, else why not."""
     if importlib.util.find_spec("quack") is None:
         return "quack-kernels is not installed (pip install 'qwen-moe-ft[flash4]')"
     if (installed := version("quack-kernels")) != QUACK_VERSION:
         return f"written for quack-kernels {QUACK_VERSION}, found {installed}"
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return "quack's grouped GEMMs need a Hopper or newer GPU"
+        return "quack's kernels need a Hopper or newer GPU"
+    return ""
+
+
+def unavailable_because(device: torch.device, activation: str) -> str:
+    """Empty if this path can run here, else why not."""
+    if why := quack_unavailable_because(device):
+        return why
     if activation != "swiglu":
         return f"the experts' activation is {activation!r}; the fused epilogue here is SwiGLU"
     return ""

@@ -9,7 +9,7 @@ from helpers import max_rel_err
 from qwen_moe_ft.model.attention import register_varlen_attention
 from qwen_moe_ft.config import ConfigError
 from qwen_moe_ft.data.rows import IGNORE
-from qwen_moe_ft.fastpath.liger import apply_liger, select_fused_kernels, triton_rope
+from qwen_moe_ft.fastpath.liger import apply_liger, select_fused_kernels, liger_rope
 from qwen_moe_ft.loss import token_loss_sum
 from qwen_moe_ft.data.packing import collate_packed
 
@@ -43,7 +43,7 @@ def test_liger_norm_and_rope_match_the_stock_modules_on_packed_documents():
     for name, model in (("fp32", reference), ("bf16", plain), ("bf16 liger", fused)):
         if model is fused:  # patched only now: the rotary patch is global to the modeling module
             applied, restore = apply_liger(fused, "liger")
-            assert applied and modeling_qwen3_moe.apply_rotary_pos_emb is triton_rope
+            assert applied and modeling_qwen3_moe.apply_rotary_pos_emb is liger_rope
             assert fused.model.layers[0].self_attn.q_norm._get_name() == "LigerRMSNorm"
         loss = token_loss_sum(model, batch.inputs, batch.shift_labels) / (batch.shift_labels != IGNORE).sum()
         loss.backward()

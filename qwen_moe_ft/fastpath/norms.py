@@ -1,0 +1,68 @@
+"""The model's RMSNorms on the kernel that suits their row width, after liger's patch (fused kernels on a GPU).
+
+Replaces (liger-kernel 0.8.5 on transformers 5.17.0): LigerRMSNorm.forward, which liger binds to each
+Qwen3MoeRMSNorm of the model. The hidden-size norms (each layer's input and post-attention norms, the final norm)
+run torch's own RMSNorm (F.rms_norm: one fused kernel forward and one backward on CUDA); the per-head q/k norms
+(rows of head_dim = 128) run quack's RMSNorm where quack's kernels run (quack_experts.quack_unavailable_because),
+else liger's stays. Guarded by tests/unit/fastpath/test_norms.py (outputs and gradients against the stock modules).
+
+Why: the forward is host-bound, and liger's Triton launch costs ~90 us of host time a call against ~23 for
+torch's at the same GPU time on the wide rows; torch's kernel is 4x slower than liger's on the 128-wide rows,
+where quack's is as fast forward, twice as fast backward and cheaper to launch (BENCHMARKS.md, 2026-12-03 norms).
+All three compute in fp32 from the bf16 input; torch's and quack's apply the weight before the one rounding to
+bf16 where Qwen3's module (and liger's "llama" mode) round, then multiply: within one bf16 rounding of each other.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .applied import Applied
+
+HIDDEN_NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
+HEAD_NORMS = ("q_norm", "k_norm")
+
+
+def _torch_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+def _quack_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from quack.rmsnorm import rmsnorm
+
+    return rmsnorm(hidden_states, self.weight, eps=self.variance_epsilon)
+
+
+def _norms(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
+    """The model's RMSNorm modules (a 1-D weight and variance_epsilon, as Qwen3MoeRMSNorm has) with these names."""
+    return [module for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] in names and hasattr(module, "variance_epsilon")
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 1]
+
+
+def _bind(modules: list[nn.Module], forward) -> None:
+    for module in modules:
+        module.forward = types.MethodType(forward, module)
+
+
+def torch_hidden_norms(model: nn.Module) -> Applied:
+    """The hidden-size norms on torch's fused RMSNorm."""
+    modules = _norms(model, HIDDEN_NORMS)
+    _bind(modules, _torch_rms_norm)
+    return Applied("torch_hidden_norms", "LigerRMSNorm.forward on the hidden-size RMSNorms",
+                   "" if modules else "no hidden-size RMSNorm in the model")
+
+
+def quack_head_norms(model: nn.Module, device: torch.device) -> Applied:
+    """The per-head q/k norms on quack's RMSNorm, where it runs."""
+    from .quack_experts import quack_unavailable_because
+
+    name, replaces = "quack_head_norms", "LigerRMSNorm.forward on the q/k RMSNorms"
+    if why := quack_unavailable_because(device):
+        return Applied(name, replaces, why)
+    modules = _norms(model, HEAD_NORMS)
+    _bind(modules, _quack_rms_norm)
+    return Applied(name, replaces, "" if modules else "no q/k RMSNorm in the model")
