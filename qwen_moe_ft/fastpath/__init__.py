@@ -16,7 +16,7 @@ The order matters, and is this:
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
- 10. topk_softmax_router      (topk_router.py) every AutoEP block's router, at any EP size
+10. topk_softmax_router        (topk_router.py) every AutoEP block's router, at any EP size
 
 The patch modules import private DeepSpeed symbols, so they are imported here only once the version guard
 (versions.py) has passed: on other versions one warning names them and the run continues on the stock path.
