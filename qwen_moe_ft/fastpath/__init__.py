@@ -16,7 +16,7 @@ The order matters, and is this:
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
-10. topk_softmax_router        (topk_router.py) every AutoEP block's router, at any EP size
+10. lean_topk_router           (topk_router.py) every AutoEP block's router, at any EP size
 
 The patch modules import private DeepSpeed symbols, so they are imported here only once the version guard
 (versions.py) has passed: on other versions one warning names them and the run continues on the stock path.
@@ -80,7 +80,7 @@ class FastPath:
         from .grad_norm import lean_grad_checks
         from .local_dispatch import one_rank_dispatch, quack_expert_kernels
         from .state import ZeroState
-        from .topk_router import topk_softmax_routers
+        from .topk_router import lean_topk_routers
         from .zero_step import fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, mirror_gate_up_weights
 
         if adam_states not in STATE_DTYPES:
@@ -99,7 +99,7 @@ class FastPath:
             if expert_kernels == "quack" and not quack:
                 raise ConfigError(f"--expert-kernels quack: {quack.refused}; use --expert-kernels auto or torch")
             self.applied.append(quack)
-        self.applied.append(topk_softmax_routers(engine.module))
+        self.applied.append(lean_topk_routers(engine.module))
         return self.applied
 
     def after_load(self) -> None:
