@@ -67,10 +67,13 @@ def test_other_routers_are_refused():
 
 
 def test_every_autoep_block_of_the_model_is_rebound(process_group):
+    # AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
-    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type=device), rank=0)
+    model = model.to(device, dtype)
     stock = copy.deepcopy(model)
     assert lean_topk_routers(model)
     assert all("forward" in vars(layer.mlp.router) for layer in model.model.layers)
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     assert torch.equal(model(ids).logits, stock(ids).logits)
