@@ -8,11 +8,12 @@ and gradients equal to the stock modules', GPU).
 Unfused, each of a layer's four RMSNorms (input, post-attention, per-head q and k) and the rotary
 embedding run as chains of fp32 elementwise kernels, forward and backward; liger's Triton kernels do
 each in one pass with the same arithmetic (fp32 statistics, weight applied after the cast back, as
-Qwen3's RMSNorm does). Expert SwiGLU is AutoEP's own fused kernel; liger's loss is --loss-impl.
+Qwen3's RMSNorm does); norms.py then moves most norms to kernels that cost less host time. Expert SwiGLU is
+AutoEP's own fused kernel; liger's loss is --loss-impl.
 
 RoPE runs the implementation liger picks for the GPU (its CuTe DSL kernel where `cutlass` is importable, as with
 flash-attn 4 or quack, else Triton), resolved once at patch time: liger's own entry point resolves it again on every
-call, host time that the host-bound forward pays in every layer (BENCHMARKS.md, 2026-12-03 norms).
+call, host time that the host-bound forward pays in every layer (BENCHMARKS.md, 2026-12-03 (session 23)).
 """
 from __future__ import annotations
 

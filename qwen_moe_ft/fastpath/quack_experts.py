@@ -23,7 +23,8 @@ import torch
 
 from .local_dispatch import _sum_token_rows, row_positions
 
-QUACK_VERSION = "0.6.5"  # gemm_gated / gemm_dgated's interleaved gate/up contract and concat_layout, rmsnorm, as read here
+# gemm_gated / gemm_dgated's interleaved gate/up contract and concat_layout, and rmsnorm, as read here
+QUACK_VERSION = "0.6.5"
 
 
 def quack_unavailable_because(device: torch.device) -> str:

@@ -1,14 +1,15 @@
 """DeepSpeed's top-k router in fewer kernels, with the same arithmetic.
 
 Replaces: deepspeed/moe/ep_router.py TokenChoiceTopKRouter.forward (deepspeed 0.19.8), per instance, on routers
-without expert groups or score-correction bias (Qwen3-MoE's: softmax, top-k weights renormalised); a call with a load-balancing expert_bias runs DeepSpeed's own forward. Guarded by
-tests/unit/fastpath/test_topk_router.py (choices, counts, weights and gradients bitwise equal to DeepSpeed's).
+without expert groups or score-correction bias (Qwen3-MoE's: softmax, top-k weights renormalised); a call with a
+load-balancing expert_bias runs DeepSpeed's own forward. Guarded by tests/unit/fastpath/test_topk_router.py
+(choices, counts, weights and gradients bitwise equal to DeepSpeed's, CPU and GPU).
 
 DeepSpeed gathers the chosen probabilities that top-k has just returned as its values, and multiplies them by a
-route_scale of 1.0: two kernels of eight that change no bit, on a forward whose host issues each kernel slower
-than the GPU runs it. Taking the softmax of the chosen logits alone would save three more, but rounds
-differently, and Adam turns that rounding into visibly different weights where an expert's gradient nearly
-cancels (the fast-path-against-stock test).
+route_scale of 1.0: two of the eight kernels between the gate and the counts, changing no bit, on a forward whose
+host issues each kernel slower than the GPU runs it. Taking the softmax of the chosen logits alone would save three
+more, but rounds differently, and Adam turns that rounding into visibly different weights where an expert's
+gradient nearly cancels (the fast-path-against-stock test).
 """
 from __future__ import annotations
 
