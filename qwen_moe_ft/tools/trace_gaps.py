@@ -8,7 +8,8 @@ Reads a trace `bench --trace-export` wrote (Chrome trace format, torch.profiler'
 bench's begin mark to its forward_backward mark; the backward starts at the first GPU event launched from the thread
 that runs autograd's backward nodes. A gap is time in which no kernel, copy or memset ran on any stream; it is
 charged to the op (innermost, on the launching thread) whose launch ended it: the op the GPU was waiting for the
-host to reach.
+host to reach. Then where the host's time went in the forward: from the begin mark to the backward thread's first op,
+the outermost ops on the marks' thread, each op's calls and host time (profiled: Python-heavy calls run slower).
 """
 from __future__ import annotations
 
@@ -81,7 +82,32 @@ def step_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[list[dict], 
     return steps, dict(charged)
 
 
-def report(steps: list[dict], charged: dict[str, list[float]], top: int) -> str:
+def forward_host_ops(events: list[dict]) -> tuple[list[dict], dict[str, list[float]]]:
+    """Per step: the forward's host span (begin mark to the backward thread's first op) and the time in its
+    outermost ops on the marks' thread; over all steps, each such op's calls and total us."""
+    marks = sorted((e["ts"], e["name"][len(MARK):], e["tid"]) for e in events
+                   if e.get("cat") == "user_annotation" and e["name"].startswith(MARK))
+    backward_starts = sorted(e["ts"] for e in events if e.get("cat") == "cpu_op" and e["name"].startswith(BACKWARD_OP))
+    spans, by_op = [], defaultdict(lambda: [0, 0.0])
+    for (begin, name, tid), (end, next_name, _) in zip(marks, marks[1:]):
+        if name != "begin" or next_name != "forward_backward":
+            continue
+        forward_end = next((ts for ts in backward_starts if begin <= ts < end), end)
+        ops = sorted((e for e in events if e.get("cat") == "cpu_op" and e["tid"] == tid and "dur" in e
+                      and begin <= e["ts"] < forward_end), key=lambda e: (e["ts"], -e["dur"]))
+        covered, reach = 0.0, begin
+        for e in ops:
+            if e["ts"] >= reach:  # not inside the previous outermost op
+                by_op[e["name"]][0] += 1
+                by_op[e["name"]][1] += e["dur"]
+                covered += e["dur"]
+                reach = e["ts"] + e["dur"]
+        spans.append(dict(host_ms=(forward_end - begin) / 1e3, in_ops_ms=covered / 1e3))
+    return spans, dict(by_op)
+
+
+def report(steps: list[dict], charged: dict[str, list[float]], top: int,
+           host: tuple[list[dict], dict[str, list[float]]] = ([], {})) -> str:
     lines = ["| step | wall ms | forward ms (GPU idle) | backward ms (GPU idle) |", "| --- | --- | --- | --- |"]
     for i, s in enumerate(steps):
         lines.append(f"| {i} | {s['wall_ms']:.2f} | {s['forward_ms']:.2f} ({s['forward_idle_ms']:.2f}) | "
@@ -90,6 +116,14 @@ def report(steps: list[dict], charged: dict[str, list[float]], top: int) -> str:
               "| op | gaps | idle ms |", "| --- | --- | --- |"]
     for op, (count, us) in sorted(charged.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"| {op} | {count} | {us / 1e3:.2f} |")
+    spans, by_op = host
+    if spans:
+        lines += ["", "Host time of the forward (begin mark to the backward's first op), ms a step: "
+                  + ", ".join(f"{s['host_ms']:.2f} ({s['in_ops_ms']:.2f} in ops)" for s in spans),
+                  f"its outermost ops, all {len(spans)} steps (largest first):",
+                  "| op | calls | host ms | us a call |", "| --- | --- | --- | --- |"]
+        for op, (count, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"| {op} | {count} | {us / 1e3:.2f} | {us / count:.1f} |")
     return "\n".join(lines)
 
 
@@ -100,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15, help="ops to list")
     parser.add_argument("--min-gap-us", type=float, default=5.0, help="shorter gaps are not counted")
     args = parser.parse_args(argv)
-    steps, charged = step_gaps(load(args.trace), args.min_gap_us)
+    events = load(args.trace)
+    steps, charged = step_gaps(events, args.min_gap_us)
     if not steps:
         raise SystemExit(f"{args.trace}: no step between a begin and a forward_backward mark; write traces with "
                          "`python -m qwen_moe_ft.bench --trace-steps N --trace-export`")
-    print(report(steps, charged, args.top))
+    print(report(steps, charged, args.top, forward_host_ops(events)))
     return 0
 
 
