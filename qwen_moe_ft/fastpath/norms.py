@@ -6,9 +6,10 @@ run torch's own RMSNorm (F.rms_norm: one fused kernel forward and one backward o
 (rows of head_dim = 128) run quack's RMSNorm where quack's kernels run (quack_experts.quack_unavailable_because),
 else liger's stays. Guarded by tests/unit/fastpath/test_norms.py (outputs and gradients against the stock modules).
 
-Why: the forward is host-bound, and liger's Triton launch costs ~90 us of host time a call against ~23 for
-torch's at the same GPU time on the wide rows; torch's kernel is 4x slower than liger's on the 128-wide rows,
-where quack's is as fast forward, twice as fast backward and cheaper to launch (BENCHMARKS.md, 2026-12-03 (session 23)).
+Why: the forward was host-bound (the GPU waited for the host to issue its kernels), and liger's Triton launch
+costs ~90 us of host time a call against ~23 for torch's at the same GPU time on the wide rows; torch's kernel is
+4x slower than liger's on the 128-wide rows, where quack's is as fast forward, twice as fast backward and cheaper
+to launch (BENCHMARKS.md, 2026-12-03 (session 23)).
 All three compute in fp32 from the bf16 input; torch's and quack's apply the weight before the one rounding to
 bf16 where Qwen3's module (and liger's "llama" mode) round, then multiply: within one bf16 rounding of each other.
 """

@@ -112,8 +112,9 @@ def measure(tokens: int, calls: int) -> list[dict]:
         row("RoPE q + k", f"liger {name}, resolved once", lambda: impl.call(q, k, cos, sin, None, 1),
             lambda: torch.autograd.backward(impl.call(q, k, cos, sin, None, 1), grads))
     selected = torch.randint(0, EXPERTS, (tokens, TOP_K), device="cuda", generator=g)
-    row(f"stable sort of {tokens * TOP_K} expert ids", "int64 keys", lambda: torch.argsort(selected.view(-1), stable=True))
-    row(f"stable sort of {tokens * TOP_K} expert ids", "expert_order (uint8 keys)", lambda: expert_order(selected, EXPERTS))
+    sort = f"stable sort of {tokens * TOP_K} expert ids"
+    row(sort, "int64 keys", lambda: torch.argsort(selected.view(-1), stable=True))
+    row(sort, "expert_order (uint8 keys)", lambda: expert_order(selected, EXPERTS))
     return rows
 
 
