@@ -231,6 +231,8 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
             whole_steps, per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
             optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
             fwd_bwd_layer_mfu=fb_tflops / peak, tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3))
+        if a.get("trace") and b.get("trace"):
+            out[stack].update(traced_busy(a, b, span))
     ours = out.get("ours", {})
     for baseline in BASELINES:
         base = out.get(baseline, {})
@@ -242,6 +244,14 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
                                                                           "optimizer_per_layer_ms")}
             out[f"ratios_{baseline}"]["note"] = "baseline time / our time: above 1 means we are faster"
     return out
+
+
+def traced_busy(low: dict, high: dict, span: int) -> dict:
+    """From the traced steps of two depths: the GPU's busy time per layer (the median busy forward+backward's
+    difference) and, at each depth, how long the untraced forward+backward median waited beyond the busy time."""
+    busy = {r["depth"]: statistics.median(s["busy_ms"] for s in r["trace"]["steps"]) for r in (low, high)}
+    return dict(busy_per_layer_ms=(busy[high["depth"]] - busy[low["depth"]]) / span,
+                **{f"waiting_ms_{r['depth']}L": r["fwd_bwd_ms"] - busy[r["depth"]] for r in (low, high)})
 
 
 def kernel_tables(results: list[dict], depths: tuple[int, int]) -> dict[str, list[dict]]:
@@ -273,6 +283,12 @@ def table(summary: dict) -> str:
             rows.append(f"| {stack} | {s['attention']} | {s['per_layer_ms']:.1f} | {s['fwd_bwd_per_layer_ms']:.1f} | "
                         f"{s['optimizer_per_layer_ms']:.1f} | {s['layer_tflops']:.0f} | {100 * s['layer_mfu']:.1f}% | "
                         f"{s['peak_mem_gib']:.1f} | {s['tokens_per_s']:.0f} | {s['tokens_per_s_48L']:.0f} |")
+    for stack in STACKS:
+        if "busy_per_layer_ms" in summary.get(stack, {}):
+            s = summary[stack]
+            waits = " / ".join(f"{v:.1f}" for k, v in s.items() if k.startswith("waiting_ms_"))
+            notes.append(f"{stack}, traced: the GPU busy {s['busy_per_layer_ms']:.1f} ms a layer of forward+backward; "
+                         f"the untraced forward+backward waits {waits} ms a step beyond the busy time (shallow / deep)")
     for baseline in BASELINES:
         if f"ratios_{baseline}" in summary:
             r = summary[f"ratios_{baseline}"]

@@ -24,6 +24,20 @@ def test_per_layer_figures_are_depth_differences():
     assert "deepspeed_stock/ours: per layer 1.60x" in printed
 
 
+def test_traced_steps_give_the_gpus_busy_time_per_layer_and_the_waiting_per_step():
+    low, high = result("ours", 2, 110.0, 1.0, 60.0), result("ours", 4, 160.0, 1.0, 85.0)
+    low["trace"] = dict(steps=[dict(busy_ms=b) for b in (52.0, 50.0, 51.0)])
+    high["trace"] = dict(steps=[dict(busy_ms=b) for b in (69.0, 67.0, 68.0)])
+    summary = summarise([low, high, result("hf_grouped_mm", 2, 100.0, 1.0, 80.0),
+                         result("hf_grouped_mm", 4, 150.0, 1.0, 120.0)], (2, 4), peak=989.0)
+    assert summary["ours"]["busy_per_layer_ms"] == pytest.approx(8.5)  # medians 51 and 68
+    assert summary["ours"]["waiting_ms_2L"] == pytest.approx(9.0)  # 60 - 51
+    assert summary["ours"]["waiting_ms_4L"] == pytest.approx(17.0)
+    assert "busy_per_layer_ms" not in summary["hf_grouped_mm"]  # not traced
+    assert "ours, traced: the GPU busy 8.5 ms a layer of forward+backward; the untraced forward+backward waits " \
+           "9.0 / 17.0 ms a step" in table(summary)
+
+
 def test_a_depth_difference_within_the_step_spread_gives_no_per_layer_figures():
     # The padded baseline on mixed-length documents, as measured on the H100: 645.0 ms at 2 layers and
     # 648.9 at 4, its steps varying by far more than that (padding to each batch's longest document).
