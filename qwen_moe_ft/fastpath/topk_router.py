@@ -27,7 +27,7 @@ from .applied import Applied
 
 def _lean_forward(self: TokenChoiceTopKRouter, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
     """TokenChoiceTopKRouter.forward's (top_scores, selected_experts, num_tokens_per_expert), bit for bit."""
-    if expert_bias is not None:
+    if expert_bias is not None or refused_because(self):  # also checked per call: attributes set after patching
         return TokenChoiceTopKRouter.forward(self, x, expert_bias)
     logits = self.gate(x).to(torch.float32)
     scores = torch.sigmoid(logits) if self.score_func == "sigmoid" else F.softmax(logits, dim=1)

@@ -58,6 +58,16 @@ def test_a_load_balancing_bias_runs_deepspeeds_forward():
         assert torch.equal(got, want)
 
 
+def test_a_score_correction_bias_set_after_patching_runs_deepspeeds_forward():
+    stock = _router(torch.float32)
+    stock.e_score_correction_bias = torch.randn(128) * 0.1
+    fast = copy.deepcopy(stock)
+    _bind(fast)
+    x, grad_scores = torch.randn(64, 64), torch.randn(64, 8)
+    for got, want in zip(_route(fast, x, grad_scores), _route(stock, x, grad_scores)):
+        assert torch.equal(got, want)
+
+
 def test_other_routers_are_refused():
     grouped = _router(torch.float32)
     grouped.num_expert_groups = 4
