@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fastpath.local_dispatch import expert_order
+from .expert_kernels import rel_error
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K = 2048, 32, 4, 128, 128, 8
 SLEEP_CYCLES = 300_000_000  # ~150 ms at the H200's ~2 GHz
@@ -51,11 +52,7 @@ def rms_norm_errors(norm, x: torch.Tensor, weight: torch.Tensor, grad: torch.Ten
     x64 = x.detach().double().requires_grad_()
     want = weight.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
     (dx64,) = torch.autograd.grad(want, x64, grad.double())
-
-    def rel(a, b):
-        return float((a.double() - b).abs().max() / b.abs().max())
-
-    return dict(out_error=rel(out, want), dx_error=rel(dx, dx64))
+    return dict(out_error=rel_error(out, want), dx_error=rel_error(dx, dx64))
 
 
 def norms() -> dict[str, Callable]:

@@ -49,20 +49,25 @@ class _Ops:
         return min(inside, key=lambda e: e["dur"])["name"] if inside else "(no op)"
 
 
+def _step_windows(events: list[dict]) -> list[tuple[float, float, object]]:
+    """(begin us, forward_backward mark us, the marks' thread) of each step: a begin mark followed by its
+    forward_backward mark."""
+    marks = sorted((e["ts"], e["name"][len(MARK):], e["tid"]) for e in events
+                   if e.get("cat") == "user_annotation" and e["name"].startswith(MARK))
+    return [(begin, end, tid) for (begin, name, tid), (end, next_name, _) in zip(marks, marks[1:])
+            if name == "begin" and next_name == "forward_backward"]
+
+
 def step_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[list[dict], dict[str, list[float]]]:
     """Per step: wall, forward and backward ms with the GPU's idle ms in each; and over all steps, for each op the
     number of gaps charged to it and their total us."""
-    marks = sorted((e["ts"], e["name"][len(MARK):]) for e in events
-                   if e.get("cat") == "user_annotation" and e["name"].startswith(MARK))
-    windows = [(marks[i][0], marks[i + 1][0]) for i in range(len(marks) - 1)
-               if marks[i][1] == "begin" and marks[i + 1][1] == "forward_backward"]
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in HOST_CATEGORIES and "correlation" in e.get("args", {})}
     backward_threads = {e["tid"] for e in events if e.get("cat") == "cpu_op" and e["name"].startswith(BACKWARD_OP)}
     ops = _Ops(events)
     steps, charged = [], defaultdict(lambda: [0, 0.0])
-    for begin, end in windows:
+    for begin, end, _ in _step_windows(events):
         idle = {"forward": 0.0, "backward": 0.0}
         backward_from, reach = end, begin
         for g in (g for g in gpu if begin <= g["ts"] < end):
@@ -85,13 +90,9 @@ def step_gaps(events: list[dict], min_gap_us: float = 5.0) -> tuple[list[dict], 
 def forward_host_ops(events: list[dict]) -> tuple[list[dict], dict[str, list[float]]]:
     """Per step: the forward's host span (begin mark to the backward thread's first op) and the time in its
     outermost ops on the marks' thread; over all steps, each such op's calls and total us."""
-    marks = sorted((e["ts"], e["name"][len(MARK):], e["tid"]) for e in events
-                   if e.get("cat") == "user_annotation" and e["name"].startswith(MARK))
     backward_starts = sorted(e["ts"] for e in events if e.get("cat") == "cpu_op" and e["name"].startswith(BACKWARD_OP))
     spans, by_op = [], defaultdict(lambda: [0, 0.0])
-    for (begin, name, tid), (end, next_name, _) in zip(marks, marks[1:]):
-        if name != "begin" or next_name != "forward_backward":
-            continue
+    for begin, end, tid in _step_windows(events):
         forward_end = next((ts for ts in backward_starts if begin <= ts < end), end)
         ops = sorted((e for e in events if e.get("cat") == "cpu_op" and e["tid"] == tid and "dur" in e
                       and begin <= e["ts"] < forward_end), key=lambda e: (e["ts"], -e["dur"]))
