@@ -11,10 +11,13 @@ qwen_moe_ft.tools.expert_kernels`.
 These are the kernels sonic-moe builds on (quack.gemm_interface: gemm_gated, gemm_dgated, varlen grouped GEMMs
 with a gathered operand). Their gated epilogue works on gate/up columns interleaved ([g0, u0, g1, u1, ...]): the
 concatenated weights are read as such (concat_layout), and the pre-activation gradient is de-interleaved once so
-that each weight gradient comes out as one grouped GEMM in its parameter's own [E, out, in] layout.
+that each weight gradient comes out as one grouped GEMM in its parameter's own [E, out, in] layout. That copy is
+split_gate_up's Triton kernel, which reads and writes whole rows: torch's strided copy of the same view reads every
+other element and runs at about a third of the memory bandwidth.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -22,6 +25,12 @@ from importlib.metadata import version
 import torch
 
 from .local_dispatch import _sum_token_rows, row_positions
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: quack's path needs a GPU anyway
+    triton = None
 
 # gemm_gated / gemm_dgated's interleaved gate/up contract and concat_layout, and rmsnorm, as read here
 QUACK_VERSION = "0.6.5"
@@ -47,21 +56,98 @@ def unavailable_because(device: torch.device, activation: str) -> str:
     return ""
 
 
+def split_gate_up_reference(interleaved: torch.Tensor) -> torch.Tensor:
+    """[g0, u0, g1, u1, ...] per row -> [g0, g1, ..., u0, u1, ...], as torch's strided copy."""
+    rows, width = interleaved.shape
+    return interleaved.view(rows, width // 2, 2).transpose(1, 2).reshape(rows, width)
+
+
+if triton is not None:
+    @triton.jit
+    def _split_gate_up_kernel(src_ptr, dst_ptr, rows, inter, BLOCK_ROWS: tl.constexpr, BLOCK_PAIRS: tl.constexpr):
+        row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        pair = tl.program_id(1) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
+        src_col = tl.program_id(1) * 2 * BLOCK_PAIRS + tl.arange(0, 2 * BLOCK_PAIRS)
+        base = row.to(tl.int64)[:, None] * (2 * inter)
+        both = tl.load(src_ptr + base + src_col[None, :], mask=(row < rows)[:, None] & (src_col < 2 * inter)[None, :])
+        gate, up = tl.split(tl.reshape(both, (BLOCK_ROWS, BLOCK_PAIRS, 2)))
+        inside = (row < rows)[:, None] & (pair < inter)[None, :]
+        tl.store(dst_ptr + base + pair[None, :], gate, mask=inside)
+        tl.store(dst_ptr + base + inter + pair[None, :], up, mask=inside)
+
+
+def split_gate_up(interleaved: torch.Tensor) -> torch.Tensor:
+    """split_gate_up_reference's result, read and written a row block at a time on the GPU."""
+    rows, width = interleaved.shape
+    if triton is None or not interleaved.is_cuda or not interleaved.is_contiguous() or rows == 0:
+        return split_gate_up_reference(interleaved)
+    out = torch.empty_like(interleaved)
+    block_rows, block_pairs = 16, min(128, triton.next_power_of_2(width // 2))
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(width // 2, block_pairs))
+    _split_gate_up_kernel[grid](interleaved, out, rows, width // 2, BLOCK_ROWS=block_rows, BLOCK_PAIRS=block_pairs,
+                                num_warps=4)
+    return out
+
+
+# The tile configs quack's autotuner picked for four of the chain's GEMMs on an H200 at Qwen3-30B-A3B's shape (8192
+# tokens, top-8 of 128 experts, hidden 2048, expert width 768), where they beat quack's defaults; the gate/up GEMM and
+# w2's gradient kept theirs. Autotuning keys on the row count, which changes with every packed batch, so it cannot run
+# in training; a pinned tile shape is valid at any row count. (BENCHMARKS.md, 2026-12-03 (session 24).)
+HOPPER_CONFIGS = {
+    "down": dict(tile_m=128, tile_n=208, pingpong=True, cluster_m=1, cluster_n=2),
+    "swiglu_backward": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2),
+    "gate_up_weight_grads": dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=2, cluster_n=1),
+    "input_grads": dict(tile_m=192, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2),
+}
+
+
 @dataclass(frozen=True)
 class GemmOptions:
-    """How quack picks its GEMM kernels: tuned=True autotunes each new problem shape (seconds to minutes, once a
-    shape; packed batches change the row count from step to step), dynamic_scheduler hands tiles to CTAs at run
-    time instead of in a fixed order (uneven experts); None leaves each GEMM quack's own default (on for
-    gemm_dgated, off for the others)."""
+    """How quack picks its GEMM kernels: pinned=True takes HOPPER_CONFIGS on a Hopper GPU and quack's default
+    elsewhere; tuned=True autotunes each new problem shape instead (seconds to minutes, once a shape; packed batches
+    change the row count from step to step); dynamic_scheduler hands tiles to CTAs at run time instead of in a
+    fixed order (uneven experts); None leaves each GEMM quack's own default (on for gemm_dgated, off for the
+    others)."""
+    pinned: bool = True
     tuned: bool = False
     dynamic_scheduler: bool | None = None
 
-    def kwargs(self) -> dict:
+    def kwargs(self, role: str, device: torch.device) -> dict:
+        """gemm/gemm_gated/gemm_dgated keyword arguments for the GEMM playing `role` (a HOPPER_CONFIGS key or
+        another name)."""
         scheduler = {} if self.dynamic_scheduler is None else dict(dynamic_scheduler=self.dynamic_scheduler)
+        if self.pinned and not self.tuned and (config := _hopper_config(role, device.index)) is not None:
+            return dict(config=config, **scheduler)
         return dict(tuned=self.tuned, **scheduler)
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_config(role: str, device_index: int | None):
+    """HOPPER_CONFIGS[role] as quack's GemmConfig on a Hopper GPU, else None (once per role and device: the
+    experts' GEMMs are issued from the host-bound forward)."""
+    if role not in HOPPER_CONFIGS or torch.cuda.get_device_capability(device_index)[0] != 9:
+        return None
+    from quack.gemm_config import GemmConfig
+
+    return GemmConfig(**HOPPER_CONFIGS[role], is_dynamic_persistent=False, device_capacity=9)
+
+
 DEFAULT_GEMMS = GemmOptions()
+
+
+def _gemm(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, config=None, **kwargs) -> torch.Tensor:
+    """quack.gemm_interface.gemm, with a pinned tile config where one is given. gemm() takes none: its own untuned
+    eager path calls gemm_tuned.fn(..., config=None) once it has allocated the output and returned early on empty
+    inputs; this does the same with the config."""
+    from quack.gemm_interface import gemm, gemm_tuned
+
+    if config is None or A.numel() == 0 or (out is not None and out.numel() == 0):
+        return gemm(A, B, out=out, **kwargs)
+    kwargs.pop("tuned", None)
+    if out is None:  # only the varlen-M GEMMs here come without an output
+        out = A.new_empty(A.shape[0], B.shape[-1])
+    gemm_tuned.fn(A, B, out, config=config, **kwargs)
+    return out
 
 
 class _GatheredSwigluExperts(torch.autograd.Function):
@@ -70,32 +156,33 @@ class _GatheredSwigluExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, w13, token_of_row, rows, cu_seqlens, top_k, gemms):
-        from quack.gemm_interface import gemm, gemm_gated
+        from quack.gemm_interface import gemm_gated
 
-        opts = gemms.kwargs()
         preact, h = gemm_gated(x, w13.transpose(-2, -1), activation="swiglu", cu_seqlens_m=cu_seqlens,
-                               A_idx=token_of_row, concat_layout=("B",), **opts)
+                               A_idx=token_of_row, concat_layout=("B",), **gemms.kwargs("gate_up", x.device))
         ctx.save_for_backward(x, w13, w2, token_of_row, rows, cu_seqlens, preact)
         ctx.top_k, ctx.gemms = top_k, gemms
-        return gemm(h, w2.transpose(-2, -1), cu_seqlens_m=cu_seqlens, **opts)
+        return _gemm(h, w2.transpose(-2, -1), cu_seqlens_m=cu_seqlens, **gemms.kwargs("down", x.device))
 
     @staticmethod
     def backward(ctx, dy):
-        from quack.gemm_interface import gemm, gemm_dgated
+        from quack.gemm_interface import gemm_dgated
 
         x, w13, w2, token_of_row, rows, cu_seqlens, preact = ctx.saved_tensors
         experts, hidden, inter = w2.shape
-        opts = ctx.gemms.kwargs()
+        options, device = ctx.gemms, dy.device
         dy = dy.contiguous()
         # dpreact: interleaved like preact; h: SwiGLU's output again, for w2's gradient
-        dpreact, h = gemm_dgated(dy, w2, PreAct=preact, activation="swiglu", cu_seqlens_m=cu_seqlens, **opts)
+        dpreact, h = gemm_dgated(dy, w2, PreAct=preact, activation="swiglu", cu_seqlens_m=cu_seqlens,
+                                 **options.kwargs("swiglu_backward", device))
         dw2 = torch.empty_like(w2)
-        gemm(dy.t(), h, out=dw2, cu_seqlens_k=cu_seqlens, **opts)
-        dgate_up = dpreact.view(-1, inter, 2).transpose(1, 2).reshape(-1, 2 * inter)  # [g..., u...] per row
+        _gemm(dy.t(), h, out=dw2, cu_seqlens_k=cu_seqlens, **options.kwargs("down_weight_grad", device))
+        dgate_up = split_gate_up(dpreact)  # [g..., u...] per row
         dw1, dw3 = (w2.new_empty(experts, inter, hidden) for _ in range(2))
         for dw, half in ((dw1, dgate_up[:, :inter]), (dw3, dgate_up[:, inter:])):
-            gemm(x.t(), half, out=dw.transpose(-2, -1), cu_seqlens_k=cu_seqlens, A_idx=token_of_row, **opts)
-        drows = gemm(dgate_up, w13, cu_seqlens_m=cu_seqlens, **opts)
+            _gemm(x.t(), half, out=dw.transpose(-2, -1), cu_seqlens_k=cu_seqlens, A_idx=token_of_row,
+                  **options.kwargs("gate_up_weight_grads", device))
+        drows = _gemm(dgate_up, w13, cu_seqlens_m=cu_seqlens, **options.kwargs("input_grads", device))
         # the rows' inverse permutation is built here, not in the forward, whose host time the GPU waits for
         dx = _sum_token_rows(drows, row_positions(rows), ctx.top_k)
         return dx, dw1, dw2, dw3, None, None, None, None, None, None

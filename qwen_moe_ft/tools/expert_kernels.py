@@ -10,8 +10,9 @@ grouped GEMM; the combine is the same for every candidate and left out):
 - `quack`: fastpath/quack_experts.py (`--expert-kernels quack`): quack-kernels' grouped GEMMs with the gather
   folded into the gate/up GEMM's operand load, SwiGLU into its epilogue and its backward into the down projection's
   input-gradient GEMM (the kernels sonic-moe builds on).
-quack's variants: its default configs, its dynamic tile scheduler on every GEMM, its autotuner (first call's time
-reported: the tuning).
+quack's variants: the tile configs the fast path pins on Hopper (quack_experts.HOPPER_CONFIGS), quack's own
+defaults, its dynamic tile scheduler on every GEMM, and with --tune its autotuner (first call's time reported: the
+tuning; QUACK_PRINT_AUTOTUNING=1 prints the config it picks for each GEMM, which is how HOPPER_CONFIGS were found).
 RMSNorm (a layer's input norm, [tokens, 2048], and its per-head q norm, [tokens * 32, 128]): liger against quack.
 Gradient norm of one expert weight's gradient: torch._foreach_norm against fastpath.grad_norm.l2_norms.
 
@@ -102,11 +103,12 @@ def quack_chain(x, w1, w2, w3, rows, counts, **gemm_options):
     return gathered_swiglu_experts(x, w1, w2, w3, rows, counts, TOP_K, gemms=GemmOptions(**gemm_options))
 
 
-# quack's GEMM options against its defaults (untuned configs, quack's own scheduler choice per GEMM)
-QUACK_VARIANTS = {"quack": {}, "quack_dynamic": dict(dynamic_scheduler=True), "quack_tuned": dict(tuned=True)}
+# the fast path's GEMM options against quack's defaults (untuned configs, quack's own scheduler choice per GEMM)
+QUACK_VARIANTS = {"quack": {}, "quack_defaults": dict(pinned=False),
+                  "quack_dynamic": dict(pinned=False, dynamic_scheduler=True)}
 
 
-def expert_table(tokens: int, iters: int) -> dict:
+def expert_table(tokens: int, iters: int, tune: bool = False) -> dict:
     rows, counts = routing(tokens)
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(tokens, HIDDEN, device="cuda", generator=g).bfloat16().requires_grad_()
@@ -128,7 +130,7 @@ def expert_table(tokens: int, iters: int) -> dict:
     del x32, w32, y32
 
     candidates = {"torch": lambda: torch_chain(x, *w, rows, counts)}
-    for name, options in QUACK_VARIANTS.items():
+    for name, options in {**QUACK_VARIANTS, **({"quack_tuned": dict(tuned=True)} if tune else {})}.items():
         candidates[name] = lambda options=options: quack_chain(x, *w, rows, counts, **options)
     table = {}
     for name, fn in candidates.items():
@@ -215,6 +217,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--only", choices=("experts", "norms", "grad_norms"), default=None)
+    parser.add_argument("--tune", action="store_true", help="also run quack's autotuner on every GEMM (minutes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -223,7 +226,7 @@ def main(argv=None):
     if args.only in (None, "grad_norms"):
         result["grad_norms"] = grad_norm_table(args.iters)
     if args.only in (None, "experts"):
-        result["experts"] = expert_table(args.tokens, args.iters)
+        result["experts"] = expert_table(args.tokens, args.iters, args.tune)
     if args.only in (None, "norms"):
         result["norms"] = norm_table(args.tokens, args.iters)
     if args.out:

@@ -1,4 +1,5 @@
-"""Host and GPU time of one call of the forward's norms, RoPE and expert sort, for each candidate kernel.
+"""Host and GPU time of one call of the forward's norms, RoPE and expert sort, and of the quack experts' backward
+de-interleave, for each candidate kernel.
 
     python -m qwen_moe_ft.tools.op_costs [--tokens 8192] [--calls 20] [--out op_costs.json]
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..fastpath.local_dispatch import expert_order
 from .expert_kernels import rel_error
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K = 2048, 32, 4, 128, 128, 8
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER = 2048, 32, 4, 128, 128, 8, 768
 SLEEP_CYCLES = 300_000_000  # ~150 ms at the H200's ~2 GHz
 
 
@@ -72,6 +73,23 @@ def norms() -> dict[str, Callable]:
     return found
 
 
+def residual_norms() -> dict[str, Callable]:
+    """A residual add followed by the RMSNorm of the sum, each as f(x, residual, weight) -> (normed, sum): torch's
+    add then its fused norm, and quack's norm that takes the residual itself, where installed."""
+    found = {"torch add + F.rms_norm": lambda x, r, w: _add_then_norm(x, r, w)}
+    try:
+        from quack.rmsnorm import rmsnorm
+        found["quack residual + prenorm"] = lambda x, r, w: rmsnorm(x, w, residual=r, eps=1e-6, prenorm=True)
+    except ImportError:
+        pass
+    return found
+
+
+def _add_then_norm(x, residual, weight):
+    total = x + residual
+    return F.rms_norm(total, (total.shape[-1],), weight, 1e-6), total
+
+
 def ropes() -> dict[str, object]:
     """liger's RoPE implementations usable on this GPU, each resolved once (OpImpl.call(q, k, cos, sin, None, 1))."""
     try:
@@ -108,6 +126,19 @@ def measure(tokens: int, calls: int) -> list[dict]:
     for name, impl in ropes().items():
         row("RoPE q + k", f"liger {name}, resolved once", lambda: impl.call(q, k, cos, sin, None, 1),
             lambda: torch.autograd.backward(impl.call(q, k, cos, sin, None, 1), grads))
+    x, residual, weight = randn(tokens, HIDDEN).requires_grad_(), randn(tokens, HIDDEN), randn(HIDDEN)
+    residual.requires_grad_()
+    weight.requires_grad_()
+    grads = (randn(tokens, HIDDEN), randn(tokens, HIDDEN))
+    for name, fused in residual_norms().items():
+        row(f"residual add + RMSNorm {tokens} x {HIDDEN}", name, lambda: fused(x, residual, weight),
+            lambda: torch.autograd.backward(fused(x, residual, weight), grads))
+    from ..fastpath.quack_experts import split_gate_up, split_gate_up_reference
+    interleaved = randn(tokens * TOP_K, 2 * INTER)
+    deinterleave = f"gate/up de-interleave {tokens * TOP_K} x {2 * INTER}"
+    row(deinterleave, "torch strided copy (before)", lambda: split_gate_up_reference(interleaved))
+    row(deinterleave, "split_gate_up (Triton)", lambda: split_gate_up(interleaved),
+        exact=bool(torch.equal(split_gate_up(interleaved), split_gate_up_reference(interleaved))))
     selected = torch.randint(0, EXPERTS, (tokens, TOP_K), device="cuda", generator=g)
     sort = f"stable sort of {tokens * TOP_K} expert ids"
     row(sort, "int64 keys", lambda: torch.argsort(selected.view(-1), stable=True))
@@ -123,7 +154,8 @@ def table(rows: list[dict], header: bool = True) -> str:
         return "" if value is None else f"{value:.1f}"
 
     for r in rows:
-        error = f"{r['out_error']:.1e} / {r['dx_error']:.1e}" if "out_error" in r else ""
+        error = (f"{r['out_error']:.1e} / {r['dx_error']:.1e}" if "out_error" in r
+                 else ("bitwise equal" if r["exact"] else "DIFFERS") if "exact" in r else "")
         lines.append(f"| {r['op']} | {r['candidate']} | {us(r['host_us'])} | {us(r['gpu_us'])} | "
                      f"{us(r.get('fwd_bwd_host_us'))} | {us(r.get('fwd_bwd_gpu_us'))} | {error} |")
     return "\n".join(lines)

@@ -24,6 +24,19 @@ def test_refusals_name_what_is_missing(monkeypatch):
     assert "Hopper" in quack_experts.unavailable_because(cpu, "swiglu")
 
 
+def test_split_gate_up_reference_separates_interleaved_columns():
+    interleaved = torch.tensor([[1, 10, 2, 20, 3, 30], [4, 40, 5, 50, 6, 60]])
+    assert quack_experts.split_gate_up_reference(interleaved).tolist() == [[1, 2, 3, 10, 20, 30], [4, 5, 6, 40, 50, 60]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on a CUDA GPU")
+@pytest.mark.parametrize("rows,inter", [(65536, 768), (37, 96), (5, 200), (0, 768)])
+def test_split_gate_up_kernel_copies_exactly_what_torch_does(rows, inter):
+    """A copy: bit for bit, at the real shape, at row and pair counts that leave partial blocks, and with no rows."""
+    interleaved = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(quack_experts.split_gate_up(interleaved), quack_experts.split_gate_up_reference(interleaved))
+
+
 def _run(fn, leaves, grad_out):
     leaves = [t.detach().clone().requires_grad_() for t in leaves]
     out = fn(*leaves)
@@ -31,11 +44,21 @@ def _run(fn, leaves, grad_out):
     return [out.detach()] + [t.grad for t in leaves]
 
 
+def test_gemm_options_leave_unpinned_gemms_to_quack():
+    device = torch.device("cpu")  # roles without a pinned config never ask which GPU this is
+    assert quack_experts.GemmOptions().kwargs("gate_up", device) == dict(tuned=False)
+    assert quack_experts.GemmOptions(pinned=False).kwargs("down", device) == dict(tuned=False)
+    assert quack_experts.GemmOptions(tuned=True, dynamic_scheduler=True).kwargs("down", device) == dict(
+        tuned=True, dynamic_scheduler=True)
+
+
 @needs_quack
+@pytest.mark.parametrize("pinned", [True, False])
 @pytest.mark.parametrize("experts,hidden,inter,tokens,top_k", [(8, 256, 128, 512, 2), (128, 2048, 768, 1024, 8)])
-def test_gathered_swiglu_experts_match_the_torch_path(experts, hidden, inter, tokens, top_k):
+def test_gathered_swiglu_experts_match_the_torch_path(experts, hidden, inter, tokens, top_k, pinned):
     """Against float32 on the torch path: bf16 products and sums in another order, so quack's error must stay
-    within twice the bf16 torch path's own (~4e-3 of the largest value) plus a bf16 ulp."""
+    within twice the bf16 torch path's own (~4e-3 of the largest value) plus a bf16 ulp; with the tile configs
+    pinned on Hopper and with quack's own."""
     from qwen_moe_ft.tools.expert_kernels import torch_chain
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -53,8 +76,12 @@ def test_gathered_swiglu_experts_match_the_torch_path(experts, hidden, inter, to
     def torch_path(*t):
         return torch_chain(*t, rows, counts, top_k)
 
+    gemms = quack_experts.GemmOptions(pinned=pinned)
+    if pinned and torch.cuda.get_device_capability()[0] == 9:
+        assert "config" in gemms.kwargs("down", x.device)
+
     def quack_path(*t):
-        return quack_experts.gathered_swiglu_experts(*t, rows, counts, top_k)
+        return quack_experts.gathered_swiglu_experts(*t, rows, counts, top_k, gemms=gemms)
 
     exact = _run(torch_path, leaves, grad_out)
     bf16 = _run(torch_path, [t.bfloat16() for t in leaves], grad_out)

@@ -27,11 +27,13 @@ def test_norm_errors_are_rounding_in_fp32_and_bf16_and_large_for_a_wrong_norm():
 def test_table_shows_forward_only_rows_and_errors():
     rows = [dict(op="RMSNorm 8 x 2048", candidate="torch", host_us=23.25, gpu_us=24.4, fwd_bwd_host_us=160.0,
                  fwd_bwd_gpu_us=123.2, out_error=2e-3, dx_error=3e-3),
-            dict(op="sort", candidate="int64 keys", host_us=130.9, gpu_us=81.8)]
+            dict(op="sort", candidate="int64 keys", host_us=130.9, gpu_us=81.8),
+            dict(op="copy", candidate="kernel", host_us=5.0, gpu_us=6.0, exact=False)]
     lines = table(rows).splitlines()
+    assert lines[4] == "| copy | kernel | 5.0 | 6.0 |  |  | DIFFERS |"
     assert lines[2] == "| RMSNorm 8 x 2048 | torch | 23.2 | 24.4 | 160.0 | 123.2 | 2.0e-03 / 3.0e-03 |"
     assert lines[3] == "| sort | int64 keys | 130.9 | 81.8 |  |  |  |"
-    assert table(rows[1:], header=False) == lines[3]
+    assert table(rows[1:2], header=False) == lines[3]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
