@@ -19,6 +19,12 @@ from __future__ import annotations
 
 import torch
 from deepspeed import comm as dist
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
 from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, combine_grad_norm_groups
 
@@ -26,10 +32,36 @@ from .applied import Applied
 from .state import ZeroState
 
 REPLACES = "DeepSpeedZeroOptimizer.get_grad_norm_direct, .scaled_global_norm, .check_overflow"
-# Gradients at least this large get a reduction kernel of their own (torch.linalg.vector_norm, bf16 read and
-# accumulated in fp32 without a copy): torch._foreach_norm's chunked kernel reads one expert weight's 400 MB
-# gradient well below the memory bandwidth (BENCHMARKS.md); the many small ones still go in one foreach launch.
+# Gradients at least this large get a reduction kernel of their own (bf16 read and accumulated in fp32 without a
+# copy): torch._foreach_norm's chunked kernel reads one expert weight's 400 MB gradient well below the memory
+# bandwidth (BENCHMARKS.md); the many small ones still go in one foreach launch.
 LARGE_GRADIENT = 1 << 24
+# _square_sums_kernel: elements a program loads at once, and loads a program sums before writing its partial sum
+SQUARES_BLOCK, SQUARES_LOADS = 4096, 16
+
+
+if triton is not None:
+    @triton.jit
+    def _square_sums_kernel(grad_ptr, partial_ptr, numel, BLOCK: tl.constexpr, LOADS: tl.constexpr):
+        program = tl.program_id(0).to(tl.int64)
+        total = tl.zeros((BLOCK,), tl.float32)
+        for load in range(LOADS):
+            offsets = (program * LOADS + load) * BLOCK + tl.arange(0, BLOCK)
+            values = tl.load(grad_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
+            total += values * values
+        tl.store(partial_ptr + program, tl.sum(total))
+
+
+def large_l2_norm(grad: torch.Tensor) -> torch.Tensor:
+    """One large gradient's L2 norm in fp32: on the GPU, fp32 sums of squares per program then their sum, a
+    streaming read that torch.linalg.vector_norm's reduction (used elsewhere) does not reach."""
+    if triton is None or not grad.is_cuda or not grad.is_contiguous():
+        return torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
+    partials = torch.empty(triton.cdiv(grad.numel(), SQUARES_BLOCK * SQUARES_LOADS), dtype=torch.float32,
+                           device=grad.device)
+    _square_sums_kernel[(partials.numel(),)](grad, partials, grad.numel(), BLOCK=SQUARES_BLOCK, LOADS=SQUARES_LOADS,
+                                             num_warps=8)
+    return partials.sum().sqrt()
 
 
 def l2_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -41,7 +73,7 @@ def l2_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
         norms[i] = norm
     for i, g in enumerate(grads):
         if norms[i] is None:
-            norms[i] = torch.linalg.vector_norm(g, 2, dtype=torch.float32)
+            norms[i] = large_l2_norm(g)
     return norms
 
 

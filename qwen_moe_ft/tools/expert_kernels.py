@@ -14,7 +14,7 @@ quack's variants: the tile configs the fast path pins on Hopper (quack_experts.H
 defaults, its dynamic tile scheduler on every GEMM, and with --tune its autotuner (first call's time reported: the
 tuning; QUACK_PRINT_AUTOTUNING=1 prints the config it picks for each GEMM, which is how HOPPER_CONFIGS were found).
 RMSNorm (a layer's input norm, [tokens, 2048], and its per-head q norm, [tokens * 32, 128]): liger against quack.
-Gradient norm of one expert weight's gradient: torch._foreach_norm against fastpath.grad_norm.l2_norms.
+Gradient norm of one expert weight's gradient: torch._foreach_norm and vector_norm against fastpath.grad_norm.l2_norms.
 
 Error = largest |difference| / largest |value| against the torch chain in float32 (outputs and every gradient).
 Times: median of --iters CUDA-event intervals after warm-up.
@@ -196,14 +196,16 @@ def norm_table(tokens: int, iters: int) -> dict:
 
 
 def grad_norm_table(iters: int) -> dict:
-    """The step's L2 norm of one expert weight's gradient ([128, 768, 2048] bf16, 403 MB): torch._foreach_norm
-    against the fastpath's l2_norms (its own reduction kernel for large gradients), with the bandwidth each reads."""
+    """The step's L2 norm of one expert weight's gradient ([128, 768, 2048] bf16, 403 MB): torch._foreach_norm and
+    torch.linalg.vector_norm against the fastpath's l2_norms (grad_norm.large_l2_norm for gradients this large), with
+    the bandwidth each reads."""
     from ..fastpath.grad_norm import l2_norms
 
     grad = torch.randn(EXPERTS, INTER, HIDDEN, device="cuda", dtype=torch.bfloat16)
     want = grad.double().norm().item()
     table = {}
     for name, fn in (("foreach_norm", lambda: torch._foreach_norm([grad], 2, dtype=torch.float32)[0]),
+                     ("vector_norm", lambda: torch.linalg.vector_norm(grad, 2, dtype=torch.float32)),
                      ("l2_norms", lambda: l2_norms([grad])[0])):
         ms = kernel_ms(fn, iters)
         table[name] = dict(kernels_ms=ms, tb_per_s=grad.numel() * 2 / ms / 1e9,

@@ -70,3 +70,18 @@ def test_norms_taken_in_the_backward_give_deepspeeds_norm(process_group, monkeyp
     assert not state.early_norms  # consumed: the next step takes its own
     del optimizer.scaled_global_norm, optimizer.get_grad_norm_direct
     assert ours.item() == pytest.approx(optimizer.scaled_global_norm().item(), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on a CUDA GPU")
+@pytest.mark.parametrize("numel", [1 << 24, (1 << 24) + 12345, 128 * 768 * 2048])
+def test_large_gradient_kernel_equals_the_fp64_norm_and_keeps_nan(numel):
+    """fp32 sums of squares: each program's 65536 squares, then the programs' partials, err by at most
+    ~(65536 + programs) * 2**-24 relative; a length that leaves a partial block must not read past the end."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grad = torch.randn(numel, device="cuda", generator=g).bfloat16()
+    norm = grad_norm.large_l2_norm(grad)
+    programs = -(-numel // (grad_norm.SQUARES_BLOCK * grad_norm.SQUARES_LOADS))
+    assert norm.dtype == torch.float32
+    assert norm.item() == pytest.approx(grad.double().norm().item(), rel=(65536 + programs) * 2**-24)
+    grad[-1] = float("nan")
+    assert torch.isnan(grad_norm.large_l2_norm(grad))
