@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, combine_grad_norm_groups
+
+from .applied import Applied
+from .state import ZeroState
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs
     triton = None
-from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, combine_grad_norm_groups
-
-from .applied import Applied
-from .state import ZeroState
 
 REPLACES = "DeepSpeedZeroOptimizer.get_grad_norm_direct, .scaled_global_norm, .check_overflow"
 # Gradients at least this large get a reduction kernel of their own (bf16 read and accumulated in fp32 without a

@@ -13,7 +13,10 @@ with a gathered operand). Their gated epilogue works on gate/up columns interlea
 concatenated weights are read as such (concat_layout), and the pre-activation gradient is de-interleaved once so
 that each weight gradient comes out as one grouped GEMM in its parameter's own [E, out, in] layout. That copy is
 split_gate_up's Triton kernel, which reads and writes whole rows: torch's strided copy of the same view reads every
-other element and runs at about a third of the memory bandwidth.
+other element and runs at about a third of the memory bandwidth. On Hopper four of the GEMMs run pinned tile
+configs (HOPPER_CONFIGS); quack's gemm() takes no config, so those go through gemm_tuned.fn, the function its own
+untuned path calls (_gemm): an internal of quack 0.6.5, hence the exact version check, and the GPU test runs the
+chain pinned and unpinned.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Host and GPU time of one call of the forward's norms, RoPE and expert sort, and of the quack experts' backward
-de-interleave, for each candidate kernel.
+"""Host and GPU time of one call of the forward's norms (alone and with the residual add before them), RoPE and expert
+sort, and of the quack experts' backward de-interleave, for each candidate kernel.
 
     python -m qwen_moe_ft.tools.op_costs [--tokens 8192] [--calls 20] [--out op_costs.json]
 
@@ -126,13 +126,11 @@ def measure(tokens: int, calls: int) -> list[dict]:
     for name, impl in ropes().items():
         row("RoPE q + k", f"liger {name}, resolved once", lambda: impl.call(q, k, cos, sin, None, 1),
             lambda: torch.autograd.backward(impl.call(q, k, cos, sin, None, 1), grads))
-    x, residual, weight = randn(tokens, HIDDEN).requires_grad_(), randn(tokens, HIDDEN), randn(HIDDEN)
-    residual.requires_grad_()
-    weight.requires_grad_()
-    grads = (randn(tokens, HIDDEN), randn(tokens, HIDDEN))
+    x, residual, weight = (randn(*shape).requires_grad_() for shape in ((tokens, HIDDEN), (tokens, HIDDEN), (HIDDEN,)))
+    normed_and_sum_grads = (randn(tokens, HIDDEN), randn(tokens, HIDDEN))
     for name, fused in residual_norms().items():
         row(f"residual add + RMSNorm {tokens} x {HIDDEN}", name, lambda: fused(x, residual, weight),
-            lambda: torch.autograd.backward(fused(x, residual, weight), grads))
+            lambda: torch.autograd.backward(fused(x, residual, weight), normed_and_sum_grads))
     from ..fastpath.quack_experts import split_gate_up, split_gate_up_reference
     interleaved = randn(tokens * TOP_K, 2 * INTER)
     deinterleave = f"gate/up de-interleave {tokens * TOP_K} x {2 * INTER}"
