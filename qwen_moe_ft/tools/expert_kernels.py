@@ -1,4 +1,4 @@
-"""Expert MLP and RMSNorm kernels at the Qwen3-30B-A3B shape, on the GPU: each candidate checked, then timed.
+"""Expert MLP and gradient-norm kernels at the Qwen3-30B-A3B shape, on the GPU: each candidate checked, then timed.
 
     python -m qwen_moe_ft.tools.expert_kernels [--tokens 8192] [--out experts.json]
 
@@ -13,7 +13,7 @@ grouped GEMM; the combine is the same for every candidate and left out):
 quack's variants: the tile configs the fast path pins on Hopper (quack_experts.HOPPER_CONFIGS), quack's own
 defaults, its dynamic tile scheduler on every GEMM, and with --tune its autotuner (first call's time reported: the
 tuning; QUACK_PRINT_AUTOTUNING=1 prints the config it picks for each GEMM, which is how HOPPER_CONFIGS were found).
-RMSNorm (a layer's input norm, [tokens, 2048], and its per-head q norm, [tokens * 32, 128]): liger against quack.
+(The norms' kernels, with host time as well: `python -m qwen_moe_ft.tools.op_costs`.)
 Gradient norm of one expert weight's gradient: torch._foreach_norm and vector_norm against fastpath.grad_norm.l2_norms.
 
 Error = largest |difference| / largest |value| against the torch chain in float32 (outputs and every gradient).
@@ -33,7 +33,7 @@ from torch.autograd import DeviceType
 from ..fastpath.local_dispatch import expert_order
 from .attention_table import time_ms
 
-HIDDEN, EXPERTS, TOP_K, INTER, HEADS, HEAD_DIM = 2048, 128, 8, 768, 32, 128
+HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 
 
 def kernels(fn, iters: int = 5) -> list[tuple[str, float]]:
@@ -152,49 +152,6 @@ def expert_table(tokens: int, iters: int, tune: bool = False) -> dict:
     return table
 
 
-def norm_table(tokens: int, iters: int) -> dict:
-    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-
-    table = {}
-    for label, shape in (("input_norm", (tokens, HIDDEN)), ("q_norm", (tokens * HEADS, HEAD_DIM))):
-        g = torch.Generator(device="cuda").manual_seed(3)
-        x = torch.randn(*shape, device="cuda", generator=g).bfloat16().requires_grad_()
-        weight = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=g)).bfloat16().requires_grad_()
-        dy = torch.randn(*shape, device="cuda", generator=g).bfloat16()
-
-        def reference():
-            x32 = x.detach().float()
-            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
-            return (weight.float() * normed.bfloat16().float())
-
-        def liger():
-            return LigerRMSNormFunction.apply(x, weight, 1e-6, 0.0, "llama", False)
-
-        def quack():
-            from quack.rmsnorm import rmsnorm
-            return rmsnorm(x, weight, eps=1e-6)
-
-        row = {}
-        for name, fn in (("liger", liger), ("quack", quack)):
-            try:
-                out = fn()
-                row[name] = dict(error_out=rel_error(out, reference()))
-                with torch.no_grad():
-                    row[name]["forward_ms"] = time_ms(fn, iters)
-
-                def step():
-                    x.grad = weight.grad = None
-                    fn().backward(dy)
-
-                row[name]["forward_backward_ms"] = time_ms(step, iters)
-                row[name]["kernels_ms"] = kernel_ms(step)
-            except Exception as error:
-                row[name] = dict(error=f"{type(error).__name__}: {error}", trace=traceback.format_exc()[-2000:])
-        table[label] = row
-        print(label, json.dumps(row)[:2000], flush=True)
-    return table
-
-
 def grad_norm_table(iters: int) -> dict:
     """The step's L2 norm of one expert weight's gradient ([128, 768, 2048] bf16, 403 MB): torch._foreach_norm and
     torch.linalg.vector_norm against the fastpath's l2_norms (grad_norm.large_l2_norm for gradients this large), with
@@ -218,7 +175,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--only", choices=("experts", "norms", "grad_norms"), default=None)
+    parser.add_argument("--only", choices=("experts", "grad_norms"), default=None)
     parser.add_argument("--tune", action="store_true", help="also run quack's autotuner on every GEMM (minutes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -229,8 +186,6 @@ def main(argv=None):
         result["grad_norms"] = grad_norm_table(args.iters)
     if args.only in (None, "experts"):
         result["experts"] = expert_table(args.tokens, args.iters, args.tune)
-    if args.only in (None, "norms"):
-        result["norms"] = norm_table(args.tokens, args.iters)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
