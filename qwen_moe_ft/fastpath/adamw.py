@@ -37,6 +37,7 @@ _TORCH_CHUNK = 1 << 24  # elements per torch-path chunk: bounds its fp32 tempora
 # elements at a time, and updated in one launch: one kernel each left the GPU idle while the host launched
 # the next.
 _SMALL, _RUN = 1 << 22, 1 << 25
+KERNEL_BLOCK, KERNEL_WARPS = 4096, 8  # elements and warps per program of the Triton kernel
 
 
 @dataclass(frozen=True)
@@ -76,19 +77,17 @@ def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator) -> tor
 
 if triton is not None:
     @triton.jit
-    def _round_bf16(x, r):
+    def _round_bf16(x, noise):
+        """fp32 -> bf16 adding `noise` (uniform in [0, 2**16)) to the bits that rounding drops."""
         bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + (r >> 16)) >> 16) << 16
+        bits = ((bits + noise) >> 16) << 16
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
-    # Triton compiles a variant per divisibility by 16 of each integer argument: the seed changes every
-    # step, and each new variant would stall a step for a compile.
-    @triton.jit(do_not_specialize=["seed"])
-    def _adamw_kernel(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, n, rng_offset, seed, decay,
-                      beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
-                      mirror_half, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIRROR: tl.constexpr,
-                      ROUND_STATES: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    @triton.jit
+    def _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, offs, n, noise, decay,
+                       beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
+                       mirror_half, mirror_shift, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       HAS_MIRROR: tl.constexpr, MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr):
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
@@ -102,9 +101,8 @@ if triton is not None:
         p = p - step_size * (m / (tl.sqrt(v) * inv_bc2_sqrt + eps))
         tl.store(p_ptr + offs, p, mask=mask)
         if ROUND_STATES:
-            r0, r1, _, _ = tl.randint4x(seed, (offs + rng_offset).to(tl.int32))
-            tl.store(m_ptr + offs, _round_bf16(m, r0), mask=mask)
-            tl.store(v_ptr + offs, _round_bf16(v, r1), mask=mask)
+            tl.store(m_ptr + offs, _round_bf16(m, noise >> 16), mask=mask)
+            tl.store(v_ptr + offs, _round_bf16(v, noise & 0xFFFF), mask=mask)
         else:
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
@@ -112,8 +110,52 @@ if triton is not None:
             tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
         if HAS_MIRROR:
             position = offs + mirror_start
-            position = position + (position // mirror_block + mirror_half) * mirror_block
+            if MIRROR_ROW_PER_PROGRAM:
+                position = position + mirror_shift
+            else:
+                position = position + (position // mirror_block + mirror_half) * mirror_block
             tl.store(mirror_ptr + position, p.to(mirror_ptr.dtype.element_ty), mask=mask)
+
+    # Triton compiles a variant per divisibility by 16 of each integer argument: the seed changes every
+    # step, and each new variant would stall a step for a compile.
+    @triton.jit(do_not_specialize=["seed"])
+    def _adamw_kernel(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, n, rng_offset, seed, decay,
+                      beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
+                      mirror_half, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIRROR: tl.constexpr,
+                      MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr, WIDE: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        # A program's BLOCK elements are four quarters. One Philox draw (128 bits) per position in a quarter
+        # gives the 16-bit noises of both moments of the four elements at that position, a quarter of the
+        # integer work of a draw per element, which used 32 of its 128 bits. The draw's counter is the
+        # partition position of the element in the first quarter, so the counters of a launch stay inside
+        # its own range of the partition and two pieces never share bits.
+        QUARTER: tl.constexpr = BLOCK // 4
+        if WIDE:  # offsets past 2**31 (else 32-bit offsets: half the address arithmetic)
+            start = tl.program_id(0).to(tl.int64) * BLOCK
+        else:
+            start = tl.program_id(0) * BLOCK
+        lane = tl.arange(0, QUARTER)
+        counter = start.to(tl.int64) + rng_offset + lane
+        low = counter.to(tl.int32)
+        if ROUND_STATES:
+            r0, r1, r2, r3 = tl.philox(seed, low, (counter >> 32).to(tl.int32), low * 0, low * 0)
+        else:  # no rounding, no noise
+            r0, r1, r2, r3 = low, low, low, low
+        # where no program's elements cross a row of the mirror, the row is found once per program: a 64-bit
+        # division per element is dozens of instructions
+        mirror_shift = ((start + mirror_start) // mirror_block + mirror_half) * mirror_block
+        for k in tl.static_range(4):
+            noise = r0
+            if k == 1:
+                noise = r1
+            elif k == 2:
+                noise = r2
+            elif k == 3:
+                noise = r3
+            _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, start + k * QUARTER + lane,
+                           n, noise, decay, beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt,
+                           mirror_start, mirror_block, mirror_half, mirror_shift, HAS_OUT, HAS_SCALE, HAS_MIRROR,
+                           MIRROR_ROW_PER_PROGRAM, ROUND_STATES)
 
 
 def _coalesced(grads: list[torch.Tensor], mirrors: list[Mirror | None]):
@@ -218,14 +260,15 @@ class MasterAdamW(torch.optim.Optimizer):
         n = g.numel()
         if n == 0:
             return
-        block = 2048
-        _adamw_kernel[(triton.cdiv(n, block),)](
+        row_per_program = mirror is not None and mirror.start % KERNEL_BLOCK == 0 and mirror.block % KERNEL_BLOCK == 0
+        wide = max(n, mirror.dst.numel() if mirror is not None else 0) + KERNEL_BLOCK >= 2**31
+        _adamw_kernel[(triton.cdiv(n, KERNEL_BLOCK),)](
             g, p, m, v, out if out is not None else p, grad_scale if grad_scale is not None else p,
             mirror.dst if mirror is not None else p, n, offset, seed, s["decay"], 1.0 - s["beta1"], s["beta2"],
             1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"], mirror.start if mirror else 0,
             mirror.block if mirror else 1, mirror.half if mirror else 0, HAS_OUT=out is not None,
-            HAS_SCALE=grad_scale is not None, HAS_MIRROR=mirror is not None,
-            ROUND_STATES=self.state_dtype == torch.bfloat16, BLOCK=block, num_warps=8)
+            HAS_SCALE=grad_scale is not None, HAS_MIRROR=mirror is not None, MIRROR_ROW_PER_PROGRAM=row_per_program,
+            ROUND_STATES=self.state_dtype == torch.bfloat16, WIDE=wide, BLOCK=KERNEL_BLOCK, num_warps=KERNEL_WARPS)
 
     def _torch_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         generator = torch.Generator(device=p.device)
