@@ -103,6 +103,8 @@ class TrainConfig:
                                "where it runs")
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
                                           "activations of one layer instead of all, for about a third more compute")
+    checkpoint_every: int = _opt(1, "with --activation-checkpointing, recompute only every Nth decoder layer (1: "
+                                 "all): the others keep their activations, less recompute for more memory")
 
     output_dir: str = _opt("outputs/run", "where metrics.jsonl, checkpoints/, hf/ and adapter/ are written")
     overwrite_output_dir: bool = _opt(False, "remove an earlier run's metrics, checkpoints and exports first")
@@ -130,7 +132,7 @@ class TrainConfig:
             if getattr(self, option) not in allowed:
                 raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")
         positive = ("max_seq_len", "max_tokens_per_batch", "grad_accum", "logging_steps", "num_proc",
-                    "shuffle_buffer", "lora_rank")
+                    "shuffle_buffer", "lora_rank", "checkpoint_every")
         for option in positive:
             if getattr(self, option) < 1:
                 raise bad(option, f"must be at least 1, got {getattr(self, option)}")
@@ -173,6 +175,9 @@ class TrainConfig:
                       "use --fast-path on")
         if self.fast_path == "off" and self.expert_kernels == "quack":
             raise bad("expert_kernels", "quack's expert kernels are part of the fast path; use --fast-path on")
+        if self.checkpoint_every > 1 and not self.activation_checkpointing:
+            raise bad("checkpoint_every", "chooses which layers --activation-checkpointing recomputes; add "
+                      "--activation-checkpointing true or drop it")
         if self.num_hidden_layers and not self.random_init:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")
         if self.report_to != "none" and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[self.report_to]):

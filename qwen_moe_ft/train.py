@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, set_seed
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qwen_moe_ft import checkpoint
 from qwen_moe_ft.checkpoint import CheckpointError
@@ -140,7 +141,11 @@ class Trainer:
         if self.fast_path:
             model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fused_kernels, self.device.type)
         if cfg.activation_checkpointing:  # non-reentrant: frozen inputs (LoRA) need no requires_grad trick
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                                every_n_layers=cfg.checkpoint_every)
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        recomputed = sum(layer.gradient_checkpointing for layer in layers)
+        self.recompute = f"{recomputed} of {len(layers)} layers recomputed" if recomputed else "activations kept"
         if cfg.lora:
             model = apply_lora(model, cfg, self.ds_config, self.rank)
         return model
@@ -176,6 +181,7 @@ class Trainer:
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
             f"zero {cfg.zero_stage} | {'LoRA on ' + cfg.lora_targets if cfg.lora else 'full fine-tuning'} | "
+            f"{self.recompute} | "
             f"attention {self.attn_backend} | loss {self.loss_impl} | fused kernels {self.fused_kernels} | "
             f"adam moments {self.fast_path.adam_states if self.fast_path else 'fp32'} | {len(lengths)} examples, "
             f"mean length {sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
