@@ -103,8 +103,8 @@ class TrainConfig:
                                "where it runs")
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
                                           "activations of one layer instead of all, for about a third more compute")
-    checkpoint_every: int = _opt(1, "with --activation-checkpointing, recompute only every Nth decoder layer (1: "
-                                 "all): the others keep their activations, less recompute for more memory")
+    checkpoint_layers: int = _opt(0, "with --activation-checkpointing, recompute only the first N decoder layers (0: "
+                                  "all): the others keep their activations, less recompute for more memory")
 
     output_dir: str = _opt("outputs/run", "where metrics.jsonl, checkpoints/, hf/ and adapter/ are written")
     overwrite_output_dir: bool = _opt(False, "remove an earlier run's metrics, checkpoints and exports first")
@@ -132,13 +132,13 @@ class TrainConfig:
             if getattr(self, option) not in allowed:
                 raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")
         positive = ("max_seq_len", "max_tokens_per_batch", "grad_accum", "logging_steps", "num_proc",
-                    "shuffle_buffer", "lora_rank", "checkpoint_every")
+                    "shuffle_buffer", "lora_rank")
         for option in positive:
             if getattr(self, option) < 1:
                 raise bad(option, f"must be at least 1, got {getattr(self, option)}")
         non_negative = ("max_steps", "warmup_steps", "ep_size", "eval_steps", "save_steps", "save_total_limit",
                         "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers", "router_z_loss_coef",
-                        "expert_load_steps")
+                        "expert_load_steps", "checkpoint_layers")
         for option in non_negative:
             if getattr(self, option) < 0:
                 raise bad(option, f"must not be negative, got {getattr(self, option)}")
@@ -175,8 +175,8 @@ class TrainConfig:
                       "use --fast-path on")
         if self.fast_path == "off" and self.expert_kernels == "quack":
             raise bad("expert_kernels", "quack's expert kernels are part of the fast path; use --fast-path on")
-        if self.checkpoint_every > 1 and not self.activation_checkpointing:
-            raise bad("checkpoint_every", "chooses which layers --activation-checkpointing recomputes; add "
+        if self.checkpoint_layers and not self.activation_checkpointing:
+            raise bad("checkpoint_layers", "chooses how many layers --activation-checkpointing recomputes; add "
                       "--activation-checkpointing true or drop it")
         if self.num_hidden_layers and not self.random_init:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")

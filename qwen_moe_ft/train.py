@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, set_seed
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qwen_moe_ft import checkpoint
 from qwen_moe_ft.checkpoint import CheckpointError
@@ -42,6 +41,7 @@ from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.lr_schedule import lr_lambda
 from qwen_moe_ft.metrics import MetricsLogger, StepTimer, drop_metrics_after, step_metrics
 from qwen_moe_ft.model.attention import register_varlen_attention, select_backend
+from qwen_moe_ft.model.checkpointing import enable_activation_checkpointing
 from qwen_moe_ft.model.export import save_hf_checkpoint
 from qwen_moe_ft.model.loading import DTYPES, ModelLoadError, load_model, load_model_config, load_tokenizer
 from qwen_moe_ft.model.lora import apply_lora, merge_lora, save_adapter
@@ -140,12 +140,12 @@ class Trainer:
         self.fused_kernels = "none"
         if self.fast_path:
             model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fused_kernels, self.device.type)
-        if cfg.activation_checkpointing:  # non-reentrant: frozen inputs (LoRA) need no requires_grad trick
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
-                                                every_n_layers=cfg.checkpoint_every)
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        recomputed = sum(layer.gradient_checkpointing for layer in layers)
-        self.recompute = f"{recomputed} of {len(layers)} layers recomputed" if recomputed else "activations kept"
+        self.recompute = "activations kept"
+        if cfg.activation_checkpointing:
+            try:
+                self.recompute = enable_activation_checkpointing(model, cfg.checkpoint_layers)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if cfg.lora:
             model = apply_lora(model, cfg, self.ds_config, self.rank)
         return model

@@ -100,7 +100,7 @@ def _lora_options(args) -> dict:
     if not args.lora:
         return {}
     return dict(lora=True, lora_targets="attn,experts", lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, ep_size=1,
-                activation_checkpointing=args.activation_checkpointing, checkpoint_every=args.checkpoint_every)
+                activation_checkpointing=args.activation_checkpointing, checkpoint_layers=args.checkpoint_layers)
 
 
 def _peft_lora(model, args):
@@ -108,9 +108,10 @@ def _peft_lora(model, args):
     target_parameters, on the fused expert weights; activation checkpointing to fit."""
     from peft import LoraConfig, get_peft_model
 
+    from ..model.checkpointing import enable_activation_checkpointing
+
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
-                                            every_n_layers=args.checkpoint_every)
+        enable_activation_checkpointing(model, args.checkpoint_layers)
         model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -325,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                         "transformers + PEFT (stacks ours,hf_peft_lora)")
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
                         help="with --lora: keep every layer's activations (both stacks)")
-    parser.add_argument("--checkpoint-every", type=int, default=1,
-                        help="with --lora: recompute every Nth layer only, the others keep their activations "
-                        "(both stacks)")
+    parser.add_argument("--checkpoint-layers", type=int, default=0,
+                        help="with --lora: recompute only the first N layers (0: all), the others keep their "
+                        "activations (both stacks)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps; per-layer figures are differences of medians, so more is steadier")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stacks", help=f"comma list; default {','.join(STACKS)}, with --lora {','.join(LORA_STACKS)}")

@@ -27,8 +27,8 @@ def test_unknown_recipe_key_is_named(tmp_path):
     (["--max-tokens-per-batch", "100", "--max-seq-len", "200"], "--max-tokens-per-batch"),
     (["--num-hidden-layers", "2"], "--num-hidden-layers"),
     (["--eval-split", "1.5"], "--eval-split"),
-    (["--checkpoint-every", "0", "--activation-checkpointing", "true"], "--checkpoint-every: must be at least 1"),
-    (["--checkpoint-every", "2"], "--checkpoint-every: chooses which layers --activation-checkpointing recomputes"),
+    (["--checkpoint-layers", "-1", "--activation-checkpointing", "true"], "--checkpoint-layers: must not be negative"),
+    (["--checkpoint-layers", "2"], "--checkpoint-layers: chooses how many layers --activation-checkpointing"),
 ])
 def test_bad_options_name_the_option(argv, option):
     with pytest.raises(ConfigError, match=option):
