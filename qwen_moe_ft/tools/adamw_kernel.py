@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from ..fastpath import adamw
 from ..fastpath.adamw import MasterAdamW, Mirror
+from .attention_table import time_ms
 
 HIDDEN, EXPERTS, INTER, HEADS, KV_HEADS, HEAD_DIM = 2048, 128, 768, 32, 4, 128
 SWEEP = ((2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
@@ -63,25 +63,11 @@ class LayerUpdate:
                          mirrors=self.mirrors)
 
 
-def median_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def copy_bandwidth(iters: int) -> float:
     """TB/s of a 4 GiB device-to-device copy (read + write counted)."""
     src = torch.empty(1 << 30, device="cuda", dtype=torch.float32)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), iters)
+    ms = time_ms(lambda: dst.copy_(src), iters)
     return 2 * src.numel() * 4 / ms / 1e9
 
 
@@ -98,7 +84,7 @@ def measure(iters: int, sweep: bool) -> list[dict]:
             update = None  # free the last one's GPU memory first
             update = LayerUpdate(dtype, mirror=mirror)
         adamw.KERNEL_BLOCK, adamw.KERNEL_WARPS = block, warps
-        ms = median_ms(update, iters)
+        ms = time_ms(update, iters)
         rows.append(dict(moments=name, mirror=mirror, block=block, warps=warps, ms=ms, elements=update.elements,
                          gb=update.bytes / 1e9, tb_per_s=update.bytes / ms / 1e9,
                          configured=(block, warps) == configured))
