@@ -7,8 +7,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 def enable_activation_checkpointing(model: torch.nn.Module, layers: int = 0) -> str:
     """Recompute the first `layers` decoder layers of `model` in the backward (0: every one); the others keep
-    their activations. Which ones recompute changes no result and no peak: each kept layer holds its
-    activations from its forward to its backward either way. Returns what the startup line says."""
+    their activations. The first rather than the last: the backward reaches them after the kept layers have
+    freed their activations, so a recompute never adds to all of those at once. Returns what the startup
+    line says."""
     # non-reentrant: frozen inputs (LoRA) need no requires_grad trick
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
