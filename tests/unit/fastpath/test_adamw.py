@@ -160,7 +160,7 @@ def test_triton_kernel_rounds_bf16_moments_stochastically():
         below, above = _bf16_neighbours(exact.item())
         stored = s_triton[key].float()
         assert set(stored.unique().tolist()) == {below, above}
-        # 3M elements: the mean's standard error is under 2.5e-4 ulp, 2e-6 relative for both moments
+        # 3M elements: the mean's standard error is under 3e-4 ulp, 2e-6 relative for both moments
         assert stored.mean().item() == pytest.approx(exact.item(), rel=1e-5)
         ups[key] = stored == above
     p_m, p_v = (ups[k].float().mean().item() for k in ups)
