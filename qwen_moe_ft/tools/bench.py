@@ -93,7 +93,8 @@ def _run_ours(args, batches):
         return trainer.run_step([collate_packed(docs)], step=i + 1, epoch=1, timer=timer).loss
 
     fast_path = trainer.fast_path.summary() if trainer.fast_path else "fast path off"
-    return step, f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}; {fast_path}"
+    return step, (f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}, "
+                  f"{trainer.recompute}; {fast_path}")
 
 
 def _lora_options(args) -> dict:
