@@ -124,10 +124,11 @@ def eval_loss(model, tokenizer) -> tuple[float, int]:
     return loss_sum / tokens, tokens
 
 
-def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, reduce_bucket_size=None):
+def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, reduce_bucket_size=None, grad_accum=1,
+                frozen=()):
     """DeepSpeed ZeRO-1/2 over the tiny model on one CPU rank with the lean norm checks (grad_norm.py), and the
     fast path's ZeroState of its optimizer; `fused_states`: the moments' dtype of the one-pass step
-    (fuse_adam_step), None for DeepSpeed's step."""
+    (fuse_adam_step), None for DeepSpeed's step; `frozen`: substrings of the names of parameters not trained."""
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
@@ -141,12 +142,15 @@ def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, red
     dtype = dtype or torch.bfloat16
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(part in name for part in frozen))
     cfg = TrainConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.1, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                      zero_stage=zero_stage)
+                      zero_stage=zero_stage, grad_accum=grad_accum)
     ds_config = build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu")
     if reduce_bucket_size:
         ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config)
     state = ZeroState(engine.optimizer)
     assert lean_grad_checks(state)
     if fused_states is not None:
@@ -156,13 +160,14 @@ def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, red
     return engine, state
 
 
-def zero_backward(engine, poison: str | None = None):
-    """One micro-batch (a gradient accumulation boundary); `poison` names a parameter whose gradient is NaN."""
+def zero_backward(engine, poison: str | None = None, seed: int = 1):
+    """One micro-batch (a gradient accumulation boundary without accumulation); `poison` names a parameter whose
+    gradient is NaN."""
     import torch
 
     params = dict(engine.module.named_parameters())
     hook = params[poison].register_hook(lambda g: torch.full_like(g, float("nan"))) if poison else None
-    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1)).to(engine.device)
+    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(seed)).to(engine.device)
     engine.backward(engine(input_ids=ids, labels=ids).loss * 100)  # scaled so the clip is active
     if hook:
         hook.remove()

@@ -10,7 +10,8 @@ Replaces (deepspeed 0.19.8, deepspeed/runtime/zero/stage_1_and_2.py, on one Deep
 - fold_clip_into_adam (where fuse_adam_step is refused): unscale_and_clip_grads. DeepSpeed multiplies the
   fp32 gradient partition by 1/clip in a pass of its own; torch's fused AdamW divides each gradient by a
   `grad_scale` tensor inside its kernel, so the clip factor is handed to it instead.
-- keep_unreduced_grads_in_place: copy_grads_in_partition, for gradients whose copy moves nothing.
+- keep_unreduced_grads_in_place: copy_grads_in_partition, for gradients whose copy moves nothing, and
+  reduce_independent_p_g_buckets_and_remove_grads, for the small ones of one-rank groups.
 Guarded by tests/unit/fastpath/test_zero_step.py (weights and master weights equal to DeepSpeed's own step).
 """
 from __future__ import annotations
@@ -153,41 +154,62 @@ def fuse_adam_step(state: ZeroState, state_dtype: torch.dtype) -> Applied:
     return Applied("one_pass_adamw", "DeepSpeedZeroOptimizer.step and its torch AdamW", refused)
 
 
-def _reduced_in_place(state: ZeroState, param, group_idx: int) -> bool:
-    """A gradient DeepSpeed reduces where autograd wrote it (larger than a reduce bucket) in a group of one
-    rank: nothing was reduced, and it already is this rank's whole partition of that parameter."""
-    return param.numel() > state.optimizer.reduce_bucket_size and state.group_dp_size(group_idx) == 1
-
-
 def _copy_grads_in_partition(state: ZeroState, deepspeed_copy, param, group_idx=None) -> None:
+    """DeepSpeed's copy into the partition buffer, except in a one-rank group, where only gradients larger than
+    a reduce bucket still come here (DeepSpeed reduces those where autograd wrote them; the smaller ones stayed
+    in place in _bucket_or_keep): there the gradient already is this rank's whole partition of its parameter."""
     optimizer = state.optimizer
     if group_idx is None:
         group_idx = optimizer._get_param_group_idx(param)
-    if _reduced_in_place(state, param, group_idx):
+    if state.group_dp_size(group_idx) == 1:
         norm_in_backward(state, param)
         return
     if optimizer.grads_in_partition is None:  # DeepSpeed would size it for every parameter of the partition
         size = sum(p.numel() for i, group in enumerate(optimizer.params_in_partition) for p in group
-                   if not _reduced_in_place(state, p, i))
+                   if state.group_dp_size(i) > 1)
         optimizer.grads_in_partition = torch.empty(size, dtype=optimizer.dtype, device=torch.device(optimizer.device))
         optimizer.grads_in_partition_offset = 0
     deepspeed_copy(param, group_idx)
 
 
+def _bucket_or_keep(state: ZeroState, deepspeed_reduce, param, i: int) -> None:
+    """DeepSpeed's gradient hook body (reduce_independent_p_g_buckets_and_remove_grads), except for a gradient
+    of a one-rank group that fits a reduce bucket: no copy into the bucket, no all-reduce over one rank, no copy
+    into the partition buffer, only the bookkeeping reduce_ipg_grads would do. The epilogue collects it from
+    param.grad as it collects the copies (get_all_grad_tensors)."""
+    optimizer = state.optimizer
+    if param.numel() > optimizer.reduce_bucket_size or state.group_dp_size(i) > 1:
+        return deepspeed_reduce(param, i)
+    if param.numel() == 0 or not getattr(param, "ds_grad_is_ready", True):
+        return None  # DeepSpeed skips these too
+    param_id = optimizer.get_param_id(param)
+    assert not optimizer.params_already_reduced[param_id], f"gradient of parameter {param_id} computed twice"
+    optimizer.params_already_reduced[param_id] = True
+    return None
+
+
 def keep_unreduced_grads_in_place(state: ZeroState) -> Applied:
-    """Skip ZeRO's copy of a gradient into its contiguous partition buffer where the copy moves nothing
-    between ranks: gradients larger than a reduce bucket (DeepSpeed reduces those where autograd wrote them)
-    in a one-rank group, i.e. every expert weight at EP = number of GPUs, and on one GPU every such weight.
-    The gradients stay in the tensors autograd wrote, which the step reads as it read their copies. Refused
-    without contiguous gradients, with offload or an fp32 accumulation buffer, where DeepSpeed takes other
-    paths."""
+    """Leave gradients in the tensors autograd wrote where ZeRO's copies move nothing between ranks: in a
+    one-rank group (every expert weight at EP = number of GPUs, every weight on one GPU), DeepSpeed copies a
+    gradient that fits a reduce bucket into the bucket, all-reduces the bucket over its one rank and copies
+    it into the partition buffer (two copies and ~0.2 ms of Python a parameter, which dominate the backward's
+    host time with LoRA's hundreds of small parameters), and copies a larger one into the partition buffer.
+    The step reads the gradients where they are, as it read their copies. Refused without contiguous
+    gradients, with offload, ZenFlow, AutoEP's tensor-parallel folding or an fp32 accumulation buffer, where
+    DeepSpeed takes other paths."""
     optimizer = state.optimizer
     refused = _not_zero_optimizer(optimizer) or (
         "contiguous_gradients is off" if not optimizer.contiguous_gradients
+        else "ZenFlow" if optimizer.zenflow
+        else "AutoEP tensor-parallel folding" if getattr(optimizer, "autoep_folding_tp_group", None) is not None
         else "an fp32 gradient accumulation buffer"
         if any(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups))) else "")
     if not refused:
         deepspeed_copy = optimizer.copy_grads_in_partition
         optimizer.copy_grads_in_partition = lambda param, group_idx=None: _copy_grads_in_partition(
             state, deepspeed_copy, param, group_idx)
-    return Applied("grads_in_place", "DeepSpeedZeroOptimizer.copy_grads_in_partition", refused)
+        deepspeed_reduce = optimizer.reduce_independent_p_g_buckets_and_remove_grads
+        optimizer.reduce_independent_p_g_buckets_and_remove_grads = lambda param, i: _bucket_or_keep(
+            state, deepspeed_reduce, param, i)
+    return Applied("grads_in_place", "DeepSpeedZeroOptimizer.copy_grads_in_partition, "
+                   ".reduce_independent_p_g_buckets_and_remove_grads", refused)

@@ -25,10 +25,11 @@ def test_clip_inside_adam_updates_the_weights_as_deepspeeds_clip_pass(process_gr
         assert torch.allclose(weight, runs[False][name], rtol=0, atol=1e-6), name
 
 
-def _train(engine, steps=3):
+def _train(engine, steps=3, grad_accum=1):
     for _ in range(steps):
-        zero_backward(engine)
-        engine.step()
+        for micro_batch in range(grad_accum):
+            zero_backward(engine, seed=1 + micro_batch)
+            engine.step()
         assert engine.get_global_grad_norm() > 1.0  # the clip is active every step
     weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     return weights, [g.detach().clone() for g in engine.optimizer.single_partition_of_fp32_groups]
@@ -65,23 +66,37 @@ def test_bf16_moments_follow_fp32_moments(process_group):
         assert (ours - theirs).abs().mean() < 0.02 * moved
 
 
+EXPERT_WEIGHT = 8 * 64 * 64  # elements of one expert weight of the tiny model (8 experts, 64 x 64)
+
+
 @pytest.mark.parametrize("fused_states", [None, torch.float32])
-def test_gradients_left_in_place_train_as_their_copies(process_group, fused_states):
-    """A reduce bucket smaller than each expert weight (as in ds_configs/zero2_ep.json at full size): on one
-    rank the expert gradients skip the copy into the partition buffer; the weights still match."""
-    bucket = 8 * 64 * 64 - 1  # one element short of an expert weight of the tiny model (8 experts, 64 x 64)
-    reference_weights, _ = _train(zero_engine(fused_states=fused_states, reduce_bucket_size=bucket)[0])
-    engine, state = zero_engine(fused_states=fused_states, reduce_bucket_size=bucket)
+@pytest.mark.parametrize("case", [
+    dict(),  # every gradient fits a reduce bucket
+    # a bucket smaller than each expert weight, as in ds_configs/zero2_ep.json at full size
+    dict(reduce_bucket_size=EXPERT_WEIGHT - 1),
+    dict(grad_accum=2, reduce_bucket_size=EXPERT_WEIGHT - 1),
+    dict(zero_stage=1, frozen=("self_attn",)),  # frozen weights have no hook; stage 1 reduces at the boundary
+], ids=["all_small", "experts_large", "accumulated", "stage1_frozen"])
+def test_gradients_left_in_place_train_as_their_copies(process_group, fused_states, case):
+    """On one rank no gradient is copied: the small ones skip the bucket and the partition buffer, the large ones
+    the partition buffer; the weights train bit for bit as DeepSpeed's copies do."""
+    grad_accum = case.get("grad_accum", 1)
+    reference_weights, _ = _train(zero_engine(fused_states=fused_states, **case)[0], grad_accum=grad_accum)
+    engine, state = zero_engine(fused_states=fused_states, **case)
     optimizer = engine.optimizer
-    copied = []
-    deepspeed_copy = optimizer.copy_grads_in_partition
+    copied, bucketed = [], []
+    deepspeed_copy, deepspeed_reduce = optimizer.copy_grads_in_partition, optimizer.reduce_independent_p_g_buckets_and_remove_grads
     optimizer.copy_grads_in_partition = lambda param, group_idx=None: (copied.append(param.numel()),
                                                                        deepspeed_copy(param, group_idx))
+    optimizer.reduce_independent_p_g_buckets_and_remove_grads = lambda param, i: (bucketed.append(param.numel()),
+                                                                                  deepspeed_reduce(param, i))
     assert keep_unreduced_grads_in_place(state)
-    weights, _ = _train(engine)
-    experts = [p for n, p in engine.module.named_parameters() if ".experts." in n]
-    assert experts and all(p.numel() > bucket for p in experts)
-    assert len(copied) == 3 * sum(1 for p in engine.module.parameters() if p.numel() <= bucket)
+    weights, _ = _train(engine, grad_accum=grad_accum)
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    large = sum(1 for p in trained if p.numel() > optimizer.reduce_bucket_size)
+    assert (large > 0) == ("reduce_bucket_size" in case)
+    assert copied == [] and len(bucketed) == 3 * grad_accum * large and min(bucketed, default=EXPERT_WEIGHT) > EXPERT_WEIGHT - 1
+    assert len(trained) < len(weights) if "frozen" in case else len(trained) == len(weights)
     for name, weight in weights.items():
         assert torch.equal(weight, reference_weights[name]), name
 
