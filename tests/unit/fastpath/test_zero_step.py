@@ -85,7 +85,8 @@ def test_gradients_left_in_place_train_as_their_copies(process_group, fused_stat
     engine, state = zero_engine(fused_states=fused_states, **case)
     optimizer = engine.optimizer
     copied, bucketed = [], []
-    deepspeed_copy, deepspeed_reduce = optimizer.copy_grads_in_partition, optimizer.reduce_independent_p_g_buckets_and_remove_grads
+    deepspeed_copy = optimizer.copy_grads_in_partition
+    deepspeed_reduce = optimizer.reduce_independent_p_g_buckets_and_remove_grads
     optimizer.copy_grads_in_partition = lambda param, group_idx=None: (copied.append(param.numel()),
                                                                        deepspeed_copy(param, group_idx))
     optimizer.reduce_independent_p_g_buckets_and_remove_grads = lambda param, i: (bucketed.append(param.numel()),
@@ -95,7 +96,8 @@ def test_gradients_left_in_place_train_as_their_copies(process_group, fused_stat
     trained = [p for p in engine.module.parameters() if p.requires_grad]
     large = sum(1 for p in trained if p.numel() > optimizer.reduce_bucket_size)
     assert (large > 0) == ("reduce_bucket_size" in case)
-    assert copied == [] and len(bucketed) == 3 * grad_accum * large and min(bucketed, default=EXPERT_WEIGHT) > EXPERT_WEIGHT - 1
+    assert copied == []
+    assert len(bucketed) == 3 * grad_accum * large and all(n > optimizer.reduce_bucket_size for n in bucketed)
     assert len(trained) < len(weights) if "frozen" in case else len(trained) == len(weights)
     for name, weight in weights.items():
         assert torch.equal(weight, reference_weights[name]), name
