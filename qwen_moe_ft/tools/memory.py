@@ -1,7 +1,8 @@
-"""Per-GPU memory of full fine-tuning with ZeRO-2 + AutoEP, before launching.
+"""Per-GPU memory of fine-tuning (full or LoRA) with ZeRO-2 + AutoEP, before launching.
 
     python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
                                  [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
+                                 [--lora] [--activation-checkpointing] [--checkpoint-layers N] [--fused-loss]
 
 --gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
 where the training will run.
@@ -14,6 +15,11 @@ new one: one more gradient partition. Transient at the peak (the loss): activati
 (and the fused gate/up weight copies, one layer's with --gate-up-recompute) and the LM head's logits.
 Checked against one-GPU H100 peaks (BENCHMARKS.md); the multi-GPU partitioning terms follow
 DeepSpeed's ZeRO-2 and are not yet measured.
+
+LoRA: the bf16 base weights are frozen, so the gradients, master weights and moments are the LoRA factors'
+only, and no gate/up copies are kept. With activation checkpointing, a recomputed layer keeps only its input
+until the backward; the others keep their activations. Where that matters, the fewest layers to recompute
+for the GPU is printed. The LoRA terms were checked against one-GPU H200 peaks of the 48-layer model.
 """
 from __future__ import annotations
 
@@ -31,8 +37,15 @@ def zero2_bytes_per_param(adam_states: str) -> int:
 # peak differences of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md): 48 KiB with the stock modules,
 # 35 KiB less with liger's norms, which keep no fp32 copies.
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
+# The same for LoRA's unmerged experts and PEFT's attention wrappers (model/lora.py), fitted to the 48-layer
+# Qwen3-30B-A3B on an H200 at 4096 tokens (BENCHMARKS.md, session 26): 0.533 GiB a layer kept. Larger than full
+# fine-tuning's: the experts' gathered input rows and SwiGLU's output are kept for the factors' gradients.
+LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER = 136.5 * 1024
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
 H100_GIB = 79.6  # an 80 GB H100: 81559 MiB
+# Left free when choosing how many layers to recompute: the CUDA context and the allocator's fragmentation,
+# which the peaks measured here (torch.cuda.max_memory_allocated) do not count.
+SUGGESTION_MARGIN_GIB = 2.0
 BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
 
 
@@ -69,23 +82,59 @@ def parameter_counts(config) -> tuple[int, int]:
     return dense, expert
 
 
+def lora_parameter_counts(config, rank: int, targets: list[str]) -> tuple[int, int]:
+    """(attention, expert) LoRA parameter counts of model/lora.py's adapters at `rank`, all experts."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    # q, k, v: hidden -> width; o: q -> hidden; each an A [r, in] and a B [out, r]
+    attn = rank * ((hidden + q) + 2 * (hidden + kv) + (q + hidden)) if "attn" in targets else 0
+    # per expert: gate/up A [r, H], B [2I, r]; down A [r, I], B [H, r]
+    inter = config.moe_intermediate_size
+    expert = config.num_experts * rank * (2 * hidden + 3 * inter) if "experts" in targets else 0
+    return layers * attn, layers * expert
+
+
 def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
-             fused_loss: bool = False, adam_states: str = "bf16") -> MemoryEstimate:
-    """Peak bytes on one GPU for micro-batches of `tokens` tokens."""
+             fused_loss: bool = False, adam_states: str = "bf16", lora_rank: int = 0,
+             lora_targets: tuple[str, ...] = ("attn", "experts"), recomputed_layers: int = 0) -> MemoryEstimate:
+    """Peak bytes on one GPU for micro-batches of `tokens` tokens; LoRA of `lora_rank` (0: full fine-tuning);
+    `recomputed_layers` of the decoder layers under activation checkpointing."""
+    layers = config.num_hidden_layers
+    if not 0 <= recomputed_layers <= layers:
+        raise ValueError(f"recomputed_layers {recomputed_layers}: the model has {layers} layers")
     dense, expert = parameter_counts(config)
+    base = 2 * (dense + expert / ep_size)  # bf16 weights: the dense part and this GPU's experts
+    if lora_rank:
+        dense, expert = lora_parameter_counts(config, lora_rank, list(lora_targets))
+        base += 2 * (dense + expert / ep_size)  # the factors' own bf16 weights, this GPU's experts'
     # The fused gate/up projection's concatenated bf16 gate+up weights of this GPU's experts: kept for every
     # layer (between steps too: expert_mlp.GateUpCache; measured +0.75 GiB per layer at EP=1, exactly their
-    # size), or one layer's at a time when the backward rebuilds them.
+    # size), or one layer's at a time when the backward rebuilds them. LoRA runs gate and up separately.
     gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
+    per_layer = LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER if lora_rank else ACTIVATION_BYTES_PER_TOKEN_LAYER
+    # the peak is at the loss: the kept layers' activations, the recomputed layers' inputs, the logits (a
+    # recomputed layer's own activations live only during its forward and its backward, after the logits)
+    activations = tokens * (per_layer * (layers - recomputed_layers) + 2 * config.hidden_size * recomputed_layers)
     return MemoryEstimate(
-        weights=2 * (dense + expert / ep_size),
+        weights=base,
         zero2_states=zero2_bytes_per_param(adam_states) * (dense + expert) / gpus,
         # measured +5.80 GiB for 2 micro-batches of the 4-layer model on one H100; 2 bytes x 3.115e9 = 5.80 GiB
         accumulation=2 * (dense + expert) / gpus if grad_accum > 1 else 0,
-        activations=ACTIVATION_BYTES_PER_TOKEN_LAYER * tokens * config.num_hidden_layers,
-        gate_up_copies=gate_up_copy * (1 if gate_up_recompute else config.num_hidden_layers),
+        activations=activations,
+        gate_up_copies=0 if lora_rank else gate_up_copy * (1 if gate_up_recompute else layers),
         logits=0 if fused_loss else LOGIT_BYTES * tokens * config.vocab_size,
         buckets=BUCKET_BYTES if gpus > 1 else 0)
+
+
+def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
+    """The fewest decoder layers to recompute for `estimate(**kwargs)` to fit `gpu_bytes`; None if even all do
+    not."""
+    layers = kwargs["config"].num_hidden_layers
+    for recomputed in range(layers + 1):
+        if estimate(**kwargs, recomputed_layers=recomputed).total <= gpu_bytes:
+            return recomputed
+    return None
 
 
 def this_machine() -> tuple[int, float] | None:
@@ -120,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="--loss-impl cce/liger: no materialised logits")
     parser.add_argument("--gpu-gib", type=float, help="memory of one GPU, to say whether it fits (default: "
                         "this machine's GPU, or an 80 GB H100's 79.6 GiB without a GPU)")
+    parser.add_argument("--lora", action="store_true", default=None, help="LoRA of the recipe's rank and targets "
+                        "(default rank 8, attn,experts)")
+    parser.add_argument("--activation-checkpointing", action="store_true", default=None,
+                        help="recompute decoder layers in the backward (--checkpoint-layers of them; all by default)")
+    parser.add_argument("--checkpoint-layers", type=int, help="with --activation-checkpointing: how many layers "
+                        "recompute (0: all)")
     args = parser.parse_args(argv)
     machine = this_machine()
     gpus_of = " (this machine's)" if machine and args.gpus is None else ""
@@ -133,16 +188,35 @@ def main(argv: list[str] | None = None) -> int:
     recompute = recipe.gate_up_recompute if args.gate_up_recompute is None else args.gate_up_recompute
     fused_loss = recipe.loss_impl in ("cce", "liger") if args.fused_loss is None else args.fused_loss
     adam_states = args.adam_states or recipe.adam_states
-    result = estimate(config, gpus=args.gpus, ep_size=ep_size, tokens=tokens, grad_accum=grad_accum,
-                      gate_up_recompute=recompute, fused_loss=fused_loss, adam_states=adam_states)
-    print(f"{args.model}: {config.num_hidden_layers} layers, {args.gpus} GPUs{gpus_of}, EP={ep_size}, {tokens} "
-          f"tokens per micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}, {adam_states} Adam "
-          "moments")
+    lora = recipe.lora if args.lora is None else args.lora
+    checkpointing = recipe.activation_checkpointing if args.activation_checkpointing is None \
+        else args.activation_checkpointing
+    layers = config.num_hidden_layers
+    checkpoint_layers = recipe.checkpoint_layers if args.checkpoint_layers is None else args.checkpoint_layers
+    if not 0 <= checkpoint_layers <= layers:
+        parser.error(f"--checkpoint-layers {checkpoint_layers}: the model has {layers} decoder layers")
+    recomputed = (checkpoint_layers or layers) if checkpointing else 0
+    setting = dict(config=config, gpus=args.gpus, ep_size=ep_size, tokens=tokens, grad_accum=grad_accum,
+                   gate_up_recompute=recompute, fused_loss=fused_loss, adam_states=adam_states,
+                   lora_rank=recipe.lora_rank if lora else 0, lora_targets=tuple(recipe.lora_target_list()))
+    result = estimate(**setting, recomputed_layers=recomputed)
+    what = f"LoRA rank {recipe.lora_rank} ({recipe.lora_targets})" if lora else "full fine-tuning"
+    print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, {tokens} tokens per "
+          f"micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}, {adam_states} Adam moments, "
+          f"{recomputed} of {layers} layers recomputed{', fused loss (no logits)' if fused_loss else ''}")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB
     fits = headroom >= 0
     print(f"{'fits' if fits else 'does NOT fit'} a {args.gpu_gib:.1f} GiB GPU ({headroom:+.1f} GiB to spare; "
           "the allocator's fragmentation needs a few)")
+    fewest = fewest_recomputed_layers((args.gpu_gib - SUGGESTION_MARGIN_GIB) * GIB, **setting)
+    margin = f"{SUGGESTION_MARGIN_GIB:.0f} GiB left to the allocator"
+    if fewest is None:
+        print(f"recomputing every layer does not make it fit with {margin} either")
+    elif fewest != recomputed and (checkpointing or not fits):
+        print(f"the fewest layers to recompute ({margin}): --activation-checkpointing true --checkpoint-layers "
+              f"{fewest}" if fewest else f"it fits without activation checkpointing ({margin}): "
+              "--activation-checkpointing false")
     return 0 if fits else 1
 
 
