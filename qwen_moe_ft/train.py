@@ -50,6 +50,7 @@ from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
 from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
+from qwen_moe_ft.tools.memory import preflight_warning
 
 
 def _global_sum(values: list[float] | torch.Tensor, device) -> list[float]:
@@ -95,6 +96,11 @@ class Trainer:
                                            kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
         acc = self.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        if has_gpu and acc.is_main_process:  # before minutes of loading end in an out-of-memory error
+            gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            if warning := preflight_warning(cfg, self.model_config, gpus=world_size, ep_size=self.ep_size,
+                                            gpu_gib=gpu_gib):
+                print(f"warning: {warning}", flush=True)
         self.layout = checkpoint.Layout(self.world_size, self.ep_size, cfg.lora)
         self.resume_path = None
         if cfg.resume:  # before any weight is loaded: a checkpoint of another layout cannot resume here

@@ -24,6 +24,7 @@ for the GPU is printed. The LoRA terms were checked against one-GPU H200 peaks o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -137,6 +138,47 @@ def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
     return None
 
 
+def run_setting(cfg, config, *, gpus: int, ep_size: int) -> dict:
+    """estimate()'s keyword arguments (less recomputed_layers) for a train.py config `cfg` on `gpus` GPUs."""
+    return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=cfg.max_tokens_per_batch, grad_accum=cfg.grad_accum,
+                gate_up_recompute=cfg.gate_up_recompute, fused_loss=cfg.loss_impl in ("cce", "liger"),
+                adam_states=cfg.adam_states, lora_rank=cfg.lora_rank if cfg.lora else 0,
+                lora_targets=tuple(cfg.lora_target_list()))
+
+
+def recomputed_layers_of(cfg, layers: int) -> int:
+    """How many of `layers` decoder layers train.py recomputes under `cfg`."""
+    return (cfg.checkpoint_layers or layers) if cfg.activation_checkpointing else 0
+
+
+def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None:
+    """The fewest layers to recompute that leave SUGGESTION_MARGIN_GIB free, as the options that say it, where
+    that differs from `recomputed`; None where it does not."""
+    fewest = fewest_recomputed_layers((gpu_gib - SUGGESTION_MARGIN_GIB) * GIB, **setting)
+    margin = f"{SUGGESTION_MARGIN_GIB:.0f} GiB left to the allocator"
+    if fewest is None:
+        return (f"recomputing every layer does not make it fit with {margin} either: fewer tokens per micro-batch "
+                "(--max-tokens-per-batch), " + ("more GPUs" if setting["lora_rank"] else "more GPUs or LoRA"))
+    if fewest == recomputed:
+        return None
+    if not fewest:
+        return f"it fits without activation checkpointing ({margin}): --activation-checkpointing false"
+    return f"the fewest layers to recompute ({margin}): --activation-checkpointing true --checkpoint-layers {fewest}"
+
+
+def preflight_warning(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> str | None:
+    """For train.py before it loads any weight: a warning where the run's estimated peak exceeds its GPU, with
+    what to change; None where it fits."""
+    setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size)
+    recomputed = recomputed_layers_of(cfg, config.num_hidden_layers)
+    total = estimate(**setting, recomputed_layers=recomputed).total / GIB
+    if total <= gpu_gib:
+        return None
+    change = what_to_change(setting, gpu_gib, recomputed)
+    return (f"the estimated peak memory of this run is {total:.1f} GiB a GPU, more than this GPU's {gpu_gib:.1f} "
+            f"(python -m qwen_moe_ft.memory gives the parts){'; ' + change if change else ''}")
+
+
 def this_machine() -> tuple[int, float] | None:
     """(GPU count, GiB of GPU 0) of the machine this runs on; None without a GPU."""
     import torch
@@ -182,41 +224,31 @@ def main(argv: list[str] | None = None) -> int:
     args.gpu_gib = args.gpu_gib or (machine[1] if machine else H100_GIB)
     recipe = load_config(["--config", args.config]) if args.config else TrainConfig(max_tokens_per_batch=4096)
     config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
-    tokens = args.tokens or recipe.max_tokens_per_batch
-    grad_accum = args.grad_accum or recipe.grad_accum
     ep_size = choose_ep_size(recipe.ep_size if args.ep_size is None else args.ep_size, args.gpus, config.num_experts)
-    recompute = recipe.gate_up_recompute if args.gate_up_recompute is None else args.gate_up_recompute
-    fused_loss = recipe.loss_impl in ("cce", "liger") if args.fused_loss is None else args.fused_loss
-    adam_states = args.adam_states or recipe.adam_states
-    lora = recipe.lora if args.lora is None else args.lora
-    checkpointing = recipe.activation_checkpointing if args.activation_checkpointing is None \
-        else args.activation_checkpointing
+    overrides = dict(max_tokens_per_batch=args.tokens, grad_accum=args.grad_accum,
+                     gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states, lora=args.lora,
+                     activation_checkpointing=args.activation_checkpointing,
+                     checkpoint_layers=args.checkpoint_layers,
+                     loss_impl=None if args.fused_loss is None else "liger" if args.fused_loss else "torch")
+    cfg = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     layers = config.num_hidden_layers
-    checkpoint_layers = recipe.checkpoint_layers if args.checkpoint_layers is None else args.checkpoint_layers
-    if not 0 <= checkpoint_layers <= layers:
-        parser.error(f"--checkpoint-layers {checkpoint_layers}: the model has {layers} decoder layers")
-    recomputed = (checkpoint_layers or layers) if checkpointing else 0
-    setting = dict(config=config, gpus=args.gpus, ep_size=ep_size, tokens=tokens, grad_accum=grad_accum,
-                   gate_up_recompute=recompute, fused_loss=fused_loss, adam_states=adam_states,
-                   lora_rank=recipe.lora_rank if lora else 0, lora_targets=tuple(recipe.lora_target_list()))
+    if not 0 <= cfg.checkpoint_layers <= layers:
+        parser.error(f"--checkpoint-layers {cfg.checkpoint_layers}: the model has {layers} decoder layers")
+    setting = run_setting(cfg, config, gpus=args.gpus, ep_size=ep_size)
+    recomputed = recomputed_layers_of(cfg, layers)
     result = estimate(**setting, recomputed_layers=recomputed)
-    what = f"LoRA rank {recipe.lora_rank} ({recipe.lora_targets})" if lora else "full fine-tuning"
-    print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, {tokens} tokens per "
-          f"micro-batch x {grad_accum}{', gate/up recomputed' if recompute else ''}, {adam_states} Adam moments, "
-          f"{recomputed} of {layers} layers recomputed{', fused loss (no logits)' if fused_loss else ''}")
+    what = f"LoRA rank {cfg.lora_rank} ({cfg.lora_targets})" if cfg.lora else "full fine-tuning"
+    print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, "
+          f"{cfg.max_tokens_per_batch} tokens per micro-batch x {cfg.grad_accum}"
+          f"{', gate/up recomputed' if cfg.gate_up_recompute else ''}, {cfg.adam_states} Adam moments, "
+          f"{recomputed} of {layers} layers recomputed{', fused loss (no logits)' if setting['fused_loss'] else ''}")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB
     fits = headroom >= 0
     print(f"{'fits' if fits else 'does NOT fit'} a {args.gpu_gib:.1f} GiB GPU ({headroom:+.1f} GiB to spare; "
           "the allocator's fragmentation needs a few)")
-    fewest = fewest_recomputed_layers((args.gpu_gib - SUGGESTION_MARGIN_GIB) * GIB, **setting)
-    margin = f"{SUGGESTION_MARGIN_GIB:.0f} GiB left to the allocator"
-    if fewest is None:
-        print(f"recomputing every layer does not make it fit with {margin} either")
-    elif fewest != recomputed and (checkpointing or not fits):
-        print(f"the fewest layers to recompute ({margin}): --activation-checkpointing true --checkpoint-layers "
-              f"{fewest}" if fewest else f"it fits without activation checkpointing ({margin}): "
-              "--activation-checkpointing false")
+    if (cfg.activation_checkpointing or not fits) and (change := what_to_change(setting, args.gpu_gib, recomputed)):
+        print(change)
     return 0 if fits else 1
 
 

@@ -125,3 +125,22 @@ def test_the_fewest_layers_to_recompute_is_the_edge_of_fitting(capsys):
     assert "fits without activation checkpointing" in capsys.readouterr().out
     assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "40"]) == 1
     assert "recomputing every layer does not make it fit" in capsys.readouterr().out
+
+
+def test_train_warns_before_loading_a_run_that_does_not_fit():
+    from dataclasses import replace
+
+    from qwen_moe_ft.config import load_config
+    from qwen_moe_ft.tools.memory import preflight_warning
+
+    recipe = load_config(["--config", str(REPO / "qwen_moe_ft" / "recipes" / "qwen3-30b-a3b-lora-1gpu.yaml")])
+    assert preflight_warning(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6) is None  # 70.6 GiB
+    kept = replace(recipe, activation_checkpointing=False)
+    assert preflight_warning(kept, qwen3(), gpus=1, ep_size=1, gpu_gib=139.0) is None  # 95.4 GiB
+    warning = preflight_warning(kept, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
+    setting = dict(config=qwen3(), gpus=1, ep_size=1, tokens=4096, lora_rank=16)
+    fewest = fewest_recomputed_layers((79.6 - SUGGESTION_MARGIN_GIB) * GIB, **setting)
+    peak = estimate(**setting).total / GIB
+    assert warning.startswith(f"the estimated peak memory of this run is {peak:.1f} GiB a GPU, more than this GPU's "
+                              "79.6")
+    assert warning.endswith(f"--activation-checkpointing true --checkpoint-layers {fewest}")
