@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch qwen_moe_ft/train.py`
@@ -324,6 +325,12 @@ class Trainer:
             self.fast_path.restore()
 
 
+OUT_OF_MEMORY = ("the GPU ran out of memory (traceback above). `python -m qwen_moe_ft.memory --config RECIPE` "
+                 "estimates the peak and the fewest layers to recompute; what lowers it: --activation-checkpointing "
+                 "true with --checkpoint-layers N (more layers), --max-tokens-per-batch (fewer tokens a micro-batch), "
+                 "--loss-impl liger (no logits), or more GPUs. A run with checkpoints continues with --resume latest")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -332,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, CheckpointError) as err:
         report(err)
         return 2
+    except torch.OutOfMemoryError:  # every rank that ran out says so: it need not be rank 0
+        traceback.print_exc()
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,16 @@
+"""train.main's handling of a run that fails: out of GPU memory is a message that says what to change."""
+import torch
+
+from qwen_moe_ft import train
+
+
+def test_out_of_memory_says_what_lowers_the_peak(monkeypatch, capsys):
+    def runs_out(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "Trainer", runs_out)
+    assert train.main(["--model", "data/tiny-qwen3-moe"]) == 1
+    err = capsys.readouterr().err
+    assert "Tried to allocate 2.00 GiB" in err  # the traceback stays
+    assert err.rstrip().endswith(f"error: {train.OUT_OF_MEMORY}")
+    assert "--checkpoint-layers N" in err and "python -m qwen_moe_ft.memory" in err
