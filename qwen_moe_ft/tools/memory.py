@@ -2,7 +2,7 @@
 
     python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
                                  [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
-                                 [--lora] [--activation-checkpointing] [--checkpoint-layers N] [--fused-loss]
+                                 [--lora BOOL] [--activation-checkpointing BOOL] [--checkpoint-layers N] [--fused-loss]
 
 --gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
 where the training will run.
@@ -189,7 +189,7 @@ def this_machine() -> tuple[int, float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import QWEN3_30B_A3B, TrainConfig, load_config
+    from ..config import QWEN3_30B_A3B, ConfigError, TrainConfig, load_config
     from ..model.loading import load_model_config
     from ..parallel.expert_parallel import choose_ep_size
 
@@ -211,24 +211,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="--loss-impl cce/liger: no materialised logits")
     parser.add_argument("--gpu-gib", type=float, help="memory of one GPU, to say whether it fits (default: "
                         "this machine's GPU, or an 80 GB H100's 79.6 GiB without a GPU)")
-    parser.add_argument("--lora", action="store_true", default=None, help="LoRA of the recipe's rank and targets "
-                        "(default rank 8, attn,experts)")
-    parser.add_argument("--activation-checkpointing", action="store_true", default=None,
+    # as train.py takes them (true/false), over the recipe's
+    parser.add_argument("--lora", nargs="?", const="true", metavar="BOOL", help="LoRA of the recipe's rank and "
+                        "targets (default rank 8, attn,experts)")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="true", metavar="BOOL",
                         help="recompute decoder layers in the backward (--checkpoint-layers of them; all by default)")
-    parser.add_argument("--checkpoint-layers", type=int, help="with --activation-checkpointing: how many layers "
-                        "recompute (0: all)")
+    parser.add_argument("--checkpoint-layers", help="with --activation-checkpointing: how many layers recompute "
+                        "(0: all)")
     args = parser.parse_args(argv)
+    train_options = [f"--{name}={value}" for name, value in (
+        ("lora", args.lora), ("activation-checkpointing", args.activation_checkpointing),
+        ("checkpoint-layers", args.checkpoint_layers)) if value is not None]
     machine = this_machine()
     gpus_of = " (this machine's)" if machine and args.gpus is None else ""
     args.gpus = args.gpus or (machine[0] if machine else 8)
     args.gpu_gib = args.gpu_gib or (machine[1] if machine else H100_GIB)
-    recipe = load_config(["--config", args.config]) if args.config else TrainConfig(max_tokens_per_batch=4096)
+    try:
+        recipe = load_config((["--config", args.config] if args.config else []) + train_options)
+    except ConfigError as err:
+        parser.error(str(err))
+    if not args.config:
+        recipe = dataclasses.replace(recipe, max_tokens_per_batch=4096)
     config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
     ep_size = choose_ep_size(recipe.ep_size if args.ep_size is None else args.ep_size, args.gpus, config.num_experts)
     overrides = dict(max_tokens_per_batch=args.tokens, grad_accum=args.grad_accum,
-                     gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states, lora=args.lora,
-                     activation_checkpointing=args.activation_checkpointing,
-                     checkpoint_layers=args.checkpoint_layers,
+                     gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
                      loss_impl=None if args.fused_loss is None else "liger" if args.fused_loss else "torch")
     cfg = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     layers = config.num_hidden_layers

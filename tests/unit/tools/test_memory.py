@@ -121,6 +121,10 @@ def test_the_fewest_layers_to_recompute_is_the_edge_of_fitting(capsys):
     assert 0 < fewest < 48 and f"--checkpoint-layers {fewest}\n" in out
     assert estimate(**setting, recomputed_layers=fewest).total <= budget < estimate(
         **setting, recomputed_layers=fewest - 1).total
+    no_recompute = ["--activation-checkpointing", "false"]
+    assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "79.6", *no_recompute]) == 1
+    out = capsys.readouterr().out  # the recipe's setting overridden as train.py would take it
+    assert "0 of 48 layers recomputed" in out and f"--checkpoint-layers {fewest}\n" in out
     assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "139"]) == 0
     assert "fits without activation checkpointing" in capsys.readouterr().out
     assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "40"]) == 1
