@@ -35,6 +35,12 @@ def _not_zero_optimizer(optimizer) -> str:
     return "CPU offload" if optimizer.cpu_offload else ""
 
 
+def _compact_grad_buffer(optimizer) -> bool:
+    """Whether DeepSpeed accumulates some group's gradients in an fp32 partition buffer, a path these patches
+    do not cover."""
+    return any(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups)))
+
+
 def _grad_divisor(optimizer: DeepSpeedZeroOptimizer, total_norm) -> torch.Tensor | None:
     """What DeepSpeed's unscale_and_clip_grads divides the gradients by (loss scale times clip factor), as
     a one-element device tensor so no host sync is needed; None when it would do nothing."""
@@ -145,7 +151,7 @@ def fuse_adam_step(state: ZeroState, state_dtype: torch.dtype) -> Applied:
         else "the wrapped optimizer is not torch's AdamW without amsgrad"
         if type(adam) is not torch.optim.AdamW or adam.defaults.get("amsgrad")
         else "an fp32 gradient accumulation buffer"
-        if any(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups))) else "")
+        if _compact_grad_buffer(optimizer) else "")
     if not refused:
         optimizer.optimizer = MasterAdamW.replacing(adam, state_dtype)
         deepspeed_step = optimizer.step
@@ -203,7 +209,7 @@ def keep_unreduced_grads_in_place(state: ZeroState) -> Applied:
         else "ZenFlow" if optimizer.zenflow
         else "AutoEP tensor-parallel folding" if getattr(optimizer, "autoep_folding_tp_group", None) is not None
         else "an fp32 gradient accumulation buffer"
-        if any(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups))) else "")
+        if _compact_grad_buffer(optimizer) else "")
     if not refused:
         deepspeed_copy = optimizer.copy_grads_in_partition
         optimizer.copy_grads_in_partition = lambda param, group_idx=None: _copy_grads_in_partition(
