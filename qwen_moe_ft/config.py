@@ -26,7 +26,8 @@ CHOICES = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varl
            "loss_impl": ("auto", "torch", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
            "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"), "lr_schedule": ("cosine", "constant"),
            "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb"),
-           "router_aux_scope": ("global", "micro_batch"), "expert_kernels": ("auto", "torch", "quack")}
+           "router_aux_scope": ("global", "micro_batch"),
+           "router_aux_loss_form": ("transformers", "per_layer"), "expert_kernels": ("auto", "torch", "quack")}
 # -h lists the options in groups, as the dataclass orders them: each group starts at the option named here.
 GROUP_STARTS = {"model": "model", "data": "data", "max_steps": "optimisation",
                 "router_aux_loss_coef": "MoE router", "ep_size": "parallelism",
@@ -83,8 +84,13 @@ class TrainConfig:
     seed: int = _opt(42, "seed of weights init, shuffling and dropout")
 
     # router.py; its docstring has the formulas and why the global scope is exact under accumulation
-    router_aux_loss_coef: float | None = _opt(None, "load-balancing loss coef * E * sum_i f_i P_i, a mean over layers; "
-                                              "unset: the model config's router_aux_loss_coef; 0: off")
+    router_aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient; unset: the model config's "
+                                              "router_aux_loss_coef; 0: off")
+    router_aux_loss_form: str = _opt("transformers", "transformers: coef * E * sum_i f_i P_i over all layers' "
+                                     "routing pooled, f_i per token (summing to top_k), as transformers' "
+                                     "load_balancing_loss_func: coef * top_k at even routing; per_layer: f_i per "
+                                     "token-slot, per layer then averaged (Megatron-LM's normalisation): coef at "
+                                     "even routing, 1/top_k of transformers' at the same coefficient")
     router_aux_scope: str = _opt("global", "token counts f_i of the whole step (every micro-batch and rank: the "
                                  "same loss at any EP size, rank count or accumulation) or of each micro-batch")
     router_z_loss_coef: float = _opt(0.0, "router z-loss coef * mean(logsumexp(router logits)^2); 0: off")

@@ -11,26 +11,30 @@ out), on the device, read by the host only with the step's metrics:
     s_i  sum over tokens of the router probability softmax(logits)_i
     z    sum over tokens of logsumexp(logits)^2
 
-Load-balancing loss, per layer and averaged over the L layers, with N real tokens and K experts per token:
-    aux = coef * E * sum_i f_i * P_i,   f_i = c_i / (N K),   P_i = s_i / N
-The Switch Transformer's (eq. 4-6) with f the fraction of token-slots, as Megatron-LM's
-switch_load_balancing_loss_func: aux = coef for even routing at any top-k. transformers 5.17's
-load_balancing_loss_func also applies the softmax once (to the raw logits its router returns) but counts f
-per token (summing to K) and sums the layers before the product.
+Load-balancing loss, the Switch Transformer's (eq. 4-6) on transformers' scale (`--router-aux-loss-form
+transformers`, the default): transformers 5.17's `load_balancing_loss_func`, for which Qwen3's
+router_aux_loss_coef was chosen, pools the token-slots and probabilities of all L layers before the product:
+    aux = coef * E * sum_i C_i / R * S_i / R,   C_i = sum_l c_{l,i},   S_i = sum_l s_{l,i},   R = L N
+with N real tokens; C counts every one of a token's K choices, so even routing gives coef * K (0.008 for
+Qwen3-30B-A3B's coefficient 0.001 and top-8). `per_layer`: the loss of each layer with f the fraction of
+token-slots, averaged over layers, as Megatron-LM's switch_load_balancing_loss_func normalises it:
+    aux = coef * E / L * sum_l sum_i f_{l,i} P_{l,i},   f_{l,i} = c_{l,i} / (N K),   P_{l,i} = s_{l,i} / N
+which is coef at even routing, 1/K of transformers' at the same coefficient.
 
 Scope `global` (what Qwen3 was trained with): c and N are those of the whole step, every micro-batch of
-every rank. As f carries no gradient, aux is linear in the micro-batches' s: aux = sum over micro-batches m
-of A_m = coef E / (L N) * sum_l f_l . s_{m,l}, and each micro-batch's backward takes its own A_m exactly,
-provided the step's f is known before the first backward. With one micro-batch a step (the recipes) the
-forward's own counts, summed over ranks by one all-reduce of the [L, E] counts before the backward, are
-the step's. With accumulation the later micro-batches' counts do not exist when the first backward runs,
-and without keeping every micro-batch's graph (the memory of one G-times larger batch) no exact gradient
-can wait for them: a counting pass runs the model body without gradient over the step's micro-batches
-first (no lm_head, about a third of the step's compute; said at startup), and its all-reduced counts are
-the step's f. The training forwards route the same tokens with the same weights: the same counts.
+every rank. As c carries no gradient, aux is linear in the micro-batches' s: aux = sum over micro-batches m
+of A_m, the formula with the step's c and N and micro-batch m's s, and each micro-batch's backward takes its
+own A_m exactly, provided the step's c is known before the first backward. With one micro-batch a step (the
+recipes) the forward's own counts, summed over ranks by one all-reduce of the [L, E] counts before the
+backward, are the step's. With accumulation the later micro-batches' counts do not exist when the first
+backward runs, and without keeping every micro-batch's graph (the memory of one G-times larger batch) no
+exact gradient can wait for them: a counting pass runs the model body without gradient over the step's
+micro-batches first (no lm_head, about a third of the step's compute; said at startup), and its
+all-reduced counts are the step's. The training forwards route the same tokens with the same weights: the
+same counts.
 
-Scope `micro_batch`: A_m = coef E / L * sum_l f_{m,l} . P_{m,l} from each micro-batch's own counts on its
-own rank, averaged over the step's micro-batches that hold tokens.
+Scope `micro_batch`: each micro-batch's loss from its own counts, tokens and s on its own rank, averaged over
+the step's micro-batches that hold tokens.
 
 Router z-loss (ST-MoE): z_coef * the mean over the step's real tokens and over layers of logsumexp^2.
 
@@ -56,6 +60,7 @@ from .data.packing import MicroBatch
 from .model.loading import causal_lm_of
 
 SCOPES = ("global", "micro_batch")
+FORMS = ("transformers", "per_layer")
 
 
 def freeze_router(model: nn.Module) -> int:
@@ -105,14 +110,16 @@ class _Capture:
 class RouterTerms:
     """The hooks on every AutoEP router of `model`, and the step's aux loss, z-loss and load from what they saw."""
 
-    def __init__(self, model: nn.Module, *, aux_coef: float, z_coef: float, scope: str):
+    def __init__(self, model: nn.Module, *, aux_coef: float, z_coef: float, scope: str, form: str = "transformers"):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.layers = [m for m in model.modules() if isinstance(m, AutoEPMoELayer)]
         if not self.layers:
             raise ValueError("no AutoEP MoE layer in the model")
         self.model = model
-        self.aux_coef, self.z_coef, self.scope = aux_coef, z_coef, scope
+        self.aux_coef, self.z_coef, self.scope, self.form = aux_coef, z_coef, scope, form
         self.num_experts, self.top_k = self.layers[0].num_experts, self.layers[0].top_k
         self._capture: _Capture | None = None
         self._logits: torch.Tensor | None = None
@@ -122,7 +129,7 @@ class RouterTerms:
             self._hooks.append(layer.router.register_forward_hook(self._on_routing))
 
     def summary(self, grad_accum: int) -> str:
-        aux = f"{self.aux_coef:g} ({self.scope} scope)" if self.aux_coef else "off"
+        aux = f"{self.aux_coef:g} ({self.form} form, {self.scope} scope)" if self.aux_coef else "off"
         if self.needs_counting_pass(grad_accum):
             aux += ", a counting forward of the step's micro-batches first (accumulation)"
         return f"router: load-balancing loss {aux}, z-loss {f'{self.z_coef:g}' if self.z_coef else 'off'}"
@@ -214,13 +221,9 @@ class RouterTerms:
             if self.scope == "global":
                 if self.global_counts is None:  # one micro-batch a step: this forward's counts are the step's
                     self.global_counts = _all_reduced(counts.clone())
-                n = self.real_tokens
-                total = total + self.aux_coef * self.num_experts / layers * (
-                    (self.global_counts / (n * self.top_k)) * (probs / n)).sum()
+                total = total + self.aux_coef * self._balance(self.global_counts, probs, self.real_tokens)
             elif self.current_tokens:
-                n = self.current_tokens
-                total = total + self.aux_coef * self.num_experts / (layers * self.nonempty) * (
-                    (counts / (n * self.top_k)) * (probs / n)).sum()
+                total = total + self.aux_coef / self.nonempty * self._balance(counts, probs, self.current_tokens)
             self.aux_sum += total.detach()
         if self.z_coef:
             squares = torch.stack([_token_sum(torch.logsumexp(x, dim=-1).square(), capture.mask) for x in logits])
@@ -229,6 +232,13 @@ class RouterTerms:
             total = total + z
         self.current = None
         return total
+
+    def _balance(self, counts: torch.Tensor, probs: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The load-balancing loss over coef of token-slot counts and probability sums [L, E] of `tokens` tokens."""
+        layers, experts = counts.shape
+        if self.form == "transformers":
+            return experts * (counts.sum(0) * probs.sum(0)).sum() / (layers * tokens) ** 2
+        return experts / layers * (counts * probs).sum() / (tokens ** 2 * self.top_k)
 
     def step_totals(self) -> torch.Tensor:
         """This rank's [aux, z, counts (L x E)] of the step, float64, for the end-of-step sum over ranks."""

@@ -165,8 +165,10 @@ class Trainer:
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
         self.engine, _, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.router = RouterTerms(self.engine.module, z_coef=cfg.router_z_loss_coef, scope=cfg.router_aux_scope,
-                                  aux_coef=resolve_aux_coef(cfg.router_aux_loss_coef, self.model_config))
+        self.router = RouterTerms(self.engine.module,
+                                  aux_coef=resolve_aux_coef(cfg.router_aux_loss_coef, self.model_config),
+                                  form=cfg.router_aux_loss_form, scope=cfg.router_aux_scope,
+                                  z_coef=cfg.router_z_loss_coef)
 
     def _install_fast_path(self):
         """The fast path's replacements of DeepSpeed's ZeRO-2 step and AutoEP's MoE blocks: from here on

@@ -19,7 +19,7 @@ def test_four_ranks_train_what_one_rank_accumulating_their_micro_batches_trains(
     assert [m["step"] for m in ranks] == [m["step"] for m in accum] == list(range(1, FOUR_RANK_STEPS + 1))
     for a, b in zip(ranks, accum):
         assert a["num_label_tokens"] == b["num_label_tokens"]
-        assert a["aux_loss"] > 0.05 and a["z_loss"] > 0  # the terms were on (even routing gives 0.1)
+        assert a["aux_loss"] > 0.1 and a["z_loss"] > 0  # the terms were on (even routing gives 0.1 x top-2)
         # float32 sums in another order (per rank, per micro-batch): ~1e-7 relative a step, over 3 steps of Adam
         for key in ("loss", "aux_loss", "z_loss", "expert_load_max"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key

@@ -1,11 +1,13 @@
 """The router terms on the tiny model (8 experts, top-2, 2 layers) under AutoEP, through AutoEP's own forward and
 the fast path's: load-balancing loss and z-loss with their gradients equal to autograd of the formulas written
-out from the router logits, padding and filler batches left out; load counts; router freezing."""
+out from the router logits, padding and filler batches left out; the default load-balancing loss equal to
+transformers' own load_balancing_loss_func; load counts; router freezing."""
 import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from helpers import TINY, max_rel_err
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
@@ -42,37 +44,59 @@ def _mask(micro: MicroBatch) -> torch.Tensor:
     return torch.ones(micro.inputs["input_ids"].numel(), dtype=torch.bool) if mask is None else mask.flatten().bool()
 
 
-def _reference(model, micro_batches, scope):
-    """Autograd of the formulas of router.py's docstring, from each layer's router logits of the real tokens."""
-    layers = [m for m in model.modules() if hasattr(m, "router") and hasattr(m, "tokens_per_expert")]
-    assert all(layer.expert_bias is None for layer in layers)  # the router's choice is the top-k of softmax
-    top_k, experts = layers[0].top_k, layers[0].num_experts
+def _moe_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "router") and hasattr(m, "tokens_per_expert")]
+
+
+def _router_logits(model, micro_batches) -> dict[int, list[torch.Tensor]]:
+    """{layer: [router logits of each micro-batch]} of a forward of every micro-batch."""
+    layers = _moe_layers(model)
     logits = {i: [] for i in range(len(layers))}
     hooks = [layer.router.gate.register_forward_hook(lambda m, a, out, i=i: logits[i].append(out))
              for i, layer in enumerate(layers)]
-    for micro in micro_batches:
-        model.model(**micro.inputs, use_cache=False)
-    for hook in hooks:
-        hook.remove()
+    try:
+        for micro in micro_batches:
+            model.model(**micro.inputs, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits
 
-    def balance(rows):  # coef * E * sum_i f_i * P_i of one layer's rows
+
+def _reference(model, micro_batches, scope, form):
+    """Autograd of the formulas of router.py's docstring, from each layer's router logits of the real tokens."""
+    layers = _moe_layers(model)
+    assert all(layer.expert_bias is None for layer in layers)  # the router's choice is the top-k of softmax
+    top_k, experts = layers[0].top_k, layers[0].num_experts
+    logits = _router_logits(model, micro_batches)
+
+    def chosen(probs):  # token-slots per expert
+        return torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, experts).sum((0, 1)).float()
+
+    def per_layer(rows):  # coef * E * sum_i f_i * P_i of one layer's rows, f over token-slots
         probs = torch.softmax(rows, dim=-1)
-        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, experts).sum((0, 1)).float()
-        return AUX * experts * (chosen / (len(rows) * top_k) * probs.mean(0)).sum()
+        return AUX * experts * (chosen(probs) / (len(rows) * top_k) * probs.mean(0)).sum()
+
+    def pooled(layer_rows):  # transformers': every layer's rows as one set, f over tokens
+        probs = torch.softmax(torch.cat(layer_rows), dim=-1)
+        return AUX * experts * (chosen(probs) / len(probs) * probs.mean(0)).sum()
+
+    def balance(layer_rows):
+        return pooled(layer_rows) if form == "transformers" else torch.stack([per_layer(r) for r in layer_rows]).mean()
 
     masks = [_mask(m) for m in micro_batches]
     real = [[x[mask] for x, mask in zip(logits[i], masks)] for i in logits]  # [layer][micro] -> rows
     if scope == "global":
-        aux = torch.stack([balance(torch.cat(rows)) for rows in real]).mean()
+        aux = balance([torch.cat(rows) for rows in real])
     else:
         kept = [j for j, mask in enumerate(masks) if mask.any()]
-        aux = torch.stack([torch.stack([balance(rows[j]) for rows in real]).mean() for j in kept]).mean()
+        aux = torch.stack([balance([rows[j] for rows in real]) for j in kept]).mean()
     z = Z * torch.stack([torch.logsumexp(torch.cat(rows), dim=-1).square().mean() for rows in real]).mean()
     return aux, z
 
 
-def _ours(model, micro_batches, scope):
-    terms = RouterTerms(model, aux_coef=AUX, z_coef=Z, scope=scope)
+def _ours(model, micro_batches, scope, form="transformers", z=Z):
+    terms = RouterTerms(model, aux_coef=AUX, z_coef=z, scope=scope, form=form)
     try:
         terms.start_step(micro_batches, real_tokens=sum(m.num_tokens for m in micro_batches),
                          nonempty_micro_batches=sum(1 for m in micro_batches if m.num_tokens), device="cpu")
@@ -85,9 +109,10 @@ def _ours(model, micro_batches, scope):
         terms.remove()
 
 
-@pytest.mark.parametrize("forward", ["autoep", "fast_path", "checkpointed"])
+@pytest.mark.parametrize("forward, form", [("autoep", "transformers"), ("fast_path", "transformers"),
+                                           ("checkpointed", "transformers"), ("autoep", "per_layer")])
 @pytest.mark.parametrize("scope", ["global", "micro_batch"])
-def test_router_terms_and_gradients_equal_the_formulas(autoep_model, scope, forward):
+def test_router_terms_and_gradients_equal_the_formulas(autoep_model, scope, forward, form):
     """Float32 throughout: both sides sum a few hundred terms of size ~1/(N E) in another order, so they agree to
     a few hundred float32 roundings of the largest magnitude, far below 1e-5 relative."""
     model = copy.deepcopy(autoep_model)
@@ -97,12 +122,12 @@ def test_router_terms_and_gradients_equal_the_formulas(autoep_model, scope, forw
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     micro_batches = _micro_batches()
-    aux, z = _reference(model, micro_batches, scope)
+    aux, z = _reference(model, micro_batches, scope, form)
     (aux + z).backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    terms, stats = _ours(model, micro_batches, scope)
+    terms, stats = _ours(model, micro_batches, scope, form)
     assert stats.aux_loss == pytest.approx(aux.item(), rel=1e-6)
     assert stats.z_loss == pytest.approx(z.item(), rel=1e-6)
     ours = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -114,6 +139,53 @@ def test_router_terms_and_gradients_equal_the_formulas(autoep_model, scope, forw
     assert [sum(row) for row in stats.load] == [2 * 87] * 2
     if scope == "global":  # the counting pass saw what the training forwards routed
         assert torch.equal(terms.global_counts, terms.step_counts)
+
+
+@pytest.fixture(scope="module")
+def four_layer_autoep_model(process_group):
+    """The tiny model's width at 4 layers, random weights: transformers' loss pools its layers."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(TINY, num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    return model
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_default_aux_loss_is_transformers_load_balancing_loss(four_layer_autoep_model, padded):
+    """One micro-batch on one rank: coef x transformers' load_balancing_loss_func of the same router logits, and
+    the same gradient. Float32 sums of ~100 terms in another order: far below 1e-5 relative."""
+    model = four_layer_autoep_model
+    micro = _micro_batches()[1 if padded else 0]
+    logits = _router_logits(model, [micro])
+    top_k, experts = model.config.num_experts_per_tok, model.config.num_experts
+    expected = AUX * load_balancing_loss_func(tuple(x[0] for x in logits.values()), experts, top_k,
+                                              micro.inputs.get("attention_mask"))
+    expected.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    terms, stats = _ours(model, [micro], "global", z=0.0)
+    terms.remove()
+    assert stats.aux_loss == pytest.approx(expected.item(), rel=1e-6)
+    ours = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert sorted(ours) == sorted(reference) and len([n for n in ours if "router.gate" in n]) == 4
+    for name, grad in reference.items():
+        assert max_rel_err(ours[name], grad) < 1e-5, name
+
+
+def test_aux_loss_at_even_routing_is_coef_times_top_k_or_coef_per_layer(autoep_model):
+    """Logits that tie every expert: P_i = 1/E and each expert takes N K / E slots, whatever top-k breaks the ties."""
+    layers = len(_moe_layers(autoep_model))
+    for form, expected in (("transformers", AUX * 2), ("per_layer", AUX)):
+        terms = RouterTerms(autoep_model, aux_coef=AUX, z_coef=0.0, scope="global", form=form)
+        try:
+            counts = torch.full((layers, 8), 2 * 64 / 8)
+            probs = torch.full((layers, 8), 64 / 8)
+            assert terms._balance(counts, probs, tokens=64).item() * AUX == pytest.approx(expected, rel=1e-6)
+        finally:
+            terms.remove()
 
 
 def test_one_micro_batch_needs_no_counting_pass(autoep_model):
@@ -150,7 +222,8 @@ def test_freeze_router_before_autoep_freezes_autoeps_gates_alone(process_group):
 
 
 @pytest.mark.parametrize("option, value", [("--router-aux-loss-coef", "-0.1"), ("--router-z-loss-coef", "-1"),
-                                           ("--router-aux-scope", "batch"), ("--expert-load-steps", "-1")])
+                                           ("--router-aux-scope", "batch"), ("--router-aux-loss-form", "megatron"),
+                                           ("--expert-load-steps", "-1")])
 def test_bad_router_values_name_the_option(option, value):
     with pytest.raises(ConfigError, match=option):
         load_config([option, value]).validate()
