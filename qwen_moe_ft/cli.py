@@ -32,5 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def train() -> int:
+    """`qwen-moe-ft-train`: the options checked before torch is imported, then the trainer in this process (one
+    process, or each process of `torchrun --no-python qwen-moe-ft-train ...`)."""
+    if main() != 0:
+        return 2
+    from .train import main as train_main
+
+    return train_main()
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,11 +11,13 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE.parent  # a clone's data/; an installed package passes --model and --data by path
+RECIPES = PACKAGE / "recipes"
 TINY_MODEL = str(REPO_ROOT / "data" / "tiny-qwen3-moe")
 REAL_MODEL = "Qwen/Qwen3-30B-A3B"
 QWEN3_30B_A3B = str(REPO_ROOT / "data" / "qwen3-30b-a3b-config")  # its config.json alone: random-init benchmarks
-DEFAULT_DS_CONFIG = str(REPO_ROOT / "ds_configs" / "zero2_ep.json")
+DEFAULT_DS_CONFIG = str(PACKAGE / "ds_configs" / "zero2_ep.json")  # ds_configs/zero2_ep.json is a copy users read
 # --report-to: the modules Accelerate's tracker can write with, and what to install for them
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 TRACKER_PACKAGES = {"tensorboard": "'qwen-moe-ft[tensorboard]'", "wandb": "wandb"}
@@ -261,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qwen_moe_ft.train", usage="%(prog)s [--config RECIPE] [--option value ...]",
                      description="Fine-tune a Qwen3-MoE model. Options override the --config recipe, which overrides "
                      "the defaults shown.")
-    parser.add_argument("--config", help="YAML recipe (qwen_moe_ft/recipes/); command-line options override it")
+    parser.add_argument("--config", help="YAML recipe: a file, or the name of one in qwen_moe_ft/recipes/ (e.g. "
+                        "tiny-packed); command-line options override it")
     group = parser
     for field in fields(TrainConfig):
         if field.name in GROUP_STARTS:
@@ -275,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
+    if not path.is_file() and (RECIPES / f"{path}.yaml").is_file():  # a packaged recipe by name
+        path = RECIPES / f"{path}.yaml"
     if not path.is_file():
         raise ConfigError(f"--config: {path} does not exist")
     try:

@@ -1,7 +1,11 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from helpers import REPO
-from qwen_moe_ft.config import REAL_MODEL, TINY_MODEL, ConfigError, TrainConfig, load_config
+from qwen_moe_ft.config import (DEFAULT_DS_CONFIG, REAL_MODEL, RECIPES, TINY_MODEL, ConfigError, TrainConfig,
+                                load_config)
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 
@@ -109,3 +113,15 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_config(["--config", str(recipe)]).validate()
     if recipe.stem == "qwen3-30b-a3b-lora-1gpu":  # what lets one GPU hold all 48 layers for LoRA
         assert cfg.lora and cfg.activation_checkpointing and cfg.ep_size == 1
+
+
+def test_a_packaged_recipe_loads_by_name():
+    assert load_config(["--config", "tiny-lora"]) == load_config(["--config", str(RECIPES / "tiny-lora.yaml")])
+    with pytest.raises(ConfigError, match="tiny-lorra does not exist"):
+        load_config(["--config", "tiny-lorra"])
+
+
+def test_the_packaged_deepspeed_config_is_the_one_ds_configs_shows():
+    """The default travels inside the package; ds_configs/zero2_ep.json is the copy a reader of the clone finds."""
+    shown = REPO / "ds_configs" / "zero2_ep.json"
+    assert json.loads(Path(DEFAULT_DS_CONFIG).read_text()) == json.loads(shown.read_text())
