@@ -1,5 +1,5 @@
 """Session fixtures; tests under tests/integration/ (multi-process training runs) are marked `integration`, so
-`pytest -m "not integration"` is the fast unit loop."""
+`pytest -m "not integration"` is the fast unit loop. Tests marked `gpu` are skipped without a CUDA GPU."""
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if INTEGRATION in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.integration)
+    if any(item.get_closest_marker("gpu") for item in items):
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in items:
+                if item.get_closest_marker("gpu"):
+                    item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(scope="session")

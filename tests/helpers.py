@@ -26,8 +26,9 @@ FOUR_RANK_EP2 = [*FOUR_RANK_RUN, "--ep-size", "2", "--grad-accum", "2"]
 
 
 def cpu_env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+    """CPU processes, also on a machine with GPUs (hidden from them)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     return env
 

@@ -34,7 +34,7 @@ def test_wheel_in_a_fresh_venv_trains_the_tiny_model(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     where = run(str(python), "-c", "import qwen_moe_ft; print(qwen_moe_ft.__file__)", cwd=elsewhere, env=env)
     assert where.startswith(str(venv)), where
     assert all((venv / "bin" / script).is_file() for script in SCRIPTS)

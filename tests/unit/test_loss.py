@@ -23,7 +23,7 @@ def test_loss_impl_selection():
         select_loss_impl("liger", "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused kernels run on GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl, package", [("liger", "liger_kernel"), ("cce", "cut_cross_entropy")])
 def test_fused_linear_cross_entropy_matches_logits_path_in_bf16(impl, package):
     pytest.importorskip(package)

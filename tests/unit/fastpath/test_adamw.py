@@ -109,6 +109,7 @@ def _gpu_runs(state_dtype, steps, grads):
     return runs["triton"], runs["torch"]
 
 
+@pytest.mark.gpu
 @needs_triton
 def test_triton_kernel_matches_the_torch_path_with_fp32_moments():
     grads = torch.randn(3_000_000, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).bfloat16()
@@ -119,6 +120,7 @@ def test_triton_kernel_matches_the_torch_path_with_fp32_moments():
         torch.testing.assert_close(s_triton[key], s_torch[key], rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("inter", [96, 128])  # rows of 6144 elements, or whole blocks of the kernel's (4096)
 def test_triton_kernel_writes_the_mirror_as_the_torch_path(inter):
@@ -127,6 +129,7 @@ def test_triton_kernel_writes_the_mirror_as_the_torch_path(inter):
     assert torch.equal(concat, torch.cat([out[:w].view(shape), out[w:2 * w].view(shape)], dim=1))
 
 
+@pytest.mark.gpu
 @needs_triton
 @pytest.mark.parametrize("tail", [5000, 8192])  # the piece starting inside one of the kernel's blocks, or on one
 def test_triton_kernel_mirrors_past_2_to_the_31_and_across_a_row(tail):
@@ -143,6 +146,7 @@ def test_triton_kernel_mirrors_past_2_to_the_31_and_across_a_row(tail):
     assert out.float().abs().min() > 0 and not concat[:, 0].any()
 
 
+@pytest.mark.gpu
 @needs_triton
 def test_triton_kernel_rounds_bf16_moments_stochastically():
     """Every gradient (1 + 2**-9) / 0.1 x 2: the first moment is a quarter of the way between two bf16

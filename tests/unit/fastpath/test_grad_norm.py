@@ -72,7 +72,7 @@ def test_norms_taken_in_the_backward_give_deepspeeds_norm(process_group, monkeyp
     assert ours.item() == pytest.approx(optimizer.scaled_global_norm().item(), rel=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("numel", [1 << 24, (1 << 24) + 12345, 128 * 768 * 2048])
 def test_large_gradient_kernel_equals_the_fp64_norm_and_keeps_nan(numel):
     """fp32 sums of squares: each program's 65536 squares, then the programs' partials, err by at most

@@ -21,6 +21,7 @@ def test_selection_degrades_on_the_cpu():
         select_fused_kernels("liger", "cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or select_fused_kernels("auto", "cuda") != "liger",
                     reason="liger's Triton kernels need a GPU and liger-kernel")
 def test_liger_norm_and_rope_match_the_stock_modules_on_packed_documents():

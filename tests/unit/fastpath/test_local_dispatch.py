@@ -67,7 +67,7 @@ def test_one_rank_dispatch_gives_autoeps_output_and_gradients(moe_block, monkeyp
     _assert_same(ours, reference)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton gather-sum runs on CUDA")
+@pytest.mark.gpu
 def test_triton_gather_sum_matches_embedding_bag():
     from qwen_moe_ft.fastpath.local_dispatch import _sum_token_rows
 

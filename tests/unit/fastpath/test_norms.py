@@ -54,6 +54,7 @@ def test_nothing_to_bind_is_refused():
     assert quack_head_norms(torch.nn.Linear(2, 2), torch.device("cpu")).refused
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or select_fused_kernels("auto", "cuda") != "liger"
                     or quack_unavailable_because(torch.device("cuda")) != "",
                     reason="quack's RMSNorm needs a Hopper GPU and quack-kernels; liger patches first")

@@ -29,7 +29,7 @@ def test_split_gate_up_reference_separates_interleaved_columns():
     assert quack_experts.split_gate_up_reference(interleaved).tolist() == [[1, 2, 3, 10, 20, 30], [4, 5, 6, 40, 50, 60]]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows,inter", [(65536, 768), (37, 96), (5, 200), (0, 768)])
 def test_split_gate_up_kernel_copies_exactly_what_torch_does(rows, inter):
     """A copy: bit for bit, at the real shape, at row and pair counts that leave partial blocks, and with no rows."""
@@ -52,6 +52,7 @@ def test_gemm_options_leave_unpinned_gemms_to_quack():
         tuned=True, dynamic_scheduler=True)
 
 
+@pytest.mark.gpu
 @needs_quack
 @pytest.mark.parametrize("pinned", [True, False])
 @pytest.mark.parametrize("experts,hidden,inter,tokens,top_k", [(8, 256, 128, 512, 2), (128, 2048, 768, 1024, 8)])

@@ -74,7 +74,7 @@ def test_backend_selection():
         select_backend("flash_attn", "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU kernels")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn"])
 def test_gpu_backend_matches_per_document_sdpa_in_bf16(backend):
     if backend not in available_backends("cuda"):

@@ -9,7 +9,7 @@ from helpers import max_rel_err
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
 from qwen_moe_ft.parallel.process import ensure_process_env
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AutoEP kernels run on CUDA")
+pytestmark = pytest.mark.gpu
 
 PLAIN = {"gate_up_impl": "separate", "combine_impl": "weighted_sum"}
 FUSED = {"gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}
