@@ -5,7 +5,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -13,17 +13,12 @@ from tqdm.auto import tqdm
 
 from .flops import flops_per_token
 
-KEYS = ("step", "epoch", "loss", "aux_loss", "z_loss", "grad_norm", "lr", "mem_gib", "tps", "tps_per_gpu",
-        "num_label_tokens", "tflops_per_gpu", "mfu", "expert_load_max", "dead_experts")
-
-
 @dataclass
 class StepMetrics:
+    # Up to num_label_tokens: the line of the published Qwen3-MoE DeepSpeed runs, which scripts parse; ours follow.
     step: int
     epoch: int
     loss: float  # the LM loss per label token alone, comparable with and without the router terms
-    aux_loss: float  # load-balancing loss of the step (router.py)
-    z_loss: float  # router z-loss of the step
     grad_norm: float
     lr: float
     mem_gib: float | None
@@ -32,17 +27,22 @@ class StepMetrics:
     num_label_tokens: int
     tflops_per_gpu: float
     mfu: float | None
+    aux_loss: float  # load-balancing loss of the step (router.py)
+    z_loss: float  # router z-loss of the step
     expert_load_max: float  # over layers, the busiest expert's token-slots over the mean
     dead_experts: int  # experts that got no token this step, summed over layers
 
     def line(self) -> str:
         mem = "n/a" if self.mem_gib is None else f"{self.mem_gib:.2f} GiB"
         mfu = "n/a" if self.mfu is None else f"{100 * self.mfu:.1f}%"
-        return (f"step {self.step} | epoch {self.epoch} | loss {self.loss:.4f} | aux_loss {self.aux_loss:.4g} | "
-                f"z_loss {self.z_loss:.4g} | grad_norm {self.grad_norm:.4f} | "
+        return (f"step {self.step} | epoch {self.epoch} | loss {self.loss:.4f} | grad_norm {self.grad_norm:.4f} | "
                 f"lr {self.lr:.2e} | mem {mem} | tps {self.tps:.2f}({self.tps_per_gpu:.2f}/gpu) | "
                 f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.3g}/gpu | mfu {mfu} | "
+                f"aux_loss {self.aux_loss:.4g} | z_loss {self.z_loss:.4g} | "
                 f"expert_load_max {self.expert_load_max:.2f} | dead_experts {self.dead_experts}")
+
+
+KEYS = tuple(field.name for field in fields(StepMetrics))
 
 
 class StepTimer:
@@ -89,8 +89,10 @@ def step_metrics(*, step: int, epoch: int, loss: float, grad_norm: float, lr: fl
     per_gpu = tps / world_size
     tflops = per_gpu * flops_per_token(model_config, mean_context, frozen_weights) / 1e12
     mfu = tflops / peak_tflops if peak_tflops else None
-    return StepMetrics(step, epoch, loss, aux_loss, z_loss, grad_norm, lr, mem_gib, tps, per_gpu, label_tokens,
-                       tflops, mfu, expert_load_max, dead_experts)
+    return StepMetrics(step=step, epoch=epoch, loss=loss, grad_norm=grad_norm, lr=lr, mem_gib=mem_gib, tps=tps,
+                       tps_per_gpu=per_gpu, num_label_tokens=label_tokens, tflops_per_gpu=tflops, mfu=mfu,
+                       aux_loss=aux_loss, z_loss=z_loss, expert_load_max=expert_load_max,
+                       dead_experts=dead_experts)
 
 
 def _finite_or_none(value):

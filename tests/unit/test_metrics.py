@@ -1,6 +1,30 @@
 import json
 
-from qwen_moe_ft.metrics import MetricsLogger, drop_metrics_after
+from qwen_moe_ft.metrics import KEYS, MetricsLogger, StepMetrics, drop_metrics_after
+
+SEED_FIELDS = ["step", "epoch", "loss", "grad_norm", "lr", "mem", "tps", "num_label_tokens"]
+
+
+def _metrics(**overrides):
+    values = dict(step=7, epoch=2, loss=1.25, grad_norm=0.5, lr=1e-4, mem_gib=61.5, tps=8000.0, tps_per_gpu=1000.0,
+                  num_label_tokens=4321, tflops_per_gpu=120.0, mfu=0.125, aux_loss=0.008, z_loss=0.0,
+                  expert_load_max=1.5, dead_experts=0)
+    return StepMetrics(**{**values, **overrides})
+
+
+def test_line_keeps_the_published_runs_fields_first_in_their_order():
+    line = _metrics().line()
+    fields = [part.split(" ")[0] for part in line.split(" | ")]
+    assert fields[:8] == SEED_FIELDS
+    assert line.startswith("step 7 | epoch 2 | loss 1.2500 | grad_norm 0.5000 | lr 1.00e-04 | mem 61.50 GiB | "
+                           "tps 8000.00(1000.00/gpu) | num_label_tokens 4321 | ")
+    assert fields[8:] == ["tflops", "mfu", "aux_loss", "z_loss", "expert_load_max", "dead_experts"]
+    assert "| mem n/a |" in _metrics(mem_gib=None).line() and "| mfu n/a |" in _metrics(mfu=None).line()
+
+
+def test_metrics_jsonl_keys_follow_the_line():
+    assert list(KEYS[:9]) == ["step", "epoch", "loss", "grad_norm", "lr", "mem_gib", "tps", "tps_per_gpu",
+                              "num_label_tokens"]
 
 
 def test_resume_drops_steps_and_evals_past_the_checkpoint_and_a_torn_last_line(tmp_path):
