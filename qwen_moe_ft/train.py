@@ -198,6 +198,9 @@ class Trainer:
             f"{packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
             f"{self.train_loader.steps_per_epoch} steps per epoch, {self.total_steps} steps")
         self.metrics.info(self.router.summary(cfg.grad_accum) + (", routers frozen" if cfg.freeze_router else ""))
+        if self.device.type == "cuda" and not self.peak:
+            self.metrics.info(f"mfu n/a (unknown GPU: pass --peak-tflops, the bf16 dense TFLOP/s of "
+                              f"{torch.cuda.get_device_name(self.device)})")
         self.metrics.info(self.fast_path.summary() if self.fast_path else "fast path off (--fast-path off): stock "
                           "DeepSpeed ZeRO-2 + AutoEP")
         if self.data.skipped or self.data.truncated:
