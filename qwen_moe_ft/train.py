@@ -6,7 +6,6 @@ then a plain step loop that logs one line of metrics per step.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -124,7 +123,7 @@ class Trainer:
                            grad_accum=cfg.grad_accum, pad_id=self.tokenizer.pad_token_id)
         self.train_loader = StepLoader(self.data.train, **loader_args)
         self.eval_loader = StepLoader(self.data.eval, **{**loader_args, "grad_accum": 1}) if self.data.eval else None
-        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.train_loader.steps_per_epoch)
+        self.total_steps = cfg.max_steps or self.train_loader.total_steps(cfg.epochs)
 
     def _build_model(self) -> torch.nn.Module:
         """The model with packed attention, the fast path's kernels swapped in, and LoRA if asked."""
@@ -187,6 +186,8 @@ class Trainer:
         if cfg.report_to != "none":
             acc.init_trackers("qwen_moe_ft", config=cfg.to_dict())
         plan, lengths = self.train_loader.plan(1), self.train_loader.lengths
+        epoch_steps = self.train_loader.epoch_steps(self.total_steps)
+        fewest, most = min(epoch_steps), max(epoch_steps)
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
             f"zero {cfg.zero_stage} | {'LoRA on ' + cfg.lora_targets if cfg.lora else 'full fine-tuning'} | "
@@ -196,7 +197,7 @@ class Trainer:
             f"mean length {sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
             f"{'packing' if cfg.packing else 'padding'} efficiency "
             f"{packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
-            f"{self.train_loader.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+            f"{fewest if fewest == most else f'{fewest}-{most}'} steps per epoch, {self.total_steps} steps")
         self.metrics.info(self.router.summary(cfg.grad_accum) + (", routers frozen" if cfg.freeze_router else ""))
         if self.device.type == "cuda" and not self.peak:
             self.metrics.info(f"mfu n/a (unknown GPU: pass --peak-tflops, the bf16 dense TFLOP/s of "
