@@ -31,6 +31,7 @@ class StepMetrics:
     z_loss: float  # router z-loss of the step
     expert_load_max: float  # over layers, the busiest expert's token-slots over the mean
     dead_experts: int  # experts that got no token this step, summed over layers
+    data_seconds: float  # building the step's batches, a part of the step's time
 
     def line(self) -> str:
         mem = "n/a" if self.mem_gib is None else f"{self.mem_gib:.2f} GiB"
@@ -39,7 +40,8 @@ class StepMetrics:
                 f"lr {self.lr:.2e} | mem {mem} | tps {self.tps:.2f}({self.tps_per_gpu:.2f}/gpu) | "
                 f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.3g}/gpu | mfu {mfu} | "
                 f"aux_loss {self.aux_loss:.4g} | z_loss {self.z_loss:.4g} | "
-                f"expert_load_max {self.expert_load_max:.2f} | dead_experts {self.dead_experts}")
+                f"expert_load_max {self.expert_load_max:.2f} | dead_experts {self.dead_experts} | "
+                f"data {self.data_seconds:.3f} s")
 
 
 KEYS = tuple(field.name for field in fields(StepMetrics))
@@ -80,19 +82,20 @@ class StepTimer:
 
 
 def step_metrics(*, step: int, epoch: int, loss: float, grad_norm: float, lr: float, seconds: float,
-                 tokens: int, label_tokens: int, mean_context: float, world_size: int, model_config,
-                 peak_tflops: float | None, mem_gib: float | None, aux_loss: float, z_loss: float,
+                 data_seconds: float, tokens: int, label_tokens: int, mean_context: float, world_size: int,
+                 model_config, peak_tflops: float | None, mem_gib: float | None, aux_loss: float, z_loss: float,
                  expert_load_max: float, dead_experts: int, frozen_weights: bool = False) -> StepMetrics:
-    """Throughput counts real (unpadded) tokens of the global batch over the step's wall time; frozen_weights
-    (LoRA): the base weights get no weight gradient, which the FLOPs count leaves out."""
-    tps = tokens / seconds
+    """Throughput counts real (unpadded) tokens of the global batch over the step's wall time: `seconds` from its
+    batches on plus `data_seconds` building them, as the GPUs wait for both. frozen_weights (LoRA): the base
+    weights get no weight gradient, which the FLOPs count leaves out."""
+    tps = tokens / (data_seconds + seconds)
     per_gpu = tps / world_size
     tflops = per_gpu * flops_per_token(model_config, mean_context, frozen_weights) / 1e12
     mfu = tflops / peak_tflops if peak_tflops else None
     return StepMetrics(step=step, epoch=epoch, loss=loss, grad_norm=grad_norm, lr=lr, mem_gib=mem_gib, tps=tps,
                        tps_per_gpu=per_gpu, num_label_tokens=label_tokens, tflops_per_gpu=tflops, mfu=mfu,
                        aux_loss=aux_loss, z_loss=z_loss, expert_load_max=expert_load_max,
-                       dead_experts=dead_experts)
+                       dead_experts=dead_experts, data_seconds=data_seconds)
 
 
 def _finite_or_none(value):

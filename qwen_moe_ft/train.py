@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -209,11 +210,15 @@ class Trainer:
                               f"{self.data.truncated}")
 
     def train_step(self, step: int):
+        start = time.perf_counter()
         batches = self.train_loader.step(step)
-        return self.run_step(batches.micro_batches, step=step + 1, epoch=batches.epoch)
+        return self.run_step(batches.micro_batches, step=step + 1, epoch=batches.epoch,
+                             data_seconds=time.perf_counter() - start)
 
-    def run_step(self, micro_batches: list[MicroBatch], *, step: int, epoch: int, timer: StepTimer | None = None):
-        """One optimizer step over this rank's micro-batches; the loss is normalised by the global label count."""
+    def run_step(self, micro_batches: list[MicroBatch], *, step: int, epoch: int, timer: StepTimer | None = None,
+                 data_seconds: float = 0.0):
+        """One optimizer step over this rank's micro-batches; the loss is normalised by the global label count.
+        data_seconds: building the micro-batches took this long, a part of the step's time."""
         timer = timer or StepTimer(self.device)
         timer.begin()
         local = [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches),
@@ -245,7 +250,8 @@ class Trainer:
         return step_metrics(
             step=step, epoch=epoch, loss=loss_total / max(label_tokens, 1),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr, seconds=seconds,
-            tokens=int(tokens), label_tokens=int(label_tokens), mean_context=context_sum / max(tokens, 1),
+            data_seconds=data_seconds, tokens=int(tokens), label_tokens=int(label_tokens),
+            mean_context=context_sum / max(tokens, 1),
             world_size=self.world_size, model_config=self.model_config, peak_tflops=self.peak,
             mem_gib=timer.peak_mem_gib(), frozen_weights=self.cfg.lora, aux_loss=self.router_stats.aux_loss,
             z_loss=self.router_stats.z_loss, expert_load_max=self.router_stats.expert_load_max,

@@ -1,4 +1,8 @@
-"""train.main's handling of a run that fails: out of GPU memory is a message that says what to change."""
+"""train.main's handling of a run that fails (out of GPU memory is a message that says what to change), and what
+a training step's time takes in."""
+import time
+from types import SimpleNamespace
+
 import torch
 
 from qwen_moe_ft import train
@@ -14,3 +18,18 @@ def test_out_of_memory_says_what_lowers_the_peak(monkeypatch, capsys):
     assert "Tried to allocate 2.00 GiB" in err  # the traceback stays
     assert err.rstrip().endswith(f"error: {train.OUT_OF_MEMORY}")
     assert "--checkpoint-layers N" in err and "python -m qwen_moe_ft.memory" in err
+
+
+def test_a_steps_time_takes_in_building_its_batches():
+    class SlowLoader:
+        def step(self, step):
+            time.sleep(0.05)
+            return SimpleNamespace(micro_batches=["batch"], epoch=2)
+
+    def run_step(micro_batches, **kwargs):
+        return micro_batches, kwargs
+
+    trainer = SimpleNamespace(train_loader=SlowLoader(), run_step=run_step)
+    micro_batches, kwargs = train.Trainer.train_step(trainer, 6)
+    assert micro_batches == ["batch"] and (kwargs["step"], kwargs["epoch"]) == (7, 2)
+    assert kwargs["data_seconds"] >= 0.05
