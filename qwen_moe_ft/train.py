@@ -124,6 +124,11 @@ class Trainer:
                            grad_accum=cfg.grad_accum, pad_id=self.tokenizer.pad_token_id)
         self.train_loader = StepLoader(self.data.train, **loader_args)
         self.eval_loader = StepLoader(self.data.eval, **{**loader_args, "grad_accum": 1}) if self.data.eval else None
+        self.data_order = checkpoint.DataOrder.of(cfg, self.train_loader.lengths)
+        if self.resume_path:  # before the model: a resume whose steps would train other examples stops here
+            note = checkpoint.check_data_order(self.resume_path, self.data_order)
+            if note and self.accelerator.is_main_process:
+                print(f"note: {note}", flush=True)
         self.total_steps = cfg.max_steps or self.train_loader.total_steps(cfg.epochs)
 
     def _build_model(self) -> torch.nn.Module:
@@ -310,7 +315,7 @@ class Trainer:
             stop = _global_sum([float(self.stop_signal is not None)], self.device)[0] > 0
             if cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop:
                 path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
-                                       keep=cfg.save_total_limit, layout=self.layout)
+                                       keep=cfg.save_total_limit, layout=self.layout, data_order=self.data_order)
                 self.metrics.info(f"saved checkpoint {path}")
             if stop:
                 if cfg.lora:

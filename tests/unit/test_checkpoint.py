@@ -1,9 +1,14 @@
 import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from qwen_moe_ft.checkpoint import (COMPLETE, CheckpointError, Layout, check_layout, complete_checkpoints, prune,
-                                   saved_layout)
+from qwen_moe_ft.checkpoint import (COMPLETE, LATEST, CheckpointError, DataOrder, Layout, check_data_order,
+                                   check_layout, complete_checkpoints, prune, resolve, save, saved_layout)
+from qwen_moe_ft.config import TrainConfig
 
 
 def finished(root, *steps):
@@ -46,3 +51,200 @@ def test_a_checkpoint_of_another_layout_is_refused_saying_how_to_resume_it(tmp_p
         check_layout(step, Layout(processes=1, ep_size=1, lora=False))
     (step / COMPLETE).write_text("4\n")  # a marker from before layouts were recorded: nothing to check against
     check_layout(step, Layout(processes=1, ep_size=1, lora=False))
+
+
+class Crash(Exception):
+    pass
+
+
+class FakeEngine:
+    """What save() asks of a DeepSpeed engine: its files written into save_dir/tag."""
+
+    def __init__(self, weights: str, fail_after_first_file: bool = False):
+        self.weights, self.fail = weights, fail_after_first_file
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model_states.pt").write_text(self.weights)
+        if self.fail:
+            raise Crash("the disk filled up")
+        (path / "optim_states.pt").write_text(self.weights)
+
+
+LAYOUT = Layout(processes=1, ep_size=1, lora=False)
+ORDER = DataOrder.of(TrainConfig(), [5, 7, 3])
+
+
+def save_step(root, step, engine):
+    return save(engine, root, step, rank=0, keep=2, layout=LAYOUT, data_order=ORDER)
+
+
+def resumed_weights(root) -> str:
+    """What `--resume latest` would load: the checkpoint must be complete and whole."""
+    path = resolve("latest", root)
+    assert json.loads((path / COMPLETE).read_text())["step"] == int(path.name.split(".")[0][len("step-"):])
+    files = {p.name for p in path.iterdir()}
+    assert {"model_states.pt", "optim_states.pt", "rng_rank0.pt"} <= files, files
+    weights = {(path / name).read_text() for name in ("model_states.pt", "optim_states.pt")}
+    assert len(weights) == 1, "the files of two saves mixed"
+    return weights.pop()
+
+
+def test_saving_a_step_again_keeps_the_one_latest_names_until_the_new_one_is_complete(tmp_path):
+    """A run resumed from step-4 saves step 6 again while `latest` names the earlier run's step-6."""
+    save_step(tmp_path, 4, FakeEngine("step 4"))
+    save_step(tmp_path, 6, FakeEngine("earlier run"))
+    with pytest.raises(Crash):
+        save_step(tmp_path, 6, FakeEngine("resumed run", fail_after_first_file=True))
+    assert resumed_weights(tmp_path) == "earlier run"
+    save_step(tmp_path, 6, FakeEngine("resumed run"))
+    assert resumed_weights(tmp_path) == "resumed run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-4", "step-6"]
+
+
+# FakeEngine writes with Path.write_text: a crash between DeepSpeed's files too
+FILESYSTEM_CALLS = [(os, "rename"), (os, "replace"), (os, "fsync"), (os, "open"), (shutil, "rmtree"),
+                    (Path, "write_text")]
+
+
+@pytest.mark.parametrize("earlier", ["the same step", "another step"])
+def test_a_crash_at_any_point_of_a_save_leaves_latest_naming_a_complete_checkpoint(tmp_path, monkeypatch, earlier):
+    """Every filesystem call of save() in turn raises (a crash there); `latest` still resolves to a complete
+    checkpoint, the earlier one or the new one, and the next save of the step succeeds."""
+    crash_at = 0
+    while True:
+        crash_at += 1
+        root = tmp_path / str(crash_at)
+        save_step(root, 6 if earlier == "the same step" else 5, FakeEngine("earlier"))
+        calls = 0
+
+        def crashing(original):
+            def call(*args, **kwargs):
+                nonlocal calls
+                calls += 1
+                if calls == crash_at:
+                    raise Crash(f"call {calls}: {original.__name__}{args}")
+                return original(*args, **kwargs)
+            return call
+
+        with monkeypatch.context() as patch:
+            for module, name in FILESYSTEM_CALLS:
+                patch.setattr(module, name, crashing(getattr(module, name)))
+            try:
+                save_step(root, 6, FakeEngine("new"))
+                finished = True
+            except Crash:
+                finished = False
+        assert resumed_weights(root) in ("earlier", "new"), crash_at
+        if finished:
+            assert resumed_weights(root) == "new"
+            break
+        save_step(root, 6, FakeEngine("new"))
+        assert resumed_weights(root) == "new", crash_at
+        assert not [p.name for p in root.iterdir() if p.name not in ("latest", "step-5", "step-6")], crash_at
+    assert crash_at > 10, "the patched calls were hardly reached: few crash points were tried"
+
+
+def test_files_and_directories_reach_the_disk_before_complete_and_before_latest(tmp_path, monkeypatch):
+    save_step(tmp_path, 6, FakeEngine("earlier"))
+    events = []
+    fsync, rename, replace = os.fsync, os.rename, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def logged_move(move):
+        def call(src, dst):
+            events.append(("move", Path(dst)))
+            move(src, dst)
+        return call
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "rename", logged_move(rename))
+    monkeypatch.setattr(os, "replace", logged_move(replace))
+    save_step(tmp_path, 6, FakeEngine("new"))
+    moves = [i for i, (kind, _) in enumerate(events) if kind == "move"]
+    complete = next(i for i in moves if events[i][1].name == COMPLETE)
+    staged = events[complete][1].parent
+    synced_before = {path for kind, path in events[:complete] if kind == "fsync"}
+    assert {staged / "model_states.pt", staged / "optim_states.pt", staged / "rng_rank0.pt", staged} <= synced_before
+    assert ("fsync", staged) in events[complete + 1:], "the COMPLETE entry itself was not flushed"
+    published = next(i for i in moves if events[i][1] == tmp_path / "step-6")
+    latest = next(i for i in moves if events[i][1] == tmp_path / LATEST)
+    assert complete < published < latest
+    assert ("fsync", tmp_path) in events[published + 1:latest], "step-6's new entry was not flushed before latest"
+    assert ("fsync", tmp_path) in events[latest + 1:], "latest's new entry was not flushed"
+
+
+def test_prune_removes_what_interrupted_saves_left(tmp_path):
+    finished(tmp_path, 4, 6)
+    for leftover in ("step-8.saving", "step-2.replaced"):
+        (tmp_path / leftover).mkdir()
+    prune(tmp_path, 2, latest=tmp_path / "step-6")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6"]
+
+
+def saved_with(root, cfg: TrainConfig, lengths, step=6) -> Path:
+    path = root / f"step-{step}"
+    path.mkdir(parents=True)
+    record = {"step": step, "layout": LAYOUT._asdict(), "data_order": DataOrder.of(cfg, lengths)._asdict()}
+    (path / COMPLETE).write_text(json.dumps(record))
+    return path
+
+
+def test_a_resume_with_another_data_order_is_refused_naming_the_option(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n" * 3)
+    cfg = TrainConfig(data=str(data), grad_accum=2, seed=3)
+    step = saved_with(tmp_path, cfg, [5, 7, 3])
+    assert check_data_order(step, DataOrder.of(cfg, [5, 7, 3])) is None
+    with pytest.raises(CheckpointError, match=r"--grad-accum was 2 when step-6 was saved, now 4: .*Resume with "
+                                              r"--grad-accum 2, or start a new run"):
+        check_data_order(step, DataOrder.of(replace(cfg, grad_accum=4), [5, 7, 3]))
+    with pytest.raises(CheckpointError, match=r"--packing was true when step-6 was saved, now false; --seed was 3 "
+                                              r"when step-6 was saved, now 4: .*Resume with --packing true --seed 3,"):
+        check_data_order(step, DataOrder.of(replace(cfg, packing=False, seed=4), [5, 7, 3]))
+    for option, value in (("max_tokens_per_batch", 8192), ("shuffle_buffer", 10)):
+        with pytest.raises(CheckpointError, match=f"--{option.replace('_', '-')} was "):
+            check_data_order(step, DataOrder.of(replace(cfg, **{option: value}), [5, 7, 3]))
+
+
+def test_a_tokenisation_option_is_named_when_it_changed_the_examples(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n" * 3)
+    cfg = TrainConfig(data=str(data), max_seq_len=512)
+    step = saved_with(tmp_path, cfg, [5, 700, 3])
+    with pytest.raises(CheckpointError, match="--max-seq-len was 512 when step-6 was saved, now 256"):
+        check_data_order(step, DataOrder.of(replace(cfg, max_seq_len=256), [5, 3]))
+    # no example was as long as either limit: the plan is the same, so the resume goes on
+    assert check_data_order(step, DataOrder.of(replace(cfg, max_seq_len=1024), [5, 700, 3])) is None
+
+
+def test_other_data_is_refused_naming_what_differs(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n" * 3)
+    cfg = TrainConfig(data=str(data))
+    step = saved_with(tmp_path, cfg, [5, 7, 3])
+    # the same file and count with other lengths at the same places (another tokenizer, say)
+    with pytest.raises(CheckpointError, match=r"\(the examples' lengths in tokens differ\)"):
+        check_data_order(step, DataOrder.of(cfg, [7, 5, 3]))
+    data.write_text("{}\n" * 4)
+    with pytest.raises(CheckpointError, match=rf"training data is not the data step-6 was saved with \(3 examples "
+                                              rf"then, 4 now; {data} 9 bytes then, 12 bytes now\)"):
+        check_data_order(step, DataOrder.of(cfg, [5, 7, 3, 4]))
+    other = tmp_path / "other.jsonl"
+    other.write_text("{}\n" * 3)
+    with pytest.raises(CheckpointError, match=rf"--data was {data} when step-6 was saved, now {other}"):
+        check_data_order(step, DataOrder.of(replace(cfg, data=str(other)), [6, 6, 6]))
+
+
+def test_a_checkpoint_without_a_data_order_resumes_with_a_note(tmp_path):
+    step = tmp_path / "step-6"
+    step.mkdir()
+    (step / COMPLETE).write_text(json.dumps({"step": 6, "layout": LAYOUT._asdict()}))
+    note = check_data_order(step, ORDER)
+    assert "was saved before checkpoints recorded their data order" in note and "--grad-accum" in note
+    (step / COMPLETE).write_text("6\n")
+    assert check_data_order(step, ORDER) is not None
