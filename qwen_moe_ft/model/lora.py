@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import TrainConfig
-from ..parallel.expert_parallel import apply_autoep, gather_experts
+from ..parallel.expert_parallel import apply_autoep, gather_experts_to, in_ep_group_of
+from .export import WRITER
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -144,18 +145,27 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA weights under PEFT's names for the stock model; expert factors gathered over EP (collective)."""
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """LoRA weights under PEFT's names for the stock model, on the CPU of global rank WRITER; None on the others.
+    A collective: expert factors are gathered to WRITER over its EP groups one layer at a time, so no other rank
+    holds the adapter (its full size is ~1.3 GB at Qwen3-30B-A3B's width)."""
+    is_writer = (dist.get_rank() if dist.is_initialized() else 0) == WRITER
     out = {}
-    for name, param in model.named_parameters():
-        if ".lora_A.default." in name or ".lora_B.default." in name:
-            out[name.replace(".default.", ".")] = param.detach()
+    if is_writer:
+        for name, param in model.named_parameters():
+            if ".lora_A.default." in name or ".lora_B.default." in name:
+                out[name.replace(".default.", ".")] = param.detach().to("cpu", copy=True)
     for name, module in model.named_modules():
         if not isinstance(module, ExpertLoRA):
             continue
         layer = name[:-len(".experts")]
         moe = model.get_submodule(layer)
-        a_gu, b_gu, a_d, b_d = (gather_experts(p, moe) for p in module.lora_parameters())
+        if not in_ep_group_of(moe, WRITER):
+            continue  # other EP groups hold the same experts
+        factors = [gather_experts_to(p, moe, WRITER) for p in module.lora_parameters()]
+        if not is_writer:
+            continue
+        a_gu, b_gu, a_d, b_d = (f.to("cpu", copy=True) for f in factors)
         experts, rank = a_gu.shape[0], a_gu.shape[1]
         # PEFT names parameters of the stock model under base_model.model.
         prefix = ("" if layer.startswith("base_model.model.") else "base_model.model.") + f"{layer}.experts"
@@ -164,11 +174,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{prefix}.base_layer.lora_B.weight"] = b_gu.permute(1, 2, 0).reshape(b_gu.shape[1], rank * experts)
         out[f"{prefix}.lora_A.weight"] = a_d.reshape(experts * rank, -1)
         out[f"{prefix}.lora_B.weight"] = b_d.permute(1, 2, 0).reshape(b_d.shape[1], rank * experts)
-    return {k: v.to("cpu").clone() for k, v in out.items()}
+    return out if is_writer else None
 
 
 def save_adapter(model: nn.Module, cfg: TrainConfig, base_model: str, out_dir: str | Path, *, is_main: bool) -> Path:
-    """adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads on the stock model."""
+    """adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads on the stock model. A
+    collective: every rank calls it; `is_main` must be true on global rank 0 (WRITER) only."""
     out = Path(out_dir)
     state = adapter_state_dict(model)
     if is_main:

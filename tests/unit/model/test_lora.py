@@ -1,14 +1,23 @@
 """Expert LoRA without merged weights, against the merged-weight formula W + (alpha / r) B A on the tiny model's
 AutoEP experts (CPU fp32; on a GPU, where AutoEP's activation is a Triton kernel and torch._grouped_mm takes
-bf16, in bf16 against the formula in fp32)."""
+bf16, in bf16 against the formula in fp32); the adapter saved at EP=2 by two gloo processes, against EP=1."""
+import json
+import os
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from helpers import TINY, max_rel_err
 from qwen_moe_ft.config import TrainConfig
-from qwen_moe_ft.model.lora import ExpertLoRA, apply_lora
+from qwen_moe_ft.model.lora import ExpertLoRA, adapter_state_dict, apply_lora, save_adapter
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 
 COUNTS = [9, 0, 23, 4, 0, 17, 1, 11]  # rows per expert of the tiny model's 8, two experts without any
@@ -78,3 +87,74 @@ def test_backward_keeps_nothing_of_a_base_weights_size(process_group):
     assert new, "the hooks saw nothing"
     # the largest activation here ([65, 64]) is an eighth of one weight ([8, 64, 64])
     assert max(t.untyped_storage().nbytes() for t in new) < experts.base.w2.untyped_storage().nbytes() / 4
+
+
+LORA = TrainConfig(lora=True, lora_rank=4, dtype="fp32")  # attention and experts
+
+
+def lora_model(ep_size: int, rank: int):
+    """The tiny model with LoRA at `ep_size`, each expert's B factors filled with its global index + 1 (B starts at
+    zero), so that a saved adapter shows which expert landed where."""
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    model = apply_lora(model, LORA, build_ds_config(LORA, ep_size=ep_size, world_size=ep_size, device_type="cpu"),
+                       rank=rank)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in modules.items():
+            if isinstance(module, ExpertLoRA):
+                moe = modules[name[:-len(".experts")]]
+                for i in range(moe.num_local_experts):
+                    for b in (module.lora_B_gate_up, module.lora_B_down):
+                        b[i] = moe.ep_rank * moe.num_local_experts + i + 1
+    return model
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor any operation returns while it is active, in bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+def _save_adapter_at_ep2(rank: int, out: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    deepspeed.init_distributed("gloo")
+    model = lora_model(ep_size=2, rank=rank)
+    for module in model.modules():
+        if isinstance(module, AutoEPMoELayer):
+            module.set_deepspeed_parallelism()  # the EP group, as the engine binds it
+    largest = LargestTensor()
+    with largest:
+        save_adapter(model, LORA, str(TINY), out, is_main=rank == 0)
+    own = max(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    (Path(out).parent / f"rank{rank}.json").write_text(json.dumps({"largest": largest.bytes, "own": own}))
+    dist.destroy_process_group()
+
+
+def test_the_adapter_saved_at_ep2_is_ep1s_and_only_the_writing_rank_holds_it(process_group, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_save_adapter_at_ep2, args=(str(tmp_path / "adapter"), port), nprocs=2)
+    written = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    expected = adapter_state_dict(lora_model(ep_size=1, rank=0))
+    assert sorted(written) == sorted(expected)
+    assert any("experts.base_layer.lora_B" in k for k in written) and any("q_proj.lora_A" in k for k in written)
+    for key, tensor in expected.items():
+        assert torch.equal(written[key], tensor), key
+    other = json.loads((tmp_path / "rank1.json").read_text())
+    # it takes part in the gathers with its own factors, and builds nothing larger
+    assert other["largest"] <= other["own"], other
