@@ -44,19 +44,10 @@ def apply_autoep(model: nn.Module, ds_config: dict, rank: int) -> None:
     autoep.replace_moe_layers(autoep.ep_parser(), ep_size=ep_size, ep_rank=rank % ep_size)
 
 
-def gather_experts(local: torch.Tensor, layer) -> torch.Tensor:
-    """[E_local, ...] of this rank -> [E, ...] in expert order (ranks hold contiguous blocks); a collective
-    over the layer's EP group."""
-    if layer.ep_size == 1:
-        return local.detach()
-    parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
-    dist.all_gather(parts, local.detach().contiguous(), group=layer.ep_group)
-    return torch.cat(parts, dim=0)
-
-
 def gather_experts_to(local: torch.Tensor, layer, dst: int) -> torch.Tensor | None:
-    """[E_local, ...] of this rank -> [E, ...] on global rank `dst` only (None on the other ranks of its EP
-    group); a collective over the layer's EP group, which only the ranks of `dst`'s group may call."""
+    """[E_local, ...] of this rank -> [E, ...] in expert order (ranks hold contiguous blocks) on global rank `dst`
+    only (None on the other ranks of its EP group); a collective over the layer's EP group, which only the ranks of
+    `dst`'s group may call."""
     if layer.ep_size == 1:
         return local.detach()
     is_dst = dist.get_rank() == dst
