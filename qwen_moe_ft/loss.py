@@ -20,7 +20,8 @@ FUSED_LOSS_PACKAGES = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}
 
 
 def select_loss_impl(requested: str, device_type: str) -> str:
-    """auto: logits + torch CE, the fastest measured (BENCHMARKS.md); fused kernels on request."""
+    """auto: logits + torch CE, the fastest measured (docs/benchmark-history.md, commits 9f78d54 and c471a06);
+    fused kernels on request."""
     if requested in ("auto", "torch"):
         return "torch"
     package = FUSED_LOSS_PACKAGES[requested]

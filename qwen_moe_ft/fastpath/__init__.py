@@ -3,7 +3,7 @@
 `--fast-path on` (the default) installs the patches below; `--fast-path off` trains on stock DeepSpeed
 ZeRO-2 + AutoEP as ds_configs/zero2_ep.json configures it and imports none of them. Each patch module
 names, in its header, the upstream symbols it replaces (at the pinned versions) and the test that guards
-it; each patch is measured in BENCHMARKS.md.
+it; what each patch changed is measured in docs/benchmark-history.md, by commit.
 
 The order matters, and is this:
  1. liger_norm_rope            (liger.py) before DeepSpeed wraps the model, then torch_hidden_norms and

@@ -34,7 +34,7 @@ except ImportError:  # CPU-only installs
 REPLACES = "DeepSpeedZeroOptimizer.get_grad_norm_direct, .scaled_global_norm, .check_overflow"
 # Gradients at least this large get a reduction kernel of their own (bf16 read and accumulated in fp32 without a
 # copy): torch._foreach_norm's chunked kernel reads one expert weight's 400 MB gradient well below the memory
-# bandwidth (BENCHMARKS.md); the many small ones still go in one foreach launch.
+# bandwidth (docs/benchmark-history.md, 2026-12-03); the many small ones still go in one foreach launch.
 LARGE_GRADIENT = 1 << 24
 # _square_sums_kernel: elements a program loads at once, and loads a program sums before writing its partial sum
 SQUARES_BLOCK, SQUARES_LOADS = 4096, 16

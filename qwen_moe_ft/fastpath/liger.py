@@ -13,7 +13,8 @@ AutoEP's own fused kernel; liger's loss is --loss-impl.
 
 RoPE runs the implementation liger picks for the GPU (its CuTe DSL kernel where `cutlass` is importable, as with
 flash-attn 4 or quack, else Triton), resolved once at patch time: liger's own entry point resolves it again on every
-call, host time that the host-bound forward pays in every layer (BENCHMARKS.md, 2026-12-03 (session 23)).
+call, host time that the host-bound forward pays in every layer (docs/benchmark-history.md, 2026-12-03, commits
+f4489ad..38ddb76).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ else liger's stays. Guarded by tests/unit/fastpath/test_norms.py (outputs and gr
 Why: the forward was host-bound (the GPU waited for the host to issue its kernels), and liger's Triton launch
 costs ~90 us of host time a call against ~23 for torch's at the same GPU time on the wide rows; torch's kernel is
 4x slower than liger's on the 128-wide rows, where quack's is as fast forward, twice as fast backward and cheaper
-to launch (BENCHMARKS.md, 2026-12-03 (session 23)).
+to launch (docs/benchmark-history.md, 2026-12-03, commits f4489ad..38ddb76).
 All three compute in fp32 from the bf16 input; torch's and quack's apply the weight before the one rounding to
 bf16 where Qwen3's module (and liger's "llama" mode) round, then multiply: within one bf16 rounding of each other.
 """

@@ -95,7 +95,8 @@ def split_gate_up(interleaved: torch.Tensor) -> torch.Tensor:
 # The tile configs quack's autotuner picked for four of the chain's GEMMs on an H200 at Qwen3-30B-A3B's shape (8192
 # tokens, top-8 of 128 experts, hidden 2048, expert width 768), where they beat quack's defaults; the gate/up GEMM and
 # w2's gradient kept theirs. Autotuning keys on the row count, which changes with every packed batch, so it cannot run
-# in training; a pinned tile shape is valid at any row count. (BENCHMARKS.md, 2026-12-03 (session 24).)
+# in training; a pinned tile shape is valid at any row count. (docs/benchmark-history.md, 2026-12-03,
+# commits dd1a20d..3640221.)
 HOPPER_CONFIGS = {
     "down": dict(tile_m=128, tile_n=208, pingpong=True, cluster_m=1, cluster_n=2),
     "swiglu_backward": dict(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2),

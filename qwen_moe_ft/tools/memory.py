@@ -35,11 +35,11 @@ ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
 def zero2_bytes_per_param(adam_states: str) -> int:
     return 2 + 4 + 2 * ADAM_STATE_BYTES[adam_states]  # bf16 gradient, fp32 master weight, Adam m and v
 # Activations saved for backward per token and layer (bf16, top-8 of 128 experts), fitted to 2- vs 4-layer
-# peak differences of the Qwen3-30B-A3B shape on the H100 (BENCHMARKS.md): 48 KiB with the stock modules,
-# 35 KiB less with liger's norms, which keep no fp32 copies.
+# peak differences of the Qwen3-30B-A3B shape on the H100 (docs/benchmark-history.md, 2026-11-25): 48 KiB with the
+# stock modules, 35 KiB less with liger's norms, which keep no fp32 copies.
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
 # The same for LoRA's unmerged experts and PEFT's attention wrappers (model/lora.py), fitted to the 48-layer
-# Qwen3-30B-A3B on an H200 at 4096 tokens (BENCHMARKS.md, session 26): 0.533 GiB a layer kept. Larger than full
+# Qwen3-30B-A3B on an H200 at 4096 tokens (BENCHMARKS.md, commit c15a292): 0.533 GiB a layer kept. Larger than full
 # fine-tuning's: the experts' gathered input rows and SwiGLU's output are kept for the factors' gradients.
 LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER = 136.5 * 1024
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)

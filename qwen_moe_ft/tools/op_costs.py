@@ -3,13 +3,13 @@ sort, and of the quack experts' backward de-interleave, for each candidate kerne
 
     python -m qwen_moe_ft.tools.op_costs [--tokens 8192] [--calls 20] [--out op_costs.json]
 
-A training step's forward is host-bound: the GPU waits while the host issues the next kernel (BENCHMARKS.md), so
-an op's host time counts as much as its GPU time there. To see both sides of one call, the calls are queued behind
-a ~150 ms sleep kernel, so that neither side waits on the other: host = the Python loop's wall time per call,
-GPU = CUDA events around the queued calls, per call. --calls stays small enough for the queued launches to fit
-the GPU's launch queue (about a thousand). Shapes are Qwen3-30B-A3B's (hidden 2048, 32 query / 4 kv heads of
-128, top-8 of 128 experts) at --tokens tokens; norm errors are the largest |difference| / largest |value| of the
-output and the input gradient against float64.
+A training step's forward is host-bound: the GPU waits while the host issues the next kernel
+(docs/benchmark-history.md, 2026-12-03, commits 62bb9c9..ac09bbf), so an op's host time counts as much as its GPU
+time there. To see both sides of one call, the calls are queued behind a ~150 ms sleep kernel, so that neither
+side waits on the other: host = the Python loop's wall time per call, GPU = CUDA events around the queued calls,
+per call. --calls stays small enough for the queued launches to fit the GPU's launch queue (about a thousand).
+Shapes are Qwen3-30B-A3B's (hidden 2048, 32 query / 4 kv heads of 128, top-8 of 128 experts) at --tokens tokens;
+norm errors are the largest |difference| / largest |value| of the output and the input gradient against float64.
 """
 from __future__ import annotations
 

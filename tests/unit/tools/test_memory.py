@@ -21,7 +21,7 @@ def test_parameter_count_is_qwen3_30b_a3b():
 @pytest.mark.parametrize("layers, adam_states, measured_gib",
                          [(2, "fp32", 42.2), (4, "fp32", 62.2), (2, "bf16", 35.2), (4, "bf16", 50.5)])
 def test_estimate_within_ten_percent_of_the_h100_peaks(layers, adam_states, measured_gib):
-    # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (BENCHMARKS.md, commits
+    # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (docs/benchmark-history.md, commits
     # 760241f and 507b4c3): one GPU, 8192 tokens per step, plain torch loss.
     total = estimate(qwen3(layers), gpus=1, ep_size=1, tokens=8192, adam_states=adam_states).total / GIB
     assert total == pytest.approx(measured_gib, rel=0.10)
@@ -45,7 +45,7 @@ def test_bf16_adam_moments_make_room_for_twice_the_micro_batch(capsys):
 
 def test_accumulation_adds_the_gradient_partition_measured_on_the_h100():
     # train.py on the H100, 4 layers, 8192-token micro-batches: 62.61 GiB peak with one micro-batch per
-    # step, 68.41 with two (BENCHMARKS.md).
+    # step, 68.41 with two (docs/benchmark-history.md, commit b068461).
     one, two = (estimate(qwen3(4), gpus=1, ep_size=1, tokens=8192, grad_accum=ga, adam_states="fp32").total / GIB
                 for ga in (1, 2))
     assert two - one == pytest.approx(68.41 - 62.61, rel=0.10)
@@ -101,7 +101,7 @@ def test_lora_parameter_count_is_what_apply_lora_trains(process_group):
     (48, False, 70.69), (39, False, 75.51), (0, False, 96.31), (30, True, 73.61), (34, True, 71.47), (39, True, 68.80)])
 def test_lora_estimate_within_two_percent_of_the_h200_peaks(recomputed, fused_loss, measured_gib):
     # Peaks of `python -m qwen_moe_ft.bench --lora --layers 48 --tokens 4096 --lengths chat` with
-    # --checkpoint-layers / --loss-impl liger on one H200 (BENCHMARKS.md, session 26): rank 16, attn and experts.
+    # --checkpoint-layers / --loss-impl liger on one H200 (BENCHMARKS.md, commit c15a292): rank 16, attn and experts.
     # The activation term per layer kept is fitted to their differences; what is tested is the rest, from the
     # shapes (57 GiB of weights, 6 GiB of the factors' states, 5.8 of logits, the recomputed layers' inputs):
     # measured -0.9% to +1.0%, where leaving out the weights, the states or the logits is more than 5%.
