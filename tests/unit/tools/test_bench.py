@@ -39,7 +39,7 @@ def test_traced_steps_give_the_gpus_busy_time_per_layer_and_the_waiting_per_step
 
 
 def test_a_depth_difference_within_the_step_spread_gives_no_per_layer_figures():
-    # The padded baseline on mixed-length documents, as measured on the H100: 645.0 ms at 2 layers and
+    # The padded baseline on mixed-length documents, as measured on an H100 80GB: 645.0 ms at 2 layers and
     # 648.9 at 4, its steps varying by far more than that (padding to each batch's longest document).
     summary = summarise([result("ours", 2, 107.5, 2.0, 50.0), result("ours", 4, 160.2, 2.0, 75.0),
                          result("hf_grouped_mm", 2, 645.0, 120.0, 600.0),

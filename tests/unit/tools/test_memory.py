@@ -44,7 +44,7 @@ def test_bf16_adam_moments_make_room_for_twice_the_micro_batch(capsys):
 
 
 def test_accumulation_adds_the_gradient_partition_measured_on_the_h100():
-    # train.py on the H100, 4 layers, 8192-token micro-batches: 62.61 GiB peak with one micro-batch per
+    # train.py on an H100 80GB, 4 layers, 8192-token micro-batches: 62.61 GiB peak with one micro-batch per
     # step, 68.41 with two (docs/benchmark-history.md, commit b068461).
     one, two = (estimate(qwen3(4), gpus=1, ep_size=1, tokens=8192, grad_accum=ga, adam_states="fp32").total / GIB
                 for ga in (1, 2))
