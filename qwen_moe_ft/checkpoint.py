@@ -301,6 +301,7 @@ def prune(root: Path, keep: int, *, latest: Path):
     a lower step than the others (resumed from an earlier checkpoint): it is never the one removed."""
     others = [p for p in complete_checkpoints(root) if p != latest]
     for old in others[:max(len(others) - (keep - 1), 0)] if keep else []:
+        (old / COMPLETE).unlink()  # first: a removal cut short leaves no directory that looks complete
         shutil.rmtree(old, ignore_errors=True)
     for stray in root.iterdir():  # half-written saves of earlier, interrupted runs
         half_written = _TAG.match(stray.name) and not (stray / COMPLETE).exists()

@@ -186,6 +186,21 @@ def test_prune_removes_what_interrupted_saves_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6"]
 
 
+def test_a_prune_cut_short_leaves_no_directory_that_looks_complete(tmp_path, monkeypatch):
+    finished(tmp_path, 4, 6, 8)
+    (tmp_path / "step-4" / "optim_states.pt").write_text("weights")
+
+    def removing_one_file(path, **kwargs):
+        if (path / "optim_states.pt").exists():
+            (path / "optim_states.pt").unlink()
+        raise Crash("killed mid-removal")
+
+    monkeypatch.setattr(shutil, "rmtree", removing_one_file)
+    with pytest.raises(Crash):
+        prune(tmp_path, 2, latest=tmp_path / "step-8")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-6", "step-8"]
+
+
 def saved_with(root, cfg: TrainConfig, lengths, step=6) -> Path:
     path = root / f"step-{step}"
     path.mkdir(parents=True)
