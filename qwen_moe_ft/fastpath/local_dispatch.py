@@ -165,8 +165,8 @@ def _one_rank_layers(model: nn.Module) -> list[AutoEPMoELayer]:
 
 def quack_expert_kernels(model: nn.Module) -> Applied:
     """After one_rank_dispatch: its blocks with trainable SwiGLU experts on quack's kernels (quack_experts.py), where
-    they run here."""
-    from .quack_experts import unavailable_because
+    they run here: quack's version and the GPU suit, and one small call of the chain (quack_experts.probe) runs."""
+    from .quack_experts import probe, unavailable_because
 
     name, replaces = "quack_experts", "token gather + GroupedExperts.forward at EP=1"
     # LoRA wraps the experts (model/lora.py) and freezes their weights: such blocks keep the torch path
@@ -175,8 +175,11 @@ def quack_expert_kernels(model: nn.Module) -> Applied:
               and layer.experts.w1.requires_grad and not layer.experts.use_triton_grouped_mm]
     if not layers:
         return Applied(name, replaces, "no one-rank AutoEP block with trainable experts on torch._grouped_mm")
-    if why := unavailable_because(layers[0].experts.w1.device, layers[0].experts.activation):
+    w1 = layers[0].experts.w1
+    if why := unavailable_because(w1.device, layers[0].experts.activation):
         return Applied(name, replaces, why)
+    if why := probe(w1.device, hidden=w1.shape[2], inter=w1.shape[1], dtype=w1.dtype):
+        return Applied(name, replaces, f"a small call of quack's expert kernels failed: {why}")
     for layer in layers:
         layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=False, quack=True), layer)
     return Applied(name, replaces)

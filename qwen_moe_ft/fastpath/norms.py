@@ -58,12 +58,29 @@ def torch_hidden_norms(model: nn.Module) -> Applied:
 
 
 def quack_head_norms(model: nn.Module, device: torch.device) -> Applied:
-    """The per-head q/k norms on quack's RMSNorm, where it runs."""
-    from .quack_experts import quack_unavailable_because
+    """The per-head q/k norms on quack's RMSNorm, where it runs: quack's version and the GPU suit, and one small
+    call of it, forward and backward at the norms' width, runs."""
+    from .quack_experts import first_error, quack_unavailable_because
 
     name, replaces = "quack_head_norms", "LigerRMSNorm.forward on the q/k RMSNorms"
     if why := quack_unavailable_because(device):
         return Applied(name, replaces, why)
     modules = _norms(model, HEAD_NORMS)
+    if not modules:
+        return Applied(name, replaces, "no q/k RMSNorm in the model")
+    if why := first_error(lambda: _probe_rms_norm(modules[0], device)):
+        return Applied(name, replaces, f"a small call of quack's RMSNorm failed: {why}")
     _bind(modules, _quack_rms_norm)
-    return Applied(name, replaces, "" if modules else "no q/k RMSNorm in the model")
+    return Applied(name, replaces)
+
+
+def _probe_rms_norm(module: nn.Module, device: torch.device) -> None:
+    """quack's RMSNorm forward and backward on 4 rows of `module`'s width and dtype (which builds the kernels)."""
+    from quack.rmsnorm import rmsnorm
+
+    weight = module.weight.detach().to(device).requires_grad_()  # a view: the parameter's own grad stays untouched
+    x = torch.ones(4, weight.shape[0], device=device, dtype=weight.dtype, requires_grad=True)
+    out = rmsnorm(x, weight, eps=module.variance_epsilon)
+    grads = torch.autograd.grad(out, (x, weight), torch.ones_like(out))
+    if not all(torch.isfinite(t).all() for t in (out, *grads)):  # reading the flags waits for the kernels
+        raise FloatingPointError("quack's RMSNorm gave non-finite values")

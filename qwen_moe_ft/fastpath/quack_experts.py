@@ -17,6 +17,12 @@ other element and runs at about a third of the memory bandwidth. On Hopper four 
 configs (HOPPER_CONFIGS); quack's gemm() takes no config, so those go through gemm_tuned.fn, the function its own
 untuned path calls (_gemm): an internal of quack 0.6.5, hence the exact version check, and the GPU test runs the
 chain pinned and unpinned.
+
+Where quack's version and the GPU suit, `probe` still runs the chain once at start (a few rows at the experts' own
+widths, forward and backward), since an install quack cannot compile on fails only when a kernel is first built:
+quack-kernels 0.6.2 to 0.6.5 fingerprint each epilogue's Python globals and take code outside a `site-packages` or
+`dist-packages` folder (e.g. `pip install --target DIR`) for user code, so nvidia-cutlass-dsl installed there raises
+TypeError (4.8's `_LOC_TRANSFORMS` ContextVar, 4.7's logger) in quack.epilogue.library's import.
 """
 from __future__ import annotations
 
@@ -201,3 +207,39 @@ def gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     w13 = torch.cat([w1, w3], dim=1) if w13 is None else w13
     return _GatheredSwigluExperts.apply(x, w1, w2, w3, w13, (rows // top_k).to(torch.int32), rows, cu_seqlens, top_k,
                                         gemms)
+
+
+MAX_REASON = 240  # the startup line names the failure; the whole message is the exception's
+
+
+def first_error(run) -> str:
+    """Empty if `run()` completes, else its exception's type and first line (at most MAX_REASON characters)."""
+    try:
+        run()
+    except Exception as error:  # whatever quack or its compiler raises, the fallback is the same
+        line = next(iter(str(error).strip().splitlines()), "")
+        reason = f"{type(error).__name__}: {line}" if line else type(error).__name__
+        return reason if len(reason) <= MAX_REASON else reason[:MAX_REASON - 3] + "..."
+    return ""
+
+
+def probe(device: torch.device, hidden: int, inter: int, dtype: torch.dtype, gemms: GemmOptions = DEFAULT_GEMMS) -> str:
+    """Empty if the chain's kernels (gate/up + SwiGLU, down, SwiGLU's backward, the weight and input gradients) run
+    here, else why not: one forward and backward of 8 rows over 2 experts at the experts' widths, which builds the
+    kernels that training then uses. Draws from its own generator: the run's random stream stays as it was."""
+    def run():
+        g = torch.Generator(device=device).manual_seed(0)
+        experts, top_k, tokens = 2, 2, 4
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g)
+        w1, w3 = (torch.randn(experts, inter, hidden, device=device, dtype=dtype, generator=g) * hidden ** -0.5
+                  for _ in range(2))
+        w2 = torch.randn(experts, hidden, inter, device=device, dtype=dtype, generator=g) * inter ** -0.5
+        leaves = [t.requires_grad_() for t in (x, w1, w2, w3)]
+        rows = torch.arange(tokens * top_k, device=device).view(tokens, top_k).t().reshape(-1)  # expert 0's, then 1's
+        counts = torch.full((experts,), tokens, device=device, dtype=torch.int64)
+        out = gathered_swiglu_experts(*leaves, rows, counts, top_k, gemms=gemms)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        if not all(torch.isfinite(t).all() for t in (out, *grads)):  # reading the flags waits for the kernels
+            raise FloatingPointError("quack's expert chain gave non-finite values")
+
+    return first_error(run)

@@ -56,6 +56,41 @@ def test_quack_experts_asked_for_where_they_cannot_run_stop_the_run(process_grou
         FastPath().install(_engine(), expert_kernels="quack")
 
 
+def _failing_quack_chain(monkeypatch):
+    """quack's version and GPU suit, but its chain raises what quack-kernels 0.6.5 raised on an install it could not
+    fingerprint (nvidia-cutlass-dsl 4.8.1 outside site-packages)."""
+    from qwen_moe_ft.fastpath import quack_experts
+
+    def chain(*args, **kwargs):
+        raise TypeError("epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'>, which has no fail-closed "
+                        "semantic key.\n  more")
+
+    monkeypatch.setattr(quack_experts, "unavailable_because", lambda device, activation: "")
+    monkeypatch.setattr(quack_experts, "gathered_swiglu_experts", chain)
+
+
+def test_auto_keeps_torch_experts_where_quack_fails_its_probe(process_group, monkeypatch):
+    _failing_quack_chain(monkeypatch)
+    engine = _engine()
+    fast_path = FastPath()
+    applied = {a.name: a for a in fast_path.install(engine, expert_kernels="auto")}
+    assert applied["quack_experts"].refused == ("a small call of quack's expert kernels failed: TypeError: epilogue "
+                                                "fn depends on <ContextVar name='_LOC_TRANSFORMS'>, which has no "
+                                                "fail-closed semantic key.")
+    assert "quack_experts (refused: a small call of quack's expert kernels failed: TypeError" in fast_path.summary()
+    assert applied["one_rank_dispatch"]
+    out = engine(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+    out.loss.backward()  # the experts run torch's chain: the failing one is never called again
+    assert torch.isfinite(out.loss)
+
+
+def test_quack_asked_for_where_it_fails_its_probe_stops_the_run(process_group, monkeypatch):
+    _failing_quack_chain(monkeypatch)
+    with pytest.raises(ConfigError, match=r"--expert-kernels quack: a small call of quack's expert kernels failed: "
+                                          r"TypeError: epilogue fn"):
+        FastPath().install(_engine(), expert_kernels="quack")
+
+
 def test_recompute_refuses_the_cache_and_says_why(process_group):
     fast_path = FastPath()
     applied = {a.name: a for a in fast_path.install(_engine(), gate_up_recompute=True)}

@@ -54,6 +54,21 @@ def test_nothing_to_bind_is_refused():
     assert quack_head_norms(torch.nn.Linear(2, 2), torch.device("cpu")).refused
 
 
+def test_quack_norms_failing_their_probe_are_refused_with_the_reason(monkeypatch):
+    from qwen_moe_ft.fastpath import norms, quack_experts
+
+    def fails(module, device):
+        raise TypeError("epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS'>\n  more")
+
+    monkeypatch.setattr(quack_experts, "quack_unavailable_because", lambda device: "")
+    monkeypatch.setattr(norms, "_probe_rms_norm", fails)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    applied = quack_head_norms(model, torch.device("cpu"))
+    assert applied.refused == ("a small call of quack's RMSNorm failed: TypeError: epilogue fn depends on "
+                               "<ContextVar name='_LOC_TRANSFORMS'>")
+    assert not any("forward" in vars(m) for m in model.modules())  # nothing rebound
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or select_fused_kernels("auto", "cuda") != "liger"
                     or quack_unavailable_because(torch.device("cuda")) != "",

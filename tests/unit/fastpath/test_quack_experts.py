@@ -24,6 +24,56 @@ def test_refusals_name_what_is_missing(monkeypatch):
     assert "Hopper" in quack_experts.unavailable_because(cpu, "swiglu")
 
 
+# what quack-kernels 0.6.5 raised with nvidia-cutlass-dsl 4.8.1 installed by `pip install --target`
+FINGERPRINT_ERROR = ("epilogue fn depends on <ContextVar name='_LOC_TRANSFORMS' default=()> (type "
+                     "_contextvars.ContextVar), which has no fail-closed semantic key. Supported: primitives")
+
+
+def test_first_error_names_the_exception_and_its_first_line():
+    def fails(message):
+        def run():
+            raise TypeError(message)
+        return run
+
+    assert quack_experts.first_error(fails(FINGERPRINT_ERROR + "\n  more")) == "TypeError: " + FINGERPRINT_ERROR
+    assert quack_experts.first_error(fails("")) == "TypeError"
+    assert len(quack_experts.first_error(fails("x" * 1000))) == quack_experts.MAX_REASON
+    assert quack_experts.first_error(lambda: None) == ""
+
+
+def test_probe_reports_the_chain_failure(monkeypatch):
+    def chain(*args, **kwargs):
+        raise TypeError(FINGERPRINT_ERROR)
+
+    monkeypatch.setattr(quack_experts, "gathered_swiglu_experts", chain)
+    assert quack_experts.probe(torch.device("cpu"), 64, 32, torch.float32) == "TypeError: " + FINGERPRINT_ERROR
+
+
+def test_probe_passes_where_the_chain_runs_and_leaves_the_random_stream(monkeypatch):
+    """On the torch chain (CPU): the probe's rows and counts are a valid routing, forward and backward run, and the
+    global generator is where it was."""
+    from qwen_moe_ft.tools.expert_kernels import torch_chain
+
+    calls = []
+
+    def chain(x, w1, w2, w3, rows, counts, top_k, gemms):
+        calls.append((rows.tolist(), counts.tolist()))
+        return torch_chain(x, w1, w2, w3, rows, counts, top_k)
+
+    monkeypatch.setattr(quack_experts, "gathered_swiglu_experts", chain)
+    state = torch.get_rng_state()
+    assert quack_experts.probe(torch.device("cpu"), 64, 32, torch.float32) == ""
+    assert torch.equal(torch.get_rng_state(), state)
+    assert calls == [([0, 2, 4, 6, 1, 3, 5, 7], [4, 4])]  # tokens 0-3 routed to experts 0 and 1, in expert order
+
+
+@needs_quack
+def test_probe_passes_on_this_install():
+    """The start-up check at Qwen3-30B-A3B's expert widths: what `--expert-kernels auto` runs before choosing quack
+    (fails on an install quack cannot build kernels on, e.g. nvidia-cutlass-dsl outside site-packages)."""
+    assert quack_experts.probe(torch.device("cuda"), 2048, 768, torch.bfloat16) == ""
+
+
 def test_split_gate_up_reference_separates_interleaved_columns():
     interleaved = torch.tensor([[1, 10, 2, 20, 3, 30], [4, 40, 5, 50, 6, 60]])
     assert quack_experts.split_gate_up_reference(interleaved).tolist() == [[1, 2, 3, 10, 20, 30], [4, 5, 6, 40, 50, 60]]
