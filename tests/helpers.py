@@ -33,9 +33,12 @@ def cpu_env() -> dict:
     return env
 
 
-def _train_command(output_dir: Path, args, nproc: int) -> list[str]:
+TRAIN_SCRIPT = REPO / "qwen_moe_ft" / "train.py"
+
+
+def _train_command(output_dir: Path, args, nproc: int, script: Path = TRAIN_SCRIPT) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(REPO / "qwen_moe_ft" / "train.py"), "--model", str(TINY), "--dtype", "fp32",
+            str(script), "--model", str(TINY), "--dtype", "fp32",
             "--progress-bar", "false", "--output-dir", str(output_dir), *args]
 
 
@@ -49,13 +52,14 @@ def train(output_dir: Path, *args: str, nproc: int = 2, timeout: int = 600, chec
     return proc
 
 
-def train_together(runs: list[tuple[Path, list[str]]], nproc: int = 1, timeout: int = 600) -> list[str]:
+def train_together(runs: list[tuple[Path, list[str]]], nproc: int = 1, timeout: int = 600,
+                   script: Path = TRAIN_SCRIPT) -> list[str]:
     """Several runs of `train` at once; their outputs (stdout and stderr). Each process takes one core
     (OMP_NUM_THREADS=1), so two one-process runs cost the 2-core CI machine the time of one, and two two-process
     runs fill the cores through each other's start-up and waits."""
     # output to files, not pipes: a pipe nobody reads yet would block its run once full
     logs = [tempfile.TemporaryFile(mode="w+") for _ in runs]
-    procs = [subprocess.Popen(_train_command(out, args, nproc), cwd=REPO, env=cpu_env(), stdout=log,
+    procs = [subprocess.Popen(_train_command(out, args, nproc, script), cwd=REPO, env=cpu_env(), stdout=log,
                               stderr=subprocess.STDOUT, text=True) for (out, args), log in zip(runs, logs)]
     outputs = []
     for proc, log in zip(procs, logs):
