@@ -228,20 +228,32 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         raise ConfigError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}") from None
 
 
-# What other trainers (transformers' Trainer and those built on it) call some of these options.
-OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
-               "max_grad_norm": "grad_clip", "model_name_or_path": "model", "dataset": "data",
-               "max_length": "max_seq_len", "max_seq_length": "max_seq_len", "lr_scheduler_type": "lr_schedule",
-               "deepspeed": "ds_config", "resume_from_checkpoint": "resume",
-               "per_device_train_batch_size": "max_tokens_per_batch"}
+# transformers' Trainer and TRL's names of our options, and what to write here instead.
+OTHER_NAMES = {
+    "learning_rate": "--lr", "num_train_epochs": "--epochs", "gradient_accumulation_steps": "--grad-accum",
+    "per_device_train_batch_size": "--max-tokens-per-batch (a micro-batch's tokens per GPU, not rows)",
+    "per_device_eval_batch_size": "--max-tokens-per-batch (a micro-batch's tokens per GPU, not rows)",
+    "max_grad_norm": "--grad-clip", "lr_scheduler_type": "--lr-schedule", "adam_epsilon": "--adam-eps",
+    "warmup_ratio": "--warmup-steps (a number of steps, not a fraction)",
+    "bf16": "--dtype bf16", "fp16": "--dtype bf16", "torch_dtype": "--dtype", "attn_implementation": "--attn",
+    "gradient_checkpointing": "--activation-checkpointing true", "use_liger_kernel": "--fused-kernels liger",
+    "max_length": "--max-seq-len", "max_seq_length": "--max-seq-len",
+    "model_name_or_path": "--model", "tokenizer_name": "--tokenizer",
+    "dataset": "--data", "dataset_name": "--data", "train_file": "--data", "validation_file": "--eval-data",
+    "dataset_num_proc": "--num-proc", "preprocessing_num_workers": "--num-proc",
+    "assistant_only_loss": "--train-on-prompt false (the default: only the answers are learned)",
+    "completion_only_loss": "--train-on-prompt false (the default: only the answers are learned)",
+    "deepspeed": "--ds-config", "resume_from_checkpoint": "--resume",
+    "use_peft": "--lora true", "lora_r": "--lora-rank", "lora_target_modules": "--lora-targets"}
 
 
 def _did_you_mean(name: str) -> str:
-    """' (did you mean --x?)' for an unknown option name, or ''."""
+    """'; did you mean --x?' for an unknown option name (ours misspelt, or another trainer's name), or ''."""
     key = name.lstrip("-").replace("-", "_")
-    names = [f.name for f in fields(TrainConfig)] + ["config"]
-    match = OTHER_NAMES.get(key) or next(iter(difflib.get_close_matches(key, names, n=1, cutoff=0.6)), None)
-    return f"; did you mean --{match.replace('_', '-')}?" if match else ""
+    known = {**{f.name: "--" + f.name.replace("_", "-") for f in fields(TrainConfig)}, "config": "--config",
+             **OTHER_NAMES}
+    match = next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None)
+    return f"; did you mean {known[match]}?" if match else ""
 
 
 class _Parser(argparse.ArgumentParser):

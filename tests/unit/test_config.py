@@ -1,11 +1,12 @@
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO
-from qwen_moe_ft.config import (DEFAULT_DS_CONFIG, REAL_MODEL, RECIPES, TINY_MODEL, ConfigError, TrainConfig,
-                                load_config)
+from qwen_moe_ft.config import (DEFAULT_DS_CONFIG, OTHER_NAMES, REAL_MODEL, RECIPES, TINY_MODEL, ConfigError,
+                                TrainConfig, load_config)
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 
@@ -79,8 +80,6 @@ def test_ds_config_carries_the_run():
 
 
 def test_every_option_has_a_one_line_help():
-    from dataclasses import fields
-
     for field in fields(TrainConfig):
         assert field.metadata.get("help") and "\n" not in field.metadata["help"], field.name
 
@@ -89,6 +88,12 @@ def test_every_option_has_a_one_line_help():
     (["--learning-rate", "1"], "unknown option --learning-rate; did you mean --lr?"),
     (["--max-seq-length=3"], "unknown option --max-seq-length; did you mean --max-seq-len?"),
     (["--warmpu-steps", "3"], "did you mean --warmup-steps?"),
+    (["--lerning-rate", "1"], "unknown option --lerning-rate; did you mean --lr?"),  # a typo of another trainer's
+    (["--num-train-epochs", "1"], "did you mean --epochs?"),
+    (["--per-device-train-batch-size", "8"], "did you mean --max-tokens-per-batch (a micro-batch's tokens per GPU, "
+     "not rows)?"),
+    (["--gradient-checkpointing"], "did you mean --activation-checkpointing true?"),
+    (["--bf16", "true"], "did you mean --dtype bf16?"),
     (["--lr"], "argument --lr: expected one argument"),
     (["stray"], "unexpected argument 'stray'"),
 ])
@@ -106,6 +111,20 @@ def test_recipe_syntax_error_and_unknown_key_are_one_line(tmp_path):
     recipe.write_text("learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown option learning_rate; did you mean --lr"):
         load_config(["--config", str(recipe)])
+    recipe.write_text("lerning_rate: 0.1\nper_device_train_batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown option lerning_rate; did you mean --lr\? \(and "
+                       r"per_device_train_batch_size\)"):
+        load_config(["--config", str(recipe)])
+
+
+def test_other_trainers_names_point_at_options_that_exist():
+    """Each suggestion for a transformers Trainer / TRL name loads as written, and no such name is one of ours."""
+    ours = {f.name for f in fields(TrainConfig)}
+    for name, suggestion in OTHER_NAMES.items():
+        assert name not in ours, name
+        flag, *value = suggestion.split(" (")[0].split()
+        argv = [flag, *value] if value else [flag, str(getattr(TrainConfig(), flag[2:].replace("-", "_")))]
+        load_config(argv).validate()
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "qwen_moe_ft" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
