@@ -28,7 +28,8 @@ if __name__ == "__main__":  # -h and a bad option answer before torch and DeepSp
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs, gather_object,
+                               set_seed)
 
 from qwen_moe_ft import checkpoint
 from qwen_moe_ft.checkpoint import CheckpointError
@@ -36,7 +37,7 @@ from qwen_moe_ft.cli import report
 from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data.loader import StepLoader
 from qwen_moe_ft.data.packing import MicroBatch, packing_efficiency
-from qwen_moe_ft.data.rows import DataError, load_tokenized
+from qwen_moe_ft.data.rows import DataError, TokenizedData, load_tokenized
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.lr_schedule import lr_lambda
@@ -117,8 +118,7 @@ class Trainer:
     def _build_data(self):
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg, self.model_name)
-        with self.accelerator.main_process_first():
-            self.data = load_tokenized(cfg, self.tokenizer)
+        self.data = self._load_data()
         loader_args = dict(capacity=cfg.max_tokens_per_batch, packing=cfg.packing, seed=cfg.seed,
                            shuffle_buffer=cfg.shuffle_buffer, world_size=self.world_size, rank=self.rank,
                            grad_accum=cfg.grad_accum, pad_id=self.tokenizer.pad_token_id)
@@ -130,6 +130,20 @@ class Trainer:
             if note and self.accelerator.is_main_process:
                 print(f"note: {note}", flush=True)
         self.total_steps = cfg.max_steps or self.train_loader.total_steps(cfg.epochs)
+
+    def _load_data(self) -> TokenizedData:
+        """Rank 0 tokenises first, the others then read its cache. A DataError on any rank stops every rank with
+        that message: a rank stopping alone would leave its peers to fail on a closed connection."""
+        data, error = None, None
+        for main_turn in (True, False):
+            if self.accelerator.is_main_process == main_turn:
+                try:
+                    data = load_tokenized(self.cfg, self.tokenizer)
+                except DataError as err:
+                    error = str(err)
+            if errors := [e for e in gather_object([error]) if e]:
+                raise DataError(errors[0])
+        return data
 
     def _build_model(self) -> torch.nn.Module:
         """The model with packed attention, the fast path's kernels swapped in, and LoRA if asked."""

@@ -31,6 +31,19 @@ def test_bad_option_fails_before_loading_with_its_name(tmp_path):
     assert "--ep-size 3" in proc.stderr
 
 
+def test_bad_row_stops_every_rank_with_one_message(tmp_path):
+    rows = SAMPLE.read_text().splitlines(keepends=True)[:20]
+    rows[9] = "{not json\n"
+    (tmp_path / "rows.jsonl").write_text("".join(rows))
+    proc = train(tmp_path / "out", "--data", str(tmp_path / "rows.jsonl"), nproc=2, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count("error: ") == 1 and "1 bad row(s) ({'bad_json': 1}), first:\n  row 10: bad_json" in output
+    # no rank's traceback: neither the one that read the row nor a peer left waiting on it (torchrun's own report
+    # of the ranks' exit status 2 follows any failed run)
+    assert "[rank" not in output and "Connection closed" not in output
+
+
 def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path):
     proc = train(tmp_path, "--model", str(tmp_path / "no-such-model"), nproc=1, check=False)
     assert proc.returncode != 0
