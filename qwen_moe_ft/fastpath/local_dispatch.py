@@ -12,7 +12,7 @@ before sm90, keeps the padding).
 
 The routed rows are gathered from the tokens (`x[rows // top_k]`), whose backward is a sort-based
 scatter-add of every row into its token. Each token has exactly top_k rows, so the backward here gathers
-them back instead and sums them: one Triton kernel on GPU, embedding_bag elsewhere.
+them back instead and sums them (token_rows.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import functools
 import types
 
 import torch
-import torch.nn.functional as F
 from deepspeed.module_inject import auto_ep_layer
 from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer, RouterOutput
 from deepspeed.moe.ep_experts import GroupedExperts
@@ -28,36 +27,7 @@ from deepspeed.ops.triton_ops import autoep_fused_token_ops
 from torch import nn
 
 from .applied import Applied
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: embedding_bag
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _sum_token_rows_kernel(rows_ptr, position_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = cols < hidden
-        rows = tl.load(position_ptr + token * TOP_K + tl.arange(0, TOP_K))
-        values = tl.load(rows_ptr + rows[:, None] * hidden + cols[None, :], mask=inside[None, :], other=0.0)
-        total = tl.sum(values.to(tl.float32), axis=0)
-        tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def _sum_token_rows(grad_rows: torch.Tensor, position: torch.Tensor, top_k: int) -> torch.Tensor:
-    """out[t] = sum over k of grad_rows[position[t * top_k + k]]."""
-    grad_rows = grad_rows.contiguous()
-    if triton is not None and grad_rows.is_cuda and top_k & (top_k - 1) == 0:
-        tokens, hidden = position.numel() // top_k, grad_rows.shape[1]
-        out = grad_rows.new_empty(tokens, hidden)
-        block = min(1024, triton.next_power_of_2(hidden))
-        _sum_token_rows_kernel[(tokens, triton.cdiv(hidden, block))](grad_rows, position, out, hidden, TOP_K=top_k,
-                                                                     BLOCK=block, num_warps=4)
-        return out
-    return F.embedding_bag(position.view(-1, top_k), grad_rows, mode="sum")
+from .token_rows import row_positions, sum_token_rows
 
 
 def expert_order(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -72,13 +42,6 @@ def expert_order(selected_experts: torch.Tensor, num_experts: int) -> torch.Tens
     return torch.argsort(keys, stable=True)
 
 
-def row_positions(rows: torch.Tensor) -> torch.Tensor:
-    """The inverse permutation of `rows`: [t * top_k + k] is where token t's k-th row went."""
-    position = torch.empty_like(rows)
-    position[rows] = torch.arange(rows.numel(), device=rows.device)
-    return position
-
-
 class _GatherTokenRows(torch.autograd.Function):
     """x[rows // top_k] for `rows`, a permutation of all T * top_k (token, slot) pairs."""
 
@@ -91,7 +54,7 @@ class _GatherTokenRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (rows,) = ctx.saved_tensors
-        return _sum_token_rows(grad_rows, row_positions(rows), ctx.top_k), None, None
+        return sum_token_rows(grad_rows, row_positions(rows), ctx.top_k), None, None
 
 
 def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from importlib.metadata import version
 
 import torch
 
-from .local_dispatch import _sum_token_rows, row_positions
+from .token_rows import row_positions, sum_token_rows
 
 try:
     import triton
@@ -193,7 +193,7 @@ class _GatheredSwigluExperts(torch.autograd.Function):
                   **options.kwargs("gate_up_weight_grads", device))
         drows = _gemm(dgate_up, w13, cu_seqlens_m=cu_seqlens, **options.kwargs("input_grads", device))
         # the rows' inverse permutation is built here, not in the forward, whose host time the GPU waits for
-        dx = _sum_token_rows(drows, row_positions(rows), ctx.top_k)
+        dx = sum_token_rows(drows, row_positions(rows), ctx.top_k)
         return dx, dw1, dw2, dw3, None, None, None, None, None, None
 
 
