@@ -1,6 +1,8 @@
 """Checkpoints: SIGTERM saves and stops, --resume continues exactly (four processes at EP=2, the runs of
-conftest.py), a checkpoint of another layout is refused before loading, and an interrupted save is never the one
-resumed from."""
+conftest.py), a checkpoint of another layout or data order is refused before loading, an interrupted save is never
+the one resumed from, and a resumed run saves over the step `latest` names."""
+import shutil
+
 import pytest
 from safetensors.torch import load_file
 
@@ -62,3 +64,32 @@ def test_save_total_limit_keeps_the_newest(four_rank_runs):
     root = four_rank_runs["accum"] / "checkpoints"
     assert [p.name for p in complete_checkpoints(root)] == ["step-2", "step-3"]
     assert (root / "latest").read_text().strip() == "step-3"
+
+
+def accum_run(grad_accum: int) -> list[str]:
+    """The options of conftest.py's one-process run (grad_accum 8), saving a checkpoint after each step."""
+    return [*FOUR_RANK_RUN, "--ep-size", "1", "--grad-accum", str(grad_accum), "--save-steps", "1",
+            "--save-total-limit", "2"]
+
+
+def test_resuming_with_another_grad_accum_stops_before_loading_naming_it(four_rank_runs, tmp_path):
+    step = four_rank_runs["accum"] / "checkpoints" / "step-3"
+    proc = train(tmp_path, *accum_run(4), "--resume", str(step), nproc=1, check=False)
+    assert proc.returncode != 0
+    assert ("--grad-accum was 8 when step-3 was saved, now 4: its steps would train other examples. Resume with "
+            "--grad-accum 8, or start a new run") in proc.stderr
+    assert "resumed from" not in proc.stdout and "load_checkpoint" not in proc.stderr
+
+
+def test_a_run_resumed_from_an_earlier_step_saves_over_the_step_latest_names(four_rank_runs, tmp_path):
+    """Resumed from step-2, the run saves step 3 again while `latest` names the first run's step-3."""
+    run = tmp_path / "run"
+    shutil.copytree(four_rank_runs["accum"], run)
+    root = run / "checkpoints"
+    proc = train(run, *accum_run(8), "--resume", str(root / "step-2"), nproc=1)
+    assert f"resumed from {root / 'step-2'} at step 2" in proc.stdout
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-2", "step-3"]  # beside DeepSpeed's scripts
+    assert resolve("latest", root) == root / "step-3"
+    first, again = read_metrics(four_rank_runs["accum"]), read_metrics(run)
+    assert [m["step"] for m in again] == [1, 2, 3]
+    assert again[-1]["loss"] == pytest.approx(first[-1]["loss"], rel=1e-6)
