@@ -12,14 +12,11 @@ block sizes and warp counts of the Triton kernel, and the update without the gat
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from ..fastpath import adamw
 from ..fastpath.adamw import MasterAdamW, Mirror
-from .attention_table import time_ms
+from .harness import markdown_table, require_cuda, time_ms, tool_parser, write_report
 
 HIDDEN, EXPERTS, INTER, HEADS, KV_HEADS, HEAD_DIM = 2048, 128, 768, 32, 4, 128
 SWEEP = ((2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))
@@ -94,32 +91,29 @@ def measure(iters: int, sweep: bool) -> list[dict]:
 
 
 def table(rows: list[dict], header: bool = True) -> str:
-    lines = (["| moments | block x warps | ms a layer | GB moved | TB/s |", "| --- | --- | --- | --- | --- |"]
-             if header else [])
+    cells = []
     for r in rows:
         mark = " (configured)" if r["configured"] else ""
         moments = r["moments"] + ("" if r.get("mirror", True) else ", no gate/up mirror")
-        lines.append(f"| {moments} | {r['block']} x {r['warps']}{mark} | {r['ms']:.3f} | {r['gb']:.2f} | "
-                     f"{r['tb_per_s']:.2f} |")
-    return "\n".join(lines)
+        cells.append((moments, f"{r['block']} x {r['warps']}{mark}", f"{r['ms']:.3f}", f"{r['gb']:.2f}",
+                      f"{r['tb_per_s']:.2f}"))
+    return markdown_table(("moments", "block x warps", "ms a layer", "GB moved", "TB/s"), cells, header)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.tools.adamw_kernel", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.adamw_kernel", __doc__)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes and warp counts")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or adamw.triton is None:
-        raise SystemExit("adamw_kernel times the Triton kernel on a CUDA GPU, and there is none here")
+    require_cuda("adamw_kernel")
+    if adamw.triton is None:
+        raise SystemExit("error: adamw_kernel times a Triton kernel, and triton is not installed")
     rows = measure(args.iters, args.sweep)
     copy = copy_bandwidth(args.iters)
     print(f"device-to-device copy of 4 GiB: {copy:.2f} TB/s", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_tb_per_s=copy, rows=rows),
-                      f, indent=1)
+        write_report(args.out, copy_tb_per_s=copy, rows=rows)
     return 0
 
 

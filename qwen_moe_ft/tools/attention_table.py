@@ -11,8 +11,6 @@ documents only.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 
@@ -20,6 +18,7 @@ import torch
 
 from ..model.attention import _KERNELS, _equal_documents, _per_document_sdpa, available_backends
 from .bench import document_lengths
+from .harness import markdown_table, require_cuda, time_ms, tool_parser, write_report
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
 
@@ -61,20 +60,6 @@ def errors(results, reference) -> dict[str, float]:
             for name, a, b in zip(("out", "dq", "dk", "dv"), results, reference)}
 
 
-def time_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure(lengths: list[int], backends: list[str], iters: int) -> list[dict]:
     q, k, v, grad_out, cu = inputs(lengths)
     max_len = max(lengths)
@@ -93,36 +78,33 @@ def measure(lengths: list[int], backends: list[str], iters: int) -> list[dict]:
     return rows
 
 
+def table(rows: list[dict]) -> str:
+    cells = [(r["backend"], f"failed: {r['error']}", "", "") if "error" in r else
+             (r["backend"], f"{r['fwd_bwd_ms']:.3f}", f"{r['tflops']:.0f}",
+              " / ".join(f"{r['max_rel_err'][k]:.1e}" for k in ("out", "dq", "dk", "dv"))) for r in rows]
+    return markdown_table(("backend", "fwd+bwd ms", "TFLOP/s", "max rel err out / dq / dk / dv"), cells)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.tools.attention_table", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.attention_table", __doc__)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--lengths", default="full,chat", help="comma list of the benchmark's length mixes")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="attention.json")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
-    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, tables={})
+    require_cuda("attention_table")
+    tables = {}
     for mix in args.lengths.split(","):
         lengths = document_lengths(args.tokens, mix, random.Random(args.seed))
         backends = [b for b in available_backends("cuda") if b != "sdpa"]
         if len(set(lengths)) == 1:
             backends.append("cudnn")
         rows = measure(lengths, backends + ["sdpa"], args.iters)
-        report["tables"][mix] = dict(documents=len(lengths), median_length=statistics.median(lengths), rows=rows)
+        tables[mix] = dict(documents=len(lengths), median_length=statistics.median(lengths), rows=rows)
         print(f"\n{mix}: {len(lengths)} documents, {sum(lengths)} tokens, median length {statistics.median(lengths):.0f}")
-        print("| backend | fwd+bwd ms | TFLOP/s | max rel err out / dq / dk / dv |\n| --- | --- | --- | --- |")
-        for r in rows:
-            if "error" in r:
-                print(f"| {r['backend']} | failed: {r['error']} | | |")
-            else:
-                e = r["max_rel_err"]
-                print(f"| {r['backend']} | {r['fwd_bwd_ms']:.3f} | {r['tflops']:.0f} | "
-                      f"{e['out']:.1e} / {e['dq']:.1e} / {e['dk']:.1e} / {e['dv']:.1e} |")
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+        print(table(rows))
+    write_report(args.out, tables=tables)
     return 0
 
 

@@ -26,6 +26,7 @@ import torch
 from ..config import DEFAULT_DS_CONFIG, QWEN3_30B_A3B, TINY_MODEL
 from ..data.rows import IGNORE
 from ..flops import flops_per_token, mean_causal_context, peak_tflops
+from .harness import markdown_table, require_cuda, tool_parser, write_report
 from .kernel_table import format_per_layer, per_layer_table, profile_step, profile_steps, slowest_against_fastest
 from ..metrics import StepTimer
 from ..data.packing import collate_packed, collate_padded, plan_micro_batches
@@ -271,21 +272,22 @@ def table(summary: dict) -> str:
     if not any("per_layer_ms" in v or v.get("per_layer_within_noise") for v in summary.values() if isinstance(v, dict)
                and "attention" in v):
         return whole_step_table(summary)
-    rows = ["| stack | attention | per layer ms | fwd+bwd/layer ms | optimizer/layer ms | layer TFLOP/s | layer MFU | "
-            "peak mem GiB | tokens/s | 48-layer tokens/s |", "|" + " --- |" * 10]
-    notes = []
+    rows, notes = [], []
     for stack in STACKS:
         if stack in summary and summary[stack].get("per_layer_within_noise"):
             s = summary[stack]
-            rows.append(f"| {stack} | {s['attention']} | n/a | n/a | n/a | n/a | n/a | {s['peak_mem_gib']:.1f} | "
-                        f"{s['tokens_per_s']:.0f} | n/a |")
+            rows.append((stack, s["attention"], *["n/a"] * 5, f"{s['peak_mem_gib']:.1f}", f"{s['tokens_per_s']:.0f}",
+                         "n/a"))
             notes.append(f"{stack}: the deeper model's median step differs from the shallower one's by less than "
                          f"steps vary; per-layer figures omitted, compare whole steps (tokens/s)")
         elif stack in summary:
             s = summary[stack]
-            rows.append(f"| {stack} | {s['attention']} | {s['per_layer_ms']:.1f} | {s['fwd_bwd_per_layer_ms']:.1f} | "
-                        f"{s['optimizer_per_layer_ms']:.1f} | {s['layer_tflops']:.0f} | {100 * s['layer_mfu']:.1f}% | "
-                        f"{s['peak_mem_gib']:.1f} | {s['tokens_per_s']:.0f} | {s['tokens_per_s_48L']:.0f} |")
+            rows.append((stack, s["attention"], f"{s['per_layer_ms']:.1f}", f"{s['fwd_bwd_per_layer_ms']:.1f}",
+                         f"{s['optimizer_per_layer_ms']:.1f}", f"{s['layer_tflops']:.0f}",
+                         f"{100 * s['layer_mfu']:.1f}%", f"{s['peak_mem_gib']:.1f}", f"{s['tokens_per_s']:.0f}",
+                         f"{s['tokens_per_s_48L']:.0f}"))
+    lines = [markdown_table(("stack", "attention", "per layer ms", "fwd+bwd/layer ms", "optimizer/layer ms",
+                             "layer TFLOP/s", "layer MFU", "peak mem GiB", "tokens/s", "48-layer tokens/s"), rows)]
     for stack in STACKS:
         if "busy_per_layer_ms" in summary.get(stack, {}):
             s = summary[stack]
@@ -295,29 +297,29 @@ def table(summary: dict) -> str:
     for baseline in BASELINES:
         if f"ratios_{baseline}" in summary:
             r = summary[f"ratios_{baseline}"]
-            rows.append(f"\n{baseline}/ours: per layer {r['per_layer_ms']:.2f}x, forward+backward "
-                        f"{r['fwd_bwd_per_layer_ms']:.2f}x, optimizer {r['optimizer_per_layer_ms']:.2f}x")
-    return "\n".join(rows + notes)
+            lines.append(f"\n{baseline}/ours: per layer {r['per_layer_ms']:.2f}x, forward+backward "
+                         f"{r['fwd_bwd_per_layer_ms']:.2f}x, optimizer {r['optimizer_per_layer_ms']:.2f}x")
+    return "\n".join(lines + notes)
 
 
 def whole_step_table(summary: dict) -> str:
     """One depth: whole steps only."""
-    rows = ["| stack | attention | step ms | tokens/s | MFU | peak mem GiB |", "|" + " --- |" * 6]
+    rows = []
     for stack in (*STACKS, *LORA_STACKS[1:]):
         if stack in summary:
             s = summary[stack]
             step_ms = [v for k, v in s.items() if k.startswith("step_ms_")][-1]
-            rows.append(f"| {stack} | {s['attention']} | {step_ms:.1f} | {s['tokens_per_s']:.0f} | "
-                        f"{100 * s['step_mfu']:.1f}% | {s['peak_mem_gib']:.1f} |")
+            rows.append((stack, s["attention"], f"{step_ms:.1f}", f"{s['tokens_per_s']:.0f}",
+                         f"{100 * s['step_mfu']:.1f}%", f"{s['peak_mem_gib']:.1f}"))
+    lines = [markdown_table(("stack", "attention", "step ms", "tokens/s", "MFU", "peak mem GiB"), rows)]
     for baseline in BASELINES:
         if "tokens_per_s" in summary.get(f"ratios_{baseline}", {}):
-            rows.append(f"\nours/{baseline} tokens/s: {summary[f'ratios_{baseline}']['tokens_per_s']:.2f}x")
-    return "\n".join(rows)
+            lines.append(f"\nours/{baseline} tokens/s: {summary[f'ratios_{baseline}']['tokens_per_s']:.2f}x")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.bench", __doc__)
     parser.add_argument("--layers", default="2,4", help="two depths, comma separated (per-layer figures), or one")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
     parser.add_argument("--lengths", choices=("full", *LOG_NORMAL), default="mixed",
@@ -363,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.lengths = "full" if args.full_length else args.lengths
     args.stacks = args.stacks or ",".join(LORA_STACKS if args.lora else STACKS)
-    if not torch.cuda.is_available():
-        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
-        return 2
+    require_cuda("the benchmark")
     if args.worker:
         args.stack, args.depth = args.worker[0], int(args.worker[1])
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -393,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     peak = args.peak_tflops or peak_tflops(complete[0]["gpu"]) or 989.0
     summary = summarise(complete, depths, peak, frozen_weights=args.lora)
-    report = dict(gpu=complete[0]["gpu"], torch=torch.__version__, tokens=args.tokens, lengths=args.lengths,
-                  lora=args.lora, depths=depths, peak_tflops=peak, results=results, failures=failures, summary=summary)
+    report = dict(tokens=args.tokens, lengths=args.lengths, lora=args.lora, depths=depths, peak_tflops=peak,
+                  results=results, failures=failures, summary=summary)
     if args.profile and len(depths) == 2:
         report["per_layer_kernels"] = kernel_tables(results, depths)
         for stack, rows in report["per_layer_kernels"].items():
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{r['stack']} at {r['depth']} layers, traced forward+backward steps (ms): "
                   f"{json.dumps(r['trace']['steps'])}\nslowest against fastest: "
                   f"{json.dumps(r['trace']['slowest_against_fastest'])}")
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_report(args.out, **report)
     print(table(summary))
     for failure in failures:
         print(f"{failure['stack']} at {failure['depth']} layers failed: {failure['error']}")

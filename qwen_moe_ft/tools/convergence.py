@@ -29,6 +29,7 @@ from ..config import QWEN3_30B_A3B
 from ..data.packing import collate_packed
 from ..lr_schedule import lr_lambda
 from .bench import document_lengths
+from .harness import tool_parser
 
 RUNS = ("ours_bf16", "ours_fp32", "hf_adamw")
 BETAS, EPS, GRAD_CLIP, MIN_LR_RATIO = (0.9, 0.95), 1e-8, 1.0, 0.1
@@ -187,8 +188,7 @@ def plot(report: dict, png: str, window: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.tools.convergence", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.convergence", __doc__)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (one packed micro-batch)")

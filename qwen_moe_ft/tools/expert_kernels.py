@@ -21,7 +21,6 @@ Times: median of --iters CUDA-event intervals after warm-up.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import traceback
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 
 from ..fastpath.local_dispatch import expert_order
-from .attention_table import time_ms
+from .harness import require_cuda, time_ms, tool_parser, write_report
 
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 
@@ -172,23 +171,21 @@ def grad_norm_table(iters: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.expert_kernels", __doc__)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--only", choices=("experts", "grad_norms"), default=None)
     parser.add_argument("--tune", action="store_true", help="also run quack's autotuner on every GEMM (minutes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("expert_kernels needs a GPU")
-    result = dict(gpu=torch.cuda.get_device_name(), tokens=args.tokens)
+    require_cuda("expert_kernels")
+    result = dict(tokens=args.tokens)
     if args.only in (None, "grad_norms"):
         result["grad_norms"] = grad_norm_table(args.iters)
     if args.only in (None, "experts"):
         result["experts"] = expert_table(args.tokens, args.iters, args.tune)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_report(args.out, **result)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch.autograd import DeviceType
 from torch.profiler import record_function
 
 from ..metrics import StepTimer
+from .harness import markdown_table
 
 MARK_PREFIX = "qwen_moe_ft.bench.mark:"
 PHASES = ("forward_backward", "optimizer")
@@ -120,12 +121,11 @@ def per_layer_table(low: dict, high: dict, span: int) -> list[dict]:
 
 def format_per_layer(rows: list[dict], top: int = 25) -> str:
     total = {p: sum(r[p] for r in rows) for p in PHASES}
-    lines = [f"per layer: forward+backward {total['forward_backward'] / 1e3:.2f} ms, "
-             f"optimizer {total['optimizer'] / 1e3:.2f} ms of device time",
-             "| kernel | fwd+bwd us | optimizer us | calls |", "| --- | --- | --- | --- |"]
-    for r in rows[:top]:
-        lines.append(f"| {r['kernel']} | {r['forward_backward']:.0f} | {r['optimizer']:.0f} | {r['calls']:.1f} |")
-    return "\n".join(lines)
+    return (f"per layer: forward+backward {total['forward_backward'] / 1e3:.2f} ms, "
+            f"optimizer {total['optimizer'] / 1e3:.2f} ms of device time\n"
+            + markdown_table(("kernel", "fwd+bwd us", "optimizer us", "calls"),
+                             ((r["kernel"], f"{r['forward_backward']:.0f}", f"{r['optimizer']:.0f}", f"{r['calls']:.1f}")
+                              for r in rows[:top])))
 
 
 def _timed_work(events, device_type: DeviceType) -> list[tuple[float, float, str]]:

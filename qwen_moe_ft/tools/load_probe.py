@@ -11,7 +11,6 @@ writes OUT with model/export.py; the JSON adds the GPU memory the export added t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -19,13 +18,15 @@ import time
 
 import torch
 
+from .harness import tool_parser
+
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.load_probe", __doc__)
     parser.add_argument("--model", required=True, help="a local checkpoint directory")
     parser.add_argument("--ep-size", type=int, default=0, help="0: the world size")
     parser.add_argument("--rank", type=int, default=None, help="the rank to stand for (default: this process's)")

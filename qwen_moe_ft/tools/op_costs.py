@@ -13,8 +13,6 @@ norm errors are the largest |difference| / largest |value| of the output and the
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
 
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 from ..fastpath.local_dispatch import expert_order
 from .expert_kernels import rel_error
+from .harness import markdown_table, require_cuda, tool_parser, write_report
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER = 2048, 32, 4, 128, 128, 8, 768
 SLEEP_CYCLES = 300_000_000  # ~150 ms at the H200's ~2 GHz
@@ -145,33 +144,29 @@ def measure(tokens: int, calls: int) -> list[dict]:
 
 
 def table(rows: list[dict], header: bool = True) -> str:
-    lines = ["| op | candidate | host us | GPU us | fwd+bwd host us | fwd+bwd GPU us | error out / dx |",
-             "| --- | --- | --- | --- | --- | --- | --- |"] if header else []
-
     def us(value):
         return "" if value is None else f"{value:.1f}"
 
+    cells = []
     for r in rows:
         error = (f"{r['out_error']:.1e} / {r['dx_error']:.1e}" if "out_error" in r
                  else ("bitwise equal" if r["exact"] else "DIFFERS") if "exact" in r else "")
-        lines.append(f"| {r['op']} | {r['candidate']} | {us(r['host_us'])} | {us(r['gpu_us'])} | "
-                     f"{us(r.get('fwd_bwd_host_us'))} | {us(r.get('fwd_bwd_gpu_us'))} | {error} |")
-    return "\n".join(lines)
+        cells.append((r["op"], r["candidate"], us(r["host_us"]), us(r["gpu_us"]), us(r.get("fwd_bwd_host_us")),
+                      us(r.get("fwd_bwd_gpu_us")), error))
+    return markdown_table(("op", "candidate", "host us", "GPU us", "fwd+bwd host us", "fwd+bwd GPU us",
+                           "error out / dx"), cells, header)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.tools.op_costs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.op_costs", __doc__)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--calls", type=int, default=20, help="queued calls per measurement")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("op_costs measures kernels on a CUDA GPU, and there is none here")
+    require_cuda("op_costs")
     rows = measure(args.tokens, args.calls)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+        write_report(args.out, rows=rows)
     return 0
 
 

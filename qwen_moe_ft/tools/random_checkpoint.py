@@ -8,7 +8,6 @@ and written one at a time, so memory stays about one shard. Weights ~ N(0, initi
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..model.hub_layout import PROJ
 from ..model.shard_writer import ShardWriter
+from .harness import tool_parser
 
 FUSED = re.compile(r"^(?P<layer>.*\.mlp\.experts)\.(?P<fused>gate_up_proj|down_proj)$")
 
@@ -63,7 +63,7 @@ def write_random_checkpoint(config_dir: str, layers: int, out: str | Path, *, dt
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.random_checkpoint", __doc__)
     parser.add_argument("--config", required=True, help="directory (or hub id) of the model's config.json")
     parser.add_argument("--layers", type=int, required=True)
     parser.add_argument("--out", required=True)

@@ -13,11 +13,12 @@ the outermost ops on the marks' thread, each op's calls and host time (profiled:
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 from bisect import bisect_right
 from collections import defaultdict
+
+from .harness import markdown_table, tool_parser
 
 MARK = "qwen_moe_ft.bench.mark:"
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -109,28 +110,25 @@ def forward_host_ops(events: list[dict]) -> tuple[list[dict], dict[str, list[flo
 
 def report(steps: list[dict], charged: dict[str, list[float]], top: int,
            host: tuple[list[dict], dict[str, list[float]]] = ([], {})) -> str:
-    lines = ["| step | wall ms | forward ms (GPU idle) | backward ms (GPU idle) |", "| --- | --- | --- | --- |"]
-    for i, s in enumerate(steps):
-        lines.append(f"| {i} | {s['wall_ms']:.2f} | {s['forward_ms']:.2f} ({s['forward_idle_ms']:.2f}) | "
-                     f"{s['backward_ms']:.2f} ({s['backward_idle_ms']:.2f}) |")
-    lines += ["", f"GPU idle before the kernels of each op, all {len(steps)} steps (largest first):",
-              "| op | gaps | idle ms |", "| --- | --- | --- |"]
-    for op, (count, us) in sorted(charged.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"| {op} | {count} | {us / 1e3:.2f} |")
+    lines = [markdown_table(("step", "wall ms", "forward ms (GPU idle)", "backward ms (GPU idle)"),
+                            ((i, f"{s['wall_ms']:.2f}", f"{s['forward_ms']:.2f} ({s['forward_idle_ms']:.2f})",
+                              f"{s['backward_ms']:.2f} ({s['backward_idle_ms']:.2f})") for i, s in enumerate(steps))),
+             "", f"GPU idle before the kernels of each op, all {len(steps)} steps (largest first):",
+             markdown_table(("op", "gaps", "idle ms"), ((op, count, f"{us / 1e3:.2f}") for op, (count, us)
+                                                         in sorted(charged.items(), key=lambda kv: -kv[1][1])[:top]))]
     spans, by_op = host
     if spans:
         lines += ["", "Host time of the forward (begin mark to the backward's first op), ms a step: "
                   + ", ".join(f"{s['host_ms']:.2f} ({s['in_ops_ms']:.2f} in ops)" for s in spans),
                   f"its outermost ops, all {len(spans)} steps (largest first):",
-                  "| op | calls | host ms | us a call |", "| --- | --- | --- | --- |"]
-        for op, (count, us) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]:
-            lines.append(f"| {op} | {count} | {us / 1e3:.2f} | {us / count:.1f} |")
+                  markdown_table(("op", "calls", "host ms", "us a call"),
+                                 ((op, count, f"{us / 1e3:.2f}", f"{us / count:.1f}") for op, (count, us)
+                                  in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]))]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.tools.trace_gaps", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser("qwen_moe_ft.tools.trace_gaps", __doc__)
     parser.add_argument("trace", help="a trace written by bench --trace-export (.json or .json.gz)")
     parser.add_argument("--top", type=int, default=15, help="ops to list")
     parser.add_argument("--min-gap-us", type=float, default=5.0, help="shorter gaps are not counted")

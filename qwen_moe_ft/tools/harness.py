@@ -1,0 +1,52 @@
+"""What the measuring tools share: their command line, the refusal where there is no GPU, a GPU timer, markdown
+tables, and the JSON report that names the GPU and the torch version behind its numbers."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+
+def tool_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m MODULE`, its docstring as the description with the line breaks kept."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def require_cuda(tool: str) -> None:
+    """Stops with one line where there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: {tool} measures on a CUDA GPU, and there is none here")
+
+
+def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
+    """Median GPU time of one call of fn in ms (CUDA events around each call), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def markdown_table(header: Iterable[str], rows: Iterable[Iterable[object]], with_header: bool = True) -> str:
+    """A markdown table: the header and its rule (unless with_header is false, for rows printed as they come),
+    then one line a row."""
+    header = list(header)
+    lines = [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] if with_header else []
+    return "\n".join(lines + [f"| {' | '.join(str(cell) for cell in row)} |" for row in rows])
+
+
+def write_report(path: str | Path, **fields) -> None:
+    """`fields` as JSON at `path`, after the GPU and the torch version that measured them."""
+    report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, **fields)
+    Path(path).write_text(json.dumps(report, indent=1))
