@@ -52,7 +52,7 @@ from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
 from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
-from qwen_moe_ft.tools.memory import preflight_warning
+from qwen_moe_ft.tools.memory import logits_fit, preflight_warning
 
 
 def _global_sum(values: list[float] | torch.Tensor, device) -> list[float]:
@@ -98,8 +98,12 @@ class Trainer:
                                            kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
         acc = self.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        # --loss-impl auto computes the loss in chunks where the memory estimate says the logits would not fit
+        gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30 if has_gpu else 0.0
+        fit = not has_gpu or logits_fit(cfg, self.model_config, gpus=world_size, ep_size=self.ep_size, gpu_gib=gpu_gib)
+        self.loss_impl, self.loss_choice = select_loss_impl(cfg.loss_impl, self.device.type,
+                                                            tokens=cfg.max_tokens_per_batch, logits_fit=fit)
         if has_gpu and acc.is_main_process:  # before minutes of loading end in an out-of-memory error
-            gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
             if warning := preflight_warning(cfg, self.model_config, gpus=world_size, ep_size=self.ep_size,
                                             gpu_gib=gpu_gib):
                 print(f"warning: {warning}", flush=True)
@@ -153,7 +157,6 @@ class Trainer:
             attn_implementation = register_varlen_attention(self.attn_backend)
         else:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
-        self.loss_impl = select_loss_impl(cfg.loss_impl, self.device.type)
         if cfg.fast_path == "on":  # imported only when used: `--fast-path off` loads no patch module
             from qwen_moe_ft.fastpath import FastPath
 
@@ -208,11 +211,12 @@ class Trainer:
         plan, lengths = self.train_loader.plan(1), self.train_loader.lengths
         epoch_steps = self.train_loader.epoch_steps(self.total_steps)
         fewest, most = min(epoch_steps), max(epoch_steps)
+        loss = f"{self.loss_impl} ({self.loss_choice})" if self.loss_choice else self.loss_impl
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
             f"zero {cfg.zero_stage} | {'LoRA on ' + cfg.lora_targets if cfg.lora else 'full fine-tuning'} | "
             f"{self.recompute} | "
-            f"attention {self.attn_backend} | loss {self.loss_impl} | fused kernels {self.fused_kernels} | "
+            f"attention {self.attn_backend} | loss {loss} | fused kernels {self.fused_kernels} | "
             f"adam moments {self.fast_path.adam_states if self.fast_path else 'fp32'} | {len(lengths)} examples, "
             f"mean length {sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
             f"{'packing' if cfg.packing else 'padding'} efficiency "
@@ -359,7 +363,8 @@ class Trainer:
 OUT_OF_MEMORY = ("the GPU ran out of memory (traceback above). `python -m qwen_moe_ft.memory --config RECIPE` "
                  "estimates the peak and the fewest layers to recompute; what lowers it: --activation-checkpointing "
                  "true with --checkpoint-layers N (more layers), --max-tokens-per-batch (fewer tokens a micro-batch), "
-                 "--loss-impl liger (no logits), or more GPUs. A run with checkpoints continues with --resume latest")
+                 "--loss-impl chunked (no [tokens, vocab] logits), or more GPUs. A run with checkpoints continues with "
+                 "--resume latest")
 
 
 def main(argv: list[str] | None = None) -> int:
