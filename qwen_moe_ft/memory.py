@@ -1,7 +1,319 @@
-"""`python -m qwen_moe_ft.memory`: the entry point of qwen_moe_ft/tools/memory.py."""
-import sys
+"""Per-GPU memory of fine-tuning (full or LoRA) with ZeRO-2 + AutoEP, before launching.
 
-from qwen_moe_ft.tools.memory import main
+    python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
+                                 [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
+                                 [--lora BOOL] [--activation-checkpointing BOOL] [--checkpoint-layers N]
+                                 [--loss-impl auto|torch|chunked|liger|cce]
+
+--gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
+where the training will run.
+
+Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
+weights and two Adam moments (bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all
+GPUs, each expert over its expert-data-parallel group, so both come to 1/GPUs of the whole). With gradient accumulation
+DeepSpeed keeps the earlier micro-batches' bf16 gradient partition while the next backward fills a
+new one: one more gradient partition. Transient at the peak (the loss): activations of every layer
+(and the fused gate/up weight copies, one layer's with --gate-up-recompute) and the loss's memory: the LM head's
+logits, all of them (torch) or one chunk's with the gradients it sums (chunked; --loss-impl auto chooses it above
+8192 tokens a micro-batch, or where the logits would not fit), none for the fused kernels.
+Checked against one-GPU H100 peaks (BENCHMARKS.md); the multi-GPU partitioning terms follow
+DeepSpeed's ZeRO-2 and are not yet measured.
+
+LoRA: the bf16 base weights are frozen, so the gradients, master weights and moments are the LoRA factors'
+only, and no gate/up copies are kept. With activation checkpointing, a recomputed layer keeps only its input
+until the backward; the others keep their activations. Where every layer recomputes and one layer's activations
+outweigh the loss's memory (long micro-batches, chunked loss), the peak moves to the first recomputed layer's
+backward (`recompute`). Where that matters, the fewest layers to recompute for the GPU is printed. The LoRA terms
+were checked against one-GPU H200 peaks of the 48-layer model at 4096 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+GIB = 2**30
+ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+def zero2_bytes_per_param(adam_states: str) -> int:
+    return 2 + 4 + 2 * ADAM_STATE_BYTES[adam_states]  # bf16 gradient, fp32 master weight, Adam m and v
+# Activations saved for backward per token and layer (bf16, top-8 of 128 experts), fitted to 2- vs 4-layer
+# peak differences of the Qwen3-30B-A3B shape on the H100 (docs/benchmark-history.md, 2026-11-25): 48 KiB with the
+# stock modules, 35 KiB less with liger's norms, which keep no fp32 copies.
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
+# The same for LoRA's unmerged experts and PEFT's attention wrappers (model/lora.py), fitted to the 48-layer
+# Qwen3-30B-A3B on an H200 at 4096 tokens (BENCHMARKS.md, commit c15a292): 0.533 GiB a layer kept. Larger than full
+# fine-tuning's: the experts' gathered input rows and SwiGLU's output are kept for the factors' gradients.
+LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER = 136.5 * 1024
+LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
+# The chunked loss (loss.py:ChunkedLinearCrossEntropy) peaks in its forward: one chunk's bf16 logits and their fp32
+# copy, then the fp32 softmax and its bf16 gradient (see loss_bytes for the rest)
+CHUNK_LOGIT_BYTES = 2 + 4
+# --loss-impl as the estimate counts it: liger's and cut-cross-entropy's chunks are not counted (within 1% of the
+# measured peaks without them)
+LOSS_KINDS = {"torch": "torch", "chunked": "chunked", "liger": "fused", "cce": "fused"}
+H100_GIB = 79.6  # an 80 GB H100: 81559 MiB
+# Left free when choosing how many layers to recompute: the CUDA context and the allocator's fragmentation,
+# which the peaks measured here (torch.cuda.max_memory_allocated) do not count.
+SUGGESTION_MARGIN_GIB = 2.0
+BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
+
+
+PARTS = ("weights", "zero2_states", "accumulation", "activations", "gate_up_copies", "logits", "recompute", "buckets")
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    zero2_states: float
+    accumulation: float
+    activations: float
+    gate_up_copies: float
+    logits: float
+    recompute: float  # beyond the loss's peak: a recomputed layer's activations in its backward
+    buckets: float
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, k) for k in PARTS)
+
+    def table(self) -> str:
+        rows = [(k, getattr(self, k)) for k in PARTS]
+        return "\n".join(f"{k:<14}{v / GIB:8.2f} GiB" for k, v in rows + [("total", self.total)])
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(dense, expert) parameter counts of a Qwen3-MoE config (norms included in dense)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    attn = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 2 * head_dim
+    router = config.num_experts * hidden
+    dense = layers * (attn + router + 2 * hidden) + 2 * config.vocab_size * hidden + hidden
+    expert = layers * config.num_experts * 3 * hidden * config.moe_intermediate_size
+    return dense, expert
+
+
+def lora_parameter_counts(config, rank: int, targets: list[str]) -> tuple[int, int]:
+    """(attention, expert) LoRA parameter counts of model/lora.py's adapters at `rank`, all experts."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    # q, k, v: hidden -> width; o: q -> hidden; each an A [r, in] and a B [out, r]
+    attn = rank * ((hidden + q) + 2 * (hidden + kv) + (q + hidden)) if "attn" in targets else 0
+    # per expert: gate/up A [r, H], B [2I, r]; down A [r, I], B [H, r]
+    inter = config.moe_intermediate_size
+    expert = config.num_experts * rank * (2 * hidden + 3 * inter) if "experts" in targets else 0
+    return layers * attn, layers * expert
+
+
+def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:
+    """Memory of the loss at its peak for `tokens` tokens: `loss` one of LOSS_KINDS' values."""
+    vocab, hidden = config.vocab_size, config.hidden_size
+    if loss == "torch":
+        return LOGIT_BYTES * tokens * vocab
+    if loss == "chunked":
+        from .loss import CHUNK_TOKENS
+
+        chunk, head = min(tokens, CHUNK_TOKENS), vocab * hidden * lm_head_trains
+        # kept through it: the bf16 gradient w.r.t. the hidden states and, where the LM head trains, its fp32 sum;
+        # beside a chunk's bf16 gradient (after its fp32 softmax is freed), that chunk's bf16 product for the sum
+        return 2 * tokens * hidden + 4 * head + max(CHUNK_LOGIT_BYTES * chunk * vocab, 2 * chunk * vocab + 2 * head)
+    return 0
+
+
+def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
+             loss: str = "torch", adam_states: str = "bf16", lora_rank: int = 0,
+             lora_targets: tuple[str, ...] = ("attn", "experts"), recomputed_layers: int = 0) -> MemoryEstimate:
+    """Peak bytes on one GPU for micro-batches of `tokens` tokens; LoRA of `lora_rank` (0: full fine-tuning);
+    `recomputed_layers` of the decoder layers under activation checkpointing; `loss` torch, chunked or fused."""
+    layers = config.num_hidden_layers
+    if not 0 <= recomputed_layers <= layers:
+        raise ValueError(f"recomputed_layers {recomputed_layers}: the model has {layers} layers")
+    dense, expert = parameter_counts(config)
+    base = 2 * (dense + expert / ep_size)  # bf16 weights: the dense part and this GPU's experts
+    if lora_rank:
+        dense, expert = lora_parameter_counts(config, lora_rank, list(lora_targets))
+        base += 2 * (dense + expert / ep_size)  # the factors' own bf16 weights, this GPU's experts'
+    # The fused gate/up projection's concatenated bf16 gate+up weights of this GPU's experts: kept for every
+    # layer (between steps too: expert_mlp.GateUpCache; measured +0.75 GiB per layer at EP=1, exactly their
+    # size), or one layer's at a time when the backward rebuilds them. LoRA runs gate and up separately.
+    gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
+    per_layer = LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER if lora_rank else ACTIVATION_BYTES_PER_TOKEN_LAYER
+    # the peak is at the loss: the kept layers' activations, the recomputed layers' inputs, the loss's memory
+    kept = layers - recomputed_layers
+    activations = tokens * (per_layer * kept + 2 * config.hidden_size * recomputed_layers)
+    logits = loss_bytes(config, loss, tokens, lm_head_trains=not lora_rank)
+    # or in the backward of the last recomputed layer: the kept layers' activations are freed by then, the loss's
+    # too, and that layer's are rebuilt; it passes the loss's peak only where no layer keeps its activations
+    recompute = max(0, tokens * per_layer * (1 - kept) - logits) if recomputed_layers else 0
+    return MemoryEstimate(
+        weights=base,
+        zero2_states=zero2_bytes_per_param(adam_states) * (dense + expert) / gpus,
+        # measured +5.80 GiB for 2 micro-batches of the 4-layer model on one H100; 2 bytes x 3.115e9 = 5.80 GiB
+        accumulation=2 * (dense + expert) / gpus if grad_accum > 1 else 0,
+        activations=activations,
+        gate_up_copies=0 if lora_rank else gate_up_copy * (1 if gate_up_recompute else layers),
+        logits=logits,
+        recompute=recompute,
+        buckets=BUCKET_BYTES if gpus > 1 else 0)
+
+
+def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
+    """The fewest decoder layers to recompute for `estimate(**kwargs)` to fit `gpu_bytes`; None if even all do
+    not."""
+    layers = kwargs["config"].num_hidden_layers
+    for recomputed in range(layers + 1):
+        if estimate(**kwargs, recomputed_layers=recomputed).total <= gpu_bytes:
+            return recomputed
+    return None
+
+
+def run_setting(cfg, config, *, gpus: int, ep_size: int, loss: str) -> dict:
+    """estimate()'s keyword arguments (less recomputed_layers) for a train.py config `cfg` on `gpus` GPUs computing
+    the loss `loss` (a --loss-impl other than auto)."""
+    return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=cfg.max_tokens_per_batch, grad_accum=cfg.grad_accum,
+                gate_up_recompute=cfg.gate_up_recompute, loss=LOSS_KINDS[loss],
+                adam_states=cfg.adam_states, lora_rank=cfg.lora_rank if cfg.lora else 0,
+                lora_targets=tuple(cfg.lora_target_list()))
+
+
+def recomputed_layers_of(cfg, layers: int) -> int:
+    """How many of `layers` decoder layers train.py recomputes under `cfg`."""
+    return (cfg.checkpoint_layers or layers) if cfg.activation_checkpointing else 0
+
+
+def logits_fit(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> bool:
+    """--loss-impl auto's memory test: the run's estimated peak with the plain loss's logits leaves
+    SUGGESTION_MARGIN_GIB of `gpu_gib` free, or the chunked loss would not lower it."""
+    setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss="torch")
+    recomputed = recomputed_layers_of(cfg, config.num_hidden_layers)
+    plain, chunked = (estimate(**{**setting, "loss": loss}, recomputed_layers=recomputed).total
+                      for loss in ("torch", "chunked"))
+    return plain <= (gpu_gib - SUGGESTION_MARGIN_GIB) * GIB or chunked >= plain
+
+
+def chosen_loss(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> tuple[str, str]:
+    """The loss train.py computes for `cfg` on GPUs of `gpu_gib`, and why where --loss-impl auto chose it."""
+    from .loss import select_loss_impl
+
+    if cfg.loss_impl != "auto":
+        return cfg.loss_impl, ""
+    fit = logits_fit(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
+    return select_loss_impl("auto", "cuda", tokens=cfg.max_tokens_per_batch, logits_fit=fit)
+
+
+def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None:
+    """The fewest layers to recompute that leave SUGGESTION_MARGIN_GIB free, as the options that say it, where
+    that differs from `recomputed`; None where it does not."""
+    fewest = fewest_recomputed_layers((gpu_gib - SUGGESTION_MARGIN_GIB) * GIB, **setting)
+    margin = f"{SUGGESTION_MARGIN_GIB:.0f} GiB left to the allocator"
+    if fewest is None:
+        return (f"recomputing every layer does not make it fit with {margin} either: fewer tokens per micro-batch "
+                "(--max-tokens-per-batch), " + ("more GPUs" if setting["lora_rank"] else "more GPUs or LoRA"))
+    if fewest == recomputed:
+        return None
+    if not fewest:
+        return f"it fits without activation checkpointing ({margin}): --activation-checkpointing false"
+    return f"the fewest layers to recompute ({margin}): --activation-checkpointing true --checkpoint-layers {fewest}"
+
+
+def preflight_warning(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> str | None:
+    """For train.py before it loads any weight: a warning where the run's estimated peak exceeds its GPU, with
+    what to change; None where it fits."""
+    loss, _ = chosen_loss(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
+    setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss=loss)
+    recomputed = recomputed_layers_of(cfg, config.num_hidden_layers)
+    total = estimate(**setting, recomputed_layers=recomputed).total / GIB
+    if total <= gpu_gib:
+        return None
+    change = what_to_change(setting, gpu_gib, recomputed)
+    return (f"the estimated peak memory of this run is {total:.1f} GiB a GPU, more than this GPU's {gpu_gib:.1f} "
+            f"(python -m qwen_moe_ft.memory gives the parts){'; ' + change if change else ''}")
+
+
+def this_machine() -> tuple[int, float] | None:
+    """(GPU count, GiB of GPU 0) of the machine this runs on; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import QWEN3_30B_A3B, ConfigError, TrainConfig, load_config
+    from .model.loading import load_model_config
+    from .parallel.expert_parallel import choose_ep_size
+
+    parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a train.py recipe: its micro-batch, accumulation, EP size, gate/up "
+                        "recompute and loss are the defaults of the options below")
+    parser.add_argument("--model", default=QWEN3_30B_A3B, help="hub id or directory with config.json")
+    parser.add_argument("--gpus", type=int, help="default: this machine's GPU count, or 8 without a GPU")
+    parser.add_argument("--ep-size", type=int, help="default the recipe's, or 0: as train.py chooses (the largest "
+                        "size dividing both the GPU count and the expert count)")
+    parser.add_argument("--tokens", type=int, help="tokens per micro-batch (--max-tokens-per-batch; one document "
+                        "of 32768 tokens: 32768); default 4096")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per step; default 1")
+    parser.add_argument("--gate-up-recompute", action="store_true", default=None)
+    parser.add_argument("--adam-states", choices=sorted(ADAM_STATE_BYTES), help="dtype of the Adam moments; "
+                        "default bf16, or the recipe's")
+    parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
+    parser.add_argument("--loss-impl", choices=("auto", *LOSS_KINDS), help="as train.py takes it, over the "
+                        "recipe's (default auto: the plain logits, or chunks above 8192 tokens or where they do not "
+                        "fit); liger and cce keep no logits")
+    parser.add_argument("--gpu-gib", type=float, help="memory of one GPU, to say whether it fits (default: "
+                        "this machine's GPU, or an 80 GB H100's 79.6 GiB without a GPU)")
+    # as train.py takes them (true/false), over the recipe's
+    parser.add_argument("--lora", nargs="?", const="true", metavar="BOOL", help="LoRA of the recipe's rank and "
+                        "targets (default rank 8, attn,experts)")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="true", metavar="BOOL",
+                        help="recompute decoder layers in the backward (--checkpoint-layers of them; all by default)")
+    parser.add_argument("--checkpoint-layers", help="with --activation-checkpointing: how many layers recompute "
+                        "(0: all)")
+    args = parser.parse_args(argv)
+    train_options = [f"--{name}={value}" for name, value in (
+        ("lora", args.lora), ("activation-checkpointing", args.activation_checkpointing),
+        ("checkpoint-layers", args.checkpoint_layers)) if value is not None]
+    machine = this_machine()
+    gpus_of = " (this machine's)" if machine and args.gpus is None else ""
+    args.gpus = args.gpus or (machine[0] if machine else 8)
+    args.gpu_gib = args.gpu_gib or (machine[1] if machine else H100_GIB)
+    try:
+        recipe = load_config((["--config", args.config] if args.config else []) + train_options)
+    except ConfigError as err:
+        parser.error(str(err))
+    if not args.config:
+        recipe = dataclasses.replace(recipe, max_tokens_per_batch=4096)
+    config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
+    ep_size = choose_ep_size(recipe.ep_size if args.ep_size is None else args.ep_size, args.gpus, config.num_experts)
+    overrides = dict(max_tokens_per_batch=args.tokens, grad_accum=args.grad_accum,
+                     gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states, loss_impl=args.loss_impl)
+    cfg = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    layers = config.num_hidden_layers
+    if not 0 <= cfg.checkpoint_layers <= layers:
+        parser.error(f"--checkpoint-layers {cfg.checkpoint_layers}: the model has {layers} decoder layers")
+    loss, why = chosen_loss(cfg, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib)
+    setting = run_setting(cfg, config, gpus=args.gpus, ep_size=ep_size, loss=loss)
+    recomputed = recomputed_layers_of(cfg, layers)
+    result = estimate(**setting, recomputed_layers=recomputed)
+    what = f"LoRA rank {cfg.lora_rank} ({cfg.lora_targets})" if cfg.lora else "full fine-tuning"
+    print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, "
+          f"{cfg.max_tokens_per_batch} tokens per micro-batch x {cfg.grad_accum}"
+          f"{', gate/up recomputed' if cfg.gate_up_recompute else ''}, {cfg.adam_states} Adam moments, "
+          f"{recomputed} of {layers} layers recomputed, loss {loss}{f' ({why})' if why else ''}")
+    print(result.table())
+    headroom = args.gpu_gib - result.total / GIB
+    fits = headroom >= 0
+    print(f"{'fits' if fits else 'does NOT fit'} a {args.gpu_gib:.1f} GiB GPU ({headroom:+.1f} GiB to spare; "
+          "the allocator's fragmentation needs a few)")
+    if (cfg.activation_checkpointing or not fits) and (change := what_to_change(setting, args.gpu_gib, recomputed)):
+        print(change)
+    return 0 if fits else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

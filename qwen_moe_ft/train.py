@@ -52,7 +52,7 @@ from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
 from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
-from qwen_moe_ft.tools.memory import logits_fit, preflight_warning
+from qwen_moe_ft.memory import logits_fit, preflight_warning
 
 
 def _global_sum(values: list[float] | torch.Tensor, device) -> list[float]:

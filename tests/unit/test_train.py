@@ -1,10 +1,13 @@
-"""train.main's handling of a run that fails (out of GPU memory is a message that says what to change), and what
-a training step's time takes in."""
+"""train.main's handling of a run that fails (out of GPU memory is a message that says what to change), what
+a training step's time takes in, and that the trainer imports none of tools/."""
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
+from helpers import REPO, cpu_env
 from qwen_moe_ft import train
 
 
@@ -33,3 +36,11 @@ def test_a_steps_time_takes_in_building_its_batches():
     micro_batches, kwargs = train.Trainer.train_step(trainer, 6)
     assert micro_batches == ["batch"] and (kwargs["step"], kwargs["epoch"]) == (7, 2)
     assert kwargs["data_seconds"] >= 0.05
+
+
+def test_the_trainer_imports_no_tool():
+    code = ("import sys, qwen_moe_ft.train, qwen_moe_ft.memory; "
+            "print(sorted(m for m in sys.modules if m.startswith('qwen_moe_ft.tools')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

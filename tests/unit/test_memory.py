@@ -10,9 +10,9 @@ from torch.utils._pytree import tree_flatten
 from helpers import REPO
 from qwen_moe_ft.config import QWEN3_30B_A3B
 from qwen_moe_ft.config import TrainConfig
-from qwen_moe_ft.tools.memory import (GIB, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, SUGGESTION_MARGIN_GIB, estimate,
-                                     fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
-                                     parameter_counts)
+from qwen_moe_ft.memory import (GIB, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, SUGGESTION_MARGIN_GIB, estimate,
+                                fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
+                                parameter_counts)
 from qwen_moe_ft.model.loading import load_model_config
 
 
@@ -151,7 +151,7 @@ def test_train_warns_before_loading_a_run_that_does_not_fit():
     from dataclasses import replace
 
     from qwen_moe_ft.config import load_config
-    from qwen_moe_ft.tools.memory import preflight_warning
+    from qwen_moe_ft.memory import preflight_warning
 
     recipe = load_config(["--config", str(REPO / "qwen_moe_ft" / "recipes" / "qwen3-30b-a3b-lora-1gpu.yaml")])
     assert preflight_warning(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6) is None  # 70.6 GiB
