@@ -1,6 +1,12 @@
 """Benchmark one GPU: our training step against transformers' grouped_mm and against stock DeepSpeed ZeRO-2 +
 AutoEP (our trainer with --fast-path off), same batches, same process tree.
 
+transformers runs twice: `hf_grouped_mm_packed` (`hf_peft_lora_packed` with --lora) takes the step's documents as
+one unpadded row with positions restarting per document, as TRL's packing or padding-free collation gives its users
+(flash-attn 4's or 2's varlen kernel where installed, else sdpa with the block-diagonal mask transformers builds
+from the positions); `hf_grouped_mm` (`hf_peft_lora`) pads micro-batches of the same token budget, what a naive
+loop costs. Ratios are reported against both; the packed ones are the headline.
+
     python -m qwen_moe_ft.bench [--layers 2,4] [--tokens 8192] [--lengths full|chat|mixed] [--out bench.json]
     python -m qwen_moe_ft.bench --lora --layers 48 --tokens 4096 --lengths chat   # LoRA, whole model, one GPU
 
@@ -32,9 +38,10 @@ from ..metrics import StepTimer
 from ..data.packing import collate_packed, collate_padded, plan_micro_batches
 
 # ours: the trainer with the fast path; deepspeed_stock: the same trainer with --fast-path off
-STACKS = ("ours", "deepspeed_stock", "hf_grouped_mm")
-LORA_STACKS = ("ours", "hf_peft_lora")
-BASELINES = ("hf_grouped_mm", "deepspeed_stock", "hf_peft_lora")
+STACKS = ("ours", "deepspeed_stock", "hf_grouped_mm_packed", "hf_grouped_mm")
+LORA_STACKS = ("ours", "hf_peft_lora_packed", "hf_peft_lora")
+ALL_STACKS = tuple(dict.fromkeys((*STACKS, *LORA_STACKS)))
+BASELINES = ("hf_grouped_mm_packed", "hf_grouped_mm", "deepspeed_stock", "hf_peft_lora_packed", "hf_peft_lora")
 LORA_RANK, LORA_ALPHA = 16, 32.0
 # Document lengths (log-normal, cut to 64..4096): "mixed" a long tail of short SFT rows (median ~550 tokens),
 # "chat" chat-like conversations (median ~1.5k tokens)
@@ -124,12 +131,32 @@ def _run_hf(args, batches):
     from transformers import AutoModelForCausalLM, set_seed
 
     from ..config import TrainConfig
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _packed_attention() -> str:
+    """transformers' attention for one row of packed documents: a varlen kernel where installed, else sdpa."""
+    if torch.cuda.get_device_capability()[0] >= 9 and _installed("flash_attn.cute"):
+        return "flash_attention_4"
+    if _installed("flash_attn_2_cuda"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
     from ..model.loading import load_model_config
 
     set_seed(args.seed)
     config = load_model_config(TrainConfig(random_init=True, num_hidden_layers=args.depth), args.model)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
+    packed = args.stack.endswith("_packed")
+    attention = _packed_attention() if packed else "sdpa"
                                                  experts_implementation="grouped_mm")
     if args.lora:
         model = _peft_lora(model, args)
@@ -137,17 +164,26 @@ def _run_hf(args, batches):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, fused=True)
 
-    def step(docs, i, timer):
+    def micro_batches(docs, i):
+        if packed:  # one row; transformers finds the documents from the restarting positions
+            row = collate_packed(docs)
+            inputs = {k: row.inputs[k] for k in ("input_ids", "position_ids")}
+            return [(inputs, row.shift_labels, row.num_label_tokens)]
         # What a user of padded batches runs: micro-batches within the same token budget, accumulated.
         lengths = [len(d["input_ids"]) for d in docs]
         plan = plan_micro_batches(lengths, args.tokens, packing=False, seed=i, epoch=1, shuffle_buffer=len(docs))
-        micro = [collate_padded([docs[j] for j in batch], pad_id=0).to("cuda") for batch in plan]
-        label_tokens = sum(m.num_label_tokens for m in micro)
+        padded = [collate_padded([docs[j] for j in batch], pad_id=0) for batch in plan]
+        return [(m.inputs, m.shift_labels, m.num_label_tokens) for m in padded]
+
+    def step(docs, i, timer):
+        micro = [({k: v.to("cuda") for k, v in inputs.items()}, labels.to("cuda"), n)
+                 for inputs, labels, n in micro_batches(docs, i)]
+        label_tokens = sum(n for *_, n in micro)
         timer.begin()
         total = torch.zeros((), device="cuda")
-        for m in micro:
-            logits = model(**m.inputs).logits.float()
-            loss_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), m.shift_labels.flatten(),
+        for inputs, labels, _ in micro:
+            logits = model(**inputs, use_cache=False).logits.float()
+            loss_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
                                                          ignore_index=IGNORE, reduction="sum")
             (loss_sum / label_tokens).backward()
             total += loss_sum.detach()
@@ -158,7 +194,8 @@ def _run_hf(args, batches):
         opt.zero_grad(set_to_none=True)
         return float(total) / label_tokens
 
-    return step, "sdpa (padded)" + (", PEFT LoRA" if args.lora else "")
+    described = f"{attention} (one packed row)" if packed else "sdpa (padded)"
+    return step, described + (", PEFT LoRA" if args.lora else "")
 
 
 def worker(args) -> dict:
@@ -273,7 +310,7 @@ def table(summary: dict) -> str:
                and "attention" in v):
         return whole_step_table(summary)
     rows, notes = [], []
-    for stack in STACKS:
+    for stack in ALL_STACKS:
         if stack in summary and summary[stack].get("per_layer_within_noise"):
             s = summary[stack]
             rows.append((stack, s["attention"], *["n/a"] * 5, f"{s['peak_mem_gib']:.1f}", f"{s['tokens_per_s']:.0f}",
@@ -288,7 +325,7 @@ def table(summary: dict) -> str:
                          f"{s['tokens_per_s_48L']:.0f}"))
     lines = [markdown_table(("stack", "attention", "per layer ms", "fwd+bwd/layer ms", "optimizer/layer ms",
                              "layer TFLOP/s", "layer MFU", "peak mem GiB", "tokens/s", "48-layer tokens/s"), rows)]
-    for stack in STACKS:
+    for stack in ALL_STACKS:
         if "busy_per_layer_ms" in summary.get(stack, {}):
             s = summary[stack]
             waits = " / ".join(f"{v:.1f}" for k, v in s.items() if k.startswith("waiting_ms_"))
@@ -305,7 +342,7 @@ def table(summary: dict) -> str:
 def whole_step_table(summary: dict) -> str:
     """One depth: whole steps only."""
     rows = []
-    for stack in (*STACKS, *LORA_STACKS[1:]):
+    for stack in ALL_STACKS:
         if stack in summary:
             s = summary[stack]
             step_ms = [v for k, v in s.items() if k.startswith("step_ms_")][-1]
