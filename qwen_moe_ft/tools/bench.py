@@ -127,10 +127,6 @@ def _peft_lora(model, args):
                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
 
 
-def _run_hf(args, batches):
-    from transformers import AutoModelForCausalLM, set_seed
-
-    from ..config import TrainConfig
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -149,14 +145,18 @@ def _packed_attention() -> str:
     return "sdpa"
 
 
+def _run_hf(args, batches):
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from ..config import TrainConfig
     from ..model.loading import load_model_config
 
+    packed = args.stack.endswith("_packed")
+    attention = _packed_attention() if packed else "sdpa"
     set_seed(args.seed)
     config = load_model_config(TrainConfig(random_init=True, num_hidden_layers=args.depth), args.model)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa",
-    packed = args.stack.endswith("_packed")
-    attention = _packed_attention() if packed else "sdpa"
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attention,
                                                  experts_implementation="grouped_mm")
     if args.lora:
         model = _peft_lora(model, args)
