@@ -9,6 +9,7 @@ loop costs. Ratios are reported against both; the packed ones are the headline.
 
     python -m qwen_moe_ft.bench [--layers 2,4] [--tokens 8192] [--lengths full|chat|mixed] [--out bench.json]
     python -m qwen_moe_ft.bench --lora --layers 48 --tokens 4096 --lengths chat   # LoRA, whole model, one GPU
+    python -m qwen_moe_ft.bench --layers 4 --tokens 32768 --lengths whole          # one 32k-token document a step
 
 Each (stack, depth) runs in a fresh subprocess on a Qwen3-30B-A3B-shaped model cut to that depth
 (random init, seeded). With two depths, per-layer costs are differences between them and the 48-layer
@@ -49,7 +50,10 @@ LOG_NORMAL = {"mixed": (6.3, 0.9), "chat": (7.3, 0.6)}
 
 
 def document_lengths(tokens: int, lengths: str, rng: random.Random) -> list[int]:
-    """Lengths summing to `tokens`: 4096 each ("full"), or drawn from a fixed log-normal mix."""
+    """Lengths summing to `tokens`: 4096 each ("full"), one document of them all ("whole"), or drawn from a fixed
+    log-normal mix."""
+    if lengths == "whole":
+        return [tokens]
     if lengths == "full":
         return [4096] * (tokens // 4096)
     mu, sigma = LOG_NORMAL[lengths]
@@ -359,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = tool_parser("qwen_moe_ft.bench", __doc__)
     parser.add_argument("--layers", default="2,4", help="two depths, comma separated (per-layer figures), or one")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch")
-    parser.add_argument("--lengths", choices=("full", *LOG_NORMAL), default="mixed",
-                        help="documents of 4096 tokens, chat-like (median ~1.5k) or a long tail of short rows")
+    parser.add_argument("--lengths", choices=("full", "whole", *LOG_NORMAL), default="mixed",
+                        help="documents of 4096 tokens, one of --tokens tokens (long documents), chat-like (median "
+                        "~1.5k) or a long tail of short rows")
     parser.add_argument("--full-length", action="store_true", help="the same as --lengths full")
     parser.add_argument("--lora", action="store_true", help="LoRA (rank 16, attention + experts): ours against "
                         "transformers + PEFT (stacks ours,hf_peft_lora)")
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ds-config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config of our stack")
     parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
-    parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, liger or torch")
+    parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, torch, chunked, liger or cce")
     parser.add_argument("--fused-kernels", default="auto", help="fused RMSNorm/RoPE of our stack: auto, liger, none")
     parser.add_argument("--gate-up-recompute", action="store_true",
                         help="our stack rebuilds the gate/up concat in backward")

@@ -1,7 +1,7 @@
 """The benchmark's summary: per-layer figures from two depths, and none where they would be noise."""
 import pytest
 
-from qwen_moe_ft.tools.bench import summarise, table
+from qwen_moe_ft.tools.bench import document_lengths, summarise, table
 
 
 def result(stack, depth, step_ms, spread, fwd_bwd_ms):
@@ -60,3 +60,15 @@ def test_one_depth_gives_whole_steps_and_tokens_per_second_ratios():
     assert summary["ours"]["step_mfu"] < summary["ours"]["tokens_per_s"] * 6 * 3.4e9 / 989e12  # 4N, not 6N
     printed = table(summary)
     assert "| hf_peft_lora | x | 1000.0 |" in printed and "ours/hf_peft_lora tokens/s: 2.50x" in printed
+
+
+@pytest.mark.parametrize("lengths", ["full", "whole", "chat", "mixed"])
+def test_document_lengths_fill_the_micro_batch(lengths):
+    import random
+
+    docs = document_lengths(32768, lengths, random.Random(0))
+    assert sum(docs) == 32768
+    if lengths in ("whole", "full"):
+        assert docs == {"whole": [32768], "full": [4096] * 8}[lengths]
+    else:  # log-normal, cut at 4096
+        assert max(docs) <= 4096
