@@ -70,10 +70,11 @@ class DataOrder(NamedTuple):
     data: dict[str, Any]
 
     @classmethod
-    def of(cls, cfg, lengths: Sequence[int]) -> "DataOrder":
-        """`cfg` a TrainConfig; `lengths` the token length of every training example, in dataset order."""
-        return cls({name: getattr(cfg, name) for name in ORDER_OPTIONS + DATA_OPTIONS},
-                   data_fingerprint(cfg.data, lengths))
+    def of(cls, options: dict[str, Any], lengths: Sequence[int]) -> "DataOrder":
+        """`options` the run's options by flat name (TrainConfig.flat()); `lengths` the token length of every
+        training example, in dataset order."""
+        return cls({name: options[name] for name in ORDER_OPTIONS + DATA_OPTIONS},
+                   data_fingerprint(options["data"], lengths))
 
 
 def data_fingerprint(source: str, lengths: Sequence[int]) -> dict[str, Any]:

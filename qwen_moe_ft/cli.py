@@ -13,7 +13,7 @@ from .output_dir import check_output_dir
 def preflight(argv: list[str] | None = None) -> TrainConfig:
     """The validated config, or ConfigError; touches no file."""
     cfg = load_config(argv).validate()
-    check_output_dir(cfg)
+    check_output_dir(cfg.output.dir, resume=cfg.checkpoint.resume, overwrite=cfg.output.overwrite)
     return cfg
 
 

@@ -1,4 +1,7 @@
-"""The one config dataclass: every option of a run, fed by YAML recipes and the command line."""
+"""The run's config: one dataclass per section (model, data, optimisation, router, parallelism, fast path,
+output, checkpoints, LoRA), each module taking its own. Every option also has a flat name (`--lr`, `lr:` in a
+YAML recipe) by which the command line and recipes set it; the flat name, default, help and allowed values are
+in the option's field below and nowhere else."""
 from __future__ import annotations
 
 import argparse
@@ -23,60 +26,63 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wa
 TRACKER_PACKAGES = {"tensorboard": "'qwen-moe-ft[tensorboard]'", "wandb": "wandb"}
 
 
-# The options of a fixed set of values, for validate() and for -h.
-CHOICES = {"dtype": ("bf16", "fp32"), "attn": ("auto", "flash_attn", "torch_varlen", "sdpa"),
-           "loss_impl": ("auto", "torch", "chunked", "cce", "liger"), "fused_kernels": ("auto", "liger", "none"),
-           "on_bad_row": ("error", "skip"), "truncation": ("drop", "truncate"), "lr_schedule": ("cosine", "constant"),
-           "adam_states": ("bf16", "fp32"), "fast_path": ("on", "off"), "report_to": ("none", "tensorboard", "wandb"),
-           "router_aux_scope": ("global", "micro_batch"),
-           "router_aux_loss_form": ("transformers", "per_layer"), "expert_kernels": ("auto", "torch", "quack")}
-# -h lists the options in groups, as the dataclass orders them: each group starts at the option named here.
-GROUP_STARTS = {"model": "model", "data": "data", "max_steps": "optimisation",
-                "router_aux_loss_coef": "MoE router", "ep_size": "parallelism",
-                "output_dir": "output and logging", "save_steps": "checkpoints", "lora": "LoRA"}
-
-
 class ConfigError(ValueError):
     """A bad option: the message names the option and what to change."""
 
 
-def _opt(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, *, flat: str = "", choices: tuple[str, ...] = ()) -> Any:
+    """An option: `flat` its command-line and recipe name where that is not the field's (`--lora` is lora.enabled),
+    `choices` its allowed values."""
+    return dataclasses.field(default=default, metadata={"help": help, "flat": flat, "choices": choices})
 
 
 @dataclass
-class TrainConfig:
-    # Each option's help is its metadata (`-h` prints it); blank lines part the groups of GROUP_STARTS.
-    model: str = _opt("", "hub id or local dir; empty: the tiny model without GPU, Qwen3-30B-A3B with GPUs")
+class ModelConfig:
+    name: str = _opt("", "hub id or local dir; empty: the tiny model without GPU, Qwen3-30B-A3B with GPUs",
+                     flat="model")
     tokenizer: str = _opt("", "hub id or local dir of the tokenizer; empty: the model's")
     random_init: bool = _opt(False, "build the model from its config.json with random weights (benchmarks)")
     num_hidden_layers: int = _opt(0, ">0 cuts the model to this depth (with --random-init)")
-    dtype: str = _opt("bf16", "dtype of weights and compute")
-    attn: str = _opt("auto", "attention kernel of packed rows")
+    dtype: str = _opt("bf16", "dtype of weights and compute", choices=("bf16", "fp32"))
+    attn: str = _opt("auto", "attention kernel of packed rows", choices=("auto", "flash_attn", "torch_varlen", "sdpa"))
     loss_impl: str = _opt("auto", "cross-entropy: torch on the whole [tokens, vocab] logits (the fastest measured), "
                           "chunked (torch, 1024 tokens' logits at a time), or liger's or cut-cross-entropy's fused "
                           "kernels; auto: torch up to 8192 tokens a micro-batch where the logits fit the GPU, chunked "
-                          "otherwise")
-    fused_kernels: str = _opt("auto", "fused RMSNorm and RoPE (fastpath/liger.py)")
+                          "otherwise", choices=("auto", "torch", "chunked", "cce", "liger"))
+    activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
+                                          "activations of one layer instead of all, for about a third more compute")
+    checkpoint_layers: int = _opt(0, "with --activation-checkpointing, recompute only the first N decoder layers (0: "
+                                  "all): the others keep their activations, less recompute for more memory")
 
-    data: str = _opt(str(REPO_ROOT / "data" / "sample_sft.jsonl"),
-                     "training rows: .jsonl/.json/.parquet/.csv file, datasets.save_to_disk dir, or hub name org/name")
+    def resolved(self, has_gpu: bool) -> str:
+        return self.name or (REAL_MODEL if has_gpu else TINY_MODEL)
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt(str(REPO_ROOT / "data" / "sample_sft.jsonl"), "training rows: .jsonl/.json/.parquet/.csv "
+                       "file, datasets.save_to_disk dir, or hub name org/name", flat="data")
     eval_data: str = _opt("", "held-out rows, same formats as --data")
     eval_split: float = _opt(0.0, "fraction of --data held out for evaluation instead of --eval-data")
     eval_steps: int = _opt(0, "evaluate every N steps (and at the end); 0: at the end only")
     max_seq_len: int = _opt(4096, "longest example in tokens; longer ones are dropped or truncated (--truncation)")
     train_on_prompt: bool = _opt(False, "learn the prompt tokens too, not only the assistant's answers")
-    on_bad_row: str = _opt("error", "a malformed row stops the run (error) or is skipped and counted (skip)")
-    truncation: str = _opt("drop", "rows over --max-seq-len: dropped and counted, or cut at a turn boundary")
+    on_bad_row: str = _opt("error", "a malformed row stops the run (error) or is skipped and counted (skip)",
+                           choices=("error", "skip"))
+    truncation: str = _opt("drop", "rows over --max-seq-len: dropped and counted, or cut at a turn boundary",
+                           choices=("drop", "truncate"))
     num_proc: int = _opt(1, "processes that tokenise the data")
     packing: bool = _opt(True, "pack several examples into one row (varlen attention) instead of padding")
     max_tokens_per_batch: int = _opt(4096, "micro-batch size in tokens, per GPU")
     shuffle_buffer: int = _opt(10000, "examples shuffled together when planning micro-batches")
 
+
+@dataclass
+class OptimConfig:
     max_steps: int = _opt(0, "optimizer steps; 0: run --epochs epochs")
     epochs: float = _opt(1.0, "passes over the data when --max-steps is 0")
     lr: float = _opt(1e-4, "peak learning rate")
-    lr_schedule: str = _opt("cosine", "decay after warmup")
+    lr_schedule: str = _opt("cosine", "decay after warmup", choices=("cosine", "constant"))
     warmup_steps: int = _opt(0, "linear warmup steps")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr (cosine)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -84,135 +90,199 @@ class TrainConfig:
     adam_beta2: float = _opt(0.95, "AdamW beta2")
     adam_eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0: no clipping")
-    adam_states: str = _opt("bf16", "dtype of AdamW's two moments (fast path; stock DeepSpeed: fp32)")
     grad_accum: int = _opt(1, "micro-batches per rank per optimizer step")
     seed: int = _opt(42, "seed of weights init, shuffling and dropout")
 
-    # router.py; its docstring has the formulas and why the global scope is exact under accumulation
-    router_aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient; unset: the model config's "
-                                              "router_aux_loss_coef; 0: off")
-    router_aux_loss_form: str = _opt("transformers", "transformers: coef * E * sum_i f_i P_i over all layers' "
-                                     "routing pooled, f_i per token (summing to top_k), as transformers' "
-                                     "load_balancing_loss_func: coef * top_k at even routing; per_layer: f_i per "
-                                     "token-slot, per layer then averaged (Megatron-LM's normalisation): coef at "
-                                     "even routing, 1/top_k of transformers' at the same coefficient")
-    router_aux_scope: str = _opt("global", "token counts f_i of the whole step (every micro-batch and rank: the "
-                                 "same loss at any EP size, rank count or accumulation) or of each micro-batch")
-    router_z_loss_coef: float = _opt(0.0, "router z-loss coef * mean(logsumexp(router logits)^2); 0: off")
-    freeze_router: bool = _opt(False, "the routers' gate weights get no gradient and no optimizer state "
-                               "(--lora freezes them anyway)")
+
+@dataclass
+class RouterConfig:
+    """router.py; its docstring has the formulas and why the global scope is exact under accumulation."""
+    aux_loss_coef: float | None = _opt(None, "load-balancing loss coefficient; unset: the model config's "
+                                       "router_aux_loss_coef; 0: off", flat="router_aux_loss_coef")
+    aux_loss_form: str = _opt("transformers", "transformers: coef * E * sum_i f_i P_i over all layers' "
+                              "routing pooled, f_i per token (summing to top_k), as transformers' "
+                              "load_balancing_loss_func: coef * top_k at even routing; per_layer: f_i per "
+                              "token-slot, per layer then averaged (Megatron-LM's normalisation): coef at "
+                              "even routing, 1/top_k of transformers' at the same coefficient",
+                              flat="router_aux_loss_form", choices=("transformers", "per_layer"))
+    aux_scope: str = _opt("global", "token counts f_i of the whole step (every micro-batch and rank: the "
+                          "same loss at any EP size, rank count or accumulation) or of each micro-batch",
+                          flat="router_aux_scope", choices=("global", "micro_batch"))
+    z_loss_coef: float = _opt(0.0, "router z-loss coef * mean(logsumexp(router logits)^2); 0: off",
+                              flat="router_z_loss_coef")
+    freeze: bool = _opt(False, "the routers' gate weights get no gradient and no optimizer state "
+                        "(--lora freezes them anyway)", flat="freeze_router")
     expert_load_steps: int = _opt(50, "a row per layer of expert token counts in OUTPUT_DIR/expert_load.jsonl "
                                   "every N steps; 0: never")
 
+
+@dataclass
+class ParallelConfig:
     ep_size: int = _opt(0, "expert-parallel size; 0: largest size dividing both world size and expert count")
     zero_stage: int = _opt(2, "DeepSpeed ZeRO stage (1 or 2)")
     ds_config: str = _opt(DEFAULT_DS_CONFIG, "DeepSpeed config the run's settings are filled into")
-    fast_path: str = _opt("on", "the patches of DeepSpeed/transformers internals in fastpath/; off is stock")
+
+
+@dataclass
+class FastPathConfig:
+    mode: str = _opt("on", "the patches of DeepSpeed/transformers internals in fastpath/; off is stock",
+                     flat="fast_path", choices=("on", "off"))
+    fused_kernels: str = _opt("auto", "fused RMSNorm and RoPE (fastpath/liger.py)", choices=("auto", "liger", "none"))
+    adam_states: str = _opt("bf16", "dtype of AdamW's two moments (fast path; stock DeepSpeed: fp32)",
+                            choices=("bf16", "fp32"))
     gate_up_recompute: bool = _opt(False, "rebuild the experts' gate+up concat in backward: less memory")
     expert_kernels: str = _opt("auto", "experts at EP=1: torch._grouped_mm, or quack-kernels' grouped GEMMs with the "
                                "gather and SwiGLU fused (Hopper+, pip install 'qwen-moe-ft[flash4]'); auto: quack "
-                               "where it runs")
-    activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
-                                          "activations of one layer instead of all, for about a third more compute")
-    checkpoint_layers: int = _opt(0, "with --activation-checkpointing, recompute only the first N decoder layers (0: "
-                                  "all): the others keep their activations, less recompute for more memory")
+                               "where it runs", choices=("auto", "torch", "quack"))
 
-    output_dir: str = _opt("outputs/run", "where metrics.jsonl, checkpoints/, hf/ and adapter/ are written")
-    overwrite_output_dir: bool = _opt(False, "remove an earlier run's metrics, checkpoints and exports first")
+
+@dataclass
+class OutputConfig:
+    dir: str = _opt("outputs/run", "where metrics.jsonl, checkpoints/, hf/ and adapter/ are written",
+                    flat="output_dir")
+    overwrite: bool = _opt(False, "remove an earlier run's metrics, checkpoints and exports first",
+                           flat="overwrite_output_dir")
     logging_steps: int = _opt(1, "print and record metrics every N steps")
-    report_to: str = _opt("none", "tracker that also receives the metrics")
+    report_to: str = _opt("none", "tracker that also receives the metrics", choices=("none", "tensorboard", "wandb"))
     peak_tflops: float = _opt(0.0, "peak TFLOPS per GPU for MFU; 0: look up from the GPU name")
     progress_bar: bool = _opt(True, "a progress bar when stdout is a terminal")
 
+
+@dataclass
+class CheckpointConfig:
     save_steps: int = _opt(0, "save a checkpoint every N steps (and at the end); 0: only when stopped by a signal")
     save_total_limit: int = _opt(2, "checkpoints kept (the newest and the one `latest` names); 0: all")
     resume: str = _opt("", "continue from `latest` or a checkpoint directory")
     export_hf: bool = _opt(True, "full fine-tuning: write OUTPUT_DIR/hf/ at the end")
 
-    lora: bool = _opt(False, "train LoRA adapters, base weights frozen; OUTPUT_DIR/adapter/ in PEFT's format")
-    lora_targets: str = _opt("attn,experts", "comma list of attn, experts")
-    lora_rank: int = _opt(8, "LoRA rank")
-    lora_alpha: float = _opt(16.0, "LoRA alpha (scale alpha/rank)")
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _opt(False, "train LoRA adapters, base weights frozen; OUTPUT_DIR/adapter/ in PEFT's format",
+                         flat="lora")
+    targets: str = _opt("attn,experts", "comma list of attn, experts", flat="lora_targets")
+    rank: int = _opt(8, "LoRA rank", flat="lora_rank")
+    alpha: float = _opt(16.0, "LoRA alpha (scale alpha/rank)", flat="lora_alpha")
     merge: bool = _opt(False, "with --lora: also write OUTPUT_DIR/hf/ with the adapter merged in")
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+
+def _section(kind: type, title: str) -> Any:
+    return dataclasses.field(default_factory=kind, metadata={"title": title})
+
+
+@dataclass
+class TrainConfig:
+    # -h lists the options by section, under each section's title, in this order.
+    model: ModelConfig = _section(ModelConfig, "model")
+    data: DataConfig = _section(DataConfig, "data")
+    optim: OptimConfig = _section(OptimConfig, "optimisation")
+    router: RouterConfig = _section(RouterConfig, "MoE router")
+    parallel: ParallelConfig = _section(ParallelConfig, "parallelism")
+    fastpath: FastPathConfig = _section(FastPathConfig, "fast path")
+    output: OutputConfig = _section(OutputConfig, "output and logging")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpoints")
+    lora: LoraConfig = _section(LoraConfig, "LoRA")
+
+    @classmethod
+    def from_flat(cls, **options: Any) -> "TrainConfig":
+        """The config of these options by their flat names (`lr=...`, as in a recipe); the others at their
+        defaults."""
+        by_section: dict[str, dict[str, Any]] = {section.name: {} for section in fields(cls)}
+        for name, value in options.items():
+            if name not in OPTIONS:
+                raise TypeError(f"TrainConfig.from_flat: unknown option {name!r}")
+            section, field = OPTIONS[name]
+            by_section[section][field.name] = value
+        return cls(**{section.name: section.default_factory(**by_section[section.name]) for section in fields(cls)})
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by its flat name (trackers' config, validation, the data order a checkpoint records)."""
+        return {name: getattr(getattr(self, section), field.name) for name, (section, field) in OPTIONS.items()}
 
     def validate(self) -> "TrainConfig":
         def bad(option: str, why: str) -> ConfigError:
             return ConfigError(f"--{option.replace('_', '-')}: {why}")
 
-        for option, allowed in CHOICES.items():
-            if getattr(self, option) not in allowed:
-                raise bad(option, f"got {getattr(self, option)!r}, choose one of {', '.join(allowed)}")
+        o = self.flat()
+        for option, (_, field) in OPTIONS.items():
+            if (allowed := field.metadata["choices"]) and o[option] not in allowed:
+                raise bad(option, f"got {o[option]!r}, choose one of {', '.join(allowed)}")
         positive = ("max_seq_len", "max_tokens_per_batch", "grad_accum", "logging_steps", "num_proc",
                     "shuffle_buffer", "lora_rank")
         for option in positive:
-            if getattr(self, option) < 1:
-                raise bad(option, f"must be at least 1, got {getattr(self, option)}")
+            if o[option] < 1:
+                raise bad(option, f"must be at least 1, got {o[option]}")
         non_negative = ("max_steps", "warmup_steps", "ep_size", "eval_steps", "save_steps", "save_total_limit",
                         "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers", "router_z_loss_coef",
-                        "expert_load_steps", "checkpoint_layers")
+                        "expert_load_steps", "checkpoint_layers", "lr")
         for option in non_negative:
-            if getattr(self, option) < 0:
-                raise bad(option, f"must not be negative, got {getattr(self, option)}")
-        if self.lr < 0:
-            raise bad("lr", f"must not be negative, got {self.lr}")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise bad("router_aux_loss_coef", f"must not be negative, got {self.router_aux_loss_coef}; 0 turns the "
+            if o[option] < 0:
+                raise bad(option, f"must not be negative, got {o[option]}")
+        if o["router_aux_loss_coef"] is not None and o["router_aux_loss_coef"] < 0:
+            raise bad("router_aux_loss_coef", f"must not be negative, got {o['router_aux_loss_coef']}; 0 turns the "
                       "load-balancing loss off, leaving it out takes the model config's")
-        if self.max_steps == 0 and self.epochs <= 0:
+        if o["max_steps"] == 0 and o["epochs"] <= 0:
             raise bad("epochs", "must be positive when --max-steps is 0; set one of them")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise bad("min_lr_ratio", f"must be within [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 <= self.eval_split < 1.0:
-            raise bad("eval_split", f"is a fraction of the training data in [0, 1), got {self.eval_split}")
-        if self.eval_split and self.eval_data:
+        if not 0.0 <= o["min_lr_ratio"] <= 1.0:
+            raise bad("min_lr_ratio", f"must be within [0, 1], got {o['min_lr_ratio']}")
+        if not 0.0 <= o["eval_split"] < 1.0:
+            raise bad("eval_split", f"is a fraction of the training data in [0, 1), got {o['eval_split']}")
+        if o["eval_split"] and o["eval_data"]:
             raise bad("eval_split", "give either --eval-split or --eval-data, not both")
-        if self.max_tokens_per_batch < self.max_seq_len and self.packing:
-            raise bad("max_tokens_per_batch", f"{self.max_tokens_per_batch} cannot hold one example of "
-                      f"--max-seq-len {self.max_seq_len}; raise it or lower --max-seq-len")
-        if self.zero_stage not in (1, 2):
-            raise bad("zero_stage", f"AutoEP training here uses ZeRO stage 1 or 2, got {self.zero_stage}")
-        targets = self.lora_target_list()
+        if o["max_tokens_per_batch"] < o["max_seq_len"] and o["packing"]:
+            raise bad("max_tokens_per_batch", f"{o['max_tokens_per_batch']} cannot hold one example of "
+                      f"--max-seq-len {o['max_seq_len']}; raise it or lower --max-seq-len")
+        if o["zero_stage"] not in (1, 2):
+            raise bad("zero_stage", f"AutoEP training here uses ZeRO stage 1 or 2, got {o['zero_stage']}")
+        targets = self.lora.target_list()
         if set(targets) - {"attn", "experts"} or not targets:
-            raise bad("lora_targets", f"got {self.lora_targets!r}; use a comma list of attn, experts")
-        if self.lora and "experts" not in targets:
+            raise bad("lora_targets", f"got {o['lora_targets']!r}; use a comma list of attn, experts")
+        if o["lora"] and "experts" not in targets:
             raise bad("lora_targets", "must include experts: DeepSpeed's expert-parallel optimizer needs trainable "
                       "expert parameters (use attn,experts)")
-        if self.overwrite_output_dir and self.resume:
+        if o["overwrite_output_dir"] and o["resume"]:
             raise bad("overwrite_output_dir", "would remove the checkpoints --resume continues from; give one of them")
-        if self.merge and not self.lora:
+        if o["merge"] and not o["lora"]:
             raise bad("merge", "merges a LoRA adapter into the model; add --lora true or drop --merge")
-        if self.fast_path == "off" and self.fused_kernels == "liger":
+        if o["fast_path"] == "off" and o["fused_kernels"] == "liger":
             raise bad("fused_kernels", "liger's kernels are part of the fast path; drop --fused-kernels liger or "
                       "use --fast-path on")
-        if self.fast_path == "off" and self.expert_kernels == "quack":
+        if o["fast_path"] == "off" and o["expert_kernels"] == "quack":
             raise bad("expert_kernels", "quack's expert kernels are part of the fast path; use --fast-path on")
-        if self.checkpoint_layers and not self.activation_checkpointing:
+        if o["checkpoint_layers"] and not o["activation_checkpointing"]:
             raise bad("checkpoint_layers", "chooses how many layers --activation-checkpointing recomputes; add "
                       "--activation-checkpointing true or drop it")
-        if self.num_hidden_layers and not self.random_init:
+        if o["num_hidden_layers"] and not o["random_init"]:
             raise bad("num_hidden_layers", "cuts a model built from its config; add --random-init")
-        if self.report_to != "none" and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[self.report_to]):
-            raise bad("report_to", f"{self.report_to} is not installed (Accelerate would silently log nothing); "
-                      f"pip install {TRACKER_PACKAGES[self.report_to]}, or use --report-to none")
-        if not Path(self.ds_config).is_file():
-            raise bad("ds_config", f"{self.ds_config} does not exist; point it at a file in ds_configs/")
+        report_to = o["report_to"]
+        if report_to != "none" and not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[report_to]):
+            raise bad("report_to", f"{report_to} is not installed (Accelerate would silently log nothing); "
+                      f"pip install {TRACKER_PACKAGES[report_to]}, or use --report-to none")
+        if not Path(o["ds_config"]).is_file():
+            raise bad("ds_config", f"{o['ds_config']} does not exist; point it at a file in ds_configs/")
         return self
 
-    def lora_target_list(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
-    def resolved_model(self, has_gpu: bool) -> str:
-        return self.model or (REAL_MODEL if has_gpu else TINY_MODEL)
+def _section_options(section: dataclasses.Field) -> dict[str, tuple[str, dataclasses.Field]]:
+    return {field.metadata["flat"] or field.name: (section.name, field) for field in fields(section.default_factory)}
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+# Every option by its flat name: (its section, its field), in -h's order.
+OPTIONS: dict[str, tuple[str, dataclasses.Field]] = {
+    name: where for section in fields(TrainConfig) for name, where in _section_options(section).items()}
 
 
 def _option_types() -> dict[str, type]:
     """Each option's type; `float | None` gives float (None: not given, decided from the model)."""
-    hints = get_type_hints(TrainConfig)
-    return {f.name: next((t for t in get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-            for f in fields(TrainConfig)}
+    hints = {section.name: get_type_hints(section.default_factory) for section in fields(TrainConfig)}
+    types = {}
+    for name, (section, field) in OPTIONS.items():
+        hint = hints[section][field.name]
+        types[name] = next((t for t in get_args(hint) if t is not type(None)), hint)
+    return types
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
@@ -253,7 +323,7 @@ OTHER_NAMES = {
 def _did_you_mean(name: str) -> str:
     """'; did you mean --x?' for an unknown option name (ours misspelt, or another trainer's name), or ''."""
     key = name.lstrip("-").replace("-", "_")
-    known = {**{f.name: "--" + f.name.replace("_", "-") for f in fields(TrainConfig)}, "config": "--config",
+    known = {**{name: "--" + name.replace("_", "-") for name in OPTIONS}, "config": "--config",
              **OTHER_NAMES}
     match = next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None)
     return f"; did you mean {known[match]}?" if match else ""
@@ -268,23 +338,21 @@ class _Parser(argparse.ArgumentParser):
 
 def _help(field: dataclasses.Field) -> str:
     default = {True: "true", False: "false", "": '""'}.get(field.default, field.default)
-    allowed = f"; one of {', '.join(CHOICES[field.name])}" if field.name in CHOICES else ""
+    allowed = f"; one of {', '.join(choices)}" if (choices := field.metadata["choices"]) else ""
     return f"{field.metadata.get('help', '')} (default {default}{allowed})".replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every TrainConfig option as a flag, with its help, default and allowed values, in the dataclass's groups."""
+    """Every option as a flag by its flat name, with its help, default and allowed values, grouped by section."""
     types = _option_types()
     parser = _Parser(prog="qwen_moe_ft.train", usage="%(prog)s [--config RECIPE] [--option value ...]",
                      description="Fine-tune a Qwen3-MoE model. Options override the --config recipe, which overrides "
                      "the defaults shown.")
     parser.add_argument("--config", help="YAML recipe: a file, or the name of one in qwen_moe_ft/recipes/ (e.g. "
                         "tiny-packed); command-line options override it")
-    group = parser
-    for field in fields(TrainConfig):
-        if field.name in GROUP_STARTS:
-            group = parser.add_argument_group(GROUP_STARTS[field.name])
-        flag, kind = "--" + field.name.replace("_", "-"), types[field.name]
+    groups = {section.name: parser.add_argument_group(section.metadata["title"]) for section in fields(TrainConfig)}
+    for name, (section, field) in OPTIONS.items():
+        group, flag, kind = groups[section], "--" + name.replace("_", "-"), types[name]
         if kind is bool:
             group.add_argument(flag, nargs="?", const="true", default=None, metavar="BOOL", help=_help(field))
         else:
@@ -305,7 +373,7 @@ def _read_recipe(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({getattr(err, 'problem', None) or err}{where})") from None
     if not isinstance(recipe, dict):
         raise ConfigError(f"--config {path}: expected `option: value` lines, got a {type(recipe).__name__}")
-    unknown = sorted(set(recipe) - {f.name for f in fields(TrainConfig)})
+    unknown = sorted(set(recipe) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown option {unknown[0]}{_did_you_mean(unknown[0])}"
                           + (f" (and {', '.join(unknown[1:])})" if unknown[1:] else ""))
@@ -323,4 +391,4 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         raise ConfigError(f"unexpected argument {first!r}; options are --key value pairs")
     values: dict[str, Any] = _read_recipe(Path(args.config)) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k in types and v is not None})
-    return TrainConfig(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+    return TrainConfig.from_flat(**{k: _coerce(k, v, types[k]) for k, v in values.items()})

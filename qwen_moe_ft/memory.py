@@ -29,7 +29,6 @@ were checked against one-GPU H200 peaks of the 48-layer model at 4096 tokens.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -171,24 +170,25 @@ def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
 
 
 def run_setting(cfg, config, *, gpus: int, ep_size: int, loss: str) -> dict:
-    """estimate()'s keyword arguments (less recomputed_layers) for a train.py config `cfg` on `gpus` GPUs computing
-    the loss `loss` (a --loss-impl other than auto)."""
-    return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=cfg.max_tokens_per_batch, grad_accum=cfg.grad_accum,
-                gate_up_recompute=cfg.gate_up_recompute, loss=LOSS_KINDS[loss],
-                adam_states=cfg.adam_states, lora_rank=cfg.lora_rank if cfg.lora else 0,
-                lora_targets=tuple(cfg.lora_target_list()))
+    """estimate()'s keyword arguments (less recomputed_layers) for a train.py config `cfg` (a TrainConfig: the
+    estimate reads the micro-batch, accumulation, fast path and LoRA sections) on `gpus` GPUs computing the loss
+    `loss` (a --loss-impl other than auto)."""
+    return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=cfg.data.max_tokens_per_batch,
+                grad_accum=cfg.optim.grad_accum, gate_up_recompute=cfg.fastpath.gate_up_recompute,
+                loss=LOSS_KINDS[loss], adam_states=cfg.fastpath.adam_states,
+                lora_rank=cfg.lora.rank if cfg.lora.enabled else 0, lora_targets=tuple(cfg.lora.target_list()))
 
 
-def recomputed_layers_of(cfg, layers: int) -> int:
-    """How many of `layers` decoder layers train.py recomputes under `cfg`."""
-    return (cfg.checkpoint_layers or layers) if cfg.activation_checkpointing else 0
+def recomputed_layers_of(model, layers: int) -> int:
+    """How many of `layers` decoder layers train.py recomputes under the model section `model`."""
+    return (model.checkpoint_layers or layers) if model.activation_checkpointing else 0
 
 
 def logits_fit(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> bool:
     """--loss-impl auto's memory test: the run's estimated peak with the plain loss's logits leaves
     SUGGESTION_MARGIN_GIB of `gpu_gib` free, or the chunked loss would not lower it."""
     setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss="torch")
-    recomputed = recomputed_layers_of(cfg, config.num_hidden_layers)
+    recomputed = recomputed_layers_of(cfg.model, config.num_hidden_layers)
     plain, chunked = (estimate(**{**setting, "loss": loss}, recomputed_layers=recomputed).total
                       for loss in ("torch", "chunked"))
     return plain <= (gpu_gib - SUGGESTION_MARGIN_GIB) * GIB or chunked >= plain
@@ -198,10 +198,10 @@ def chosen_loss(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> tupl
     """The loss train.py computes for `cfg` on GPUs of `gpu_gib`, and why where --loss-impl auto chose it."""
     from .loss import select_loss_impl
 
-    if cfg.loss_impl != "auto":
-        return cfg.loss_impl, ""
+    if cfg.model.loss_impl != "auto":
+        return cfg.model.loss_impl, ""
     fit = logits_fit(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
-    return select_loss_impl("auto", "cuda", tokens=cfg.max_tokens_per_batch, logits_fit=fit)
+    return select_loss_impl("auto", "cuda", tokens=cfg.data.max_tokens_per_batch, logits_fit=fit)
 
 
 def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None:
@@ -224,7 +224,7 @@ def preflight_warning(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -
     what to change; None where it fits."""
     loss, _ = chosen_loss(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
     setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss=loss)
-    recomputed = recomputed_layers_of(cfg, config.num_hidden_layers)
+    recomputed = recomputed_layers_of(cfg.model, config.num_hidden_layers)
     total = estimate(**setting, recomputed_layers=recomputed).total / GIB
     if total <= gpu_gib:
         return None
@@ -243,7 +243,7 @@ def this_machine() -> tuple[int, float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import QWEN3_30B_A3B, ConfigError, TrainConfig, load_config
+    from .config import QWEN3_30B_A3B, ConfigError, ModelConfig, TrainConfig, load_config
     from .model.loading import load_model_config
     from .parallel.expert_parallel import choose_ep_size
 
@@ -286,31 +286,32 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_config((["--config", args.config] if args.config else []) + train_options)
     except ConfigError as err:
         parser.error(str(err))
-    if not args.config:
-        recipe = dataclasses.replace(recipe, max_tokens_per_batch=4096)
-    config = load_model_config(TrainConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
-    ep_size = choose_ep_size(recipe.ep_size if args.ep_size is None else args.ep_size, args.gpus, config.num_experts)
+    config = load_model_config(ModelConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
+    ep_size = choose_ep_size(recipe.parallel.ep_size if args.ep_size is None else args.ep_size, args.gpus,
+                             config.num_experts)
     overrides = dict(max_tokens_per_batch=args.tokens, grad_accum=args.grad_accum,
                      gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states, loss_impl=args.loss_impl)
-    cfg = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig.from_flat(**{**recipe.flat(), **{k: v for k, v in overrides.items() if v is not None}})
     layers = config.num_hidden_layers
-    if not 0 <= cfg.checkpoint_layers <= layers:
-        parser.error(f"--checkpoint-layers {cfg.checkpoint_layers}: the model has {layers} decoder layers")
+    if not 0 <= cfg.model.checkpoint_layers <= layers:
+        parser.error(f"--checkpoint-layers {cfg.model.checkpoint_layers}: the model has {layers} decoder layers")
     loss, why = chosen_loss(cfg, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib)
     setting = run_setting(cfg, config, gpus=args.gpus, ep_size=ep_size, loss=loss)
-    recomputed = recomputed_layers_of(cfg, layers)
+    recomputed = recomputed_layers_of(cfg.model, layers)
     result = estimate(**setting, recomputed_layers=recomputed)
-    what = f"LoRA rank {cfg.lora_rank} ({cfg.lora_targets})" if cfg.lora else "full fine-tuning"
+    what = f"LoRA rank {cfg.lora.rank} ({cfg.lora.targets})" if cfg.lora.enabled else "full fine-tuning"
     print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, "
-          f"{cfg.max_tokens_per_batch} tokens per micro-batch x {cfg.grad_accum}"
-          f"{', gate/up recomputed' if cfg.gate_up_recompute else ''}, {cfg.adam_states} Adam moments, "
+          f"{cfg.data.max_tokens_per_batch} tokens per micro-batch x {cfg.optim.grad_accum}"
+          f"{', gate/up recomputed' if cfg.fastpath.gate_up_recompute else ''}, "
+          f"{cfg.fastpath.adam_states} Adam moments, "
           f"{recomputed} of {layers} layers recomputed, loss {loss}{f' ({why})' if why else ''}")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB
     fits = headroom >= 0
     print(f"{'fits' if fits else 'does NOT fit'} a {args.gpu_gib:.1f} GiB GPU ({headroom:+.1f} GiB to spare; "
           "the allocator's fragmentation needs a few)")
-    if (cfg.activation_checkpointing or not fits) and (change := what_to_change(setting, args.gpu_gib, recomputed)):
+    recompute_asked = cfg.model.activation_checkpointing
+    if (recompute_asked or not fits) and (change := what_to_change(setting, args.gpu_gib, recomputed)):
         print(change)
     return 0 if fits else 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
 
 # Everything a run writes into OUTPUT_DIR (trackers write under qwen_moe_ft/); nothing else there is touched.
 RUN_OUTPUTS = ("metrics.jsonl", "expert_load.jsonl", "metrics.png", "checkpoints", "hf", "adapter", "qwen_moe_ft")
@@ -15,13 +15,14 @@ def earlier_run(output_dir: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
 
 
-def check_output_dir(cfg: TrainConfig):
-    """Before anything is loaded: a fresh run stops where it would append to (and prune) an earlier run's files."""
-    out = Path(cfg.output_dir)
+def check_output_dir(output_dir: str, *, resume: str, overwrite: bool):
+    """Before anything is loaded: a fresh run (no `resume`, no `overwrite`) stops where it would append to (and
+    prune) an earlier run's files."""
+    out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {out} is a file; give a directory")
     found = earlier_run(out)
-    if found and not cfg.resume and not cfg.overwrite_output_dir:
+    if found and not resume and not overwrite:
         raise ConfigError(f"--output-dir {out} holds an earlier run ({', '.join(found)}); continue it with "
                           "--resume latest, replace it with --overwrite-output-dir true, or pick another --output-dir")
 

@@ -38,6 +38,7 @@ from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data.loader import StepLoader
 from qwen_moe_ft.data.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.data.rows import DataError, TokenizedData, load_tokenized
+from qwen_moe_ft.fastpath import FastPath
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.lr_schedule import lr_lambda
@@ -63,77 +64,89 @@ def _global_sum(values: list[float] | torch.Tensor, device) -> list[float]:
 
 
 class Trainer:
-    """Builds a run in the order a reader expects (config, processes, data, model, engine, fast path, logging),
-    then runs its steps."""
+    """Builds a run in the order a reader expects (runtime, loss, output, data, model, engine, logging), each
+    step from its config sections, then runs its steps."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
-        check_output_dir(cfg)
-        self._init_processes()
-        self._build_data()
-        self._build_engine(self._build_model())
-        self._install_fast_path()
-        self._start_logging()
+        check_output_dir(cfg.output.dir, resume=cfg.checkpoint.resume, overwrite=cfg.output.overwrite)
+        self._setup_runtime()
+        self._setup_loss()
+        self._setup_output()
+        self._setup_data()
+        self._setup_engine(self._setup_model())
+        self._setup_logging()
 
-    def _init_processes(self):
+    def _setup_runtime(self):
         """Process group and Accelerator, with the DeepSpeed config this run needs (EP size from the model's
-        expert count)."""
+        expert count); the seed."""
         cfg = self.cfg
         has_gpu = torch.cuda.is_available()
-        self.model_name = cfg.resolved_model(has_gpu)
+        self.model_name = cfg.model.resolved(has_gpu)
         ensure_process_env()
         silence_known_warnings(int(os.environ["RANK"]))
         world_size = int(os.environ["WORLD_SIZE"])
-        self.model_config = load_model_config(cfg, self.model_name)
-        self.ep_size = choose_ep_size(cfg.ep_size, world_size, self.model_config.num_experts)
-        self.ds_config = build_ds_config(cfg, self.ep_size, world_size, "cuda" if has_gpu else "cpu")
+        self.model_config = load_model_config(cfg.model, self.model_name)
+        self.ep_size = choose_ep_size(cfg.parallel.ep_size, world_size, self.model_config.num_experts)
+        self.ds_config = build_ds_config(self.ep_size, world_size, "cuda" if has_gpu else "cpu",
+                                         parallel=cfg.parallel, optim=cfg.optim, dtype=cfg.model.dtype)
         # The model arrives in AutoEP's layout (model/rank_local.py): the engine only builds the EP groups.
         engine_config = {**self.ds_config, "expert_parallel": {**self.ds_config["expert_parallel"], "enabled": False}}
         with without_harmless_lines():
             self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=engine_config),
-                                           gradient_accumulation_steps=cfg.grad_accum,
-                                           log_with=None if cfg.report_to == "none" else cfg.report_to,
-                                           project_dir=cfg.output_dir,
+                                           gradient_accumulation_steps=cfg.optim.grad_accum,
+                                           log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
+                                           project_dir=cfg.output.dir,
                                            # Without a GPU, Accelerate would not start a process group at all.
                                            kwargs_handlers=[] if has_gpu else [InitProcessGroupKwargs(backend="gloo")])
         acc = self.accelerator
         self.world_size, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
-        # --loss-impl auto computes the loss in chunks where the memory estimate says the logits would not fit
-        gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30 if has_gpu else 0.0
-        fit = not has_gpu or logits_fit(cfg, self.model_config, gpus=world_size, ep_size=self.ep_size, gpu_gib=gpu_gib)
-        self.loss_impl, self.loss_choice = select_loss_impl(cfg.loss_impl, self.device.type,
-                                                            tokens=cfg.max_tokens_per_batch, logits_fit=fit)
-        if has_gpu and acc.is_main_process:  # before minutes of loading end in an out-of-memory error
-            if warning := preflight_warning(cfg, self.model_config, gpus=world_size, ep_size=self.ep_size,
-                                            gpu_gib=gpu_gib):
-                print(f"warning: {warning}", flush=True)
-        self.layout = checkpoint.Layout(self.world_size, self.ep_size, cfg.lora)
-        self.resume_path = None
-        if cfg.resume:  # before any weight is loaded: a checkpoint of another layout cannot resume here
-            self.resume_path = checkpoint.resolve(cfg.resume, Path(cfg.output_dir) / "checkpoints")
-            checkpoint.check_layout(self.resume_path, self.layout)
-        if cfg.overwrite_output_dir:
-            if acc.is_main_process and (removed := clear_earlier_run(Path(cfg.output_dir))):
-                print(f"--overwrite-output-dir: removed the earlier run's {', '.join(removed)} from {cfg.output_dir}")
-            acc.wait_for_everyone()
-        self.peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if has_gpu else None)
-        set_seed(cfg.seed)
+        set_seed(cfg.optim.seed)
 
-    def _build_data(self):
-        cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg, self.model_name)
+    def _setup_loss(self):
+        """--loss-impl (auto: in chunks where the memory estimate says the logits would not fit), and a warning
+        where the estimated peak exceeds the GPU, before minutes of loading end in an out-of-memory error."""
+        cfg, on_gpu = self.cfg, self.device.type == "cuda"
+        gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30 if on_gpu else 0.0
+        run = dict(gpus=self.world_size, ep_size=self.ep_size, gpu_gib=gpu_gib)
+        fit = not on_gpu or logits_fit(cfg, self.model_config, **run)
+        self.loss_impl, self.loss_choice = select_loss_impl(cfg.model.loss_impl, self.device.type,
+                                                            tokens=cfg.data.max_tokens_per_batch, logits_fit=fit)
+        if on_gpu and self.accelerator.is_main_process:
+            if warning := preflight_warning(cfg, self.model_config, **run):
+                print(f"warning: {warning}", flush=True)
+
+    def _setup_output(self):
+        """The checkpoint to resume from, checked against this run's layout before any weight is loaded, and an
+        earlier run's outputs removed where --overwrite-output-dir asks."""
+        cfg, acc = self.cfg, self.accelerator
+        self.checkpoint_root = Path(cfg.output.dir) / "checkpoints"
+        self.layout = checkpoint.Layout(self.world_size, self.ep_size, cfg.lora.enabled)
+        self.resume_path = None
+        if cfg.checkpoint.resume:  # before any weight is loaded: a checkpoint of another layout cannot resume here
+            self.resume_path = checkpoint.resolve(cfg.checkpoint.resume, self.checkpoint_root)
+            checkpoint.check_layout(self.resume_path, self.layout)
+        if cfg.output.overwrite:
+            if acc.is_main_process and (removed := clear_earlier_run(Path(cfg.output.dir))):
+                print(f"--overwrite-output-dir: removed the earlier run's {', '.join(removed)} from {cfg.output.dir}")
+            acc.wait_for_everyone()
+
+    def _setup_data(self):
+        """The tokenised rows, and the loaders that plan each step's micro-batches on this rank."""
+        cfg, data = self.cfg, self.cfg.data
+        self.tokenizer = load_tokenizer(cfg.model, self.model_name)
         self.data = self._load_data()
-        loader_args = dict(capacity=cfg.max_tokens_per_batch, packing=cfg.packing, seed=cfg.seed,
-                           shuffle_buffer=cfg.shuffle_buffer, world_size=self.world_size, rank=self.rank,
-                           grad_accum=cfg.grad_accum, pad_id=self.tokenizer.pad_token_id)
+        loader_args = dict(capacity=data.max_tokens_per_batch, packing=data.packing, seed=cfg.optim.seed,
+                           shuffle_buffer=data.shuffle_buffer, world_size=self.world_size, rank=self.rank,
+                           grad_accum=cfg.optim.grad_accum, pad_id=self.tokenizer.pad_token_id)
         self.train_loader = StepLoader(self.data.train, **loader_args)
         self.eval_loader = StepLoader(self.data.eval, **{**loader_args, "grad_accum": 1}) if self.data.eval else None
-        self.data_order = checkpoint.DataOrder.of(cfg, self.train_loader.lengths)
+        self.data_order = checkpoint.DataOrder.of(cfg.flat(), self.train_loader.lengths)
         if self.resume_path:  # before the model: a resume whose steps would train other examples stops here
             note = checkpoint.check_data_order(self.resume_path, self.data_order)
             if note and self.accelerator.is_main_process:
                 print(f"note: {note}", flush=True)
-        self.total_steps = cfg.max_steps or self.train_loader.total_steps(cfg.epochs)
+        self.total_steps = cfg.optim.max_steps or self.train_loader.total_steps(cfg.optim.epochs)
 
     def _load_data(self) -> TokenizedData:
         """Rank 0 tokenises first, the others then read its cache. A DataError on any rank stops every rank with
@@ -142,92 +155,86 @@ class Trainer:
         for main_turn in (True, False):
             if self.accelerator.is_main_process == main_turn:
                 try:
-                    data = load_tokenized(self.cfg, self.tokenizer)
+                    data = load_tokenized(self.cfg.data, self.tokenizer, seed=self.cfg.optim.seed)
                 except DataError as err:
                     error = str(err)
             if errors := [e for e in gather_object([error]) if e]:
                 raise DataError(errors[0])
         return data
 
-    def _build_model(self) -> torch.nn.Module:
+    def _setup_model(self) -> torch.nn.Module:
         """The model with packed attention, the fast path's kernels swapped in, and LoRA if asked."""
         cfg = self.cfg
-        if cfg.packing:
-            self.attn_backend = select_backend(cfg.attn, self.device.type)
+        if cfg.data.packing:
+            self.attn_backend = select_backend(cfg.model.attn, self.device.type)
             attn_implementation = register_varlen_attention(self.attn_backend)
         else:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
-        if cfg.fast_path == "on":  # imported only when used: `--fast-path off` loads no patch module
-            from qwen_moe_ft.fastpath import FastPath
-
-            self.fast_path = FastPath()
-        else:
-            self.fast_path = None
-        model = load_model(cfg, self.model_name, self.model_config, attn_implementation, self.ds_config, self.rank)
-        if cfg.freeze_router:  # before the engine: AutoEP's router copies the flag, DeepSpeed skips the weight
+        self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on")  # off: does nothing, imports no patch module
+        model = load_model(cfg.model, self.model_name, self.model_config, attn_implementation, self.ds_config,
+                           self.rank)
+        if cfg.router.freeze:  # before the engine: AutoEP's router copies the flag, DeepSpeed skips the weight
             freeze_router(model)
-        self.fused_kernels = "none"
-        if self.fast_path:
-            model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fused_kernels, self.device.type)
+        model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fastpath.fused_kernels, self.device.type)
         self.recompute = "activations kept"
-        if cfg.activation_checkpointing:
+        if cfg.model.activation_checkpointing:
             try:
-                self.recompute = enable_activation_checkpointing(model, cfg.checkpoint_layers)
+                self.recompute = enable_activation_checkpointing(model, cfg.model.checkpoint_layers)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        if cfg.lora:
-            model = apply_lora(model, cfg, self.ds_config, self.rank)
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora, self.ds_config, self.rank, seed=cfg.optim.seed)
         return model
 
-    def _build_engine(self, model: torch.nn.Module):
-        """DeepSpeed ZeRO-2 (+ AutoEP) through Accelerate, with our AdamW settings and LR schedule."""
-        cfg = self.cfg
+    def _setup_engine(self, model: torch.nn.Module):
+        """DeepSpeed ZeRO-2 (+ AutoEP) through Accelerate, with our AdamW settings and LR schedule, the router's
+        loss terms, then the fast path's replacements of DeepSpeed's ZeRO-2 step and AutoEP's MoE blocks: from
+        there on engine.step() is the fast path's step where `one_pass_adamw` is listed at startup."""
+        cfg, optim = self.cfg, self.cfg.optim
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = DummyOptim(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = DummyOptim(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
         scheduler = DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(cfg.lr_schedule, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)))
+            opt, lr_lambda(optim.lr_schedule, optim.warmup_steps, self.total_steps, optim.min_lr_ratio)))
         self.engine, _, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.router = RouterTerms(self.engine.module,
-                                  aux_coef=resolve_aux_coef(cfg.router_aux_loss_coef, self.model_config),
-                                  form=cfg.router_aux_loss_form, scope=cfg.router_aux_scope,
-                                  z_coef=cfg.router_z_loss_coef)
+                                  aux_coef=resolve_aux_coef(cfg.router.aux_loss_coef, self.model_config),
+                                  form=cfg.router.aux_loss_form, scope=cfg.router.aux_scope,
+                                  z_coef=cfg.router.z_loss_coef)
+        self.fast_path.install(self.engine, adam_states=cfg.fastpath.adam_states,
+                               gate_up_recompute=cfg.fastpath.gate_up_recompute,
+                               expert_kernels=cfg.fastpath.expert_kernels)
 
-    def _install_fast_path(self):
-        """The fast path's replacements of DeepSpeed's ZeRO-2 step and AutoEP's MoE blocks: from here on
-        engine.step() is the fast path's step where `one_pass_adamw` is listed at startup."""
-        if self.fast_path:
-            self.fast_path.install(self.engine, adam_states=self.cfg.adam_states,
-                                   gate_up_recompute=self.cfg.gate_up_recompute,
-                                   expert_kernels=self.cfg.expert_kernels)
-
-    def _start_logging(self):
+    def _setup_logging(self):
+        """Metrics (the line, metrics.jsonl, the tracker), the peak FLOPs MFU is taken against, and the startup
+        lines that say what this run is."""
         cfg, acc = self.cfg, self.accelerator
-        self.checkpoint_root = Path(cfg.output_dir) / "checkpoints"
+        on_gpu = self.device.type == "cuda"
+        self.peak = cfg.output.peak_tflops or (peak_tflops(torch.cuda.get_device_name(self.device)) if on_gpu else None)
         self.stop_signal: str | None = None
-        self.metrics = MetricsLogger(cfg.output_dir, self.total_steps, acc, enabled=acc.is_main_process,
-                                     progress_bar=cfg.progress_bar)
-        if cfg.report_to != "none":
-            acc.init_trackers("qwen_moe_ft", config=cfg.to_dict())
+        self.metrics = MetricsLogger(cfg.output.dir, self.total_steps, acc, enabled=acc.is_main_process,
+                                     progress_bar=cfg.output.progress_bar)
+        if cfg.output.report_to != "none":
+            acc.init_trackers("qwen_moe_ft", config=cfg.flat())
         plan, lengths = self.train_loader.plan(1), self.train_loader.lengths
         epoch_steps = self.train_loader.epoch_steps(self.total_steps)
         fewest, most = min(epoch_steps), max(epoch_steps)
         loss = f"{self.loss_impl} ({self.loss_choice})" if self.loss_choice else self.loss_impl
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
-            f"zero {cfg.zero_stage} | {'LoRA on ' + cfg.lora_targets if cfg.lora else 'full fine-tuning'} | "
+            f"zero {cfg.parallel.zero_stage} | "
+            f"{'LoRA on ' + cfg.lora.targets if cfg.lora.enabled else 'full fine-tuning'} | "
             f"{self.recompute} | "
             f"attention {self.attn_backend} | loss {loss} | fused kernels {self.fused_kernels} | "
-            f"adam moments {self.fast_path.adam_states if self.fast_path else 'fp32'} | {len(lengths)} examples, "
+            f"adam moments {self.fast_path.adam_states} | {len(lengths)} examples, "
             f"mean length {sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
-            f"{'packing' if cfg.packing else 'padding'} efficiency "
-            f"{packing_efficiency(plan, lengths, cfg.max_tokens_per_batch):.1%} | "
+            f"{'packing' if cfg.data.packing else 'padding'} efficiency "
+            f"{packing_efficiency(plan, lengths, cfg.data.max_tokens_per_batch):.1%} | "
             f"{fewest if fewest == most else f'{fewest}-{most}'} steps per epoch, {self.total_steps} steps")
-        self.metrics.info(self.router.summary(cfg.grad_accum) + (", routers frozen" if cfg.freeze_router else ""))
-        if self.device.type == "cuda" and not self.peak:
+        self.metrics.info(self.router.summary(cfg.optim.grad_accum) + (", routers frozen" if cfg.router.freeze else ""))
+        if on_gpu and not self.peak:
             self.metrics.info(f"mfu n/a (unknown GPU: pass --peak-tflops, the bf16 dense TFLOP/s of "
                               f"{torch.cuda.get_device_name(self.device)})")
-        self.metrics.info(self.fast_path.summary() if self.fast_path else "fast path off (--fast-path off): stock "
-                          "DeepSpeed ZeRO-2 + AutoEP")
+        self.metrics.info(self.fast_path.summary())
         if self.data.skipped or self.data.truncated:
             self.metrics.info(f"skipped rows by reason: {dict(self.data.skipped)}; truncated at a turn boundary: "
                               f"{self.data.truncated}")
@@ -276,7 +283,7 @@ class Trainer:
             data_seconds=data_seconds, tokens=int(tokens), label_tokens=int(label_tokens),
             mean_context=context_sum / max(tokens, 1),
             world_size=self.world_size, model_config=self.model_config, peak_tflops=self.peak,
-            mem_gib=timer.peak_mem_gib(), frozen_weights=self.cfg.lora, aux_loss=self.router_stats.aux_loss,
+            mem_gib=timer.peak_mem_gib(), frozen_weights=self.cfg.lora.enabled, aux_loss=self.router_stats.aux_loss,
             z_loss=self.router_stats.z_loss, expert_load_max=self.router_stats.expert_load_max,
             dead_experts=self.router_stats.dead_experts)
 
@@ -295,8 +302,8 @@ class Trainer:
         return loss_sum / max(label_tokens, 1), int(label_tokens)
 
     def _save_adapter(self):
-        out = save_adapter(self.engine.module, self.cfg, self.model_name, os.path.join(self.cfg.output_dir, "adapter"),
-                           is_main=self.accelerator.is_main_process)
+        out = save_adapter(self.engine.module, self.cfg.lora, self.model_name,
+                           os.path.join(self.cfg.output.dir, "adapter"), is_main=self.accelerator.is_main_process)
         self.metrics.info(f"saved {out} (PEFT LoRA adapter of the stock model)")
 
     def _stop_on_signal(self, signum, frame):
@@ -304,12 +311,11 @@ class Trainer:
 
     def _resume(self) -> int:
         path = self.resume_path
-        start = checkpoint.load(self.engine, path, rank=self.rank, lora=self.cfg.lora)
-        if self.fast_path:
-            self.fast_path.after_load()
+        start = checkpoint.load(self.engine, path, rank=self.rank, lora=self.cfg.lora.enabled)
+        self.fast_path.after_load()
         if self.accelerator.is_main_process:
             for name in ("metrics.jsonl", "expert_load.jsonl"):
-                if note := drop_metrics_after(Path(self.cfg.output_dir) / name, start):
+                if note := drop_metrics_after(Path(self.cfg.output.dir) / name, start):
                     self.metrics.info(note)
         self.metrics.info(f"resumed from {path} at step {start}")
         return start
@@ -318,37 +324,41 @@ class Trainer:
         cfg = self.cfg
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._stop_on_signal)
-        start = self._resume() if cfg.resume else 0
+        start = self._resume() if self.resume_path else 0
         self.metrics.start(start)
         self.engine.train()
         for step in range(start, self.total_steps):
             metrics = self.train_step(step)
             done = step + 1
-            self.metrics.log_step(metrics, log_line=done % cfg.logging_steps == 0 or done == self.total_steps)
-            if cfg.expert_load_steps and (done % cfg.expert_load_steps == 0 or done == self.total_steps):
+            self.metrics.log_step(metrics, log_line=done % cfg.output.logging_steps == 0 or done == self.total_steps)
+            load_steps = cfg.router.expert_load_steps
+            if load_steps and (done % load_steps == 0 or done == self.total_steps):
                 self.metrics.log_expert_load(done, self.router_stats.load)
-            if self.eval_loader and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == self.total_steps):
+            eval_steps = cfg.data.eval_steps
+            if self.eval_loader and ((eval_steps and done % eval_steps == 0) or done == self.total_steps):
                 self.metrics.log_eval(done, *self.evaluate())
             # Every rank must agree to stop at the same step: the signal may reach them apart.
             stop = _global_sum([float(self.stop_signal is not None)], self.device)[0] > 0
-            if cfg.save_steps and (done % cfg.save_steps == 0 or done == self.total_steps) or stop:
+            save_steps = cfg.checkpoint.save_steps
+            if save_steps and (done % save_steps == 0 or done == self.total_steps) or stop:
                 path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
-                                       keep=cfg.save_total_limit, layout=self.layout, data_order=self.data_order)
+                                       keep=cfg.checkpoint.save_total_limit, layout=self.layout,
+                                       data_order=self.data_order)
                 self.metrics.info(f"saved checkpoint {path}")
             if stop:
-                if cfg.lora:
+                if cfg.lora.enabled:
                     self._save_adapter()
                 self.metrics.info(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {done}; "
                                   "continue with --resume latest")
                 self._finish()
                 return 0
-        if cfg.lora:
+        if cfg.lora.enabled:
             self._save_adapter()
-        if cfg.merge or (cfg.export_hf and not cfg.lora):
-            model = merge_lora(self.engine.module) if cfg.merge else self.engine
-            out = save_hf_checkpoint(model, self.tokenizer, os.path.join(cfg.output_dir, "hf"),
-                                     is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.dtype])
-            merged = ", LoRA merged" if cfg.merge else ""
+        if cfg.lora.merge or (cfg.checkpoint.export_hf and not cfg.lora.enabled):
+            model = merge_lora(self.engine.module) if cfg.lora.merge else self.engine
+            out = save_hf_checkpoint(model, self.tokenizer, os.path.join(cfg.output.dir, "hf"),
+                                     is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.model.dtype])
+            merged = ", LoRA merged" if cfg.lora.merge else ""
             self.metrics.info(f"saved {out} (transformers Qwen3-MoE layout, safetensors{merged})")
         self._finish()
         self.accelerator.end_training()
@@ -356,8 +366,7 @@ class Trainer:
 
     def _finish(self):
         self.metrics.close()
-        if self.fast_path:
-            self.fast_path.restore()
+        self.fast_path.restore()
 
 
 OUT_OF_MEMORY = ("the GPU ran out of memory (traceback above). `python -m qwen_moe_ft.memory --config RECIPE` "

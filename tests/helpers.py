@@ -113,11 +113,11 @@ def eval_loss(model, tokenizer) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    from qwen_moe_ft.config import TrainConfig
+    from qwen_moe_ft.config import DataConfig
     from qwen_moe_ft.data.rows import IGNORE, tokenize_source
     from qwen_moe_ft.data.packing import collate_padded
 
-    data, _, _ = tokenize_source(str(EVAL), tokenizer, TrainConfig(max_seq_len=512))
+    data, _, _ = tokenize_source(str(EVAL), tokenizer, DataConfig(max_seq_len=512))
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data), 16):
@@ -138,7 +138,7 @@ def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, red
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qwen_moe_ft.config import TrainConfig
+    from qwen_moe_ft.config import OptimConfig, ParallelConfig
     from qwen_moe_ft.fastpath.grad_norm import lean_grad_checks
     from qwen_moe_ft.parallel.ds_config import build_ds_config
     from qwen_moe_ft.fastpath.state import ZeroState
@@ -149,9 +149,10 @@ def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, red
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
     for name, param in model.named_parameters():
         param.requires_grad_(not any(part in name for part in frozen))
-    cfg = TrainConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.1, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                      zero_stage=zero_stage, grad_accum=grad_accum)
-    ds_config = build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu")
+    ds_config = build_ds_config(ep_size=1, world_size=1, device_type="cpu",
+                                parallel=ParallelConfig(zero_stage=zero_stage),
+                                optim=OptimConfig(lr=1e-3, grad_clip=1.0, weight_decay=0.1, grad_accum=grad_accum),
+                                dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     if reduce_bucket_size:
         ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import datasets
 
-from ..config import TrainConfig
+from ..config import DataConfig
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -50,7 +50,7 @@ class EncodeOptions(NamedTuple):
     truncation: str
 
     @classmethod
-    def of(cls, cfg: TrainConfig) -> "EncodeOptions":
+    def of(cls, cfg: DataConfig) -> "EncodeOptions":
         return cls(cfg.max_seq_len, cfg.train_on_prompt, cfg.truncation)
 
 
@@ -234,7 +234,7 @@ def _tokenize_batch(batch, indices, *, kind, tokenizer, cfg):
     return out
 
 
-def tokenize_source(source: str, tokenizer, cfg: TrainConfig) -> tuple[datasets.Dataset, Counter, int]:
+def tokenize_source(source: str, tokenizer, cfg: DataConfig) -> tuple[datasets.Dataset, Counter, int]:
     """Tokenised good rows of `source`, skip counts by reason, and the number truncated."""
     raw, kind = _load_raw(source)
     tokenized = raw.map(_tokenize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
@@ -253,16 +253,17 @@ def tokenize_source(source: str, tokenizer, cfg: TrainConfig) -> tuple[datasets.
     return good.select_columns(["input_ids", "labels"]), reasons, truncated
 
 
-def load_tokenized(cfg: TrainConfig, tokenizer) -> TokenizedData:
-    train, skipped, truncated = tokenize_source(cfg.data, tokenizer, cfg)
+def load_tokenized(cfg: DataConfig, tokenizer, seed: int) -> TokenizedData:
+    """--data tokenised, and the held-out set (--eval-data, or --eval-split of --data split by `seed`)."""
+    train, skipped, truncated = tokenize_source(cfg.source, tokenizer, cfg)
     eval_set = None
     if cfg.eval_data:
         eval_set, eval_skipped, eval_truncated = tokenize_source(cfg.eval_data, tokenizer, cfg)
         skipped += eval_skipped
         truncated += eval_truncated
     elif cfg.eval_split:
-        split = train.train_test_split(test_size=cfg.eval_split, seed=cfg.seed)
+        split = train.train_test_split(test_size=cfg.eval_split, seed=seed)
         train, eval_set = split["train"], split["test"]
     if len(train) == 0:
-        raise DataError(f"{cfg.data}: no usable rows left (skipped: {dict(skipped)})")
+        raise DataError(f"{cfg.source}: no usable rows left (skipped: {dict(skipped)})")
     return TokenizedData(train=train, eval=eval_set, skipped=skipped, truncated=truncated)

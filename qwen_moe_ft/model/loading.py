@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from ..config import TrainConfig
+from ..config import ModelConfig
 from ..parallel.expert_parallel import apply_autoep
 from .rank_local import load_rank_local
 from .shards import ModelLoadError
@@ -31,7 +31,7 @@ def _not_found(name: str, what: str, err: Exception) -> ModelLoadError:
         "and pass --model DIR (and --tokenizer DIR if the tokenizer lives elsewhere).")
 
 
-def load_model_config(cfg: TrainConfig, name: str):
+def load_model_config(cfg: ModelConfig, name: str):
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -46,7 +46,7 @@ def load_model_config(cfg: TrainConfig, name: str):
     return config
 
 
-def load_tokenizer(cfg: TrainConfig, name: str):
+def load_tokenizer(cfg: ModelConfig, name: str):
     source = cfg.tokenizer or name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -67,7 +67,7 @@ def _local_dir(name: str) -> str:
         raise _not_found(name, "weights", err) from err
 
 
-def load_model(cfg: TrainConfig, name: str, config, attn_implementation: str, ds_config: dict, rank: int):
+def load_model(cfg: ModelConfig, name: str, config, attn_implementation: str, ds_config: dict, rank: int):
     """bf16 (or fp32) weights from `name` in AutoEP's layout, only this rank's experts read (rank_local.py);
     with --random-init, fresh weights from its config."""
     dtype = DTYPES[cfg.dtype]

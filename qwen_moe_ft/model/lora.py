@@ -22,7 +22,7 @@ from deepspeed.moe.ep_experts import apply_expert_activation
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import LoraConfig
 from ..parallel.expert_parallel import apply_autoep, gather_experts_to, in_ep_group_of
 from .export import WRITER
 
@@ -30,12 +30,12 @@ ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def peft_config(cfg: TrainConfig, base_model: str):
+def peft_config(lora: LoraConfig, base_model: str):
     """The adapter's config as PEFT writes it for the stock model (also what adapter_config.json holds)."""
-    from peft import LoraConfig
+    import peft
 
-    targets = cfg.lora_target_list()
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+    targets = lora.target_list()
+    return peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, bias="none",
                       target_modules=ATTENTION_MODULES if "attn" in targets else [],
                       target_parameters=EXPERT_PARAMETERS if "experts" in targets else None,
                       base_model_name_or_path=base_model, task_type="CAUSAL_LM")
@@ -106,22 +106,22 @@ class ExpertLoRA(nn.Module):
         return out.type_as(x)
 
 
-def apply_lora(model: nn.Module, cfg: TrainConfig, ds_config: dict, rank: int) -> nn.Module:
-    """AutoEP layout, then LoRA on local experts and attention; every base weight frozen."""
+def apply_lora(model: nn.Module, lora: LoraConfig, ds_config: dict, rank: int, seed: int) -> nn.Module:
+    """AutoEP layout, then LoRA on local experts and attention; every base weight frozen. `seed` draws A."""
     apply_autoep(model, ds_config, rank)
     for param in model.parameters():
         param.requires_grad_(False)
-    if "experts" in cfg.lora_target_list():
+    if "experts" in lora.target_list():
         for index, layer in enumerate(model.model.layers):
             moe = layer.mlp
             moe.experts = ExpertLoRA(moe.experts, first_expert=moe.ep_rank * moe.num_local_experts, layer=index,
-                                     rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
-    if "attn" in cfg.lora_target_list():
-        from peft import LoraConfig, get_peft_model
+                                     rank=lora.rank, alpha=lora.alpha, seed=seed)
+    if "attn" in lora.target_list():
+        import peft
 
-        torch.manual_seed(cfg.seed)  # same attention LoRA init at every EP size
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=ATTENTION_MODULES, bias="none"))
+        torch.manual_seed(seed)  # same attention LoRA init at every EP size
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                           target_modules=ATTENTION_MODULES, bias="none"))
     for module in model.modules():  # get_peft_model freezes all but its own adapters
         if isinstance(module, ExpertLoRA):
             for param in module.lora_parameters():
@@ -177,14 +177,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return out if is_writer else None
 
 
-def save_adapter(model: nn.Module, cfg: TrainConfig, base_model: str, out_dir: str | Path, *, is_main: bool) -> Path:
+def save_adapter(model: nn.Module, lora: LoraConfig, base_model: str, out_dir: str | Path, *, is_main: bool) -> Path:
     """adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained loads on the stock model. A
     collective: every rank calls it; `is_main` must be true on global rank 0 (WRITER) only."""
     out = Path(out_dir)
     state = adapter_state_dict(model)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        peft_config(cfg, base_model).save_pretrained(out)
+        peft_config(lora, base_model).save_pretrained(out)
         save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
     if dist.is_initialized():
         dist.barrier()

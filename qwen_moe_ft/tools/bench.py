@@ -82,9 +82,10 @@ def trainer_config(model: str, depth: int, tokens: int, attn: str, steps: int, s
     micro-batch of `tokens` a step, bf16, nothing exported; `settings`: the run's own options."""
     from ..config import TrainConfig
 
-    return TrainConfig(model=model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=depth, dtype="bf16",
-                       attn=attn, packing=True, max_tokens_per_batch=tokens, max_seq_len=min(4096, tokens),
-                       max_steps=steps, output_dir=scratch, progress_bar=False, export_hf=False, seed=seed, **settings)
+    return TrainConfig.from_flat(model=model, tokenizer=TINY_MODEL, random_init=True, num_hidden_layers=depth,
+                                 dtype="bf16", attn=attn, packing=True, max_tokens_per_batch=tokens,
+                                 max_seq_len=min(4096, tokens), max_steps=steps, output_dir=scratch,
+                                 progress_bar=False, export_hf=False, seed=seed, **settings)
 
 
 def _run_ours(args, batches):
@@ -104,9 +105,8 @@ def _run_ours(args, batches):
     def step(docs, i, timer):
         return trainer.run_step([collate_packed(docs)], step=i + 1, epoch=1, timer=timer).loss
 
-    fast_path = trainer.fast_path.summary() if trainer.fast_path else "fast path off"
     return step, (f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}, "
-                  f"{trainer.recompute}; {fast_path}")
+                  f"{trainer.recompute}; {trainer.fast_path.summary()}")
 
 
 def _lora_options(args) -> dict:
@@ -152,13 +152,13 @@ def _packed_attention() -> str:
 def _run_hf(args, batches):
     from transformers import AutoModelForCausalLM, set_seed
 
-    from ..config import TrainConfig
+    from ..config import ModelConfig
     from ..model.loading import load_model_config
 
     packed = args.stack.endswith("_packed")
     attention = _packed_attention() if packed else "sdpa"
     set_seed(args.seed)
-    config = load_model_config(TrainConfig(random_init=True, num_hidden_layers=args.depth), args.model)
+    config = load_model_config(ModelConfig(random_init=True, num_hidden_layers=args.depth), args.model)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attention,
                                                  experts_implementation="grouped_mm")
@@ -243,11 +243,11 @@ def worker(args) -> dict:
 def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_weights: bool = False) -> dict:
     """Per stack: whole steps at the deepest depth (tokens/s, MFU, peak memory) and, given two depths, per-layer
     figures from their difference; ratios of each baseline's time to ours. frozen_weights: a LoRA step."""
-    from ..config import TrainConfig
+    from ..config import ModelConfig
     from ..model.loading import load_model_config
 
     low, high = depths[0], depths[-1]
-    config_at = {d: load_model_config(TrainConfig(random_init=True, num_hidden_layers=d), QWEN3_30B_A3B) for d in depths}
+    config_at = {d: load_model_config(ModelConfig(random_init=True, num_hidden_layers=d), QWEN3_30B_A3B) for d in depths}
     out = {}
     for stack in {r["stack"] for r in results}:
         by_depth = {r["depth"]: r for r in results if r["stack"] == stack}

@@ -91,13 +91,13 @@ def _hf_adamw(args, batches):
     """bf16 forward/backward, fp32 master weights updated by torch's fused AdamW, copied back each step."""
     from transformers import AutoModelForCausalLM, set_seed
 
-    from ..config import TrainConfig
+    from ..config import ModelConfig
     from ..data.rows import IGNORE
     from ..model.attention import register_varlen_attention, select_backend
     from ..model.loading import load_model_config
 
     set_seed(args.seed)
-    config = load_model_config(TrainConfig(random_init=True, num_hidden_layers=args.layers), args.model)
+    config = load_model_config(ModelConfig(random_init=True, num_hidden_layers=args.layers), args.model)
     config.router_aux_loss_coef = 0.0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     attention = register_varlen_attention(select_backend(args.attn, device))

@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..config import TrainConfig
     from ..model.rank_local import load_rank_local
     from ..parallel.ds_config import build_ds_config
     from ..parallel.expert_parallel import apply_autoep
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     world, rank = dist.get_world_size(), args.rank if args.rank is not None else dist.get_rank()
     ep_size = args.ep_size or world
-    ds_config = build_ds_config(TrainConfig(), ep_size=ep_size, world_size=max(world, ep_size),
+    ds_config = build_ds_config(ep_size=ep_size, world_size=max(world, ep_size),
                                 device_type="cuda" if torch.cuda.is_available() else "cpu")
     config = AutoConfig.from_pretrained(args.model)
     start = time.perf_counter()

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(argv)
     trainer = Trainer(cfg)
     record = {"documents": [], "grads": []}
-    if cfg.lora:
+    if cfg.lora.enabled:
         record["initial_adapter"] = adapter_state_dict(trainer.engine.module)
     run_step, engine_step = trainer.run_step, trainer.engine.step
 
@@ -57,12 +57,12 @@ def main(argv: list[str]) -> None:
         return run_step(micro_batches, *args, **kwargs)
 
     def probed_engine_step(*args, **kwargs):
-        record["grads"].append(_grads(trainer, cfg.lora))
+        record["grads"].append(_grads(trainer, cfg.lora.enabled))
         return engine_step(*args, **kwargs)
 
     trainer.run_step, trainer.engine.step = probed_run_step, probed_engine_step
     trainer.run()
-    torch.save(record, os.path.join(cfg.output_dir, f"probe-rank{trainer.rank}.pt"))
+    torch.save(record, os.path.join(cfg.output.dir, f"probe-rank{trainer.rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ def _export_at_ep2(rank: int, out: str, port: int) -> None:
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
     from transformers import AutoTokenizer
 
-    from qwen_moe_ft.config import TrainConfig
     from qwen_moe_ft.model.export import save_hf_checkpoint
     from qwen_moe_ft.model.rank_local import load_rank_local
     from qwen_moe_ft.parallel.ds_config import build_ds_config
 
     deepspeed.init_distributed("gloo")
-    ds_config = build_ds_config(TrainConfig(), ep_size=2, world_size=2, device_type="cpu")
+    ds_config = build_ds_config(ep_size=2, world_size=2, device_type="cpu")
     model = load_rank_local(TINY, AutoConfig.from_pretrained(TINY), torch.float32, "sdpa", ds_config, rank)
     for module in model.modules():
         if isinstance(module, AutoEPMoELayer):

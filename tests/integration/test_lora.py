@@ -71,10 +71,10 @@ def test_adapter_on_the_stock_model_gives_the_engine_eval_loss(runs):
 
 def test_lora_needs_expert_targets_and_takes_checkpoint_options():
     with pytest.raises(ConfigError, match="--lora-targets"):
-        TrainConfig(lora=True, lora_targets="attn").validate()
+        TrainConfig.from_flat(lora=True, lora_targets="attn").validate()
     with pytest.raises(ConfigError, match="--merge"):
-        TrainConfig(merge=True).validate()
-    TrainConfig(lora=True, save_steps=10, resume="latest").validate()
+        TrainConfig.from_flat(merge=True).validate()
+    TrainConfig.from_flat(lora=True, save_steps=10, resume="latest").validate()
 
 
 def test_sigterm_saves_a_lora_checkpoint_and_the_resumed_run_continues_exactly(runs, interrupted_and_resumed):

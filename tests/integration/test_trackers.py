@@ -28,4 +28,4 @@ def test_report_to_a_tracker_that_is_not_installed_says_what_to_install(tracker)
     if importlib.util.find_spec(tracker):
         pytest.skip(f"{tracker} is installed here")
     with pytest.raises(ConfigError, match=r"--report-to: .* is not installed .*pip install"):
-        TrainConfig(report_to=tracker).validate()
+        TrainConfig.from_flat(report_to=tracker).validate()

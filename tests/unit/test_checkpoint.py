@@ -1,7 +1,6 @@
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,7 +72,7 @@ class FakeEngine:
 
 
 LAYOUT = Layout(processes=1, ep_size=1, lora=False)
-ORDER = DataOrder.of(TrainConfig(), [5, 7, 3])
+ORDER = DataOrder.of(TrainConfig().flat(), [5, 7, 3])
 
 
 def save_step(root, step, engine):
@@ -201,7 +200,7 @@ def test_a_prune_cut_short_leaves_no_directory_that_looks_complete(tmp_path, mon
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-6", "step-8"]
 
 
-def saved_with(root, cfg: TrainConfig, lengths, step=6) -> Path:
+def saved_with(root, cfg: dict, lengths, step=6) -> Path:
     path = root / f"step-{step}"
     path.mkdir(parents=True)
     record = {"step": step, "layout": LAYOUT._asdict(), "data_order": DataOrder.of(cfg, lengths)._asdict()}
@@ -212,35 +211,35 @@ def saved_with(root, cfg: TrainConfig, lengths, step=6) -> Path:
 def test_a_resume_with_another_data_order_is_refused_naming_the_option(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("{}\n" * 3)
-    cfg = TrainConfig(data=str(data), grad_accum=2, seed=3)
+    cfg = TrainConfig.from_flat(data=str(data), grad_accum=2, seed=3).flat()
     step = saved_with(tmp_path, cfg, [5, 7, 3])
     assert check_data_order(step, DataOrder.of(cfg, [5, 7, 3])) is None
     with pytest.raises(CheckpointError, match=r"--grad-accum was 2 when step-6 was saved, now 4: .*Resume with "
                                               r"--grad-accum 2, or start a new run"):
-        check_data_order(step, DataOrder.of(replace(cfg, grad_accum=4), [5, 7, 3]))
+        check_data_order(step, DataOrder.of(dict(cfg, grad_accum=4), [5, 7, 3]))
     with pytest.raises(CheckpointError, match=r"--packing was true when step-6 was saved, now false; --seed was 3 "
                                               r"when step-6 was saved, now 4: .*Resume with --packing true --seed 3,"):
-        check_data_order(step, DataOrder.of(replace(cfg, packing=False, seed=4), [5, 7, 3]))
+        check_data_order(step, DataOrder.of(dict(cfg, packing=False, seed=4), [5, 7, 3]))
     for option, value in (("max_tokens_per_batch", 8192), ("shuffle_buffer", 10)):
         with pytest.raises(CheckpointError, match=f"--{option.replace('_', '-')} was "):
-            check_data_order(step, DataOrder.of(replace(cfg, **{option: value}), [5, 7, 3]))
+            check_data_order(step, DataOrder.of(dict(cfg, **{option: value}), [5, 7, 3]))
 
 
 def test_a_tokenisation_option_is_named_when_it_changed_the_examples(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("{}\n" * 3)
-    cfg = TrainConfig(data=str(data), max_seq_len=512)
+    cfg = TrainConfig.from_flat(data=str(data), max_seq_len=512).flat()
     step = saved_with(tmp_path, cfg, [5, 700, 3])
     with pytest.raises(CheckpointError, match="--max-seq-len was 512 when step-6 was saved, now 256"):
-        check_data_order(step, DataOrder.of(replace(cfg, max_seq_len=256), [5, 3]))
+        check_data_order(step, DataOrder.of(dict(cfg, max_seq_len=256), [5, 3]))
     # no example was as long as either limit: the plan is the same, so the resume goes on
-    assert check_data_order(step, DataOrder.of(replace(cfg, max_seq_len=1024), [5, 700, 3])) is None
+    assert check_data_order(step, DataOrder.of(dict(cfg, max_seq_len=1024), [5, 700, 3])) is None
 
 
 def test_other_data_is_refused_naming_what_differs(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("{}\n" * 3)
-    cfg = TrainConfig(data=str(data))
+    cfg = TrainConfig.from_flat(data=str(data)).flat()
     step = saved_with(tmp_path, cfg, [5, 7, 3])
     # the same file and count with other lengths at the same places (another tokenizer, say)
     with pytest.raises(CheckpointError, match=r"\(the examples' lengths in tokens differ\)"):
@@ -252,7 +251,7 @@ def test_other_data_is_refused_naming_what_differs(tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("{}\n" * 3)
     with pytest.raises(CheckpointError, match=rf"--data was {data} when step-6 was saved, now {other}"):
-        check_data_order(step, DataOrder.of(replace(cfg, data=str(other)), [6, 6, 6]))
+        check_data_order(step, DataOrder.of(dict(cfg, data=str(other)), [6, 6, 6]))
 
 
 def test_a_checkpoint_without_a_data_order_resumes_with_a_note(tmp_path):

@@ -1,12 +1,11 @@
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO
-from qwen_moe_ft.config import (DEFAULT_DS_CONFIG, OTHER_NAMES, REAL_MODEL, RECIPES, TINY_MODEL, ConfigError,
-                                TrainConfig, load_config)
+from qwen_moe_ft.config import (DEFAULT_DS_CONFIG, OPTIONS, OTHER_NAMES, REAL_MODEL, RECIPES, TINY_MODEL, ConfigError,
+                                OptimConfig, TrainConfig, load_config)
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 
@@ -15,8 +14,22 @@ def test_cli_overrides_recipe_overrides_defaults(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("lr: 0.5\nepochs: 3\npacking: false\n")
     cfg = load_config(["--config", str(recipe), "--lr", "0.25", "--packing"])
-    assert cfg.lr == 0.25 and cfg.epochs == 3.0 and cfg.packing is True
-    assert cfg.grad_accum == TrainConfig().grad_accum
+    assert cfg.optim.lr == 0.25 and cfg.optim.epochs == 3.0 and cfg.data.packing is True
+    assert cfg.optim.grad_accum == OptimConfig().grad_accum
+
+
+def test_flat_names_reach_their_sections():
+    cfg = TrainConfig.from_flat(lr=0.5, model="x/y", data="rows.jsonl", lora=True, lora_rank=4, fast_path="off",
+                                router_aux_loss_coef=0.01, output_dir="out", save_steps=5)
+    assert (cfg.optim.lr, cfg.model.name, cfg.data.source, cfg.lora.enabled, cfg.lora.rank) == (
+        0.5, "x/y", "rows.jsonl", True, 4)
+    assert (cfg.fastpath.mode, cfg.router.aux_loss_coef, cfg.output.dir, cfg.checkpoint.save_steps) == (
+        "off", 0.01, "out", 5)
+    assert TrainConfig.from_flat(**cfg.flat()) == cfg
+    assert load_config(["--lr", "0.5", "--lora", "--fast-path", "off"]) == TrainConfig.from_flat(
+        lr=0.5, lora=True, fast_path="off")
+    with pytest.raises(TypeError, match="learning_rate"):
+        TrainConfig.from_flat(learning_rate=0.1)
 
 
 def test_unknown_recipe_key_is_named(tmp_path):
@@ -46,9 +59,9 @@ def test_bad_type_names_the_option():
 
 
 def test_default_model_follows_the_machine():
-    assert TrainConfig().resolved_model(has_gpu=False) == TINY_MODEL
-    assert TrainConfig().resolved_model(has_gpu=True) == REAL_MODEL
-    assert TrainConfig(model="x/y").resolved_model(has_gpu=True) == "x/y"
+    assert TrainConfig().model.resolved(has_gpu=False) == TINY_MODEL
+    assert TrainConfig().model.resolved(has_gpu=True) == REAL_MODEL
+    assert TrainConfig.from_flat(model="x/y").model.resolved(has_gpu=True) == "x/y"
 
 
 def test_ep_size_auto_is_largest_common_divisor():
@@ -65,23 +78,23 @@ def test_impossible_ep_size_is_an_error(ep, world, experts, what):
 
 
 def test_ds_config_carries_the_run():
-    cfg = TrainConfig(grad_accum=4, grad_clip=0.5, lr=2e-5, dtype="bf16")
-    ds = build_ds_config(cfg, ep_size=8, world_size=8)
+    cfg = TrainConfig.from_flat(grad_accum=4, grad_clip=0.5, lr=2e-5, dtype="bf16")
+    ds = build_ds_config(ep_size=8, world_size=8, parallel=cfg.parallel, optim=cfg.optim, dtype=cfg.model.dtype)
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["expert_parallel"] == {"preset_model": "qwen3_moe", "enabled": True, "autoep_size": 8,
                                      "gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}
-    on_cpu = build_ds_config(cfg, ep_size=8, world_size=8, device_type="cpu")
+    on_cpu = build_ds_config(ep_size=8, world_size=8, device_type="cpu", optim=cfg.optim)
     assert on_cpu["expert_parallel"]["combine_impl"] == "weighted_sum"
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_allreduce_op"] == "sum"  # loss.backward_scale relies on it
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 2e-5
     assert ds["bf16"]["enabled"] is True
-    assert build_ds_config(TrainConfig(dtype="fp32"), 1, 1)["bf16"]["enabled"] is False
+    assert build_ds_config(1, 1, dtype="fp32")["bf16"]["enabled"] is False
 
 
 def test_every_option_has_a_one_line_help():
-    for field in fields(TrainConfig):
-        assert field.metadata.get("help") and "\n" not in field.metadata["help"], field.name
+    for name, (_, field) in OPTIONS.items():
+        assert field.metadata.get("help") and "\n" not in field.metadata["help"], name
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -119,11 +132,11 @@ def test_recipe_syntax_error_and_unknown_key_are_one_line(tmp_path):
 
 def test_other_trainers_names_point_at_options_that_exist():
     """Each suggestion for a transformers Trainer / TRL name loads as written, and no such name is one of ours."""
-    ours = {f.name for f in fields(TrainConfig)}
+    defaults = TrainConfig().flat()
     for name, suggestion in OTHER_NAMES.items():
-        assert name not in ours, name
+        assert name not in OPTIONS, name
         flag, *value = suggestion.split(" (")[0].split()
-        argv = [flag, *value] if value else [flag, str(getattr(TrainConfig(), flag[2:].replace("-", "_")))]
+        argv = [flag, *value] if value else [flag, str(defaults[flag[2:].replace("-", "_")])]
         load_config(argv).validate()
 
 
@@ -131,7 +144,7 @@ def test_other_trainers_names_point_at_options_that_exist():
 def test_every_shipped_recipe_loads_and_validates(recipe):
     cfg = load_config(["--config", str(recipe)]).validate()
     if recipe.stem == "qwen3-30b-a3b-lora-1gpu":  # what lets one GPU hold all 48 layers for LoRA
-        assert cfg.lora and cfg.activation_checkpointing and cfg.ep_size == 1
+        assert cfg.lora.enabled and cfg.model.activation_checkpointing and cfg.parallel.ep_size == 1
 
 
 def test_a_packaged_recipe_loads_by_name():

@@ -8,8 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from helpers import REPO
-from qwen_moe_ft.config import QWEN3_30B_A3B
-from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.config import QWEN3_30B_A3B, ModelConfig, TrainConfig
 from qwen_moe_ft.memory import (GIB, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, SUGGESTION_MARGIN_GIB, estimate,
                                 fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
                                 parameter_counts)
@@ -17,7 +16,7 @@ from qwen_moe_ft.model.loading import load_model_config
 
 
 def qwen3(layers=0):
-    return load_model_config(TrainConfig(random_init=bool(layers), num_hidden_layers=layers), QWEN3_30B_A3B)
+    return load_model_config(ModelConfig(random_init=bool(layers), num_hidden_layers=layers), QWEN3_30B_A3B)
 
 
 def test_parameter_count_is_qwen3_30b_a3b():
@@ -100,12 +99,13 @@ def test_lora_parameter_count_is_what_apply_lora_trains(process_group):
     from qwen_moe_ft.parallel.ds_config import build_ds_config
 
     for targets in ("attn,experts", "experts"):
-        cfg = TrainConfig(lora=True, lora_targets=targets, lora_rank=4, dtype="fp32")
+        cfg = TrainConfig.from_flat(lora=True, lora_targets=targets, lora_rank=4, dtype="fp32")
         model = AutoModelForCausalLM.from_pretrained(TINY)
         config = model.config
-        model = apply_lora(model, cfg, build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu"), rank=0)
+        ds_config = build_ds_config(ep_size=1, world_size=1, device_type="cpu", dtype=cfg.model.dtype)
+        model = apply_lora(model, cfg.lora, ds_config, rank=0, seed=cfg.optim.seed)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        assert trained == sum(lora_parameter_counts(config, 4, cfg.lora_target_list())), targets
+        assert trained == sum(lora_parameter_counts(config, 4, cfg.lora.target_list())), targets
 
 
 @pytest.mark.parametrize("recomputed, loss, measured_gib", [
@@ -155,7 +155,7 @@ def test_train_warns_before_loading_a_run_that_does_not_fit():
 
     recipe = load_config(["--config", str(REPO / "qwen_moe_ft" / "recipes" / "qwen3-30b-a3b-lora-1gpu.yaml")])
     assert preflight_warning(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6) is None  # 70.6 GiB
-    kept = replace(recipe, activation_checkpointing=False)
+    kept = replace(recipe, model=replace(recipe.model, activation_checkpointing=False))
     assert preflight_warning(kept, qwen3(), gpus=1, ep_size=1, gpu_gib=139.0) is None  # 95.4 GiB
     warning = preflight_warning(kept, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
     # the logits do not fit either: --loss-impl auto computes the loss in chunks, and the warning counts that

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from helpers import TINY, max_rel_err
-from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
+from qwen_moe_ft.config import ConfigError, load_config
 from qwen_moe_ft.data.packing import MicroBatch, collate_padded, filler_batch
 from qwen_moe_ft.fastpath.local_dispatch import one_rank_dispatch
 from qwen_moe_ft.parallel.ds_config import build_ds_config
@@ -23,7 +23,7 @@ AUX, Z = 0.5, 0.05  # large enough that the router terms' gradients are far abov
 @pytest.fixture(scope="module")
 def autoep_model(process_group):
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
-    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    apply_autoep(model, build_ds_config(ep_size=1, world_size=1, device_type="cpu"), rank=0)
     return model
 
 
@@ -147,7 +147,7 @@ def four_layer_autoep_model(process_group):
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(TINY, num_hidden_layers=4)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    apply_autoep(model, build_ds_config(ep_size=1, world_size=1, device_type="cpu"), rank=0)
     return model
 
 
@@ -216,7 +216,7 @@ def test_expert_load_max_and_dead_experts():
 def test_freeze_router_before_autoep_freezes_autoeps_gates_alone(process_group):
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
     assert freeze_router(model) == 2
-    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    apply_autoep(model, build_ds_config(ep_size=1, world_size=1, device_type="cpu"), rank=0)
     frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
     assert frozen == [f"model.layers.{i}.mlp.router.gate.weight" for i in range(2)]
 
@@ -235,6 +235,6 @@ def test_router_aux_loss_coef_left_out_is_the_model_configs():
     from qwen_moe_ft.router import resolve_aux_coef
 
     config = AutoConfig.from_pretrained(TINY)
-    assert load_config([]).router_aux_loss_coef is None
+    assert load_config([]).router.aux_loss_coef is None
     assert resolve_aux_coef(None, config) == config.router_aux_loss_coef == 0.001
-    assert resolve_aux_coef(load_config(["--router-aux-loss-coef", "0"]).validate().router_aux_loss_coef, config) == 0
+    assert resolve_aux_coef(load_config(["--router-aux-loss-coef", "0"]).validate().router.aux_loss_coef, config) == 0

@@ -3,7 +3,7 @@ import json
 import datasets
 import pytest
 
-from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.config import DataConfig
 from qwen_moe_ft.data.rows import IGNORE, DataError, load_tokenized, tokenize_source
 
 
@@ -22,21 +22,21 @@ def labelled_text(tokenizer, example):
 
 
 def test_chat_labels_only_the_assistant_answers(tmp_path, tiny_tokenizer):
-    data, _, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", [CHAT]), tiny_tokenizer, TrainConfig())
+    data, _, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", [CHAT]), tiny_tokenizer, DataConfig())
     example = data[0]
     assert labelled_text(tiny_tokenizer, example) == "5<|im_end|>cba<|im_end|>"
     assert tiny_tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
 def test_train_on_prompt_labels_everything(tmp_path, tiny_tokenizer):
-    cfg = TrainConfig(train_on_prompt=True)
+    cfg = DataConfig(train_on_prompt=True)
     data, _, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", [CHAT]), tiny_tokenizer, cfg)
     assert data[0]["labels"] == data[0]["input_ids"]
 
 
 def test_prompt_response_and_text_formats(tmp_path, tiny_tokenizer):
     rows = [{"prompt": "Add 1 and 1", "response": "2"}, {"text": "plain text for pre-training"}]
-    data, skipped, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", rows), tiny_tokenizer, TrainConfig())
+    data, skipped, _ = tokenize_source(write_jsonl(tmp_path / "d.jsonl", rows), tiny_tokenizer, DataConfig())
     assert not skipped and len(data) == 2
     assert labelled_text(tiny_tokenizer, data[0]) == "2<|im_end|>"
     assert labelled_text(tiny_tokenizer, data[1]) == "plain text for pre-training<|im_end|>"
@@ -59,14 +59,14 @@ TOO_LONG = {"text": "word " * 600}
 def test_each_bad_row_is_named_with_file_and_row(tmp_path, tiny_tokenizer, row, reason):
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT, row])
     with pytest.raises(DataError) as err:
-        tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=512))
+        tokenize_source(path, tiny_tokenizer, DataConfig(max_seq_len=512))
     assert path in str(err.value) and "row 2" in str(err.value) and reason in str(err.value)
     assert "--on-bad-row skip" in str(err.value)
 
 
 def test_skip_counts_every_bad_row_by_reason(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT] + [row for row, _ in BAD_ROWS] + [TOO_LONG, CHAT])
-    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=512, on_bad_row="skip"))
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, DataConfig(max_seq_len=512, on_bad_row="skip"))
     assert len(data) == 2
     expected = {"too_long": 1}
     for _, reason in BAD_ROWS:
@@ -76,20 +76,20 @@ def test_skip_counts_every_bad_row_by_reason(tmp_path, tiny_tokenizer):
 
 def test_over_long_rows_are_dropped_and_counted_not_an_error(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT, TOO_LONG, CHAT])
-    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=512, on_bad_row="error"))
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, DataConfig(max_seq_len=512, on_bad_row="error"))
     assert len(data) == 2 and dict(skipped) == {"too_long": 1}
     with pytest.raises(DataError, match=r"1 bad row\(s\) \({'bad_json': 1}\)"):  # malformed rows still stop it
         tokenize_source(write_jsonl(tmp_path / "e.jsonl", [CHAT, TOO_LONG, b"{"]), tiny_tokenizer,
-                        TrainConfig(max_seq_len=512))
+                        DataConfig(max_seq_len=512))
 
 
 def test_truncate_drops_whole_turns_never_part_of_an_answer(tmp_path, tiny_tokenizer):
     long_second_turn = {"messages": CHAT["messages"][:3] + [{"role": "user", "content": "abc " * 300},
                                                             {"role": "assistant", "content": "ok"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [long_second_turn])
-    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=64))
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, DataConfig(max_seq_len=64))
     assert len(data) == 0 and dict(skipped) == {"too_long": 1}
-    data, skipped, truncated = tokenize_source(path, tiny_tokenizer, TrainConfig(max_seq_len=64, truncation="truncate"))
+    data, skipped, truncated = tokenize_source(path, tiny_tokenizer, DataConfig(max_seq_len=64, truncation="truncate"))
     assert truncated == 1 and not skipped
     assert labelled_text(tiny_tokenizer, data[0]) == "5<|im_end|>"
 
@@ -99,13 +99,13 @@ def test_parquet_and_saved_dataset_directories(tmp_path, tiny_tokenizer):
     ds.to_parquet(str(tmp_path / "d.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
     for source in (tmp_path / "d.parquet", tmp_path / "saved"):
-        data, _, _ = tokenize_source(str(source), tiny_tokenizer, TrainConfig())
+        data, _, _ = tokenize_source(str(source), tiny_tokenizer, DataConfig())
         assert len(data) == 3 and labelled_text(tiny_tokenizer, data[0]) == "3<|im_end|>"
 
 
 def test_missing_file_and_offline_hub_name_are_clear_errors(tmp_path, tiny_tokenizer, monkeypatch):
     with pytest.raises(DataError, match="no such file"):
-        tokenize_source(str(tmp_path / "absent.jsonl"), tiny_tokenizer, TrainConfig())
+        tokenize_source(str(tmp_path / "absent.jsonl"), tiny_tokenizer, DataConfig())
     # HF_HUB_OFFLINE is read when the libraries are imported: set their flags (the environment variable now
     # would leave datasets retrying the hub for ~25 s)
     import datasets
@@ -114,32 +114,32 @@ def test_missing_file_and_offline_hub_name_are_clear_errors(tmp_path, tiny_token
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="OfflineModeIsEnabled.*Offline\\? Download it elsewhere"):
-        tokenize_source("some-org/some-dataset", tiny_tokenizer, TrainConfig())
+        tokenize_source("some-org/some-dataset", tiny_tokenizer, DataConfig())
 
 
 def test_tokenisation_is_cached_and_reused(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 5)
-    first, _, _ = tokenize_source(path, tiny_tokenizer, TrainConfig())
-    second, _, _ = tokenize_source(path, tiny_tokenizer, TrainConfig(lr=0.5))  # lr does not touch tokens
+    first, _, _ = tokenize_source(path, tiny_tokenizer, DataConfig())
+    second, _, _ = tokenize_source(path, tiny_tokenizer, DataConfig(shuffle_buffer=5))  # shuffling touches no token
     assert first.cache_files and first.cache_files == second.cache_files
 
 
 def test_eval_split_is_held_out(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Add {i} and 1", "response": str(i + 1)} for i in range(50)])
-    data = load_tokenized(TrainConfig(data=path, eval_split=0.2), tiny_tokenizer)
+    data = load_tokenized(DataConfig(source=path, eval_split=0.2), tiny_tokenizer, seed=42)
     assert len(data.train) == 40 and len(data.eval) == 10
 
 
 def test_byte_order_mark_and_upper_case_suffix(tmp_path, tiny_tokenizer):
     path = tmp_path / "d.JSONL"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CHAT).encode() + b"\n")
-    data, skipped, _ = tokenize_source(str(path), tiny_tokenizer, TrainConfig())
+    data, skipped, _ = tokenize_source(str(path), tiny_tokenizer, DataConfig())
     assert len(data) == 1 and not skipped
 
 
 def test_a_valid_row_may_contain_the_replacement_character(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "what is \ufffd?", "response": "U+FFFD"}])
-    data, skipped, _ = tokenize_source(path, tiny_tokenizer, TrainConfig())
+    data, skipped, _ = tokenize_source(path, tiny_tokenizer, DataConfig())
     assert len(data) == 1 and not skipped
     assert "\ufffd" in tiny_tokenizer.decode(data[0]["input_ids"])
 
@@ -147,7 +147,7 @@ def test_a_valid_row_may_contain_the_replacement_character(tmp_path, tiny_tokeni
 def test_csv_is_read(tmp_path, tiny_tokenizer):
     path = tmp_path / "d.csv"
     path.write_text('prompt,response\n"Add 1 and 2",3\n')
-    data, _, _ = tokenize_source(str(path), tiny_tokenizer, TrainConfig())
+    data, _, _ = tokenize_source(str(path), tiny_tokenizer, DataConfig())
     assert len(data) == 1 and labelled_text(tiny_tokenizer, data[0]) == "3<|im_end|>"
 
 
@@ -155,20 +155,20 @@ def test_csv_is_read(tmp_path, tiny_tokenizer):
 def test_empty_file_is_a_clear_error(tmp_path, tiny_tokenizer, name):
     (tmp_path / name).write_bytes(b"")
     with pytest.raises(DataError, match=f"{name}: the file is empty"):
-        tokenize_source(str(tmp_path / name), tiny_tokenizer, TrainConfig())
+        tokenize_source(str(tmp_path / name), tiny_tokenizer, DataConfig())
 
 
 def test_invalid_json_array_names_file_and_line(tmp_path, tiny_tokenizer):
     path = tmp_path / "d.json"
     path.write_text('[\n{"prompt": "a", "response": "b"},\n{"prompt": "c", "response": }\n]\n')
     with pytest.raises(DataError, match=r"d.json: could not be read as json \(not valid JSON: .* at line 3"):
-        tokenize_source(str(path), tiny_tokenizer, TrainConfig())
+        tokenize_source(str(path), tiny_tokenizer, DataConfig())
 
 
 def test_unknown_suffix_says_what_is_read(tmp_path, tiny_tokenizer):
     (tmp_path / "d.txt").write_text("hello\n")
     with pytest.raises(DataError, match=r"a .txt file; --data reads .jsonl, .json, .parquet, .csv"):
-        tokenize_source(str(tmp_path / "d.txt"), tiny_tokenizer, TrainConfig())
+        tokenize_source(str(tmp_path / "d.txt"), tiny_tokenizer, DataConfig())
 
 
 @pytest.mark.parametrize("source", ["./sft_typo", "{tmp}/sft_typo", "{tmp}/a/b", "{dir}/sft_typo"])
@@ -179,4 +179,4 @@ def test_local_looking_path_is_reported_missing_never_fetched(tmp_path, tiny_tok
     source = source.format(tmp=tmp_path, dir="data")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"{source} fetched from the hub"))
     with pytest.raises(DataError, match="no such file or directory"):
-        tokenize_source(source, tiny_tokenizer, TrainConfig())
+        tokenize_source(source, tiny_tokenizer, DataConfig())

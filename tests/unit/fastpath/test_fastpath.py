@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import REPO, TINY, cpu_env
-from qwen_moe_ft.config import ConfigError, TrainConfig
+from qwen_moe_ft.config import ConfigError
 from qwen_moe_ft.fastpath import FastPath, versions
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
@@ -19,8 +19,8 @@ from qwen_moe_ft.parallel.expert_parallel import apply_autoep
 def _engine(dtype=torch.bfloat16):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
-    ds_config = build_ds_config(TrainConfig(dtype="bf16" if dtype == torch.bfloat16 else "fp32"), ep_size=1,
-                                world_size=1, device_type="cpu")
+    ds_config = build_ds_config(ep_size=1, world_size=1, device_type="cpu",
+                                dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     apply_autoep(model, ds_config, rank=0)
     ds_config = {**ds_config, "expert_parallel": {**ds_config["expert_parallel"], "enabled": False}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
@@ -114,8 +114,19 @@ def test_other_versions_install_nothing_with_one_warning(process_group, monkeypa
 
 
 def test_importing_the_trainer_imports_no_patch():
+    """The trainer holds a FastPath, on or off; only FastPath and what it needs before the version guard load."""
     code = ("import sys, qwen_moe_ft.train; "
             "print(sorted(m for m in sys.modules if m.startswith('qwen_moe_ft.fastpath')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert out.stdout.strip().splitlines()[-1] == str(["qwen_moe_ft.fastpath", "qwen_moe_ft.fastpath.applied",
+                                                        "qwen_moe_ft.fastpath.versions"])
+
+
+def test_off_does_nothing():
+    fast_path, model = FastPath(enabled=False), torch.nn.Linear(2, 2)
+    assert fast_path.prepare_model(model, "auto", "cpu") == (model, "none")
+    assert fast_path.install(engine=None) == []
+    fast_path.after_load()
+    fast_path.restore()
+    assert fast_path.adam_states == "fp32" and fast_path.summary() == "fast path off (--fast-path off)"

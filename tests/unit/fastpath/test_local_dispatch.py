@@ -8,7 +8,6 @@ from deepspeed.module_inject import auto_ep_layer
 from transformers import AutoModelForCausalLM
 
 from helpers import TINY, max_rel_err
-from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
 from qwen_moe_ft.fastpath.local_dispatch import expert_order, one_rank_dispatch
 from qwen_moe_ft.parallel.ds_config import build_ds_config
@@ -20,7 +19,7 @@ DEVICE, DTYPE, TOLERANCE = ("cuda", torch.bfloat16, 1e-2) if torch.cuda.is_avail
 @pytest.fixture(scope="module")
 def moe_block(process_group):
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
-    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type=DEVICE), rank=0)
+    apply_autoep(model, build_ds_config(ep_size=1, world_size=1, device_type=DEVICE), rank=0)
     return model.model.layers[0].mlp.to(DEVICE, DTYPE), model.config.hidden_size
 
 

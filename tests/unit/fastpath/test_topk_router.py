@@ -8,7 +8,6 @@ from deepspeed.moe.ep_router import TokenChoiceTopKRouter
 from transformers import AutoModelForCausalLM
 
 from helpers import TINY
-from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.fastpath.topk_router import _lean_forward, lean_topk_routers, refused_because
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
@@ -80,7 +79,7 @@ def test_every_autoep_block_of_the_model_is_rebound(process_group):
     # AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
-    apply_autoep(model, build_ds_config(TrainConfig(), ep_size=1, world_size=1, device_type=device), rank=0)
+    apply_autoep(model, build_ds_config(ep_size=1, world_size=1, device_type=device), rank=0)
     model = model.to(device, dtype)
     stock = copy.deepcopy(model)
     assert lean_topk_routers(model)

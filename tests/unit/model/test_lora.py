@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from helpers import TINY, max_rel_err
-from qwen_moe_ft.config import TrainConfig
+from qwen_moe_ft.config import LoraConfig, TrainConfig
 from qwen_moe_ft.model.lora import ExpertLoRA, adapter_state_dict, apply_lora, save_adapter
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 
@@ -38,9 +38,10 @@ def merged_reference(x, counts, w1, w3, w2, a_gu, b_gu, a_d, b_d, scaling):
 
 def expert_lora(rank: int) -> ExpertLoRA:
     """Layer 0's experts of the tiny model after AutoEP (EP=1) and apply_lora, with B drawn non-zero."""
-    cfg = TrainConfig(lora=True, lora_targets="experts", lora_rank=rank, lora_alpha=16.0, dtype="fp32")
+    cfg = TrainConfig.from_flat(lora=True, lora_targets="experts", lora_rank=rank, lora_alpha=16.0, dtype="fp32")
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
-    model = apply_lora(model, cfg, build_ds_config(cfg, ep_size=1, world_size=1, device_type="cpu"), rank=0)
+    model = apply_lora(model, cfg.lora, build_ds_config(ep_size=1, world_size=1, device_type="cpu", dtype="fp32"),
+                       rank=0, seed=cfg.optim.seed)
     experts = model.model.layers[0].mlp.experts
     torch.manual_seed(0)
     with torch.no_grad():
@@ -89,15 +90,16 @@ def test_backward_keeps_nothing_of_a_base_weights_size(process_group):
     assert max(t.untyped_storage().nbytes() for t in new) < experts.base.w2.untyped_storage().nbytes() / 4
 
 
-LORA = TrainConfig(lora=True, lora_rank=4, dtype="fp32")  # attention and experts
+LORA = LoraConfig(enabled=True, rank=4)  # attention and experts
+SEED = 42
 
 
 def lora_model(ep_size: int, rank: int):
     """The tiny model with LoRA at `ep_size`, each expert's B factors filled with its global index + 1 (B starts at
     zero), so that a saved adapter shows which expert landed where."""
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
-    model = apply_lora(model, LORA, build_ds_config(LORA, ep_size=ep_size, world_size=ep_size, device_type="cpu"),
-                       rank=rank)
+    ds_config = build_ds_config(ep_size=ep_size, world_size=ep_size, device_type="cpu", dtype="fp32")
+    model = apply_lora(model, LORA, ds_config, rank=rank, seed=SEED)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, module in modules.items():

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers import TINY, max_rel_err
-from qwen_moe_ft.config import TrainConfig
 from qwen_moe_ft.model.rank_local import load_rank_local
 from qwen_moe_ft.model.shards import ModelLoadError, Shards
 from qwen_moe_ft.parallel.ds_config import build_ds_config
@@ -33,7 +32,7 @@ def fused_dir(tmp_path_factory, reference):
 
 
 def _load(directory, ep_size=1, rank=0, dtype=torch.float32):
-    ds_config = build_ds_config(TrainConfig(), ep_size=ep_size, world_size=ep_size, device_type="cpu")
+    ds_config = build_ds_config(ep_size=ep_size, world_size=ep_size, device_type="cpu")
     return load_rank_local(directory, AutoConfig.from_pretrained(TINY), dtype, "sdpa", ds_config, rank)
 
 
