@@ -123,7 +123,7 @@ class Trainer:
         self.checkpoint_root = Path(cfg.output.dir) / "checkpoints"
         self.layout = checkpoint.Layout(self.world_size, self.ep_size, cfg.lora.enabled)
         self.resume_path = None
-        if cfg.checkpoint.resume:  # before any weight is loaded: a checkpoint of another layout cannot resume here
+        if cfg.checkpoint.resume:  # before any weight is loaded: a checkpoint this layout cannot resume stops here
             self.resume_path = checkpoint.resolve(cfg.checkpoint.resume, self.checkpoint_root)
             checkpoint.check_layout(self.resume_path, self.layout)
         if cfg.output.overwrite:
@@ -143,7 +143,7 @@ class Trainer:
         self.eval_loader = StepLoader(self.data.eval, **{**loader_args, "grad_accum": 1}) if self.data.eval else None
         self.data_order = checkpoint.DataOrder.of(cfg.flat(), self.train_loader.lengths)
         if self.resume_path:  # before the model: a resume whose steps would train other examples stops here
-            note = checkpoint.check_data_order(self.resume_path, self.data_order)
+            note = checkpoint.check_data_order(self.resume_path, self.data_order, self.layout)
             if note and self.accelerator.is_main_process:
                 print(f"note: {note}", flush=True)
         self.total_steps = cfg.optim.max_steps or self.train_loader.total_steps(cfg.optim.epochs)
@@ -311,12 +311,14 @@ class Trainer:
 
     def _resume(self) -> int:
         path = self.resume_path
-        start = checkpoint.load(self.engine, path, rank=self.rank, lora=self.cfg.lora.enabled)
+        start, how = checkpoint.load(self.engine, path, rank=self.rank, layout=self.layout)
         self.fast_path.after_load()
         if self.accelerator.is_main_process:
             for name in ("metrics.jsonl", "expert_load.jsonl"):
                 if note := drop_metrics_after(Path(self.cfg.output.dir) / name, start):
                     self.metrics.info(note)
+        if how:
+            self.metrics.info(how)
         self.metrics.info(f"resumed from {path} at step {start}")
         return start
 

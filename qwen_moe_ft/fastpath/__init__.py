@@ -103,9 +103,13 @@ class FastPath:
         return self.applied
 
     def after_load(self) -> None:
-        """After a checkpoint load wrote the weights: caches built from the old ones are rebuilt."""
-        if self._zero_state is not None:
-            self._zero_state.gate_up.invalidate()
+        """After a checkpoint load wrote the weights: caches built from the old ones are rebuilt, and moments that
+        DeepSpeed's universal load put in fp32 are narrowed to the one-pass AdamW's dtype again."""
+        state = self._zero_state
+        if state is not None:
+            state.gate_up.invalidate()
+            if state.fused_step:
+                state.optimizer.optimizer.keep_state_dtype()
 
     @property
     def adam_states(self) -> str:

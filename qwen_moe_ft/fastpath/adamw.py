@@ -300,7 +300,11 @@ class MasterAdamW(torch.optim.Optimizer):
         for group, loaded in zip(groups, self.param_groups):
             group.update(loaded)
         self.param_groups = groups
-        # torch casts loaded moments to the parameter's dtype (fp32); keep them in ours
+        self.keep_state_dtype()  # torch casts loaded moments to the parameter's dtype (fp32)
+
+    def keep_state_dtype(self) -> None:
+        """Moments loaded in another dtype (fp32: torch's load, DeepSpeed's universal checkpoint) back in ours, and
+        the step as update() keeps it."""
         for state in self.state.values():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:

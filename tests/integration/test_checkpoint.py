@@ -1,12 +1,15 @@
 """Checkpoints: SIGTERM saves and stops, --resume continues exactly (four processes at EP=2, the runs of
-conftest.py), a checkpoint of another layout or data order is refused before loading, an interrupted save is never
-the one resumed from, and a resumed run saves over the step `latest` names."""
+conftest.py), a checkpoint saved at two processes at EP=2 resumes at one process, at four at EP=4 and at four at EP=2
+through DeepSpeed's universal checkpoint and trains what a run at that layout trains, a resume whose steps would take
+other examples is refused before loading, an interrupted save is never the one resumed from, and a resumed run saves
+over the step `latest` names."""
 import shutil
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import FOUR_RANK_RUN, FOUR_RANK_STEPS, max_rel_err, read_metrics, train
+from helpers import (FOUR_RANK_LR, FOUR_RANK_RUN, FOUR_RANK_STEPS, TINY, assert_trained_alike, max_rel_err,
+                     read_metrics, train)
 from qwen_moe_ft.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve
 
 
@@ -34,14 +37,66 @@ def test_resumed_run_continues_exactly_with_expert_groups_of_two_ranks(four_rank
         assert max_rel_err(w2[name], w1[name]) < 1e-6, name
 
 
-def test_resuming_with_another_number_of_processes_stops_before_loading(four_rank_ep2_resumed, tmp_path):
-    resumed, _, stopped_at, _ = four_rank_ep2_resumed
-    proc = train(tmp_path, *FOUR_RANK_RUN, "--ep-size", "1", "--resume",
-                 str(resumed / "checkpoints" / f"step-{stopped_at}"), nproc=1, check=False)
+# Eight micro-batches a step at every layout, as the runs of conftest.py: two processes accumulating four
+TWO_RANKS_EP2 = [*FOUR_RANK_RUN, "--ep-size", "2", "--grad-accum", "4"]
+RESHAPED = {"accum": ("--ep-size", "1", "--grad-accum", "8"), 4: ("--ep-size", "4", "--grad-accum", "2"),
+            2: ("--ep-size", "2", "--grad-accum", "2")}
+
+
+@pytest.fixture(scope="module")
+def reshaped(tmp_path_factory):
+    """Two processes at EP=2 saving after each step, and its step-1 resumed at one process (EP=1) and at four (EP=4,
+    EP=2: expert groups of two ranks), each into a directory of its own: {key of four_rank_runs: (output dir, stdout)}
+    and the saved run's directory under "saved"."""
+    saved = tmp_path_factory.mktemp("ranks2_ep2_saved")
+    train(saved, *TWO_RANKS_EP2, "--save-steps", "1", "--save-total-limit", "0", "--export-hf", "false")
+    out = {"saved": saved}
+    for key, layout in RESHAPED.items():  # one after another: the first converts step-1, the others read it
+        out[key] = tmp_path_factory.mktemp(f"resumed_{key}")
+        proc = train(out[key], *FOUR_RANK_RUN, *layout, "--resume", str(saved / "checkpoints" / "step-1"),
+                     nproc=1 if key == "accum" else 4)
+        out[key] = out[key], proc.stdout
+    return out
+
+
+@pytest.mark.parametrize("key", list(RESHAPED))
+def test_a_checkpoint_resumes_at_another_layout_and_trains_what_that_layout_trains(four_rank_runs, reshaped, key):
+    """fp32 master weights, Adam's moments and step, the schedule and the data position come back through DeepSpeed's
+    universal checkpoint, at 1 process (EP=1) and at 4 (EP=4, EP=2). The uninterrupted run at the new layout summed
+    step 1's gradients in another order than the two processes did (gloo's reduce over 2 ranks of 4 accumulated
+    micro-batches each, against 4 of 2 or 1 of 8): the float32 rounding of test_four_ranks.py, ~1e-7 relative a step,
+    which steps 2 and 3 carry on. A lost moment or step count would change an update by O(lr)."""
+    out, stdout = reshaped[key]
+    step1 = reshaped["saved"] / "checkpoints" / "step-1"
+    assert "step-1 was saved by 2 process(es) at EP=2 (full fine-tuning): resumed through DeepSpeed's universal " \
+           "checkpoint step-1/universal" in stdout
+    if key == "accum":  # the first resume converted it
+        assert "converted step-1 once into DeepSpeed's universal checkpoint step-1/universal" in stdout
+        assert "deepspeed.checkpoint.ds_to_universal --input_folder" in stdout
+    assert f"resumed from {step1} at step 1" in stdout
+    straight, again = read_metrics(four_rank_runs[key]), read_metrics(out)
+    assert [m["step"] for m in again] == list(range(2, FOUR_RANK_STEPS + 1))
+    for a, b in zip(straight[1:], again):
+        assert a["num_label_tokens"] == b["num_label_tokens"]  # the same examples
+        for name in ("loss", "aux_loss", "z_loss"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5), (a["step"], name)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    assert_trained_alike(load_file(out / "hf" / "model.safetensors"),
+                         load_file(four_rank_runs[key] / "hf" / "model.safetensors"),
+                         load_file(TINY / "model.safetensors"), FOUR_RANK_STEPS, FOUR_RANK_LR)
+
+
+def test_a_layout_whose_steps_cannot_take_as_many_micro_batches_stops_before_loading(reshaped, tmp_path):
+    """Saved at 2 processes x 4 micro-batches: 3 processes cannot take 8 a step."""
+    proc = train(tmp_path, *FOUR_RANK_RUN, "--ep-size", "1", "--grad-accum", "2", "--resume",
+                 str(reshaped["saved"] / "checkpoints" / "step-1"), nproc=3, check=False)
     assert proc.returncode != 0
-    assert "was saved by 4 process(es) at EP=2 (full fine-tuning); this run has 1 process(es) at EP=1" in proc.stderr
+    assert ("step-1 was saved by 2 process(es) with --grad-accum 4, 8 micro-batches a step; 3 process(es) with "
+            "--grad-accum 2 take 6: its steps would train other examples, and no --grad-accum makes 8 at 3 "
+            "process(es). Resume at a number of processes dividing 8 (1, 2, 4, 8)") in proc.stderr
     # stopped by our check, not inside DeepSpeed's loader (torchrun adds its own ChildFailedError summary)
-    assert "load_checkpoint" not in proc.stderr and "ZeRORuntimeException" not in proc.stderr
+    assert "resumed from" not in proc.stdout and "load_checkpoint" not in proc.stderr
 
 
 def test_interrupted_save_is_never_resumed_from(tmp_path):

@@ -1,5 +1,5 @@
 """LoRA under AutoEP: EP=2 trains what EP=1 trains, the exported PEFT adapter on the stock model
-reproduces the trained engine, and a run stopped by SIGTERM resumes exactly."""
+reproduces the trained engine, and a run stopped by SIGTERM resumes exactly, at its own layout and at another."""
 import pytest
 import torch
 from peft import PeftModel
@@ -82,7 +82,7 @@ def test_sigterm_saves_a_lora_checkpoint_and_the_resumed_run_continues_exactly(r
     assert 2 <= stopped_at < 6, "SIGTERM came after the last step: nothing was resumed"
     assert f"stopped by SIGTERM after step {stopped_at}; continue with --resume latest" in first_output
     checkpoint = resumed / "checkpoints" / f"step-{stopped_at}"
-    assert (checkpoint / COMPLETE).exists() and (checkpoint / "lora_rank1.pt").exists()
+    assert (checkpoint / COMPLETE).exists() and (checkpoint / "lora_slices_rank1.pt").exists()
     assert f"resumed from {checkpoint} at step {stopped_at}" in second_output
     assert "| 1 of 2 layers recomputed |" in second_output
     straight, again = read_metrics(runs[2]), read_metrics(resumed)
@@ -94,6 +94,28 @@ def test_sigterm_saves_a_lora_checkpoint_and_the_resumed_run_continues_exactly(r
     assert sorted(w1) == sorted(w2)
     for name in w1:
         assert max_rel_err(w2[name], w1[name]) < 1e-6, name
+
+
+def test_a_lora_checkpoint_resumes_at_another_layout(runs, interrupted_and_resumed, tmp_path):
+    """The EP=2 checkpoint of two processes resumed by one process at EP=1 accumulating two micro-batches (the same
+    two a step) trains what the EP=1 run of two processes trains: its layout-free slices hold every factor's fp32
+    master and moments whole, the experts' gathered from both EP ranks. The tolerance is test_ep2_lora_matches_ep1's
+    (another reduction order); lost moments would move every factor by O(lr)."""
+    resumed, _, stopped_at, _ = interrupted_and_resumed
+    checkpoint = resumed / "checkpoints" / f"step-{stopped_at}"
+    proc = train(tmp_path, *RUN, "--ep-size", "1", "--grad-accum", "2", "--resume", str(checkpoint), nproc=1)
+    assert (f"step-{stopped_at} was saved by 2 process(es) at EP=2 (LoRA): resumed through its LoRA slices"
+            in proc.stdout)
+    straight, again = read_metrics(runs[1]), read_metrics(tmp_path)
+    assert [m.get("step") for m in again] == [m.get("step") for m in straight if m.get("step", 0) > stopped_at]
+    for a, b in zip([m for m in straight if m.get("step", 0) > stopped_at], again):
+        assert a.get("loss", a.get("eval_loss")) == pytest.approx(b.get("loss", b.get("eval_loss")), rel=1e-5)
+    w1, w2 = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (runs[1], tmp_path))
+    assert sorted(w1) == sorted(w2)
+    for name in w1:
+        diff = (w1[name] - w2[name]).abs()
+        assert diff.mean() <= 1e-4 * w1[name].abs().mean(), name
+        assert diff.max() <= 1e-2 * w1[name].abs().max(), name
 
 
 def test_merged_checkpoint_loads_as_a_plain_model_with_the_engine_eval_loss(runs):

@@ -38,16 +38,24 @@ def test_keep_zero_keeps_all(tmp_path):
     assert len(complete_checkpoints(tmp_path)) == 3
 
 
-def test_a_checkpoint_of_another_layout_is_refused_saying_how_to_resume_it(tmp_path):
+def test_another_layout_resumes_but_not_from_full_fine_tuning_into_lora_or_from_per_rank_lora_files(tmp_path):
     step = tmp_path / "step-4"
     step.mkdir()
     saved = Layout(processes=2, ep_size=2, lora=False)
     (step / COMPLETE).write_text(json.dumps({"step": 4, "layout": saved._asdict()}))
     assert saved_layout(step) == saved
-    check_layout(step, saved)  # the same layout resumes
+    check_layout(step, saved)
+    check_layout(step, Layout(processes=4, ep_size=4, lora=False))  # through DeepSpeed's universal checkpoint
     with pytest.raises(CheckpointError, match=r"saved by 2 process\(es\) at EP=2 \(full fine-tuning\); this run has "
-                                              r"1 process\(es\) at EP=1.*NUM_PROCESSES=2.*--ep-size 2"):
-        check_layout(step, Layout(processes=1, ep_size=1, lora=False))
+                                              r"1 process\(es\) at EP=1 \(LoRA\). Resume it without --lora true"):
+        check_layout(step, Layout(processes=1, ep_size=1, lora=True))
+    lora = Layout(processes=2, ep_size=2, lora=True)
+    (step / COMPLETE).write_text(json.dumps({"step": 4, "layout": lora._asdict()}))
+    (step / "lora_rank0.pt").write_bytes(b"")  # the per-rank ZeRO partitions of earlier versions
+    with pytest.raises(CheckpointError, match=r"per-rank LoRA form of earlier versions.*NUM_PROCESSES=2.*--ep-size 2"):
+        check_layout(step, Layout(processes=1, ep_size=1, lora=True))
+    (step / "lora_slices_rank0.pt").write_bytes(b"")
+    check_layout(step, Layout(processes=1, ep_size=1, lora=True))
     (step / COMPLETE).write_text("4\n")  # a marker from before layouts were recorded: nothing to check against
     check_layout(step, Layout(processes=1, ep_size=1, lora=False))
 
@@ -213,16 +221,34 @@ def test_a_resume_with_another_data_order_is_refused_naming_the_option(tmp_path)
     data.write_text("{}\n" * 3)
     cfg = TrainConfig.from_flat(data=str(data), grad_accum=2, seed=3).flat()
     step = saved_with(tmp_path, cfg, [5, 7, 3])
-    assert check_data_order(step, DataOrder.of(cfg, [5, 7, 3])) is None
+    assert check_data_order(step, DataOrder.of(cfg, [5, 7, 3]), LAYOUT) is None
     with pytest.raises(CheckpointError, match=r"--grad-accum was 2 when step-6 was saved, now 4: .*Resume with "
                                               r"--grad-accum 2, or start a new run"):
-        check_data_order(step, DataOrder.of(dict(cfg, grad_accum=4), [5, 7, 3]))
+        check_data_order(step, DataOrder.of(dict(cfg, grad_accum=4), [5, 7, 3]), LAYOUT)
     with pytest.raises(CheckpointError, match=r"--packing was true when step-6 was saved, now false; --seed was 3 "
                                               r"when step-6 was saved, now 4: .*Resume with --packing true --seed 3,"):
-        check_data_order(step, DataOrder.of(dict(cfg, packing=False, seed=4), [5, 7, 3]))
+        check_data_order(step, DataOrder.of(dict(cfg, packing=False, seed=4), [5, 7, 3]), LAYOUT)
     for option, value in (("max_tokens_per_batch", 8192), ("shuffle_buffer", 10)):
         with pytest.raises(CheckpointError, match=f"--{option.replace('_', '-')} was "):
-            check_data_order(step, DataOrder.of(dict(cfg, **{option: value}), [5, 7, 3]))
+            check_data_order(step, DataOrder.of(dict(cfg, **{option: value}), [5, 7, 3]), LAYOUT)
+
+
+def test_another_number_of_processes_resumes_where_a_step_takes_as_many_micro_batches(tmp_path):
+    """Saved by one process with --grad-accum 4: the same examples come next where processes x --grad-accum is 4;
+    otherwise the error names the --grad-accum that keeps it, or the process counts that can."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n" * 3)
+    cfg = TrainConfig.from_flat(data=str(data), grad_accum=4).flat()
+    step = saved_with(tmp_path, cfg, [5, 7, 3])
+    two, three = LAYOUT._replace(processes=2), LAYOUT._replace(processes=3)
+    assert check_data_order(step, DataOrder.of(dict(cfg, grad_accum=2), [5, 7, 3]), two) is None
+    with pytest.raises(CheckpointError, match=r"step-6 was saved by 1 process\(es\) with --grad-accum 4, 4 "
+                                              r"micro-batches a step; 2 process\(es\) with --grad-accum 4 take 8: its "
+                                              r"steps would train other examples. Resume with --grad-accum 2 \(2 x 2 = 4\)"):
+        check_data_order(step, DataOrder.of(cfg, [5, 7, 3]), two)
+    with pytest.raises(CheckpointError, match=r"no --grad-accum makes 4 at 3 process\(es\). Resume at a number of "
+                                              r"processes dividing 4 \(1, 2, 4\)"):
+        check_data_order(step, DataOrder.of(dict(cfg, grad_accum=1), [5, 7, 3]), three)
 
 
 def test_a_tokenisation_option_is_named_when_it_changed_the_examples(tmp_path):
@@ -231,9 +257,9 @@ def test_a_tokenisation_option_is_named_when_it_changed_the_examples(tmp_path):
     cfg = TrainConfig.from_flat(data=str(data), max_seq_len=512).flat()
     step = saved_with(tmp_path, cfg, [5, 700, 3])
     with pytest.raises(CheckpointError, match="--max-seq-len was 512 when step-6 was saved, now 256"):
-        check_data_order(step, DataOrder.of(dict(cfg, max_seq_len=256), [5, 3]))
+        check_data_order(step, DataOrder.of(dict(cfg, max_seq_len=256), [5, 3]), LAYOUT)
     # no example was as long as either limit: the plan is the same, so the resume goes on
-    assert check_data_order(step, DataOrder.of(dict(cfg, max_seq_len=1024), [5, 700, 3])) is None
+    assert check_data_order(step, DataOrder.of(dict(cfg, max_seq_len=1024), [5, 700, 3]), LAYOUT) is None
 
 
 def test_other_data_is_refused_naming_what_differs(tmp_path):
@@ -243,22 +269,22 @@ def test_other_data_is_refused_naming_what_differs(tmp_path):
     step = saved_with(tmp_path, cfg, [5, 7, 3])
     # the same file and count with other lengths at the same places (another tokenizer, say)
     with pytest.raises(CheckpointError, match=r"\(the examples' lengths in tokens differ\)"):
-        check_data_order(step, DataOrder.of(cfg, [7, 5, 3]))
+        check_data_order(step, DataOrder.of(cfg, [7, 5, 3]), LAYOUT)
     data.write_text("{}\n" * 4)
     with pytest.raises(CheckpointError, match=rf"training data is not the data step-6 was saved with \(3 examples "
                                               rf"then, 4 now; {data} 9 bytes then, 12 bytes now\)"):
-        check_data_order(step, DataOrder.of(cfg, [5, 7, 3, 4]))
+        check_data_order(step, DataOrder.of(cfg, [5, 7, 3, 4]), LAYOUT)
     other = tmp_path / "other.jsonl"
     other.write_text("{}\n" * 3)
     with pytest.raises(CheckpointError, match=rf"--data was {data} when step-6 was saved, now {other}"):
-        check_data_order(step, DataOrder.of(dict(cfg, data=str(other)), [6, 6, 6]))
+        check_data_order(step, DataOrder.of(dict(cfg, data=str(other)), [6, 6, 6]), LAYOUT)
 
 
 def test_a_checkpoint_without_a_data_order_resumes_with_a_note(tmp_path):
     step = tmp_path / "step-6"
     step.mkdir()
     (step / COMPLETE).write_text(json.dumps({"step": 6, "layout": LAYOUT._asdict()}))
-    note = check_data_order(step, ORDER)
+    note = check_data_order(step, ORDER, LAYOUT)
     assert "was saved before checkpoints recorded their data order" in note and "--grad-accum" in note
     (step / COMPLETE).write_text("6\n")
-    assert check_data_order(step, ORDER) is not None
+    assert check_data_order(step, ORDER, LAYOUT) is not None
