@@ -296,7 +296,7 @@ def _layout_free_value(path: Path, name: str, pieces: list[dict], key: str, para
         whole = torch.cat([p[key] for p in sorted(pieces, key=lambda p: p["first_expert"])])
         value = whole[first:first + layer.num_local_experts]
     if value.shape != param.shape:
-        raise CheckpointError(f"{path}: {name} was saved as {tuple(value.shape)} here {tuple(param.shape)} "
+        raise CheckpointError(f"{path}: {name} was saved as {tuple(value.shape)}, this run's is {tuple(param.shape)} "
                               "(another --lora-rank?)")
     return value
 

@@ -1,8 +1,8 @@
 """Checkpoints: SIGTERM saves and stops, --resume continues exactly (four processes at EP=2, the runs of
 conftest.py), a checkpoint saved at two processes at EP=2 resumes at one process, at four at EP=4 and at four at EP=2
-through DeepSpeed's universal checkpoint and trains what a run at that layout trains, a resume whose steps would take
-other examples is refused before loading, an interrupted save is never the one resumed from, and a resumed run saves
-over the step `latest` names."""
+through DeepSpeed's universal checkpoint and trains what a run at that layout trains (fp32 moments, and bf16 moments
+through their widening), a resume whose steps would take other examples is refused before loading, an interrupted
+save is never the one resumed from, and a resumed run saves over the step `latest` names."""
 import shutil
 
 import pytest
@@ -87,14 +87,33 @@ def test_a_checkpoint_resumes_at_another_layout_and_trains_what_that_layout_trai
                          load_file(TINY / "model.safetensors"), FOUR_RANK_STEPS, FOUR_RANK_LR)
 
 
-def test_a_layout_whose_steps_cannot_take_as_many_micro_batches_stops_before_loading(reshaped, tmp_path):
-    """Saved at 2 processes x 4 micro-batches: 3 processes cannot take 8 a step."""
-    proc = train(tmp_path, *FOUR_RANK_RUN, "--ep-size", "1", "--grad-accum", "2", "--resume",
-                 str(reshaped["saved"] / "checkpoints" / "step-1"), nproc=3, check=False)
+def test_bf16_moments_resume_at_another_layout(tmp_path_factory):
+    """The fast path's default bf16 moments: widened to fp32 for DeepSpeed's converter, narrowed again after the
+    load. Two processes at EP=2 run 2 steps and save after the first; one process resumes step-1 for the second. The
+    moments carried into step 2 are the saved run's bf16 values exactly; step 2's own rounding (random bits drawn
+    per partition offset, which the layout changes) reaches only later steps, so the weights after step 2 differ by
+    the reduction order alone."""
+    saved, resumed = tmp_path_factory.mktemp("bf16_saved"), tmp_path_factory.mktemp("bf16_resumed")
+    run = [*FOUR_RANK_RUN, "--max-steps", "2", "--adam-states", "bf16"]
+    train(saved, *run, *RESHAPED[2][:2], "--grad-accum", "4", "--save-steps", "1")
+    proc = train(resumed, *run, *RESHAPED["accum"], "--resume", str(saved / "checkpoints" / "step-1"), nproc=1)
+    assert "adam moments bf16" in proc.stdout and "(bf16 moments widened to fp32 first)" in proc.stdout
+    straight, again = read_metrics(saved), read_metrics(resumed)
+    assert [m["step"] for m in again] == [2]
+    assert again[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)
+    assert_trained_alike(load_file(resumed / "hf" / "model.safetensors"), load_file(saved / "hf" / "model.safetensors"),
+                         load_file(TINY / "model.safetensors"), 2, FOUR_RANK_LR)
+
+
+def test_a_layout_whose_steps_would_take_other_micro_batches_stops_before_loading(reshaped, tmp_path):
+    """Saved at 2 processes x 4 micro-batches: one process must accumulate 8 (the unit tests cover a number of
+    processes that no --grad-accum serves)."""
+    proc = train(tmp_path, *FOUR_RANK_RUN, "--ep-size", "1", "--grad-accum", "4", "--resume",
+                 str(reshaped["saved"] / "checkpoints" / "step-1"), nproc=1, check=False)
     assert proc.returncode != 0
-    assert ("step-1 was saved by 2 process(es) with --grad-accum 4, 8 micro-batches a step; 3 process(es) with "
-            "--grad-accum 2 take 6: its steps would train other examples, and no --grad-accum makes 8 at 3 "
-            "process(es). Resume at a number of processes dividing 8 (1, 2, 4, 8)") in proc.stderr
+    assert ("step-1 was saved by 2 process(es) with --grad-accum 4, 8 micro-batches a step; 1 process(es) with "
+            "--grad-accum 4 take 4: its steps would train other examples. Resume with --grad-accum 8 (1 x 8 = 8)"
+            ) in proc.stderr
     # stopped by our check, not inside DeepSpeed's loader (torchrun adds its own ChildFailedError summary)
     assert "resumed from" not in proc.stdout and "load_checkpoint" not in proc.stderr
 

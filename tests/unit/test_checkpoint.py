@@ -243,8 +243,9 @@ def test_another_number_of_processes_resumes_where_a_step_takes_as_many_micro_ba
     two, three = LAYOUT._replace(processes=2), LAYOUT._replace(processes=3)
     assert check_data_order(step, DataOrder.of(dict(cfg, grad_accum=2), [5, 7, 3]), two) is None
     with pytest.raises(CheckpointError, match=r"step-6 was saved by 1 process\(es\) with --grad-accum 4, 4 "
-                                              r"micro-batches a step; 2 process\(es\) with --grad-accum 4 take 8: its "
-                                              r"steps would train other examples. Resume with --grad-accum 2 \(2 x 2 = 4\)"):
+                                              r"micro-batches a step; 2 process\(es\) with --grad-accum 4 take 8: "
+                                              r"its steps would "
+                                              r"train other examples. Resume with --grad-accum 2 \(2 x 2 = 4\)"):
         check_data_order(step, DataOrder.of(cfg, [5, 7, 3]), two)
     with pytest.raises(CheckpointError, match=r"no --grad-accum makes 4 at 3 process\(es\). Resume at a number of "
                                               r"processes dividing 4 \(1, 2, 4\)"):
