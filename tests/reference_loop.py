@@ -25,6 +25,7 @@ class StepRecord:
     aux_loss: float  # coef x transformers' load-balancing loss
     grad_norm: float  # before clipping
     grads: dict[str, torch.Tensor] = field(repr=False)  # trainable parameters' gradients, before clipping
+    expert_load: list[list[int]]  # [layer][expert]: the step's tokens that chose the expert among their top-k
 
 
 class ReferenceLoop:
@@ -65,12 +66,14 @@ class ReferenceLoop:
             router_logits = [[x] for x in logits] if router_logits is None else [
                 seen + [x] for seen, x in zip(router_logits, logits)]
         loss = ce_sum / label_tokens
-        aux = self.aux_coef * load_balancing_loss_func(tuple(torch.cat(x) for x in router_logits),
-                                                       self.num_experts, self.top_k)
+        layer_logits = [torch.cat(x) for x in router_logits]
+        aux = self.aux_coef * load_balancing_loss_func(tuple(layer_logits), self.num_experts, self.top_k)
+        expert_load = [torch.bincount(x.detach().topk(self.top_k, dim=-1).indices.flatten(),
+                                      minlength=self.num_experts).tolist() for x in layer_logits]
         self.optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
         grads = {name: p.grad.detach().clone() for name, p in self.params.items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params.values(), self.grad_clip)
         self.optimizer.step()
         self.schedule.step()
-        return StepRecord(loss.item(), aux.item(), grad_norm.item(), grads)
+        return StepRecord(loss.item(), aux.item(), grad_norm.item(), grads, expert_load)

@@ -5,9 +5,11 @@ Each run trains 3 steps of the tiny model (fp32, fp32 Adam moments) through test
 which records the documents every rank ran and every trainable parameter's gradient before the step; the reference
 replays the same documents, one at a time. Compared each step: the loss, the load-balancing loss, the grad norm and
 the gradient of every parameter (experts, routers, attention, norms, embeddings, lm_head; LoRA: the factors under
-PEFT's names); after the run, every weight (the exported hf/ checkpoint as transformers loads it; LoRA: the
+PEFT's names) and the last step's expert load; after the run, every weight (the exported hf/ checkpoint as transformers loads it; LoRA: the
 adapter). Covered: fast path on and off, EP=1 and EP=2 (two processes), packed and padded micro-batches, one and
 two micro-batches a step, full fine-tuning and LoRA."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -133,6 +135,21 @@ def test_every_gradient_matches_the_reference(replayed, run):
         errors = {name: _relative_error(ours[name], ref.grads[name]) for name in ref.grads}
         worst = max(errors, key=errors.get)
         assert errors[worst] < 1e-5, (step, worst, errors[worst])
+
+
+@pytest.mark.parametrize("run", [name for name in RUNS if not name.startswith("lora")])
+def test_expert_load_is_the_reference_routing(trained, replayed, run):
+    """expert_load.jsonl's last step (every rank's tokens) against the top-k of the reference's router logits. A token
+    whose second and third router probabilities lie within float32 rounding of each other may go either way, moving
+    one count from one expert to another (none seen): at most two such tokens a layer are allowed."""
+    _, _, records, _ = replayed(run)
+    rows = [json.loads(line) for line in (trained[run] / "expert_load.jsonl").read_text().splitlines()]
+    last = sorted((r for r in rows if r["step"] == STEPS), key=lambda r: r["layer"])
+    reference = records[-1].expert_load
+    assert [r["layer"] for r in last] == list(range(len(reference)))
+    for row, expected in zip(last, reference):
+        assert sum(row["tokens"]) == sum(expected)  # every real token's top-k slots, no padding, no filler
+        assert sum(abs(a - b) for a, b in zip(row["tokens"], expected)) <= 4, (row, expected)
 
 
 @pytest.mark.parametrize("run", [name for name in RUNS if not name.startswith("lora")])

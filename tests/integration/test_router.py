@@ -1,7 +1,7 @@
 """The router terms in real training runs on CPU processes: --freeze-router leaves the gates untouched; the loss
 balances the experts' load; bad values stop the run before loading. That the global-scope loss is the same at
-any EP size, rank count or accumulation is checked on the runs of test_expert_parallel.py (EP=1 against EP=2)
-and test_four_ranks.py (4 ranks at EP=1, 2 and 4 against 1 rank accumulating 4, with large coefficients)."""
+any EP size, rank count or accumulation is checked on the runs of test_reference.py (EP=1 and EP=2 against a
+plain loop) and test_four_ranks.py (4 ranks at EP=1, 2 and 4 against 1 rank accumulating 4, with large coefficients)."""
 from safetensors.torch import load_file
 
 from helpers import SAMPLE, TINY, read_metrics, train, train_together
