@@ -1,13 +1,13 @@
 """The trainer against a plain loop that shares none of its code (tests/reference_loop.py: stock transformers,
 F.cross_entropy, transformers' load-balancing loss, torch's AdamW, clipping and cosine schedule; PEFT for LoRA).
 
-Each run trains 3 steps of the tiny model (fp32, fp32 Adam moments) through tests/integration/probed_train.py,
-which records the documents every rank ran and every trainable parameter's gradient before the step; the reference
-replays the same documents, one at a time. Compared each step: the loss, the load-balancing loss, the grad norm and
-the gradient of every parameter (experts, routers, attention, norms, embeddings, lm_head; LoRA: the factors under
-PEFT's names) and the last step's expert load; after the run, every weight (the exported hf/ checkpoint as transformers loads it; LoRA: the
-adapter). Covered: fast path on and off, EP=1 and EP=2 (two processes), packed and padded micro-batches, one and
-two micro-batches a step, full fine-tuning and LoRA."""
+Each run trains 3 steps of the tiny model (fp32, fp32 Adam moments) through tests/integration/probed_train.py, which
+records the documents every rank ran and every trainable parameter's gradient before the step; the reference replays
+the same documents, one at a time. Compared each step: the loss, the load-balancing loss, the grad norm and the
+gradient of every parameter (experts, routers, attention, norms, embeddings, lm_head; LoRA: the factors under PEFT's
+names) and the last step's expert load; after the run, every weight (the exported hf/ checkpoint as transformers
+loads it; LoRA: the adapter). Covered: fast path on and off, EP=1 and EP=2 (two processes), packed and padded micro-
+batches, one and two micro-batches a step, full fine-tuning and LoRA."""
 import json
 
 import pytest
