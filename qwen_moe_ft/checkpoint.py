@@ -462,22 +462,23 @@ def resolve(resume: str, root: Path) -> Path:
 
 def _with_fp32_moments(path: Path, staging: Path) -> tuple[Path, bool]:
     """`path`, or where its moments are bf16 (the fast path's), `staging`: its files linked, the ZeRO optimizer
-    files rewritten with the moments widened to fp32 (exactly), which DeepSpeed's AutoEP consolidation requires."""
-    widened = {}
+    files rewritten with the moments widened to fp32 (exactly), which DeepSpeed's AutoEP consolidation requires.
+    One optimizer file in memory at a time: each holds a rank's whole partition (tens of GB at full size)."""
+    widened = False
     for file in sorted(path.glob("*optim_states.pt")):
         sd = torch.load(file, map_location="cpu", weights_only=False)
         states = sd[OPTIMIZER_STATE_DICT][BASE_OPTIMIZER_STATE]["state"].values()
         if any(state[key].dtype != torch.float32 for state in states for key in MOMENTS):
             for state in states:
                 state.update({key: state[key].float() for key in MOMENTS})
-            widened[file.name] = sd
+            staging.mkdir(exist_ok=True)
+            torch.save(sd, staging / file.name)
+            widened = True
+        del sd, states
     if not widened:
         return path, False
-    staging.mkdir()
     for file in path.glob("*.pt"):
-        if file.name in widened:
-            torch.save(widened[file.name], staging / file.name)
-        else:
+        if not (staging / file.name).exists():
             (staging / file.name).symlink_to(file.resolve())
     return staging, True
 
