@@ -270,12 +270,15 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
         layer_flops = (step_flops - flops_per_token(config_at[low], b["mean_context"], frozen_weights=frozen_weights)) / span
         layer_tflops = layer_flops * b["tokens"] / (per_layer["step_ms"] / 1e3) / 1e12
         fb_tflops = layer_flops * b["tokens"] / (per_layer["fwd_bwd_ms"] / 1e3) / 1e12
-        rest_ms = a["step_ms"] - low * per_layer["step_ms"]
-        step48_ms = rest_ms + 48 * per_layer["step_ms"]
+        # Outside the decoder layers: embedding, final norm, LM head, loss and their optimizer step
+        outside = {k: a[k] - low * per_layer[k] for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms")}
+        step48_ms = outside["step_ms"] + 48 * per_layer["step_ms"]
         out[stack] = dict(
             whole_steps, per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
             optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
-            fwd_bwd_layer_mfu=fb_tflops / peak, tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3))
+            fwd_bwd_layer_mfu=fb_tflops / peak, tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3),
+            outside_layers_ms=outside["step_ms"], outside_layers_fwd_bwd_ms=outside["fwd_bwd_ms"],
+            outside_layers_optimizer_ms=outside["optimizer_ms"])
         if a.get("trace") and b.get("trace"):
             out[stack].update(traced_busy(a, b, span))
     ours = out.get("ours", {})
@@ -335,6 +338,14 @@ def table(summary: dict) -> str:
             waits = " / ".join(f"{v:.1f}" for k, v in s.items() if k.startswith("waiting_ms_"))
             notes.append(f"{stack}, traced: the GPU busy {s['busy_per_layer_ms']:.1f} ms a layer of forward+backward; "
                          f"the untraced forward+backward waits {waits} ms a step beyond the busy time (shallow / deep)")
+    for stack in ALL_STACKS:
+        if "outside_layers_ms" in summary.get(stack, {}):
+            s = summary[stack]
+            depth, step_ms = [(k[len("step_ms_"):-1], v) for k, v in s.items() if k.startswith("step_ms_")][-1]
+            notes.append(f"{stack}: outside the layers {s['outside_layers_ms']:.1f} ms a step (forward+backward "
+                         f"{s['outside_layers_fwd_bwd_ms']:.1f}, optimizer {s['outside_layers_optimizer_ms']:.1f}: "
+                         f"embedding, final norm, LM head, loss), {100 * s['outside_layers_ms'] / step_ms:.0f}% of "
+                         f"the {depth}-layer step")
     for baseline in BASELINES:
         if f"ratios_{baseline}" in summary:
             r = summary[f"ratios_{baseline}"]

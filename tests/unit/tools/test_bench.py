@@ -22,6 +22,12 @@ def test_per_layer_figures_are_depth_differences():
     printed = table(summary)
     assert "hf_grouped_mm/ours: per layer 1.00x, forward+backward 1.60x" in printed
     assert "deepspeed_stock/ours: per layer 1.60x" in printed
+    # outside the layers: the 2-layer step less two layers (110 - 2 x 25), of which forward+backward 60 - 2 x 12.5
+    assert summary["ours"]["outside_layers_ms"] == pytest.approx(60.0)
+    assert summary["ours"]["outside_layers_fwd_bwd_ms"] == pytest.approx(35.0)
+    assert summary["ours"]["outside_layers_optimizer_ms"] == pytest.approx(25.0)
+    assert "ours: outside the layers 60.0 ms a step (forward+backward 35.0, optimizer 25.0: embedding, final norm, " \
+           "LM head, loss), 38% of the 4-layer step" in printed
 
 
 def test_traced_steps_give_the_gpus_busy_time_per_layer_and_the_waiting_per_step():
