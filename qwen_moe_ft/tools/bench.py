@@ -36,6 +36,7 @@ from ..flops import flops_per_token, mean_causal_context, peak_tflops
 from .harness import markdown_table, require_cuda, tool_parser, write_report
 from .kernel_table import format_per_layer, per_layer_table, profile_step, profile_steps, slowest_against_fastest
 from ..metrics import StepTimer
+from ..model.attention import flash_attn_version
 from ..data.packing import collate_packed, collate_padded, plan_micro_batches
 
 # ours: the trainer with the fast path; deepspeed_stock: the same trainer with --fast-path off
@@ -131,22 +132,13 @@ def _peft_lora(model, args):
                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
 def _packed_attention() -> str:
-    """transformers' attention for one row of packed documents: a varlen kernel where installed, else sdpa."""
-    if torch.cuda.get_device_capability()[0] >= 9 and _installed("flash_attn.cute"):
+    """transformers' attention for one row of packed documents: the flash-attn our trainer would take (its varlen
+    kernel), else sdpa."""
+    version = flash_attn_version()
+    if version == 4 and torch.cuda.get_device_capability()[0] >= 9:
         return "flash_attention_4"
-    if _installed("flash_attn_2_cuda"):
-        return "flash_attention_2"
-    return "sdpa"
+    return "flash_attention_2" if version == 2 else "sdpa"
 
 
 def _run_hf(args, batches):
