@@ -52,6 +52,7 @@ from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, OPTIMIZER_STATE
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param
 from deepspeed.utils import safe_set_full_optimizer_state
 
+from .config import flag
 from .model.lora import ExpertLoRA
 from .parallel.expert_parallel import in_ep_group_of
 
@@ -156,10 +157,6 @@ def check_layout(path: Path, layout: Layout) -> None:
             f"{saved.relaunch()}; its next save resumes at any layout")
 
 
-def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
-
-
 def _value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -197,7 +194,7 @@ def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None
     record = _marker(path)
     if "data_order" not in record:
         return (f"{path} was saved before checkpoints recorded their data order: nothing checks that "
-                f"{', '.join(_flag(n) for n in ORDER_OPTIONS)}, --data and its tokenisation are those it was saved "
+                f"{', '.join(flag(n) for n in ORDER_OPTIONS)}, --data and its tokenisation are those it was saved "
                 "with (with others its steps train other examples)")
     saved = DataOrder(**record["data_order"])
     saved_at = saved_layout(path) or layout
@@ -211,9 +208,9 @@ def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None
     changed = [n for n in compared if n in saved.options and saved.options[n] != order.options[n]]
     step = f"step-{record.get('step', '?')}"
     if changed:
-        was = "; ".join(f"{_flag(n)} was {_value(saved.options[n])} when {step} was saved, now "
+        was = "; ".join(f"{flag(n)} was {_value(saved.options[n])} when {step} was saved, now "
                         f"{_value(order.options[n])}" for n in changed)
-        again = " ".join(f"{_flag(n)} {_value(saved.options[n])}" for n in changed)
+        again = " ".join(f"{flag(n)} {_value(saved.options[n])}" for n in changed)
         raise CheckpointError(f"--resume: {was}: its steps would train other examples. Resume with {again}, "
                               f"{new_run}")
     then, now = saved.options["grad_accum"], order.options["grad_accum"]
@@ -504,8 +501,7 @@ def _convert_to_universal(path: Path) -> str:
                               f"it was saved with ({saved_layout(path).relaunch()})")
     _fsync_tree(part)
     _write_durably(part / COMPLETE, json.dumps({"command": command}) + "\n")
-    os.rename(part, target)
-    _fsync(path)
+    _swap_in(part, target)
     return (f"converted {path.name} once into DeepSpeed's universal checkpoint {path.name}/{UNIVERSAL} in "
             f"{time.perf_counter() - start:.0f} s{' (bf16 moments widened to fp32 first)' if widened else ''}: {ran}")
 

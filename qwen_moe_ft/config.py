@@ -30,6 +30,11 @@ class ConfigError(ValueError):
     """A bad option: the message names the option and what to change."""
 
 
+def flag(option: str) -> str:
+    """The command-line spelling of a flat option name: max_seq_len -> --max-seq-len."""
+    return "--" + option.replace("_", "-")
+
+
 def _opt(default: Any, help: str, *, flat: str = "", choices: tuple[str, ...] = ()) -> Any:
     """An option: `flat` its command-line and recipe name where that is not the field's (`--lora` is lora.enabled),
     `choices` its allowed values."""
@@ -204,7 +209,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         def bad(option: str, why: str) -> ConfigError:
-            return ConfigError(f"--{option.replace('_', '-')}: {why}")
+            return ConfigError(f"{flag(option)}: {why}")
 
         o = self.flat()
         for option, (_, field) in OPTIONS.items():
@@ -323,7 +328,7 @@ OTHER_NAMES = {
 def _did_you_mean(name: str) -> str:
     """'; did you mean --x?' for an unknown option name (ours misspelt, or another trainer's name), or ''."""
     key = name.lstrip("-").replace("-", "_")
-    known = {**{name: "--" + name.replace("_", "-") for name in OPTIONS}, "config": "--config",
+    known = {**{name: flag(name) for name in OPTIONS}, "config": "--config",
              **OTHER_NAMES}
     match = next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None)
     return f"; did you mean {known[match]}?" if match else ""
@@ -352,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tiny-packed); command-line options override it")
     groups = {section.name: parser.add_argument_group(section.metadata["title"]) for section in fields(TrainConfig)}
     for name, (section, field) in OPTIONS.items():
-        group, flag, kind = groups[section], "--" + name.replace("_", "-"), types[name]
+        group, spelled, kind = groups[section], flag(name), types[name]
         if kind is bool:
-            group.add_argument(flag, nargs="?", const="true", default=None, metavar="BOOL", help=_help(field))
+            group.add_argument(spelled, nargs="?", const="true", default=None, metavar="BOOL", help=_help(field))
         else:
-            group.add_argument(flag, default=None, metavar=kind.__name__.upper(), help=_help(field))
+            group.add_argument(spelled, default=None, metavar=kind.__name__.upper(), help=_help(field))
     return parser
 
 
