@@ -1,4 +1,4 @@
-"""Session fixtures; tests under tests/integration/ (multi-process training runs) are marked `integration`, so
+"""Fixtures shared by the whole test run; tests under tests/integration/ (multi-process training runs) are marked `integration`, so
 `pytest -m "not integration"` is the fast unit loop. Tests marked `gpu` are skipped without a CUDA GPU."""
 from pathlib import Path
 
@@ -32,7 +32,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def process_group():
     """The one-rank process group DeepSpeed and AutoEP need even inside one test process: one for the whole
-    session, as DeepSpeed keeps the expert groups it builds on it in globals."""
+    test run, as DeepSpeed keeps the expert groups it builds on it in globals."""
     import deepspeed
     import torch
     import torch.distributed as dist
