@@ -1,1 +1,2 @@
-"""Tools around training: the GPU benchmark and its kernel tables, the memory estimate, the metrics plot."""
+"""Measuring tools run as `python -m qwen_moe_ft.tools.NAME`: leaves that may import the package, which imports none
+of them."""

@@ -16,7 +16,7 @@ import torch
 
 from ..fastpath import adamw
 from ..fastpath.adamw import MasterAdamW, Mirror
-from .harness import markdown_table, require_cuda, time_ms, tool_parser, write_report
+from ..bench.harness import markdown_table, require_cuda, time_ms, tool_parser, write_report
 
 HIDDEN, EXPERTS, INTER, HEADS, KV_HEADS, HEAD_DIM = 2048, 128, 768, 32, 4, 128
 SWEEP = ((2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16))

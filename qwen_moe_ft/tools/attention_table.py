@@ -17,8 +17,8 @@ import statistics
 import torch
 
 from ..model.attention import _KERNELS, _equal_documents, _per_document_sdpa, available_backends
-from .bench import document_lengths
-from .harness import markdown_table, require_cuda, time_ms, tool_parser, write_report
+from ..bench.benchmark import document_lengths
+from ..bench.harness import markdown_table, require_cuda, time_ms, tool_parser, write_report
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
 

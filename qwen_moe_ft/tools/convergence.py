@@ -28,8 +28,8 @@ import torch
 from ..config import QWEN3_30B_A3B
 from ..data.packing import collate_packed
 from ..lr_schedule import lr_lambda
-from .bench import document_lengths
-from .harness import tool_parser
+from ..bench.benchmark import document_lengths
+from ..bench.harness import tool_parser
 
 RUNS = ("ours_bf16", "ours_fp32", "hf_adamw")
 BETAS, EPS, GRAD_CLIP, MIN_LR_RATIO = (0.9, 0.95), 1e-8, 1.0, 0.1
@@ -75,7 +75,7 @@ def make_batches(steps: int, tokens: int, lengths: str, vocab: int, seed: int, s
 
 def _ours(args, batches):
     from ..train import Trainer
-    from .bench import trainer_config
+    from ..bench.benchmark import trainer_config
 
     cfg = trainer_config(args.model, args.layers, args.tokens, args.attn, len(batches), args.scratch, args.seed,
                          lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=MIN_LR_RATIO, adam_beta1=BETAS[0],

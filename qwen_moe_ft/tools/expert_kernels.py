@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 
 from ..fastpath.local_dispatch import expert_order
-from .harness import require_cuda, time_ms, tool_parser, write_report
+from ..bench.harness import require_cuda, time_ms, tool_parser, write_report
 
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .harness import tool_parser
+from ..bench.harness import tool_parser
 
 
 def _peak_rss_gib() -> float:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..fastpath.local_dispatch import expert_order
 from .expert_kernels import rel_error
-from .harness import markdown_table, require_cuda, tool_parser, write_report
+from ..bench.harness import markdown_table, require_cuda, tool_parser, write_report
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER = 2048, 32, 4, 128, 128, 8, 768
 SLEEP_CYCLES = 300_000_000  # ~150 ms at the H200's ~2 GHz

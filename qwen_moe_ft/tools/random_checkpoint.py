@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..model.hub_layout import PROJ
 from ..model.shard_writer import ShardWriter
-from .harness import tool_parser
+from ..bench.harness import tool_parser
 
 FUSED = re.compile(r"^(?P<layer>.*\.mlp\.experts)\.(?P<fused>gate_up_proj|down_proj)$")
 

@@ -18,7 +18,7 @@ import json
 from bisect import bisect_right
 from collections import defaultdict
 
-from .harness import markdown_table, tool_parser
+from ..bench.harness import markdown_table, tool_parser
 
 MARK = "qwen_moe_ft.bench.mark:"
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")

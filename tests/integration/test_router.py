@@ -34,7 +34,7 @@ def test_load_balancing_loss_lowers_the_busiest_experts_load(tmp_path):
     assert late["0.1"] < 0.8 * late["0"]
     assert late["0.1"] < 0.8 * sum(load["0.1"][:25]) / 25
 
-    from qwen_moe_ft.tools.plot import plot
+    from qwen_moe_ft.plot import plot
 
     assert plot(str(tmp_path / "0.1")).is_file()  # with the expert-load heatmap of expert_load.jsonl
 

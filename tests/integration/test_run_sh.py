@@ -44,7 +44,7 @@ def test_packed_run_logs_every_key_and_the_loss_falls(packed):
 
 
 def test_plot_draws_the_run(packed):
-    from qwen_moe_ft.tools.plot import main
+    from qwen_moe_ft.plot import main
 
     out, _ = packed
     assert main([str(out)]) == 0

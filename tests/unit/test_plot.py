@@ -1,7 +1,7 @@
 """The plot of a run: drawn from metrics.jsonl even when a killed run left its last line torn."""
 import json
 
-from qwen_moe_ft.tools.plot import plot, read_metrics
+from qwen_moe_ft.plot import plot, read_metrics
 
 
 def test_a_torn_last_line_is_left_out_and_the_rest_drawn(tmp_path):

@@ -455,6 +455,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{failure['stack']} at {failure['depth']} layers failed: {failure['error']}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

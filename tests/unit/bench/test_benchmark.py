@@ -1,7 +1,7 @@
 """The benchmark's summary: per-layer figures from two depths, and none where they would be noise."""
 import pytest
 
-from qwen_moe_ft.tools.bench import document_lengths, summarise, table
+from qwen_moe_ft.bench.benchmark import document_lengths, summarise, table
 
 
 def result(stack, depth, step_ms, spread, fwd_bwd_ms):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from qwen_moe_ft.tools.harness import markdown_table, require_cuda, tool_parser, write_report
+from qwen_moe_ft.bench.harness import markdown_table, require_cuda, tool_parser, write_report
 
 
 def test_markdown_table_with_and_without_its_header():

@@ -1,6 +1,6 @@
 import torch
 
-from qwen_moe_ft.tools.kernel_table import (format_per_layer, per_layer_table, profile_step, profile_steps,
+from qwen_moe_ft.bench.kernel_table import (format_per_layer, per_layer_table, profile_step, profile_steps,
                                             slowest_against_fastest)
 
 
@@ -40,7 +40,7 @@ def test_per_layer_table_is_the_depth_difference():
 def test_profiler_bookkeeping_is_not_a_kernels_op():
     from types import SimpleNamespace
 
-    from qwen_moe_ft.tools.kernel_table import _context
+    from qwen_moe_ft.bench.kernel_table import _context
 
     def event(name, parent=None):
         return SimpleNamespace(name=name, cpu_parent=parent)
