@@ -56,8 +56,19 @@ class ModelConfig:
                           "otherwise", choices=("auto", "torch", "chunked", "cce", "liger"))
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
                                           "activations of one layer instead of all, for about a third more compute")
-    checkpoint_layers: int = _opt(0, "with --activation-checkpointing, recompute only the first N decoder layers (0: "
-                                  "all): the others keep their activations, less recompute for more memory")
+    checkpoint_layers: str = _opt("all", "with --activation-checkpointing, how many decoder layers recompute (the "
+                                  "first N; the others keep their activations, less recompute for more memory): all, "
+                                  "a number, or auto: the fewest that leave 5 GiB of this GPU free by the estimate of "
+                                  "`python -m qwen_moe_ft.memory`, the loss in chunks where that keeps more layers")
+
+    def recomputed_layers(self, layers: int) -> int | None:
+        """How many of `layers` decoder layers recompute: a number, or None where --checkpoint-layers auto leaves it
+        to the memory estimate."""
+        if not self.activation_checkpointing:
+            return 0
+        if self.checkpoint_layers == "auto":
+            return None
+        return layers if self.checkpoint_layers in ("all", "0") else int(self.checkpoint_layers)
 
     def resolved(self, has_gpu: bool) -> str:
         return self.name or (REAL_MODEL if has_gpu else TINY_MODEL)
@@ -222,7 +233,7 @@ class TrainConfig:
                 raise bad(option, f"must be at least 1, got {o[option]}")
         non_negative = ("max_steps", "warmup_steps", "ep_size", "eval_steps", "save_steps", "save_total_limit",
                         "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers", "router_z_loss_coef",
-                        "expert_load_steps", "checkpoint_layers", "lr")
+                        "expert_load_steps", "lr")
         for option in non_negative:
             if o[option] < 0:
                 raise bad(option, f"must not be negative, got {o[option]}")
@@ -257,7 +268,10 @@ class TrainConfig:
                       "use --fast-path on")
         if o["fast_path"] == "off" and o["expert_kernels"] == "quack":
             raise bad("expert_kernels", "quack's expert kernels are part of the fast path; use --fast-path on")
-        if o["checkpoint_layers"] and not o["activation_checkpointing"]:
+        layers = o["checkpoint_layers"]
+        if layers not in ("all", "auto") and not (layers.isdigit()):
+            raise bad("checkpoint_layers", f"got {layers!r}; use all, auto or a number of layers")
+        if layers not in ("all", "0") and not o["activation_checkpointing"]:
             raise bad("checkpoint_layers", "chooses how many layers --activation-checkpointing recomputes; add "
                       "--activation-checkpointing true or drop it")
         if o["num_hidden_layers"] and not o["random_init"]:

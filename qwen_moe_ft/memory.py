@@ -54,9 +54,10 @@ CHUNK_LOGIT_BYTES = 2 + 4
 # measured peaks without them)
 LOSS_KINDS = {"torch": "torch", "chunked": "chunked", "liger": "fused", "cce": "fused"}
 H100_GIB = 79.6  # an 80 GB H100: 81559 MiB
-# Left free when choosing how many layers to recompute: the CUDA context and the allocator's fragmentation,
-# which the peaks measured here (torch.cuda.max_memory_allocated) do not count.
-SUGGESTION_MARGIN_GIB = 2.0
+# Left free when choosing how many layers to recompute (--checkpoint-layers auto, the suggestions) and whether the
+# logits fit: the CUDA context, the allocator's fragmentation, which the peaks measured here
+# (torch.cuda.max_memory_allocated) do not count, and the estimate's own error (within 2% of the measured peaks).
+HEADROOM_GIB = 5.0
 BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
 
 
@@ -179,36 +180,56 @@ def run_setting(cfg, config, *, gpus: int, ep_size: int, loss: str) -> dict:
                 lora_rank=cfg.lora.rank if cfg.lora.enabled else 0, lora_targets=tuple(cfg.lora.target_list()))
 
 
-def recomputed_layers_of(model, layers: int) -> int:
-    """How many of `layers` decoder layers train.py recomputes under the model section `model`."""
-    return (model.checkpoint_layers or layers) if model.activation_checkpointing else 0
-
-
-def logits_fit(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> bool:
-    """--loss-impl auto's memory test: the run's estimated peak with the plain loss's logits leaves
-    SUGGESTION_MARGIN_GIB of `gpu_gib` free, or the chunked loss would not lower it."""
-    setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss="torch")
-    recomputed = recomputed_layers_of(cfg.model, config.num_hidden_layers)
+def logits_fit(setting: dict, gpu_gib: float, recomputed: int) -> bool:
+    """--loss-impl auto's memory test: the estimated peak of `setting` with the plain loss's logits leaves
+    HEADROOM_GIB of `gpu_gib` free, or the chunked loss would not lower it."""
     plain, chunked = (estimate(**{**setting, "loss": loss}, recomputed_layers=recomputed).total
                       for loss in ("torch", "chunked"))
-    return plain <= (gpu_gib - SUGGESTION_MARGIN_GIB) * GIB or chunked >= plain
+    return plain <= (gpu_gib - HEADROOM_GIB) * GIB or chunked >= plain
 
 
-def chosen_loss(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> tuple[str, str]:
-    """The loss train.py computes for `cfg` on GPUs of `gpu_gib`, and why where --loss-impl auto chose it."""
+@dataclass
+class RunPlan:
+    """What train.py takes from the estimate: the loss (--loss-impl auto's choice, and why) and how many decoder
+    layers recompute (--checkpoint-layers auto's choice)."""
+    loss: str
+    loss_why: str
+    recomputed_layers: int
+
+
+def plan_run(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> RunPlan:
+    """The loss and the recomputed layers of train.py config `cfg` on `gpus` GPUs of `gpu_gib` each. Under
+    --checkpoint-layers auto, the fewest layers whose estimate leaves HEADROOM_GIB free (all where none does);
+    with --loss-impl auto too, the loss in chunks where that recomputes fewer layers than the whole logits."""
     from .loss import select_loss_impl
 
+    layers = config.num_hidden_layers
+    fixed = cfg.model.recomputed_layers(layers)
+
+    def setting(loss: str) -> dict:
+        return run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss=loss)
+
+    def recomputed(loss: str) -> int:
+        if fixed is not None:
+            return fixed
+        fewest = fewest_recomputed_layers((gpu_gib - HEADROOM_GIB) * GIB, **setting(loss))
+        return layers if fewest is None else fewest
+
     if cfg.model.loss_impl != "auto":
-        return cfg.model.loss_impl, ""
-    fit = logits_fit(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
-    return select_loss_impl("auto", "cuda", tokens=cfg.data.max_tokens_per_batch, logits_fit=fit)
+        loss, why = cfg.model.loss_impl, ""
+    elif (kept := recomputed("torch") - recomputed("chunked")) > 0:
+        loss, why = "chunked", f"auto: keeps {kept} more layers' activations than the whole logits would"
+    else:
+        fit = logits_fit(setting("torch"), gpu_gib, recomputed("torch"))
+        loss, why = select_loss_impl("auto", "cuda", tokens=cfg.data.max_tokens_per_batch, logits_fit=fit)
+    return RunPlan(loss, why, recomputed(loss))
 
 
 def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None:
-    """The fewest layers to recompute that leave SUGGESTION_MARGIN_GIB free, as the options that say it, where
-    that differs from `recomputed`; None where it does not."""
-    fewest = fewest_recomputed_layers((gpu_gib - SUGGESTION_MARGIN_GIB) * GIB, **setting)
-    margin = f"{SUGGESTION_MARGIN_GIB:.0f} GiB left to the allocator"
+    """The fewest layers to recompute that leave HEADROOM_GIB free, as the options that say it, where that differs
+    from `recomputed`; None where it does not."""
+    fewest = fewest_recomputed_layers((gpu_gib - HEADROOM_GIB) * GIB, **setting)
+    margin = f"{HEADROOM_GIB:.0f} GiB left free"
     if fewest is None:
         return (f"recomputing every layer does not make it fit with {margin} either: fewer tokens per micro-batch "
                 "(--max-tokens-per-batch), " + ("more GPUs" if setting["lora_rank"] else "more GPUs or LoRA"))
@@ -216,19 +237,19 @@ def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None
         return None
     if not fewest:
         return f"it fits without activation checkpointing ({margin}): --activation-checkpointing false"
-    return f"the fewest layers to recompute ({margin}): --activation-checkpointing true --checkpoint-layers {fewest}"
+    return (f"the fewest layers to recompute ({margin}): --activation-checkpointing true --checkpoint-layers {fewest}"
+            " (or auto)")
 
 
 def preflight_warning(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> str | None:
     """For train.py before it loads any weight: a warning where the run's estimated peak exceeds its GPU, with
     what to change; None where it fits."""
-    loss, _ = chosen_loss(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
-    setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss=loss)
-    recomputed = recomputed_layers_of(cfg.model, config.num_hidden_layers)
-    total = estimate(**setting, recomputed_layers=recomputed).total / GIB
+    plan = plan_run(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
+    setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss=plan.loss)
+    total = estimate(**setting, recomputed_layers=plan.recomputed_layers).total / GIB
     if total <= gpu_gib:
         return None
-    change = what_to_change(setting, gpu_gib, recomputed)
+    change = what_to_change(setting, gpu_gib, plan.recomputed_layers)
     return (f"the estimated peak memory of this run is {total:.1f} GiB a GPU, more than this GPU's {gpu_gib:.1f} "
             f"(python -m qwen_moe_ft.memory gives the parts){'; ' + change if change else ''}")
 
@@ -293,11 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                      gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states, loss_impl=args.loss_impl)
     cfg = TrainConfig.from_flat(**{**recipe.flat(), **{k: v for k, v in overrides.items() if v is not None}})
     layers = config.num_hidden_layers
-    if not 0 <= cfg.model.checkpoint_layers <= layers:
-        parser.error(f"--checkpoint-layers {cfg.model.checkpoint_layers}: the model has {layers} decoder layers")
-    loss, why = chosen_loss(cfg, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib)
+    if (fixed := cfg.model.recomputed_layers(layers)) is not None and fixed > layers:
+        parser.error(f"--checkpoint-layers {fixed}: the model has {layers} decoder layers")
+    plan = plan_run(cfg, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib)
+    loss, why, recomputed = plan.loss, plan.loss_why, plan.recomputed_layers
     setting = run_setting(cfg, config, gpus=args.gpus, ep_size=ep_size, loss=loss)
-    recomputed = recomputed_layers_of(cfg.model, layers)
     result = estimate(**setting, recomputed_layers=recomputed)
     what = f"LoRA rank {cfg.lora.rank} ({cfg.lora.targets})" if cfg.lora.enabled else "full fine-tuning"
     print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, "

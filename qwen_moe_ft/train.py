@@ -53,7 +53,7 @@ from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
 from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
-from qwen_moe_ft.memory import logits_fit, preflight_warning
+from qwen_moe_ft.memory import plan_run, preflight_warning
 
 
 def _global_sum(values: list[float] | torch.Tensor, device) -> list[float]:
@@ -104,17 +104,24 @@ class Trainer:
         set_seed(cfg.optim.seed)
 
     def _setup_loss(self):
-        """--loss-impl (auto: in chunks where the memory estimate says the logits would not fit), and a warning
+        """--loss-impl and --checkpoint-layers (auto: as the memory estimate chooses for this GPU), and a warning
         where the estimated peak exceeds the GPU, before minutes of loading end in an out-of-memory error."""
         cfg, on_gpu = self.cfg, self.device.type == "cuda"
-        gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30 if on_gpu else 0.0
-        run = dict(gpus=self.world_size, ep_size=self.ep_size, gpu_gib=gpu_gib)
-        fit = not on_gpu or logits_fit(cfg, self.model_config, **run)
-        self.loss_impl, self.loss_choice = select_loss_impl(cfg.model.loss_impl, self.device.type,
-                                                            tokens=cfg.data.max_tokens_per_batch, logits_fit=fit)
-        if on_gpu and self.accelerator.is_main_process:
-            if warning := preflight_warning(cfg, self.model_config, **run):
+        layers = self.model_config.num_hidden_layers
+        if on_gpu:
+            gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            run = dict(gpus=self.world_size, ep_size=self.ep_size, gpu_gib=gpu_gib)
+            plan = plan_run(cfg, self.model_config, **run)
+            self.loss_impl, self.loss_choice = select_loss_impl(plan.loss, "cuda", tokens=cfg.data.max_tokens_per_batch)
+            self.loss_choice = self.loss_choice or plan.loss_why
+            self.recomputed_layers = plan.recomputed_layers
+            if self.accelerator.is_main_process and (warning := preflight_warning(cfg, self.model_config, **run)):
                 print(f"warning: {warning}", flush=True)
+        else:  # no GPU memory to fit: auto recomputes every layer asked for
+            self.loss_impl, self.loss_choice = select_loss_impl(cfg.model.loss_impl, self.device.type,
+                                                                tokens=cfg.data.max_tokens_per_batch)
+            fixed = cfg.model.recomputed_layers(layers)
+            self.recomputed_layers = layers if fixed is None else fixed
 
     def _setup_output(self):
         """The checkpoint to resume from, checked against this run's layout before any weight is loaded, and an
@@ -177,11 +184,13 @@ class Trainer:
             freeze_router(model)
         model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fastpath.fused_kernels, self.device.type)
         self.recompute = "activations kept"
-        if cfg.model.activation_checkpointing:
+        if self.recomputed_layers:
             try:
-                self.recompute = enable_activation_checkpointing(model, cfg.model.checkpoint_layers)
+                self.recompute = enable_activation_checkpointing(model, self.recomputed_layers)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            if cfg.model.checkpoint_layers == "auto":
+                self.recompute += " (auto: the fewest the memory estimate fits)"
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora, self.ds_config, self.rank, seed=cfg.optim.seed)
         return model

@@ -125,7 +125,8 @@ def _peft_lora(model, args):
     from ..model.checkpointing import enable_activation_checkpointing
 
     if args.activation_checkpointing:
-        enable_activation_checkpointing(model, args.checkpoint_layers)
+        enable_activation_checkpointing(model, 0 if args.checkpoint_layers in ("all", "auto") else
+                                        int(args.checkpoint_layers))
         model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -227,7 +228,8 @@ def worker(args) -> dict:
     return dict(stack=args.stack, depth=args.depth, attention=attention, step_ms=1e3 * step_s,
                 step_ms_spread=1e3 * (quartiles[2] - quartiles[0]),
                 fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
-                tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
+                # what the allocator held at the peak: allocated + its fragmentation (the headroom memory.py leaves)
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30, tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
                 steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
                 gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace)
 
@@ -374,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                         "transformers + PEFT (stacks ours,hf_peft_lora)")
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
                         help="with --lora: keep every layer's activations (both stacks)")
-    parser.add_argument("--checkpoint-layers", type=int, default=0,
-                        help="with --lora: recompute only the first N layers (0: all), the others keep their "
-                        "activations (both stacks)")
+    parser.add_argument("--checkpoint-layers", default="all",
+                        help="with activation checkpointing: how many decoder layers recompute, all, N (the first "
+                        "N) or auto (ours: as train.py chooses from the memory estimate; transformers: all)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps; per-layer figures are differences of medians, so more is steadier")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stacks", help=f"comma list; default {','.join(STACKS)}, with --lora {','.join(LORA_STACKS)}")

@@ -45,7 +45,9 @@ def test_unknown_recipe_key_is_named(tmp_path):
     (["--max-tokens-per-batch", "100", "--max-seq-len", "200"], "--max-tokens-per-batch"),
     (["--num-hidden-layers", "2"], "--num-hidden-layers"),
     (["--eval-split", "1.5"], "--eval-split"),
-    (["--checkpoint-layers", "-1", "--activation-checkpointing", "true"], "--checkpoint-layers: must not be negative"),
+    (["--checkpoint-layers", "-1", "--activation-checkpointing", "true"], "--checkpoint-layers: got '-1'; use all, auto"),
+        (["--checkpoint-layers", "half", "--activation-checkpointing", "true"], "--checkpoint-layers: got 'half'"),
+        (["--checkpoint-layers", "auto"], "--checkpoint-layers: chooses how many layers --activation-checkpointing"),
     (["--checkpoint-layers", "2"], "--checkpoint-layers: chooses how many layers --activation-checkpointing"),
 ])
 def test_bad_options_name_the_option(argv, option):
@@ -157,3 +159,13 @@ def test_the_packaged_deepspeed_config_is_the_one_ds_configs_shows():
     """The default travels inside the package; ds_configs/zero2_ep.json is the copy a reader of the clone finds."""
     shown = REPO / "ds_configs" / "zero2_ep.json"
     assert json.loads(Path(DEFAULT_DS_CONFIG).read_text()) == json.loads(shown.read_text())
+
+
+def test_checkpoint_layers_counts_the_recomputed_layers():
+    def recomputed(*argv):
+        return load_config(["--activation-checkpointing", "true", *argv]).model.recomputed_layers(48)
+
+    assert recomputed() == recomputed("--checkpoint-layers", "all") == recomputed("--checkpoint-layers", "0") == 48
+    assert recomputed("--checkpoint-layers", "30") == 30
+    assert recomputed("--checkpoint-layers", "auto") is None  # the memory estimate's choice (test_memory.py)
+    assert load_config([]).model.recomputed_layers(48) == 0

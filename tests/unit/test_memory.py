@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_flatten
 
 from helpers import REPO
 from qwen_moe_ft.config import QWEN3_30B_A3B, ModelConfig, TrainConfig
-from qwen_moe_ft.memory import (GIB, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, SUGGESTION_MARGIN_GIB, estimate,
+from qwen_moe_ft.memory import (GIB, RunPlan, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, HEADROOM_GIB, estimate,
                                 fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
                                 parameter_counts)
 from qwen_moe_ft.model.loading import load_model_config
@@ -124,13 +124,14 @@ def test_lora_estimate_within_two_percent_of_the_h200_peaks(recomputed, loss, me
 
 def test_the_fewest_layers_to_recompute_is_the_edge_of_fitting(capsys):
     recipe = REPO / "qwen_moe_ft" / "recipes" / "qwen3-30b-a3b-lora-1gpu.yaml"
-    assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "79.6"]) == 0
+    every = ["--checkpoint-layers", "all"]
+    assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "79.6", *every]) == 0
     out = capsys.readouterr().out
     assert "LoRA rank 16 (attn,experts)" in out and "48 of 48 layers recomputed" in out
     setting = dict(config=qwen3(), gpus=1, ep_size=1, tokens=4096, lora_rank=16)
-    budget = (79.6 - SUGGESTION_MARGIN_GIB) * GIB
+    budget = (79.6 - HEADROOM_GIB) * GIB
     fewest = fewest_recomputed_layers(budget, **setting)
-    assert 0 < fewest < 48 and f"--checkpoint-layers {fewest}\n" in out
+    assert 0 < fewest < 48 and f"--checkpoint-layers {fewest} (or auto)\n" in out
     assert estimate(**setting, recomputed_layers=fewest).total <= budget < estimate(
         **setting, recomputed_layers=fewest - 1).total
     no_recompute = ["--activation-checkpointing", "false"]
@@ -140,11 +141,39 @@ def test_the_fewest_layers_to_recompute_is_the_edge_of_fitting(capsys):
     fewest_chunked = fewest_recomputed_layers(budget, **setting, loss="chunked")
     assert fewest_chunked < fewest
     assert "0 of 48 layers recomputed, loss chunked (auto: the estimated peak with the logits exceeds the GPU)" in out
-    assert f"--checkpoint-layers {fewest_chunked}\n" in out
-    assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "139"]) == 0
+    assert f"--checkpoint-layers {fewest_chunked} (or auto)\n" in out
+    assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "139", *every]) == 0
     assert "fits without activation checkpointing" in capsys.readouterr().out
-    assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "40"]) == 1
+    assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "40", *every]) == 1
     assert "recomputing every layer does not make it fit" in capsys.readouterr().out
+
+
+def test_checkpoint_layers_auto_recomputes_the_fewest_that_leave_the_headroom(capsys):
+    from dataclasses import replace
+
+    from qwen_moe_ft.config import load_config
+    from qwen_moe_ft.memory import plan_run
+
+    recipe = load_config(["--config", "qwen3-30b-a3b-lora-1gpu"])
+    assert recipe.model.checkpoint_layers == "auto" and recipe.model.loss_impl == "auto"
+    setting = dict(config=qwen3(), gpus=1, ep_size=1, tokens=4096, lora_rank=16)
+    budget = (79.6 - HEADROOM_GIB) * GIB
+    plan = plan_run(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
+    # the whole logits (5.8 GiB) would cost ~11 kept layers: auto takes the chunked loss and keeps them
+    with_logits = fewest_recomputed_layers(budget, **setting, loss="torch")
+    assert plan.loss == "chunked" and plan.recomputed_layers == fewest_recomputed_layers(budget, **setting,
+                                                                                         loss="chunked")
+    assert 0 < plan.recomputed_layers < with_logits - 8
+    assert estimate(**setting, loss="chunked", recomputed_layers=plan.recomputed_layers).total <= budget
+    assert main(["--config", "qwen3-30b-a3b-lora-1gpu", "--gpus", "1", "--gpu-gib", "79.6"]) == 0
+    assert (f"{plan.recomputed_layers} of 48 layers recomputed, loss chunked (auto: keeps "
+            f"{with_logits - plan.recomputed_layers} more layers' activations") in capsys.readouterr().out
+    # a loss the user names is kept, and auto fits the layers around it
+    plain = replace(recipe, model=replace(recipe.model, loss_impl="torch"))
+    assert plan_run(plain, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6).recomputed_layers == with_logits
+    # a GPU that holds every layer with the logits recomputes none; one that holds nothing recomputes all
+    assert plan_run(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=139.0) == RunPlan("torch", "", 0)
+    assert plan_run(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=40.0).recomputed_layers == 48
 
 
 def test_train_warns_before_loading_a_run_that_does_not_fit():
@@ -160,11 +189,11 @@ def test_train_warns_before_loading_a_run_that_does_not_fit():
     warning = preflight_warning(kept, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
     # the logits do not fit either: --loss-impl auto computes the loss in chunks, and the warning counts that
     setting = dict(config=qwen3(), gpus=1, ep_size=1, tokens=4096, lora_rank=16, loss="chunked")
-    fewest = fewest_recomputed_layers((79.6 - SUGGESTION_MARGIN_GIB) * GIB, **setting)
+    fewest = fewest_recomputed_layers((79.6 - HEADROOM_GIB) * GIB, **setting)
     peak = estimate(**setting).total / GIB
     assert warning.startswith(f"the estimated peak memory of this run is {peak:.1f} GiB a GPU, more than this GPU's "
                               "79.6")
-    assert warning.endswith(f"--activation-checkpointing true --checkpoint-layers {fewest}")
+    assert warning.endswith(f"--activation-checkpointing true --checkpoint-layers {fewest} (or auto)")
 
 
 class LiveStorage(TorchDispatchMode):
