@@ -27,7 +27,8 @@ else
   # Accelerate's own CPU multi-process mode needs MPI; torchrun gives DeepSpeed plain gloo processes.
   launch=(torchrun --standalone --nproc_per_node "$nproc")
 fi
-# Options checked once here, before any process starts: a typo is one line, not one traceback per rank.
+# Options, then the data, checked once here, before any process starts: a typo or a bad row is one message, not
+# one traceback per rank and the launcher's report of them.
 python3 -m qwen_moe_ft.cli --config "$recipe" "$@" || exit $?
 echo "run.sh: $mode, $nproc process(es), recipe $recipe"
 exec "${launch[@]}" qwen_moe_ft/train.py --config "$recipe" "$@"

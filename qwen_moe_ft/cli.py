@@ -1,6 +1,7 @@
 """The command line checked once, before any process starts: `python -m qwen_moe_ft.cli [options]` parses and
-validates the options as train.py will (run.sh calls it ahead of the launcher) and says what is wrong in one
-line, exit status 2. It imports nothing heavy, so `-h` and a typo answer at once."""
+validates the options as train.py will, then reads the data as the trainer will (run.sh calls it ahead of the
+launcher), and says what is wrong in one message, exit status 2. The options are checked before anything heavy
+is imported, so `-h` and a typo answer at once."""
 from __future__ import annotations
 
 import os
@@ -32,6 +33,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def read_data(cfg: TrainConfig):
+    """The rows of --data (and --eval-data) read, checked and tokenised as the trainer's _setup_data does; raises
+    DataError naming the file and the rows. The tokenised rows land in datasets' cache, which the trainer then
+    reads."""
+    import datasets
+    import torch
+
+    from .data.rows import load_tokenized
+    from .model.loading import load_tokenizer
+
+    if not sys.stderr.isatty():  # a check that passes prints nothing, one that fails only its error
+        datasets.disable_progress_bars()
+    tokenizer = load_tokenizer(cfg.model, cfg.model.resolved(torch.cuda.is_available()))
+    return load_tokenized(cfg.data, tokenizer, seed=cfg.optim.seed)
+
+
+def check(argv: list[str] | None = None) -> int:
+    """run.sh's check before its launcher: the options, then the data, so that a bad row is one message and one
+    exit status rather than an error in every process and the launcher's report of them."""
+    if (status := main(argv)) != 0:
+        return status
+    from .data.rows import DataError
+    from .model.loading import ModelLoadError
+
+    try:
+        read_data(load_config(argv))
+    except (DataError, ModelLoadError) as err:
+        report(err)
+        return 2
+    return 0
+
+
 def train() -> int:
     """`qwen-moe-ft-train`: the options checked before torch is imported, then the trainer in this process (one
     process, or each process of `torchrun --no-python qwen-moe-ft-train ...`)."""
@@ -43,4 +76,4 @@ def train() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(check())

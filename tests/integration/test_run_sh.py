@@ -72,3 +72,20 @@ def test_lora_run_leaves_an_adapter_peft_loads(tmp_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
                                       tmp_path / "adapter")
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()
+
+
+def test_a_bad_row_is_one_message_before_the_launcher_starts(tmp_path):
+    from helpers import SAMPLE
+
+    rows = SAMPLE.read_text().splitlines(keepends=True)[:20]
+    rows[9] = "{not json\n"
+    (tmp_path / "rows.jsonl").write_text("".join(rows))
+    proc = subprocess.run(["bash", str(REPO / "run.sh"), "packed", "--data", str(tmp_path / "rows.jsonl"),
+                           "--output-dir", str(tmp_path / "out")],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stdout == ""  # run.sh's launch line never printed: no process started
+    assert proc.stderr.splitlines() == [
+        f"error: {tmp_path / 'rows.jsonl'}: 1 bad row(s) ({{'bad_json': 1}}), first:",
+        "  row 10: bad_json: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "Fix them, or pass --on-bad-row skip to skip and count them."]

@@ -1,10 +1,11 @@
-"""The command line before any process starts: run.sh's check of the options, and `-h` without heavy imports."""
+"""The command line before any process starts: run.sh's check of the options and the data, and `-h` without heavy
+imports."""
 import subprocess
 import sys
 import time
 
-from helpers import REPO, cpu_env
-from qwen_moe_ft.cli import main
+from helpers import REPO, TINY, cpu_env
+from qwen_moe_ft.cli import check, main
 
 
 def test_run_sh_typo_is_one_line_with_a_suggestion_and_no_process_started():
@@ -23,6 +24,18 @@ def test_check_passes_a_good_command_line_and_refuses_an_earlier_run(tmp_path, c
     (tmp_path / "metrics.jsonl").write_text("")
     assert main(["--output-dir", str(tmp_path)]) == 2
     assert "--overwrite-output-dir true" in capsys.readouterr().err
+
+
+def test_check_reads_the_data_as_the_trainer_does(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine"}\n{not json\n')
+    run = ["--model", str(TINY), "--output-dir", str(tmp_path / "out")]
+    assert check(["--data", str(rows), *run]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {rows}: 1 bad row(s) ({{'bad_json': 1}}), first:\n  row 2: bad_json")
+    assert check(["--data", str(rows), "--on-bad-row", "skip", *run]) == 0
+    assert check(["--data", str(tmp_path / "none.jsonl"), *run]) == 2
+    assert "none.jsonl: no such file or directory" in capsys.readouterr().err
 
 
 def test_errors_are_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):
