@@ -137,6 +137,9 @@ class ParallelConfig:
     ep_size: int = _opt(0, "expert-parallel size; 0: largest size dividing both world size and expert count")
     zero_stage: int = _opt(2, "DeepSpeed ZeRO stage (1 or 2)")
     ds_config: str = _opt(DEFAULT_DS_CONFIG, "DeepSpeed config the run's settings are filled into")
+    sp_size: int = _opt(1, "sequence-parallel size (DeepSpeed Ulysses): each packed row is split over this many "
+                        "consecutive ranks, which exchange attention heads to attend over the whole row; rows hold "
+                        "--max-tokens-per-batch x SP tokens, documents up to that long; 1: off")
 
 
 @dataclass
@@ -227,7 +230,7 @@ class TrainConfig:
             if (allowed := field.metadata["choices"]) and o[option] not in allowed:
                 raise bad(option, f"got {o[option]!r}, choose one of {', '.join(allowed)}")
         positive = ("max_seq_len", "max_tokens_per_batch", "grad_accum", "logging_steps", "num_proc",
-                    "shuffle_buffer", "lora_rank")
+                    "shuffle_buffer", "lora_rank", "sp_size")
         for option in positive:
             if o[option] < 1:
                 raise bad(option, f"must be at least 1, got {o[option]}")
@@ -248,8 +251,15 @@ class TrainConfig:
             raise bad("eval_split", f"is a fraction of the training data in [0, 1), got {o['eval_split']}")
         if o["eval_split"] and o["eval_data"]:
             raise bad("eval_split", "give either --eval-split or --eval-data, not both")
-        if o["max_tokens_per_batch"] < o["max_seq_len"] and o["packing"]:
-            raise bad("max_tokens_per_batch", f"{o['max_tokens_per_batch']} cannot hold one example of "
+        if o["sp_size"] > 1 and not o["packing"]:
+            raise bad("sp_size", "splits packed rows over ranks; add --packing true or use --sp-size 1")
+        if o["sp_size"] > 1 and o["router_aux_scope"] == "micro_batch":
+            raise bad("sp_size", "a micro-batch spans --sp-size ranks, whose counts the micro_batch scope does not "
+                      "sum; use --router-aux-scope global (the default) or --sp-size 1")
+        row = o["max_tokens_per_batch"] * o["sp_size"]
+        if row < o["max_seq_len"] and o["packing"]:
+            spread = f" x --sp-size {o['sp_size']} = {row}" if o["sp_size"] > 1 else ""
+            raise bad("max_tokens_per_batch", f"{o['max_tokens_per_batch']}{spread} cannot hold one example of "
                       f"--max-seq-len {o['max_seq_len']}; raise it or lower --max-seq-len")
         if o["zero_stage"] not in (1, 2):
             raise bad("zero_stage", f"AutoEP training here uses ZeRO stage 1 or 2, got {o['zero_stage']}")

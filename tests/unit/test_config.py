@@ -169,3 +169,21 @@ def test_checkpoint_layers_counts_the_recomputed_layers():
     assert recomputed("--checkpoint-layers", "30") == 30
     assert recomputed("--checkpoint-layers", "auto") is None  # the memory estimate's choice (test_memory.py)
     assert load_config([]).model.recomputed_layers(48) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sp-size", "0"], "--sp-size: must be at least 1"),
+    (["--sp-size", "2", "--packing", "false"], "--sp-size: splits packed rows over ranks; add --packing true"),
+    (["--sp-size", "2", "--router-aux-scope", "micro_batch"], "--sp-size: a micro-batch spans --sp-size ranks"),
+    # the row of an SP group holds --max-tokens-per-batch tokens a rank
+    (["--sp-size", "2", "--max-tokens-per-batch", "100", "--max-seq-len", "201"],
+     r"--max-tokens-per-batch: 100 x --sp-size 2 = 200 cannot hold one example of --max-seq-len 201"),
+])
+def test_bad_sequence_parallel_options_say_what_to_change(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv).validate()
+
+
+def test_a_document_may_span_the_ranks_of_an_sp_group():
+    cfg = load_config(["--sp-size", "4", "--max-tokens-per-batch", "100", "--max-seq-len", "400"]).validate()
+    assert cfg.parallel.sp_size == 4

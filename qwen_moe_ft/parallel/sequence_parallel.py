@@ -1,0 +1,28 @@
+"""Sequence parallelism through DeepSpeed Ulysses (`deepspeed.runtime.sequence_parallel.ulysses_sp`).
+
+Each packed row is split over `--sp-size` consecutive ranks (an SP group), every rank holding a contiguous slice of
+its tokens (data/packing.py's sequence_shard). Everything but attention is per token and runs on the slice as it
+is; DeepSpeed's UlyssesSPAttentionHF wraps our registered varlen attention: an all-to-all turns [slice, all heads]
+into [whole row, heads / SP], the varlen kernel attends over the whole row with the row's cu_seq_lens (which every
+rank of the group holds whole), and a second all-to-all turns the result back. DeepSpeed's ZeRO then reduces the
+dense gradients over all ranks and the expert gradients over each expert's data-parallel group, as without SP: the
+loss of every rank is a share of one sum normalised by the global label count, so the sums are the gradient.
+"""
+from __future__ import annotations
+
+from ..config import ConfigError
+
+
+def check_sp_size(sp_size: int, world_size: int, model_config) -> None:
+    """--sp-size against the number of processes and the model's attention heads (UlyssesSPAttentionHF splits the
+    query heads over the SP group, and the key/value heads too, or copies them where there are fewer than ranks)."""
+    if world_size % sp_size:
+        raise ConfigError(f"--sp-size {sp_size} does not divide the world size {world_size} (number of processes); "
+                          "use a divisor of it")
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    if heads % sp_size:
+        raise ConfigError(f"--sp-size {sp_size} does not divide the model's {heads} attention heads; use a divisor "
+                          f"of {heads}")
+    if kv_heads % sp_size and sp_size % kv_heads:
+        raise ConfigError(f"--sp-size {sp_size} and the model's {kv_heads} key/value heads: one must divide the "
+                          "other")
