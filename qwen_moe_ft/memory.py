@@ -170,14 +170,33 @@ def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
     return None
 
 
-def run_setting(cfg, config, *, gpus: int, ep_size: int, loss: str) -> dict:
-    """estimate()'s keyword arguments (less recomputed_layers) for a train.py config `cfg` (a TrainConfig: the
-    estimate reads the micro-batch, accumulation, fast path and LoRA sections) on `gpus` GPUs computing the loss
-    `loss` (a --loss-impl other than auto)."""
-    return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=cfg.data.max_tokens_per_batch,
-                grad_accum=cfg.optim.grad_accum, gate_up_recompute=cfg.fastpath.gate_up_recompute,
-                loss=LOSS_KINDS[loss], adam_states=cfg.fastpath.adam_states,
-                lora_rank=cfg.lora.rank if cfg.lora.enabled else 0, lora_targets=tuple(cfg.lora.target_list()))
+@dataclass(frozen=True)
+class Workload:
+    """What the estimate reads of a train.py run, taken from its config sections in one place (Workload.of)."""
+    tokens: int  # per micro-batch (--max-tokens-per-batch)
+    grad_accum: int = 1
+    gate_up_recompute: bool = False
+    adam_states: str = "bf16"
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_targets: tuple[str, ...] = ("attn", "experts")
+    loss_impl: str = "auto"  # --loss-impl
+    recomputed_layers: int | None = 0  # decoder layers recomputed; None: --checkpoint-layers auto
+
+    @classmethod
+    def of(cls, *, model, data, optim, fastpath, lora, layers: int) -> Workload:
+        """From the model, data, optim, fastpath and LoRA sections of a TrainConfig, for a model of `layers`
+        decoder layers."""
+        return cls(tokens=data.max_tokens_per_batch, grad_accum=optim.grad_accum,
+                   gate_up_recompute=fastpath.gate_up_recompute, adam_states=fastpath.adam_states,
+                   lora_rank=lora.rank if lora.enabled else 0, lora_targets=tuple(lora.target_list()),
+                   loss_impl=model.loss_impl, recomputed_layers=model.recomputed_layers(layers))
+
+    def setting(self, config, *, gpus: int, ep_size: int, loss: str) -> dict:
+        """estimate()'s keyword arguments (less recomputed_layers) on `gpus` GPUs computing the loss `loss` (a
+        --loss-impl other than auto)."""
+        return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=self.tokens, grad_accum=self.grad_accum,
+                    gate_up_recompute=self.gate_up_recompute, loss=LOSS_KINDS[loss], adam_states=self.adam_states,
+                    lora_rank=self.lora_rank, lora_targets=self.lora_targets)
 
 
 def logits_fit(setting: dict, gpu_gib: float, recomputed: int) -> bool:
@@ -197,17 +216,17 @@ class RunPlan:
     recomputed_layers: int
 
 
-def plan_run(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> RunPlan:
-    """The loss and the recomputed layers of train.py config `cfg` on `gpus` GPUs of `gpu_gib` each. Under
+def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float) -> RunPlan:
+    """The loss and the recomputed layers of the run `work` on `gpus` GPUs of `gpu_gib` each. Under
     --checkpoint-layers auto, the fewest layers whose estimate leaves HEADROOM_GIB free (all where none does);
     with --loss-impl auto too, the loss in chunks where that recomputes fewer layers than the whole logits."""
     from .loss import select_loss_impl
 
     layers = config.num_hidden_layers
-    fixed = cfg.model.recomputed_layers(layers)
+    fixed = work.recomputed_layers
 
     def setting(loss: str) -> dict:
-        return run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss=loss)
+        return work.setting(config, gpus=gpus, ep_size=ep_size, loss=loss)
 
     def recomputed(loss: str) -> int:
         if fixed is not None:
@@ -215,13 +234,13 @@ def plan_run(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> RunPlan
         fewest = fewest_recomputed_layers((gpu_gib - HEADROOM_GIB) * GIB, **setting(loss))
         return layers if fewest is None else fewest
 
-    if cfg.model.loss_impl != "auto":
-        loss, why = cfg.model.loss_impl, ""
+    if work.loss_impl != "auto":
+        loss, why = work.loss_impl, ""
     elif (kept := recomputed("torch") - recomputed("chunked")) > 0:
         loss, why = "chunked", f"auto: keeps {kept} more layers' activations than the whole logits would"
     else:
         fit = logits_fit(setting("torch"), gpu_gib, recomputed("torch"))
-        loss, why = select_loss_impl("auto", "cuda", tokens=cfg.data.max_tokens_per_batch, logits_fit=fit)
+        loss, why = select_loss_impl("auto", "cuda", tokens=work.tokens, logits_fit=fit)
     return RunPlan(loss, why, recomputed(loss))
 
 
@@ -241,11 +260,11 @@ def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None
             " (or auto)")
 
 
-def preflight_warning(cfg, config, *, gpus: int, ep_size: int, gpu_gib: float) -> str | None:
-    """For train.py before it loads any weight: a warning where the run's estimated peak exceeds its GPU, with
-    what to change; None where it fits."""
-    plan = plan_run(cfg, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
-    setting = run_setting(cfg, config, gpus=gpus, ep_size=ep_size, loss=plan.loss)
+def preflight_warning(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float) -> str | None:
+    """For train.py before it loads any weight: a warning where the estimated peak of the run `work` exceeds its
+    GPU, with what to change; None where it fits."""
+    plan = plan_run(work, config, gpus=gpus, ep_size=ep_size, gpu_gib=gpu_gib)
+    setting = work.setting(config, gpus=gpus, ep_size=ep_size, loss=plan.loss)
     total = estimate(**setting, recomputed_layers=plan.recomputed_layers).total / GIB
     if total <= gpu_gib:
         return None
@@ -314,17 +333,19 @@ def main(argv: list[str] | None = None) -> int:
                      gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states, loss_impl=args.loss_impl)
     cfg = TrainConfig.from_flat(**{**recipe.flat(), **{k: v for k, v in overrides.items() if v is not None}})
     layers = config.num_hidden_layers
-    if (fixed := cfg.model.recomputed_layers(layers)) is not None and fixed > layers:
+    work = Workload.of(model=cfg.model, data=cfg.data, optim=cfg.optim, fastpath=cfg.fastpath, lora=cfg.lora,
+                       layers=layers)
+    if (fixed := work.recomputed_layers) is not None and fixed > layers:
         parser.error(f"--checkpoint-layers {fixed}: the model has {layers} decoder layers")
-    plan = plan_run(cfg, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib)
+    plan = plan_run(work, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib)
     loss, why, recomputed = plan.loss, plan.loss_why, plan.recomputed_layers
-    setting = run_setting(cfg, config, gpus=args.gpus, ep_size=ep_size, loss=loss)
+    setting = work.setting(config, gpus=args.gpus, ep_size=ep_size, loss=loss)
     result = estimate(**setting, recomputed_layers=recomputed)
-    what = f"LoRA rank {cfg.lora.rank} ({cfg.lora.targets})" if cfg.lora.enabled else "full fine-tuning"
+    what = f"LoRA rank {work.lora_rank} ({','.join(work.lora_targets)})" if work.lora_rank else "full fine-tuning"
     print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, "
-          f"{cfg.data.max_tokens_per_batch} tokens per micro-batch x {cfg.optim.grad_accum}"
-          f"{', gate/up recomputed' if cfg.fastpath.gate_up_recompute else ''}, "
-          f"{cfg.fastpath.adam_states} Adam moments, "
+          f"{work.tokens} tokens per micro-batch x {work.grad_accum}"
+          f"{', gate/up recomputed' if work.gate_up_recompute else ''}, "
+          f"{work.adam_states} Adam moments, "
           f"{recomputed} of {layers} layers recomputed, loss {loss}{f' ({why})' if why else ''}")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB

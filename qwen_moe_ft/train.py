@@ -53,7 +53,7 @@ from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
 from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
-from qwen_moe_ft.memory import plan_run, preflight_warning
+from qwen_moe_ft.memory import Workload, plan_run, preflight_warning
 
 
 def _global_sum(values: list[float] | torch.Tensor, device) -> list[float]:
@@ -111,11 +111,13 @@ class Trainer:
         if on_gpu:
             gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
             run = dict(gpus=self.world_size, ep_size=self.ep_size, gpu_gib=gpu_gib)
-            plan = plan_run(cfg, self.model_config, **run)
+            work = Workload.of(model=cfg.model, data=cfg.data, optim=cfg.optim, fastpath=cfg.fastpath, lora=cfg.lora,
+                               layers=layers)
+            plan = plan_run(work, self.model_config, **run)
             self.loss_impl, self.loss_choice = select_loss_impl(plan.loss, "cuda", tokens=cfg.data.max_tokens_per_batch)
             self.loss_choice = self.loss_choice or plan.loss_why
             self.recomputed_layers = plan.recomputed_layers
-            if self.accelerator.is_main_process and (warning := preflight_warning(cfg, self.model_config, **run)):
+            if self.accelerator.is_main_process and (warning := preflight_warning(work, self.model_config, **run)):
                 print(f"warning: {warning}", flush=True)
         else:  # no GPU memory to fit: auto recomputes every layer asked for
             self.loss_impl, self.loss_choice = select_loss_impl(cfg.model.loss_impl, self.device.type,

@@ -9,14 +9,29 @@ from torch.utils._pytree import tree_flatten
 
 from helpers import REPO
 from qwen_moe_ft.config import QWEN3_30B_A3B, ModelConfig, TrainConfig
-from qwen_moe_ft.memory import (GIB, RunPlan, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, HEADROOM_GIB, estimate,
-                                fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
+from qwen_moe_ft.memory import (GIB, RunPlan, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, HEADROOM_GIB, Workload,
+                                estimate, fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
                                 parameter_counts)
 from qwen_moe_ft.model.loading import load_model_config
 
 
 def qwen3(layers=0):
     return load_model_config(ModelConfig(random_init=bool(layers), num_hidden_layers=layers), QWEN3_30B_A3B)
+
+
+def workload(cfg, layers=48):
+    return Workload.of(model=cfg.model, data=cfg.data, optim=cfg.optim, fastpath=cfg.fastpath, lora=cfg.lora,
+                       layers=layers)
+
+
+def test_workload_is_what_the_estimate_reads_of_the_config_sections():
+    cfg = TrainConfig.from_flat(max_tokens_per_batch=2048, grad_accum=4, gate_up_recompute=True, adam_states="fp32",
+                                loss_impl="chunked", activation_checkpointing=True, checkpoint_layers="3")
+    assert workload(cfg) == Workload(tokens=2048, grad_accum=4, gate_up_recompute=True, adam_states="fp32",
+                                     loss_impl="chunked", recomputed_layers=3)
+    lora = workload(TrainConfig.from_flat(lora=True, lora_rank=4, lora_targets="experts"))
+    assert (lora.lora_rank, lora.lora_targets, lora.recomputed_layers) == (4, ("experts",), 0)
+    assert workload(TrainConfig.from_flat(activation_checkpointing=True), layers=4).recomputed_layers == 4
 
 
 def test_parameter_count_is_qwen3_30b_a3b():
@@ -156,9 +171,11 @@ def test_checkpoint_layers_auto_recomputes_the_fewest_that_leave_the_headroom(ca
 
     recipe = load_config(["--config", "qwen3-30b-a3b-lora-1gpu"])
     assert recipe.model.checkpoint_layers == "auto" and recipe.model.loss_impl == "auto"
+    work = workload(recipe)
+    assert work == Workload(tokens=4096, lora_rank=16, loss_impl="auto", recomputed_layers=None)
     setting = dict(config=qwen3(), gpus=1, ep_size=1, tokens=4096, lora_rank=16)
     budget = (79.6 - HEADROOM_GIB) * GIB
-    plan = plan_run(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
+    plan = plan_run(work, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
     # the whole logits (5.8 GiB) would cost ~11 kept layers: auto takes the chunked loss and keeps them
     with_logits = fewest_recomputed_layers(budget, **setting, loss="torch")
     assert plan.loss == "chunked" and plan.recomputed_layers == fewest_recomputed_layers(budget, **setting,
@@ -169,11 +186,11 @@ def test_checkpoint_layers_auto_recomputes_the_fewest_that_leave_the_headroom(ca
     assert (f"{plan.recomputed_layers} of 48 layers recomputed, loss chunked (auto: keeps "
             f"{with_logits - plan.recomputed_layers} more layers' activations") in capsys.readouterr().out
     # a loss the user names is kept, and auto fits the layers around it
-    plain = replace(recipe, model=replace(recipe.model, loss_impl="torch"))
+    plain = replace(work, loss_impl="torch")
     assert plan_run(plain, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6).recomputed_layers == with_logits
     # a GPU that holds every layer with the logits recomputes none; one that holds nothing recomputes all
-    assert plan_run(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=139.0) == RunPlan("torch", "", 0)
-    assert plan_run(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=40.0).recomputed_layers == 48
+    assert plan_run(work, qwen3(), gpus=1, ep_size=1, gpu_gib=139.0) == RunPlan("torch", "", 0)
+    assert plan_run(work, qwen3(), gpus=1, ep_size=1, gpu_gib=40.0).recomputed_layers == 48
 
 
 def test_train_warns_before_loading_a_run_that_does_not_fit():
@@ -182,9 +199,9 @@ def test_train_warns_before_loading_a_run_that_does_not_fit():
     from qwen_moe_ft.config import load_config
     from qwen_moe_ft.memory import preflight_warning
 
-    recipe = load_config(["--config", str(REPO / "qwen_moe_ft" / "recipes" / "qwen3-30b-a3b-lora-1gpu.yaml")])
+    recipe = workload(load_config(["--config", "qwen3-30b-a3b-lora-1gpu"]))
     assert preflight_warning(recipe, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6) is None  # 70.6 GiB
-    kept = replace(recipe, model=replace(recipe.model, activation_checkpointing=False))
+    kept = replace(recipe, recomputed_layers=0)
     assert preflight_warning(kept, qwen3(), gpus=1, ep_size=1, gpu_gib=139.0) is None  # 95.4 GiB
     warning = preflight_warning(kept, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
     # the logits do not fit either: --loss-impl auto computes the loss in chunks, and the warning counts that
