@@ -75,10 +75,15 @@ def freeze_router(model: nn.Module) -> int:
 
 def real_token_mask(micro: MicroBatch) -> torch.Tensor | None:
     """1.0 for each real token of the flattened micro-batch, 0.0 for padding; None when every token is real."""
+    ids = micro.inputs["input_ids"]
     if micro.num_tokens == 0:  # a filler batch
-        return torch.zeros(micro.inputs["input_ids"].numel(), device=micro.inputs["input_ids"].device)
+        return torch.zeros(ids.numel(), device=ids.device)
     mask = micro.inputs.get("attention_mask")
-    return None if mask is None else mask.reshape(-1).float()
+    if mask is not None:
+        return mask.reshape(-1).float()
+    if micro.num_tokens < ids.numel():  # a sequence shard reaching into its row's padding, which follows the tokens
+        return (torch.arange(ids.numel(), device=ids.device) < micro.num_tokens).float()
+    return None
 
 
 @dataclass

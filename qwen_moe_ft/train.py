@@ -263,7 +263,7 @@ class Trainer:
         timer = timer or StepTimer(self.device)
         timer.begin()
         local = [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches),
-                 sum(n * (n + 1) / 2 for b in micro_batches for n in b.doc_lengths),
+                 sum(b.context_sum for b in micro_batches),
                  sum(1 for b in micro_batches if b.num_tokens)]
         label_tokens, tokens, context_sum, filled = _global_sum(local, self.device)
         scale = backward_scale(int(label_tokens), len(micro_batches))

@@ -70,14 +70,28 @@ def packing_efficiency(batches: list[list[int]], lengths: list[int], capacity: i
 
 @dataclass
 class MicroBatch:
-    """Model inputs of one micro-batch and what the metrics need of it."""
+    """Model inputs of one micro-batch and what the metrics need of it. A sequence shard (sequence_shard) holds
+    slice `part` of `parts` of a packed row; its doc_lengths are the row's documents, its counts its own share, so
+    that sums over the ranks of an SP group count each token and document once."""
     inputs: dict[str, torch.Tensor | int]
     shift_labels: torch.Tensor
     doc_lengths: list[int]
+    shard: tuple[int, int] = (0, 1)  # (part, parts)
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.doc_lengths)
+        """Real tokens this rank runs: a shard's slice of the row's, which lead the row (padding follows them)."""
+        part, parts = self.shard
+        if parts == 1:
+            return sum(self.doc_lengths)
+        width = self.inputs["input_ids"].shape[1]
+        return min(max(sum(self.doc_lengths) - part * width, 0), width)
+
+    @property
+    def context_sum(self) -> float:
+        """Sum over real tokens of the tokens each attends to (FLOPs); a shard's equal share of its row's, as every
+        rank of an SP group attends over the whole row for its share of the heads."""
+        return sum(n * (n + 1) / 2 for n in self.doc_lengths) / self.shard[1]
 
     @property
     def num_label_tokens(self) -> int:
@@ -85,7 +99,7 @@ class MicroBatch:
 
     def to(self, device) -> "MicroBatch":
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
-        return MicroBatch(inputs, self.shift_labels.to(device), self.doc_lengths)
+        return MicroBatch(inputs, self.shift_labels.to(device), self.doc_lengths, self.shard)
 
 
 def _shift(labels: list[int]) -> list[int]:
@@ -126,3 +140,26 @@ def filler_batch(pad_id: int, packing: bool) -> MicroBatch:
     example = {"input_ids": [pad_id], "labels": [IGNORE]}
     batch = collate_packed([example]) if packing else collate_padded([example], pad_id)
     return MicroBatch(batch.inputs, batch.shift_labels, [0])
+
+
+def sequence_shard(batch: MicroBatch, part: int, parts: int, pad_id: int) -> MicroBatch:
+    """Slice `part` of `parts` equal slices of the packed row `batch` (Ulysses sequence parallelism): the row
+    padded to a multiple of `parts` tokens by a padding document (no labels), input_ids, position_ids and the
+    next-token targets (shifted within each document before the split, so a slice's last token keeps its target in
+    the next slice) cut to the slice; cu_seq_lens and max_length stay the whole row's, which the attention sees
+    whole."""
+    ids, positions, labels = batch.inputs["input_ids"], batch.inputs["position_ids"], batch.shift_labels
+    length = ids.shape[1]
+    pad = -length % parts
+    cu, longest = batch.inputs["cu_seq_lens_q"], batch.inputs["max_length_q"]
+    if pad:
+        ids = torch.cat([ids, ids.new_full((1, pad), pad_id)], dim=1)
+        positions = torch.cat([positions, torch.arange(pad, dtype=positions.dtype)[None]], dim=1)
+        labels = torch.cat([labels, labels.new_full((1, pad), IGNORE)], dim=1)
+        cu = torch.cat([cu, cu.new_tensor([length + pad])])
+        longest = max(longest, pad)
+    width = (length + pad) // parts
+    cut = slice(part * width, (part + 1) * width)
+    inputs = {"input_ids": ids[:, cut], "position_ids": positions[:, cut], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+              "max_length_q": longest, "max_length_k": longest}
+    return MicroBatch(inputs, labels[:, cut], batch.doc_lengths, (part, parts))

@@ -11,11 +11,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from helpers import TINY, max_rel_err
 from qwen_moe_ft.config import ConfigError, load_config
-from qwen_moe_ft.data.packing import MicroBatch, collate_padded, filler_batch
+from qwen_moe_ft.data.packing import MicroBatch, collate_packed, collate_padded, filler_batch, sequence_shard
 from qwen_moe_ft.fastpath.local_dispatch import one_rank_dispatch
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
-from qwen_moe_ft.router import RouterStats, RouterTerms, freeze_router
+from qwen_moe_ft.router import RouterStats, RouterTerms, freeze_router, real_token_mask
 
 AUX, Z = 0.5, 0.05  # large enough that the router terms' gradients are far above float32 rounding
 
@@ -238,3 +238,11 @@ def test_router_aux_loss_coef_left_out_is_the_model_configs():
     assert load_config([]).router.aux_loss_coef is None
     assert resolve_aux_coef(None, config) == config.router_aux_loss_coef == 0.001
     assert resolve_aux_coef(load_config(["--router-aux-loss-coef", "0"]).validate().router.aux_loss_coef, config) == 0
+
+
+def test_a_sequence_shard_counts_its_slice_of_the_row_and_none_of_the_padding():
+    """A 5-token row over 4 ranks (padded to 8): 2, 2, 1 and 0 real tokens."""
+    row = collate_packed([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    masks = [real_token_mask(sequence_shard(row, part, 4, pad_id=0)) for part in range(4)]
+    assert masks[0] is None and masks[1] is None  # every token of the slice is real
+    assert [m.tolist() for m in masks[2:]] == [[1.0, 0.0], [0.0, 0.0]]

@@ -4,6 +4,7 @@ from collections import Counter
 
 import datasets
 import pytest
+import torch
 
 from qwen_moe_ft.data import loader as loader_module
 from qwen_moe_ft.data.loader import StepLoader
@@ -22,10 +23,10 @@ def _dataset():
                                        "labels": [[100 + i] * n for i, n in enumerate(LENGTHS)]})
 
 
-def _loader(rank, world_size=2, grad_accum=2, packing=True, dataset=None):
+def _loader(rank, world_size=2, grad_accum=2, packing=True, dataset=None, sp_size=1):
     return StepLoader(dataset or _dataset(), capacity=CAPACITY, packing=packing, seed=SEED,
                       shuffle_buffer=SHUFFLE_BUFFER[packing], world_size=world_size, rank=rank,
-                      grad_accum=grad_accum, pad_id=PAD)
+                      grad_accum=grad_accum, pad_id=PAD, sp_size=sp_size)
 
 
 def _plan(epoch, packing=True):
@@ -118,3 +119,22 @@ def test_a_resumed_run_gets_the_same_batches_and_plans_each_epoch_once(planned_e
     again = [b.inputs["input_ids"].tolist() for s in range(11, 14) for b in resumed.step(s).micro_batches]
     assert again[:2] == expected
     assert sorted(planned_epochs) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_an_sp_group_takes_the_micro_batches_of_one_data_parallel_rank_each_rank_its_slice(grad_accum):
+    """4 ranks at SP=2: ranks 2k and 2k+1 run data-parallel rank k of 2 (its rows and fillers, step for step), each
+    the part of every row its place in the group names."""
+    dataset = _dataset()
+    sharded = [_loader(rank, 4, grad_accum, dataset=dataset, sp_size=2) for rank in range(4)]
+    plain = [_loader(rank, 2, grad_accum, dataset=dataset) for rank in range(2)]
+    assert sharded[0].total_steps(2) == plain[0].total_steps(2)
+    for step in range(plain[0].total_steps(2)):
+        for dp_rank, loader in enumerate(plain):
+            rows = loader.step(step).micro_batches
+            parts = [sharded[2 * dp_rank + part].step(step).micro_batches for part in range(2)]
+            for k, row in enumerate(rows):
+                assert [p[k].shard for p in parts] == [(0, 2), (1, 2)]
+                ids = torch.cat([p[k].inputs["input_ids"] for p in parts], dim=1)[0].tolist()
+                assert ids[:row.inputs["input_ids"].shape[1]] == row.inputs["input_ids"][0].tolist()
+                assert sum(p[k].num_tokens for p in parts) == row.num_tokens
