@@ -229,7 +229,9 @@ def worker(args) -> dict:
                 step_ms_spread=1e3 * (quartiles[2] - quartiles[0]),
                 fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
                 # what the allocator held at the peak: allocated + its fragmentation (the headroom memory.py leaves)
-                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30, tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                # cudaMalloc retries after freeing the cache: each synchronises the device (a host stall)
+                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0), tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
                 steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
                 gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace)
 
