@@ -176,30 +176,36 @@ def slowest_against_fastest(steps: list[dict], top: int = 8) -> dict:
                 kernels_us=[(n, round(d, 1)) for d, n in diffs[:top]])
 
 
-def profile_steps(run_step, count: int, export: str | None = None) -> list[dict]:
-    """Profile `count` consecutive calls of run_step(timer, i) and return their step_timelines; `export`: also write
-    the trace there (Chrome trace format, gzipped when the name ends in .gz) for a closer look."""
+def _profiled(device: str | torch.device):
+    """The profiler, timer and event device type for a step that runs on `device`: the step's own device, not
+    whether this machine has a GPU (a CPU step on a GPU machine launches no kernel to file its ops under)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
-    timer = MarkedTimer(torch.device("cuda" if cuda else "cpu"))
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    return profile(activities=activities), MarkedTimer(device), DeviceType.CUDA if cuda else DeviceType.CPU
+
+
+def profile_steps(run_step, count: int, export: str | None = None, device: str | torch.device = "cuda"
+                  ) -> list[dict]:
+    """Profile `count` consecutive calls of run_step(timer, i) on `device` and return their step_timelines;
+    `export`: also write the trace there (Chrome trace format, gzipped when the name ends in .gz) for a closer
+    look."""
+    profiler, timer, device_type = _profiled(device)
+    with profiler as prof:
         for i in range(count):
             run_step(timer, i)
             timer.end()
     if export:
         prof.export_chrome_trace(export)
-    return step_timelines(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)
+    return step_timelines(prof.events(), device_type)
 
 
-def profile_step(run_step) -> dict[str, dict[str, float]]:
-    """Profile one call of run_step(timer) and return its phase table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    timer = MarkedTimer(torch.device("cuda" if cuda else "cpu"))
-    with profile(activities=activities) as prof:
+def profile_step(run_step, device: str | torch.device = "cuda") -> dict[str, dict[str, float]]:
+    """Profile one call of run_step(timer) on `device` and return its phase table."""
+    profiler, timer, device_type = _profiled(device)
+    with profiler as prof:
         run_step(timer)
         timer.end()
-    return phase_table(prof.events(), DeviceType.CUDA if cuda else DeviceType.CPU)
+    return phase_table(prof.events(), device_type)

@@ -20,7 +20,7 @@ def _step(layers: int):
 
 
 def test_ops_are_split_at_the_forward_backward_mark():
-    table = profile_step(_step(3))
+    table = profile_step(_step(3), device="cpu")  # CPU tensors: their ops are the rows, GPU or not
     assert table["aten::mm"]["calls"] == 3
     assert table["aten::mm"]["forward_backward"] > 0 and table["aten::mm"]["optimizer"] == 0
     assert table["aten::add"]["calls"] == 3
@@ -63,7 +63,7 @@ def test_step_timelines_time_each_forward_backward():
         timer.mark("forward_backward")
         torch.add(y, 1.0)
 
-    steps = profile_steps(run, 3)
+    steps = profile_steps(run, 3, device="cpu")
     assert [list(s["kernels"]) for s in steps] == [["aten::mm"]] * 3  # the add is after the mark
     assert [s["launches"] for s in steps] == [2, 6, 10]
     for s in steps:  # one thread's ops do not overlap: busy is their sum, and within the wall time
