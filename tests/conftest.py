@@ -29,6 +29,16 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(TINY)
 
 
+@pytest.fixture
+def deepspeed_swiglu_in_torch(monkeypatch):
+    """DeepSpeed's expert SwiGLU in torch, for AutoEP models on CPU tensors on a machine with a GPU: its grouped-GEMM
+    paths take its Triton kernel wherever a GPU exists (swiglu_triton._TRITON_AVAILABLE), whatever the tensors'
+    device, and the kernel reads GPU memory only. Its own fallback, the one it runs without a GPU, runs instead."""
+    from deepspeed.ops.triton_ops import swiglu_triton
+
+    monkeypatch.setattr(swiglu_triton, "_TRITON_AVAILABLE", False)
+
+
 @pytest.fixture(scope="session")
 def process_group():
     """The one-rank process group DeepSpeed and AutoEP need even inside one test process: one for the whole

@@ -68,7 +68,9 @@ class LayoutPreservingGateUp:
         offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
         cached = self.cache.get(m.w1, m.w3) if self.cache is not None and m.w1.dtype == x.dtype else None
         gate_up = _GateUpGroupedMm.apply(x, m.w1.to(x.dtype), m.w3.to(x.dtype), offsets, self.recompute, cached)
-        h = apply_packed_expert_activation(gate_up, m.activation, m.activation_alpha, m.activation_limit)
+        # fused (DeepSpeed's Triton kernel) by the tensors' device: DeepSpeed picks it wherever a GPU exists
+        h = apply_packed_expert_activation(gate_up, m.activation, m.activation_alpha, m.activation_limit,
+                                           fused=gate_up.is_cuda)
         return torch._grouped_mm(h, m.w2.to(x.dtype).transpose(-2, -1), offs=offsets).type_as(x)
 
 

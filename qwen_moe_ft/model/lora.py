@@ -100,7 +100,9 @@ class ExpertLoRA(nn.Module):
         gate_up = _low_rank(x, self.lora_A_gate_up, self.lora_B_gate_up, offsets)
         gate.add_(gate_up[:, :self.inter], alpha=self.scaling)
         up.add_(gate_up[:, self.inter:], alpha=self.scaling)
-        h = apply_expert_activation(gate, up, base.activation, base.activation_alpha, base.activation_limit)
+        # fused (DeepSpeed's Triton kernel) by the tensors' device: DeepSpeed picks it wherever a GPU exists
+        h = apply_expert_activation(gate, up, base.activation, base.activation_alpha, base.activation_limit,
+                                    fused=gate.is_cuda)
         out = torch._grouped_mm(h, base.w2.to(x.dtype).transpose(-2, -1), offs=offsets)
         out.add_(_low_rank(h, self.lora_A_down, self.lora_B_down, offsets), alpha=self.scaling)
         return out.type_as(x)

@@ -17,6 +17,8 @@ from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
 from qwen_moe_ft.router import RouterStats, RouterTerms, freeze_router, real_token_mask
 
+pytestmark = pytest.mark.usefixtures("deepspeed_swiglu_in_torch")  # CPU tensors, GPU or not
+
 AUX, Z = 0.5, 0.05  # large enough that the router terms' gradients are far above float32 rounding
 
 

@@ -52,6 +52,22 @@ def test_same_output_and_gradients_as_autoeps_fused_path(device, dtype, toleranc
     assert grads["w1"][[1, 5]].abs().max() == 0  # experts without tokens get no gradient
 
 
+def test_cpu_tensors_take_the_torch_swiglu_where_deepspeed_would_take_triton(monkeypatch):
+    """DeepSpeed takes its Triton SwiGLU wherever a GPU exists; ours chooses by the tensors' device, so CPU tensors on
+    a GPU machine (here: DeepSpeed told it has one) run, to AutoEP's output computed in torch."""
+    from deepspeed.ops.triton_ops import swiglu_triton
+
+    experts, counts, x = _experts("cpu", torch.float32)
+    grad_out = torch.randn_like(x)
+    ours = copy.deepcopy(experts)
+    use_layout_preserving_gate_up(ours)
+    monkeypatch.setattr(swiglu_triton, "_TRITON_AVAILABLE", False)  # AutoEP's own path has no such choice
+    ref_out, ref_dx, _ = _run(experts, x, counts, grad_out)
+    monkeypatch.setattr(swiglu_triton, "_TRITON_AVAILABLE", True)
+    out, dx, _ = _run(ours, x, counts, grad_out)
+    assert max_rel_err(out, ref_out) < 1e-5 and max_rel_err(dx, ref_dx) < 1e-5
+
+
 def test_modules_on_another_path_are_left_alone():
     separate = GroupedExperts(dim=16, hidden_dim=8, num_experts=2, gate_up_impl="separate",
                               disable_triton_grouped_mm=True)

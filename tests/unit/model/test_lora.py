@@ -76,6 +76,21 @@ def test_output_and_gradients_equal_the_merged_weights(process_group, rank):
         assert g[[1, 4]].abs().max() == 0  # experts without rows get no update
 
 
+def test_cpu_tensors_take_the_torch_swiglu_where_deepspeed_would_take_triton(process_group, monkeypatch):
+    """DeepSpeed takes its Triton SwiGLU wherever a GPU exists; the experts choose by their tensors' device, so CPU
+    tensors on a GPU machine (here: DeepSpeed told it has one) run, to the merged weights' output."""
+    from deepspeed.ops.triton_ops import swiglu_triton
+
+    monkeypatch.setattr(swiglu_triton, "_TRITON_AVAILABLE", True)
+    experts = expert_lora(4).to("cpu", torch.float32)
+    base, counts = experts.base, torch.tensor(COUNTS)
+    x = torch.randn(sum(COUNTS), base.w1.shape[2])
+    reference = merged_reference(x, COUNTS, base.w1, base.w3, base.w2, *experts.lora_parameters(), experts.scaling)
+    out = experts(x, counts)
+    out.backward(torch.randn_like(out))  # through the activation's backward too
+    assert max_rel_err(out, reference) < 1e-5
+
+
 def test_backward_keeps_nothing_of_a_base_weights_size(process_group):
     experts = expert_lora(8)
     counts = torch.tensor(COUNTS, device=DEVICE)

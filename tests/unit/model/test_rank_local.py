@@ -15,6 +15,8 @@ from qwen_moe_ft.model.rank_local import load_rank_local
 from qwen_moe_ft.model.shards import ModelLoadError, Shards
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 
+pytestmark = pytest.mark.usefixtures("deepspeed_swiglu_in_torch")  # CPU tensors, GPU or not
+
 EXPERTS = 8
 
 

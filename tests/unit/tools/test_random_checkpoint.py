@@ -2,6 +2,7 @@
 loader both load, to the same logits."""
 import json
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -9,6 +10,8 @@ from helpers import TINY, max_rel_err
 from qwen_moe_ft.model.rank_local import load_rank_local
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.tools.random_checkpoint import main
+
+pytestmark = pytest.mark.usefixtures("deepspeed_swiglu_in_torch")  # CPU tensors, GPU or not
 
 
 def test_random_checkpoint_loads_with_from_pretrained_and_rank_local_to_equal_logits(tmp_path, process_group):
