@@ -161,11 +161,16 @@ def _save_adapter_at_ep2(rank: int, out: str, port: int) -> None:
     dist.destroy_process_group()
 
 
-def test_the_adapter_saved_at_ep2_is_ep1s_and_only_the_writing_rank_holds_it(process_group, tmp_path):
+def test_the_adapter_saved_at_ep2_is_ep1s_and_only_the_writing_rank_holds_it(process_group, tmp_path, monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_save_adapter_at_ep2, args=(str(tmp_path / "adapter"), port), nprocs=2)
+    # CPU processes, also on a machine with a GPU (hidden from them): DeepSpeed would otherwise bind each rank's
+    # process group to cuda:LOCAL_RANK, which a machine of one GPU lacks for rank 1
+    with monkeypatch.context() as env:
+        env.setenv("DS_ACCELERATOR", "cpu")
+        env.setenv("CUDA_VISIBLE_DEVICES", "")
+        mp.spawn(_save_adapter_at_ep2, args=(str(tmp_path / "adapter"), port), nprocs=2)
     written = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     expected = adapter_state_dict(lora_model(ep_size=1, rank=0))
     assert sorted(written) == sorted(expected)
