@@ -83,13 +83,17 @@ class Layout(NamedTuple):
     processes: int
     ep_size: int
     lora: bool
+    sp_size: int = 1  # markers written before sequence parallelism hold no sp_size
 
     def describe(self) -> str:
-        return f"{self.processes} process(es) at EP={self.ep_size} ({'LoRA' if self.lora else 'full fine-tuning'})"
+        sp = f" SP={self.sp_size}" if self.sp_size > 1 else ""
+        return (f"{self.processes} process(es) at EP={self.ep_size}{sp} "
+                f"({'LoRA' if self.lora else 'full fine-tuning'})")
 
     def relaunch(self) -> str:
+        sp = f" --sp-size {self.sp_size}" if self.sp_size > 1 else ""
         return (f"NUM_PROCESSES={self.processes} bash run.sh ..., or --nproc_per_node {self.processes}, with "
-                f"--ep-size {self.ep_size}")
+                f"--ep-size {self.ep_size}{sp}")
 
 
 class DataOrder(NamedTuple):
@@ -150,6 +154,12 @@ def check_layout(path: Path, layout: Layout) -> None:
     if saved.lora != layout.lora:
         raise CheckpointError(f"--resume: {path} was saved by {saved.describe()}; this run has {layout.describe()}. "
                               f"Resume it with{'' if saved.lora else 'out'} --lora true")
+    if (saved.sp_size, saved.processes) != (layout.sp_size, layout.processes) and max(saved.sp_size,
+                                                                                      layout.sp_size) > 1:
+        # the rows' capacity and the data-parallel ranks that take the steps' micro-batches follow --sp-size
+        raise CheckpointError(f"--resume: {path} was saved by {saved.describe()}; this run has {layout.describe()}, "
+                              "and a resume at another number of processes or --sp-size with sequence parallelism is "
+                              f"not supported yet. Resume it with {saved.relaunch()}")
     if saved.lora and not _lora_file(path, 0).exists():
         raise CheckpointError(
             f"--resume: {path} was saved by {saved.describe()} in the per-rank LoRA form of earlier versions, which "

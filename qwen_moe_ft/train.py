@@ -52,6 +52,7 @@ from qwen_moe_ft.output_dir import check_output_dir, clear_earlier_run
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
+from qwen_moe_ft.parallel.sequence_parallel import check_sp_size, enable_ulysses
 from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
 from qwen_moe_ft.memory import Workload, plan_run, preflight_warning
 
@@ -88,6 +89,8 @@ class Trainer:
         world_size = int(os.environ["WORLD_SIZE"])
         self.model_config = load_model_config(cfg.model, self.model_name)
         self.ep_size = choose_ep_size(cfg.parallel.ep_size, world_size, self.model_config.num_experts)
+        self.sp_size = cfg.parallel.sp_size
+        check_sp_size(self.sp_size, world_size, self.model_config)
         self.ds_config = build_ds_config(self.ep_size, world_size, "cuda" if has_gpu else "cpu",
                                          parallel=cfg.parallel, optim=cfg.optim, dtype=cfg.model.dtype)
         # The model arrives in AutoEP's layout (model/rank_local.py): the engine only builds the EP groups.
@@ -130,7 +133,7 @@ class Trainer:
         earlier run's outputs removed where --overwrite-output-dir asks."""
         cfg, acc = self.cfg, self.accelerator
         self.checkpoint_root = Path(cfg.output.dir) / "checkpoints"
-        self.layout = checkpoint.Layout(self.world_size, self.ep_size, cfg.lora.enabled)
+        self.layout = checkpoint.Layout(self.world_size, self.ep_size, cfg.lora.enabled, self.sp_size)
         self.resume_path = None
         if cfg.checkpoint.resume:  # before any weight is loaded: a checkpoint this layout cannot resume stops here
             self.resume_path = checkpoint.resolve(cfg.checkpoint.resume, self.checkpoint_root)
@@ -145,9 +148,11 @@ class Trainer:
         cfg, data = self.cfg, self.cfg.data
         self.tokenizer = load_tokenizer(cfg.model, self.model_name)
         self.data = self._load_data()
-        loader_args = dict(capacity=data.max_tokens_per_batch, packing=data.packing, seed=cfg.optim.seed,
+        # --max-tokens-per-batch is per GPU: a row split over an SP group holds that many tokens a rank
+        self.row_capacity = data.max_tokens_per_batch * self.sp_size
+        loader_args = dict(capacity=self.row_capacity, packing=data.packing, seed=cfg.optim.seed,
                            shuffle_buffer=data.shuffle_buffer, world_size=self.world_size, rank=self.rank,
-                           grad_accum=cfg.optim.grad_accum, pad_id=self.tokenizer.pad_token_id)
+                           grad_accum=cfg.optim.grad_accum, pad_id=self.tokenizer.pad_token_id, sp_size=self.sp_size)
         self.train_loader = StepLoader(self.data.train, **loader_args)
         self.eval_loader = StepLoader(self.data.eval, **{**loader_args, "grad_accum": 1}) if self.data.eval else None
         self.data_order = checkpoint.DataOrder.of(cfg.flat(), self.train_loader.lengths)
@@ -182,6 +187,8 @@ class Trainer:
         self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on")  # off: does nothing, imports no patch module
         model = load_model(cfg.model, self.model_name, self.model_config, attn_implementation, self.ds_config,
                            self.rank)
+        if self.sp_size > 1:  # before the engine, which reads the SP groups
+            enable_ulysses(model, attn_implementation, self.sp_size)
         if cfg.router.freeze:  # before the engine: AutoEP's router copies the flag, DeepSpeed skips the weight
             freeze_router(model)
         model, self.fused_kernels = self.fast_path.prepare_model(model, cfg.fastpath.fused_kernels, self.device.type)
@@ -232,6 +239,7 @@ class Trainer:
         loss = f"{self.loss_impl} ({self.loss_choice})" if self.loss_choice else self.loss_impl
         self.metrics.info(
             f"model {self.model_name} | {self.world_size} process(es) on {self.device.type} | ep_size {self.ep_size} | "
+            f"{f'sp_size {self.sp_size} (Ulysses) | ' if self.sp_size > 1 else ''}"
             f"zero {cfg.parallel.zero_stage} | "
             f"{'LoRA on ' + cfg.lora.targets if cfg.lora.enabled else 'full fine-tuning'} | "
             f"{self.recompute} | "
@@ -239,7 +247,7 @@ class Trainer:
             f"adam moments {self.fast_path.adam_states} | {len(lengths)} examples, "
             f"mean length {sum(lengths) / len(lengths):.1f} tokens | {len(plan)} micro-batches per epoch, "
             f"{'packing' if cfg.data.packing else 'padding'} efficiency "
-            f"{packing_efficiency(plan, lengths, cfg.data.max_tokens_per_batch):.1%} | "
+            f"{packing_efficiency(plan, lengths, self.row_capacity):.1%} | "
             f"{fewest if fewest == most else f'{fewest}-{most}'} steps per epoch, {self.total_steps} steps")
         self.metrics.info(self.router.summary(cfg.optim.grad_accum) + (", routers frozen" if cfg.router.freeze else ""))
         if on_gpu and not self.peak:

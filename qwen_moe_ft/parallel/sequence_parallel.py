@@ -10,6 +10,9 @@ loss of every rank is a share of one sum normalised by the global label count, s
 """
 from __future__ import annotations
 
+from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+from deepspeed.utils import groups
+
 from ..config import ConfigError
 
 
@@ -26,3 +29,20 @@ def check_sp_size(sp_size: int, world_size: int, model_config) -> None:
     if kv_heads % sp_size and sp_size % kv_heads:
         raise ConfigError(f"--sp-size {sp_size} and the model's {kv_heads} key/value heads: one must divide the "
                           "other")
+
+
+def enable_ulysses(model, attn_implementation: str, sp_size: int) -> None:
+    """Wrap `attn_implementation` (registered in transformers' attention interface, the model's) in DeepSpeed's
+    Ulysses attention and create the SP groups of `sp_size` consecutive ranks; before the engine is built.
+
+    The engine would take these groups as `deepspeed.initialize(mpu=...)`, which Accelerate passes only for attention
+    implementations on its own list (flash_attention_2/3, sdpa; ours are registered under names of their own).
+    Given so, the engine would also record the SP size as its checkpoints' tensor-parallel degree (this mpu's
+    get_model_parallel_world_size) and count processes / SP in train_batch_size. Put where the engine puts an mpu it
+    is given (deepspeed.utils.groups.mpu), every group DeepSpeed reads is the same (ZeRO partitions and reduces over
+    all ranks, the expert groups are those without SP) and checkpoints keep the layout of a run without SP.
+    Evaluation runs sequence-parallel too (disable_in_eval False): its rows are split like the training rows.
+    """
+    groups.mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=attn_implementation, sequence_parallel_size=sp_size,
+        micro_batch_size=1, seq_length_is_variable=True, disable_in_eval=False)

@@ -60,6 +60,25 @@ def test_another_layout_resumes_but_not_from_full_fine_tuning_into_lora_or_from_
     check_layout(step, Layout(processes=1, ep_size=1, lora=False))
 
 
+def test_a_sequence_parallel_checkpoint_resumes_at_its_own_layout_only(tmp_path):
+    """Another --sp-size plans other rows (of --max-tokens-per-batch x SP tokens) and another number of processes
+    other data-parallel ranks: stopped, naming the layout to resume with; markers written before SP read as SP=1."""
+    step = tmp_path / "step-4"
+    step.mkdir()
+    saved = Layout(processes=4, ep_size=2, lora=False, sp_size=2)
+    (step / COMPLETE).write_text(json.dumps({"step": 4, "layout": saved._asdict()}))
+    check_layout(step, saved)
+    for other in (Layout(processes=4, ep_size=2, lora=False), Layout(processes=8, ep_size=2, lora=False, sp_size=2)):
+        with pytest.raises(CheckpointError, match=r"saved by 4 process\(es\) at EP=2 SP=2 \(full fine-tuning\).*not "
+                                                  r"supported yet. Resume it with NUM_PROCESSES=4 .*--ep-size 2 "
+                                                  r"--sp-size 2"):
+            check_layout(step, other)
+    (step / COMPLETE).write_text(json.dumps({"step": 4, "layout": {"processes": 2, "ep_size": 2, "lora": False}}))
+    assert saved_layout(step).sp_size == 1
+    with pytest.raises(CheckpointError, match="--sp-size"):
+        check_layout(step, Layout(processes=4, ep_size=2, lora=False, sp_size=2))
+
+
 class Crash(Exception):
     pass
 
