@@ -195,6 +195,29 @@ def _run_hf(args, batches):
     return step, described + (", PEFT LoRA" if args.lora else "")
 
 
+def host_profile(step, steps: int, top: int = 40) -> dict[str, str]:
+    """`steps` calls of step(timer, i) under cProfile: pstats' tables of the `top` functions by own time and by
+    cumulative time. What the host does between kernels where the GPU waits for it (cProfile slows Python-heavy
+    calls: compare shares, not times)."""
+    import cProfile
+    import io
+    import pstats
+
+    timer = StepTimer(torch.device("cuda"))
+    profile = cProfile.Profile()
+    for i in range(steps):
+        profile.enable()
+        step(timer, i)
+        timer.end()
+        profile.disable()
+    tables = {}
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).strip_dirs().sort_stats(order).print_stats(top)
+        tables[order] = out.getvalue()
+    return tables
+
+
 def worker(args) -> dict:
     """One stack at one depth: median step, forward+backward and optimizer times after warm-up."""
     batches = make_batches(args.warmup + args.steps, args.tokens, args.lengths, vocab=151936, seed=args.seed)
@@ -222,6 +245,8 @@ def worker(args) -> dict:
                                   args.trace_steps, export)
         trace = dict(steps=[{k: round(v, 2) for k, v in s.items() if k != "kernels"} for s in timelines],
                      slowest_against_fastest=slowest_against_fastest(timelines))
+    host = host_profile(lambda t, i: step(batches[args.warmup + i % args.steps], len(batches) + 1 + i, t),
+                        args.host_profile) if args.host_profile else None
     step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
     quartiles = statistics.quantiles(steps, n=4) if len(steps) > 1 else [step_s, step_s, step_s]
     lengths = [len(d["input_ids"]) for d in batches[0]]
@@ -233,7 +258,7 @@ def worker(args) -> dict:
                 # cudaMalloc retries after freeing the cache: each synchronises the device (a host stall)
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0), tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
                 steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
-                gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace)
+                gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace, host_profile=host)
 
 
 def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_weights: bool = False) -> dict:
@@ -408,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Python's garbage collector off for the timed steps (after one full collection)")
     parser.add_argument("--trace-export", action="store_true",
                         help="with --trace-steps: write each worker's trace beside --out (OUT_STACK_DEPTHL.trace.json.gz)")
+    parser.add_argument("--host-profile", type=int, default=0,
+                        help="after the timed steps, run this many more under cProfile: the Python functions that "
+                             "take the host's time, by their own time and by their callees'")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
@@ -453,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{r['stack']} at {r['depth']} layers, traced forward+backward steps (ms): "
                   f"{json.dumps(r['trace']['steps'])}\nslowest against fastest: "
                   f"{json.dumps(r['trace']['slowest_against_fastest'])}")
+        for order, text in (r.get("host_profile") or {}).items():
+            print(f"\n{r['stack']} at {r['depth']} layers, host time by {order} (cProfile)\n{text}")
     write_report(args.out, **report)
     print(table(summary))
     for failure in failures:
