@@ -46,7 +46,47 @@ def _flash_attn(q, k, v, cu, max_len, scale):
     return out
 
 
+# torch versions whose aten flash-attention ops _FlashVarlen calls were checked against varlen_attn (test_attention.py)
+LEAN_FLASH_TORCH = ((2, 11), (2, 13))
+
+
+def _lean_flash_supported() -> bool:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return LEAN_FLASH_TORCH[0] <= version <= LEAN_FLASH_TORCH[1] and hasattr(torch.ops.aten, "_flash_attention_forward")
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """Causal varlen attention on the kernels torch's varlen_attn runs (aten's flash attention), called directly.
+    varlen_attn reaches them through a Python custom op (schema defaults, fake-tensor registration, its autograd
+    wrapper), host time a host-bound step pays twice a layer (BENCHMARKS.md, the LoRA step), and torch 2.11's has no
+    GQA: a copy of K and V for every query head, where the kernel takes the shared heads itself."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len: int, scale: float | None):
+        out, lse, rng_state, rng_unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng_state, rng_unused)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu, rng_state, rng_unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng_state,
+            rng_unused, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
 def _torch_varlen(q, k, v, cu, max_len, scale):
+    if _lean_flash_supported():
+        return _FlashVarlen.apply(q, k, v, cu, max_len, scale)
+    return _torch_varlen_attn(q, k, v, cu, max_len, scale)
+
+
+def _torch_varlen_attn(q, k, v, cu, max_len, scale):
+    """torch's public varlen_attn: versions the direct call was not checked on, and its reference in the tests."""
     from torch.nn.attention.varlen import varlen_attn
 
     if "enable_gqa" in inspect.signature(varlen_attn).parameters:

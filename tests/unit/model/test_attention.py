@@ -98,3 +98,30 @@ def test_gpu_backend_matches_per_document_sdpa_in_bf16(backend):
         err = max_rel_err(a, b)
         print(f"{backend} {label}: max abs err / max abs = {err:.2e}")
         assert err < 2e-2, (label, err)
+
+
+@pytest.mark.gpu
+def test_direct_flash_call_equals_torchs_varlen_attn():
+    """_FlashVarlen calls the kernels varlen_attn runs, so outputs and gradients agree to the bit where both take
+    the kernel the same way; torch 2.11's varlen_attn has no GQA and gets copied K/V heads, whose gradients it sums
+    in bf16: there they agree to that sum's rounding."""
+    from qwen_moe_ft.model.attention import _FlashVarlen, _lean_flash_supported, _torch_varlen_attn
+
+    if "torch_varlen" not in available_backends("cuda"):
+        pytest.skip("torch's varlen attention is not available")
+    if not _lean_flash_supported():
+        pytest.skip(f"the direct call is not used with torch {torch.__version__}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [1000, 37, 2048, 511, 600]
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    total, heads, kv, dim = sum(lengths), 32, 4, 128
+    q, k, v = (torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+               for h in (heads, kv, kv))
+    grad_out = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    ours = [_FlashVarlen.apply(q, k, v, cu, max(lengths), dim ** -0.5)]
+    ours += torch.autograd.grad(ours[0], (q, k, v), grad_out)
+    ref = [_torch_varlen_attn(q, k, v, cu, max(lengths), dim ** -0.5)]
+    ref += torch.autograd.grad(ref[0], (q, k, v), grad_out)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])  # out, dq: the same kernel calls
+    for label, a, b in zip(("dk", "dv"), ours[2:], ref[2:]):
+        assert max_rel_err(a, b) < 1e-2, label  # bf16 sums of 8 heads' gradients in another order: ~2^-8
