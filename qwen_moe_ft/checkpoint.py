@@ -308,6 +308,14 @@ def _layout_free_value(path: Path, name: str, pieces: list[dict], key: str, para
     return value
 
 
+def _legacy_lora_name(name: str) -> str:
+    """`name` as LoRA checkpoints written under PEFT's attention wrappers named it (the model inside PEFT's
+    `base_model.model.`, the attention factors under its adapter name `default`)."""
+    for factor in ("lora_A", "lora_B"):
+        name = name.replace(f".{factor}.weight", f".{factor}.default.weight")
+    return "base_model.model." + name
+
+
 def _load_lora(engine, path: Path) -> int:
     """The layout-free LoRA state into this rank's ZeRO partitions, at whatever layout this run has."""
     shares = {f: torch.load(f, weights_only=False) for f in path.glob(LORA_SLICES.format("*"))}
@@ -329,10 +337,10 @@ def _load_lora(engine, path: Path) -> int:
     for name, param in engine.module.named_parameters():
         if param.requires_grad:
             layer = experts.get(name)
-            safe_set_full_fp32_param(param, _layout_free_value(path, name, pieces[name], "fp32", param, layer))
+            saved = pieces.get(name) or pieces.get(_legacy_lora_name(name), [])
+            safe_set_full_fp32_param(param, _layout_free_value(path, name, saved, "fp32", param, layer))
             for key in MOMENTS:
-                safe_set_full_optimizer_state(param, _layout_free_value(path, name, pieces[name], key, param, layer),
-                                              key)
+                safe_set_full_optimizer_state(param, _layout_free_value(path, name, saved, key, param, layer), key)
     optimizer.update_lp_params()  # the weights from the fp32 masters (collective)
     engine.lr_scheduler.load_state_dict(common["scheduler"])
     for group, lr in zip(adam.param_groups, engine.lr_scheduler.get_last_lr()):
@@ -345,7 +353,8 @@ def _load_lora(engine, path: Path) -> int:
 def _load_lora_partitions(engine, path: Path, rank: int) -> int:
     """A LoRA checkpoint of earlier versions (check_layout lets only its own layout through)."""
     state = torch.load(_lora_partition_file(path, rank), weights_only=False)
-    params = dict(engine.module.named_parameters())
+    params = {name: param for name, param in engine.module.named_parameters()}
+    params.update({_legacy_lora_name(name): param for name, param in params.items()})
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value)

@@ -1,16 +1,16 @@
 """LoRA under DeepSpeed AutoEP, exported as a PEFT adapter of the stock transformers Qwen3-MoE model.
 
 DeepSpeed would run AutoEP inside `deepspeed.initialize`, after the optimizer's parameters are
-fixed and with PEFT's `base_model.model.` prefix in every path. So the order here is: AutoEP's
-own layer replacement first (this rank keeps its block of experts), then LoRA on this rank's
-experts (our module, with PEFT's `target_parameters` semantics for `experts.gate_up_proj` and
-`experts.down_proj`), then PEFT on the attention projections. The engine recognises the replaced
-layers, builds the expert-parallel groups itself, and optimises the expert LoRA factors over the
-expert-data-parallel group like any expert weight.
+fixed. So the order here is: AutoEP's own layer replacement first (this rank keeps its block of
+experts), then LoRA on this rank's experts (our module, with PEFT's `target_parameters` semantics
+for `experts.gate_up_proj` and `experts.down_proj`) and on the attention projections (our module
+too, with PEFT's names and arithmetic, a fraction of its wrappers' host time). The engine recognises
+the replaced layers, builds the expert-parallel groups itself, and optimises the expert LoRA factors
+over the expert-data-parallel group like any expert weight. The adapter is written in PEFT's format.
 """
 from __future__ import annotations
 
-# peft is imported where LoRA uses it: full fine-tuning runs never load it (a second of start-up a process)
+# peft is imported to write the adapter's config only: training never loads it (a second of start-up a process)
 
 import math
 from pathlib import Path
@@ -27,6 +27,7 @@ from ..parallel.expert_parallel import apply_autoep, gather_experts_to, in_ep_gr
 from .export import WRITER
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PEFT_PREFIX = "base_model.model."  # PEFT's names of the stock model's parameters in an adapter file
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
@@ -48,6 +49,36 @@ def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.
         a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
     return torch._grouped_mm(torch._grouped_mm(x, a.to(x.dtype).transpose(-2, -1), offs=offsets),
                              b.to(x.dtype).transpose(-2, -1), offs=offsets)
+
+
+class LinearLoRA(nn.Module):
+    """PEFT's LoRA of one nn.Linear, base(x) + (alpha / r) B(A(x)), under PEFT's names (`base_layer`, `lora_A.weight`,
+    `lora_B.weight`). One GEMM for the base, one through rank r, and B's product added to the base's output by the
+    GEMM itself (addmm): PEFT's wrapper launches a scaling and an addition more, behind ~100 us of Python a call
+    that a host-bound LoRA step pays for each of a layer's four projections, forward and recompute."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base_layer = base
+        self.scaling = alpha / rank
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **like)  # kaiming uniform, as PEFT's
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **like)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        low = F.linear(x, self.lora_A.weight)
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_B.weight.t(),
+                          alpha=self.scaling)
+        return out.view(base.shape)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base layer with the update folded into its weight."""
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        return self.base_layer
 
 
 class ExpertLoRA(nn.Module):
@@ -119,32 +150,25 @@ def apply_lora(model: nn.Module, lora: LoraConfig, ds_config: dict, rank: int, s
             moe.experts = ExpertLoRA(moe.experts, first_expert=moe.ep_rank * moe.num_local_experts, layer=index,
                                      rank=lora.rank, alpha=lora.alpha, seed=seed)
     if "attn" in lora.target_list():
-        import peft
-
         torch.manual_seed(seed)  # same attention LoRA init at every EP size
-        model = peft.get_peft_model(model, peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
-                                                           target_modules=ATTENTION_MODULES, bias="none"))
-    for module in model.modules():  # get_peft_model freezes all but its own adapters
-        if isinstance(module, ExpertLoRA):
-            for param in module.lora_parameters():
-                param.requires_grad_(True)
+        for layer in model.model.layers:
+            for name in ATTENTION_MODULES:
+                setattr(layer.self_attn, name, LinearLoRA(getattr(layer.self_attn, name), lora.rank, lora.alpha))
     return model
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight; returns the plain causal LM (ends training)."""
-    for module in model.modules():
-        if isinstance(module, ExpertLoRA):
-            for name, delta in zip(("w1", "w3", "w2"), module.deltas()):
-                getattr(module.base, name).add_(delta.to(getattr(module.base, name).dtype))
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, ExpertLoRA):
+                for weight, delta in zip(("w1", "w3", "w2"), child.deltas()):
+                    getattr(child.base, weight).add_(delta.to(getattr(child.base, weight).dtype))
                 setattr(module, name, child.base)
-    from peft import PeftModel
-
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+            elif isinstance(child, LinearLoRA):
+                setattr(module, name, child.merged())
+    return model
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -154,9 +178,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     is_writer = (dist.get_rank() if dist.is_initialized() else 0) == WRITER
     out = {}
     if is_writer:
-        for name, param in model.named_parameters():
-            if ".lora_A.default." in name or ".lora_B.default." in name:
-                out[name.replace(".default.", ".")] = param.detach().to("cpu", copy=True)
+        for name, module in model.named_modules():
+            if isinstance(module, LinearLoRA):
+                for factor in ("lora_A", "lora_B"):
+                    weight = getattr(module, factor).weight
+                    out[f"{PEFT_PREFIX}{name}.{factor}.weight"] = weight.detach().to("cpu", copy=True)
     for name, module in model.named_modules():
         if not isinstance(module, ExpertLoRA):
             continue
@@ -169,8 +195,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
             continue
         a_gu, b_gu, a_d, b_d = (f.to("cpu", copy=True) for f in factors)
         experts, rank = a_gu.shape[0], a_gu.shape[1]
-        # PEFT names parameters of the stock model under base_model.model.
-        prefix = ("" if layer.startswith("base_model.model.") else "base_model.model.") + f"{layer}.experts"
+        prefix = f"{PEFT_PREFIX}{layer}.experts"
         # PEFT's ParamWrapper: lora_A rows are expert-major (e, r); lora_B columns rank-major (r, e).
         out[f"{prefix}.base_layer.lora_A.weight"] = a_gu.reshape(experts * rank, -1)
         out[f"{prefix}.base_layer.lora_B.weight"] = b_gu.permute(1, 2, 0).reshape(b_gu.shape[1], rank * experts)

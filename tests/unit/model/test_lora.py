@@ -180,3 +180,55 @@ def test_the_adapter_saved_at_ep2_is_ep1s_and_only_the_writing_rank_holds_it(pro
     other = json.loads((tmp_path / "rank1.json").read_text())
     # it takes part in the gathers with its own factors, and builds nothing larger
     assert other["largest"] <= other["own"], other
+
+
+def test_attention_lora_computes_what_pefts_lora_linear_computes():
+    """LinearLoRA against PEFT's LoRA wrapper of the same nn.Linear with the same factors: output, every gradient
+    (fp32: the same products, PEFT's scaling applied after B's GEMM rather than inside addmm: ~1e-7 of the
+    values), and the merged weight."""
+    import peft
+
+    from qwen_moe_ft.model.lora import LinearLoRA
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=False)
+    ours = LinearLoRA(base, rank=4, alpha=8.0)
+    with torch.no_grad():
+        ours.lora_B.weight.normal_()  # B starts at zero; any B here
+    theirs = peft.get_peft_model(torch.nn.Sequential(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    wrapper = theirs.base_model.model[0]
+    with torch.no_grad():
+        wrapper.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        wrapper.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    out_ours, out_theirs = ours(x), wrapper(x)
+    grad_out = torch.randn_like(out_ours)
+    g_ours = torch.autograd.grad(out_ours, (x, ours.lora_A.weight, ours.lora_B.weight), grad_out)
+    g_theirs = torch.autograd.grad(out_theirs, (x, wrapper.lora_A["default"].weight,
+                                                wrapper.lora_B["default"].weight), grad_out)
+    assert out_ours.shape == out_theirs.shape and max_rel_err(out_ours, out_theirs) < 1e-6
+    for a, b in zip(g_ours, g_theirs):
+        assert max_rel_err(a, b) < 1e-6
+    reference = base.weight + 2.0 * ours.lora_B.weight @ ours.lora_A.weight
+    assert max_rel_err(ours.merged().weight, reference) < 1e-6
+
+
+def test_lora_checkpoints_of_pefts_wrappers_map_to_todays_names():
+    """Checkpoints written while PEFT wrapped the attention projections name every factor as PEFT's model does;
+    checkpoint._legacy_lora_name maps today's names onto exactly those."""
+    import peft
+
+    from qwen_moe_ft.checkpoint import _legacy_lora_name
+    from qwen_moe_ft.model.lora import ATTENTION_MODULES
+
+    ours = lora_model(ep_size=1, rank=0)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    ds_config = build_ds_config(ep_size=1, world_size=1, device_type="cpu", dtype="fp32")
+    old = apply_lora(model, LoraConfig(enabled=True, rank=4, targets="experts"), ds_config, rank=0, seed=SEED)
+    old = peft.get_peft_model(old, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION_MODULES))
+    for module in old.modules():  # as apply_lora did: PEFT froze all but its own
+        if isinstance(module, ExpertLoRA):
+            for param in module.lora_parameters():
+                param.requires_grad_(True)
+    legacy = [name for name, p in old.named_parameters() if p.requires_grad]
+    assert [_legacy_lora_name(name) for name, p in ours.named_parameters() if p.requires_grad] == legacy
