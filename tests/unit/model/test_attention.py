@@ -102,9 +102,9 @@ def test_gpu_backend_matches_per_document_sdpa_in_bf16(backend):
 
 @pytest.mark.gpu
 def test_direct_flash_call_equals_torchs_varlen_attn():
-    """_FlashVarlen calls the kernels varlen_attn runs, so outputs and gradients agree to the bit where both take
-    the kernel the same way; torch 2.11's varlen_attn has no GQA and gets copied K/V heads, whose gradients it sums
-    in bf16: there they agree to that sum's rounding."""
+    """_FlashVarlen calls the kernel varlen_attn runs: the same output to the bit. torch 2.11's varlen_attn has no
+    GQA and is given K/V copied per query head, so its backward runs another kernel configuration and sums the copies'
+    gradients in bf16: the gradients agree to bf16 rounding (2^-8 of the largest value)."""
     from qwen_moe_ft.model.attention import _FlashVarlen, _lean_flash_supported, _torch_varlen_attn
 
     if "torch_varlen" not in available_backends("cuda"):
@@ -122,6 +122,6 @@ def test_direct_flash_call_equals_torchs_varlen_attn():
     ours += torch.autograd.grad(ours[0], (q, k, v), grad_out)
     ref = [_torch_varlen_attn(q, k, v, cu, max(lengths), dim ** -0.5)]
     ref += torch.autograd.grad(ref[0], (q, k, v), grad_out)
-    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])  # out, dq: the same kernel calls
-    for label, a, b in zip(("dk", "dv"), ours[2:], ref[2:]):
-        assert max_rel_err(a, b) < 1e-2, label  # bf16 sums of 8 heads' gradients in another order: ~2^-8
+    assert torch.equal(ours[0], ref[0])
+    for label, a, b in zip(("dq", "dk", "dv"), ours[1:], ref[1:]):
+        assert max_rel_err(a, b) < 2**-7, label
