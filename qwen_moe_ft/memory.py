@@ -2,29 +2,30 @@
 
     python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
                                  [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
-                                 [--lora BOOL] [--activation-checkpointing BOOL] [--checkpoint-layers N]
+                                 [--lora BOOL] [--activation-checkpointing BOOL] [--checkpoint-layers all|N|auto]
                                  [--loss-impl auto|torch|chunked|liger|cce]
 
 --gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
 where the training will run.
 
-Persistent: bf16 weights of the dense part and of this GPU's experts; bf16 gradients, fp32 master
-weights and two Adam moments (bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all
-GPUs, each expert over its expert-data-parallel group, so both come to 1/GPUs of the whole). With gradient accumulation
-DeepSpeed keeps the earlier micro-batches' bf16 gradient partition while the next backward fills a
-new one: one more gradient partition. Transient at the peak (the loss): activations of every layer
-(and the fused gate/up weight copies, one layer's with --gate-up-recompute) and the loss's memory: the LM head's
-logits, all of them (torch) or one chunk's with the gradients it sums (chunked; --loss-impl auto chooses it above
-8192 tokens a micro-batch, or where the logits would not fit), none for the fused kernels.
-Checked against one-GPU H100 peaks (BENCHMARKS.md); the multi-GPU partitioning terms follow
-DeepSpeed's ZeRO-2 and are not yet measured.
+Persistent: bf16 weights of the dense part and of this GPU's experts; fp32 master weights and two Adam moments
+(bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all GPUs, each expert over its
+expert-data-parallel group, so both come to 1/GPUs of the whole); the fused gate/up weight copies (one layer's
+with --gate-up-recompute). The step adds, at whichever of its moments is largest:
+- the loss: the activations of every layer kept (and the inputs of the recomputed ones) and the loss's memory:
+  the plain loss's backward holds three fp32 [tokens, vocab] tensors, the chunked one a chunk's logits and the
+  gradients it sums (--loss-impl auto chooses it above 8192 tokens a micro-batch, where the logits would not fit,
+  or where it keeps more layers), the fused kernels nothing counted; with gradient accumulation, the earlier
+  micro-batches' bf16 gradient partition too;
+- a recomputed layer's backward: the gradients, every recomputed layer's input and that layer's activations;
+- the optimizer step: the gradients.
+Checked against one-GPU H100 peaks, including the allocations alive at the peak of a 32768-token step
+(BENCHMARKS.md "Memory"); the multi-GPU partitioning terms follow DeepSpeed's ZeRO-2 and are not yet measured.
 
 LoRA: the bf16 base weights are frozen, so the gradients, master weights and moments are the LoRA factors'
-only, and no gate/up copies are kept. With activation checkpointing, a recomputed layer keeps only its input
-until the backward; the others keep their activations. Where every layer recomputes and one layer's activations
-outweigh the loss's memory (long micro-batches, chunked loss), the peak moves to the first recomputed layer's
-backward (`recompute`). Where that matters, the fewest layers to recompute for the GPU is printed. The LoRA terms
-were checked against one-GPU H200 peaks of the 48-layer model at 4096 tokens.
+only, and no gate/up copies are kept. Where it matters, the fewest layers to recompute for the GPU is printed;
+--checkpoint-layers auto (train.py) takes it. The LoRA terms were checked against one-GPU H200 and H100 peaks of
+the 48-layer model at 4096 and 32768 tokens.
 """
 from __future__ import annotations
 
@@ -37,16 +38,21 @@ ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
 
 
 def zero2_bytes_per_param(adam_states: str) -> int:
-    return 2 + 4 + 2 * ADAM_STATE_BYTES[adam_states]  # bf16 gradient, fp32 master weight, Adam m and v
-# Activations saved for backward per token and layer (bf16, top-8 of 128 experts), fitted to 2- vs 4-layer
-# peak differences of the Qwen3-30B-A3B shape on the H100 (docs/benchmark-history.md, 2026-11-25): 48 KiB with the
-# stock modules, 35 KiB less with liger's norms, which keep no fp32 copies.
-ACTIVATION_BYTES_PER_TOKEN_LAYER = 13 * 1024
-# The same for LoRA's unmerged experts and PEFT's attention wrappers (model/lora.py), fitted to the 48-layer
-# Qwen3-30B-A3B on an H200 at 4096 tokens (BENCHMARKS.md, commit c15a292): 0.533 GiB a layer kept. Larger than full
-# fine-tuning's: the experts' gathered input rows and SwiGLU's output are kept for the factors' gradients.
+    return 4 + 2 * ADAM_STATE_BYTES[adam_states]  # fp32 master weight, Adam m and v (the bf16 gradient: GRADIENT_BYTES)
+
+
+GRADIENT_BYTES = 2  # the bf16 gradient partition: from the backward to the optimizer step, or kept while accumulating
+# Activations saved for the backward per token and decoder layer (bf16, top-8 of 128 experts, the fast path), from
+# the allocations alive at the peak of the 4-layer step at one 32768-token document on an H100 80GB (commit
+# 8de37ea, BENCHMARKS.md "Memory"): per layer the experts' gathered input rows (32 KiB a token) and output rows (32),
+# gate/up (24) and SwiGLU's output (12), norms, projections and attention (~45).
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 145 * 1024
+# The same for LoRA's unmerged experts and attention LoRA (model/lora.py), fitted to the 48-layer Qwen3-30B-A3B on an
+# H200 at 4096 tokens (BENCHMARKS.md, commit c15a292): 0.533 GiB a layer kept.
 LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER = 136.5 * 1024
-LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, their fp32 copy and its gradient (plain torch loss)
+# The plain torch loss peaks in its backward: log-softmax's fp32 output, the fp32 gradient arriving at it and the one
+# it passes on (bf16 logits and their fp32 copy are freed by then, so the forward's 2 + 4 + 4 stays below)
+LOGIT_BYTES = 4 + 4 + 4
 # The chunked loss (loss.py:ChunkedLinearCrossEntropy) peaks in its forward: one chunk's bf16 logits and their fp32
 # copy, then the fp32 softmax and its bf16 gradient (see loss_bytes for the rest)
 CHUNK_LOGIT_BYTES = 2 + 4
@@ -61,27 +67,45 @@ HEADROOM_GIB = 5.0
 BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
 
 
-PARTS = ("weights", "zero2_states", "accumulation", "activations", "gate_up_copies", "logits", "recompute", "buckets")
+PARTS = ("weights", "zero2_states", "gate_up_copies", "buckets", "gradients", "accumulation", "activations", "logits",
+         "recompute")
 
 
 @dataclass
 class MemoryEstimate:
+    """Bytes on one GPU: the persistent parts (weights, optimizer states, gate/up copies, buckets), and what the
+    step adds at each of its possible peaks: the loss (earlier micro-batches' gradients, the activations, the loss's
+    memory), a recomputed layer's backward (the gradients, the recomputed layers' inputs and one layer's activations)
+    or the optimizer step (the gradients)."""
     weights: float
-    zero2_states: float
-    accumulation: float
-    activations: float
+    zero2_states: float  # fp32 master weights and Adam moments, ZeRO-partitioned
     gate_up_copies: float
-    logits: float
-    recompute: float  # beyond the loss's peak: a recomputed layer's activations in its backward
     buckets: float
+    gradients: float  # the bf16 gradient partition, alive from the backward through the optimizer step
+    accumulation: float  # the same, kept through the forward of the next micro-batch while accumulating
+    activations: float
+    logits: float
+    recompute: float  # in a recomputed layer's backward: every recomputed layer's input and one layer's activations
+
+    @property
+    def phases(self) -> dict[str, float]:
+        persistent = self.weights + self.zero2_states + self.gate_up_copies + self.buckets
+        return {"the loss": persistent + self.accumulation + self.activations + self.logits,
+                "a recomputed layer's backward": persistent + self.gradients + self.recompute,
+                "the optimizer step": persistent + self.gradients}
+
+    @property
+    def peak_at(self) -> str:
+        return max(self.phases.items(), key=lambda item: item[1])[0]
 
     @property
     def total(self) -> float:
-        return sum(getattr(self, k) for k in PARTS)
+        return max(self.phases.values())
 
     def table(self) -> str:
         rows = [(k, getattr(self, k)) for k in PARTS]
-        return "\n".join(f"{k:<14}{v / GIB:8.2f} GiB" for k, v in rows + [("total", self.total)])
+        return "\n".join([f"{k:<14}{v / GIB:8.2f} GiB" for k, v in rows] +
+                         [f"{'peak':<14}{self.total / GIB:8.2f} GiB  (in {self.peak_at})"])
 
 
 def parameter_counts(config) -> tuple[int, int]:
@@ -141,23 +165,22 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
     # size), or one layer's at a time when the backward rebuilds them. LoRA runs gate and up separately.
     gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
     per_layer = LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER if lora_rank else ACTIVATION_BYTES_PER_TOKEN_LAYER
-    # the peak is at the loss: the kept layers' activations, the recomputed layers' inputs, the loss's memory
     kept = layers - recomputed_layers
-    activations = tokens * (per_layer * kept + 2 * config.hidden_size * recomputed_layers)
-    logits = loss_bytes(config, loss, tokens, lm_head_trains=not lora_rank)
-    # or in the backward of the last recomputed layer: the kept layers' activations are freed by then, the loss's
-    # too, and that layer's are rebuilt; it passes the loss's peak only where no layer keeps its activations
-    recompute = max(0, tokens * per_layer * (1 - kept) - logits) if recomputed_layers else 0
+    inputs = tokens * 2 * config.hidden_size * recomputed_layers  # what a recomputed layer keeps until its backward
+    trained = (dense + expert) / gpus  # ZeRO-2 partitions: dense over every GPU, experts over their EDP group
     return MemoryEstimate(
         weights=base,
-        zero2_states=zero2_bytes_per_param(adam_states) * (dense + expert) / gpus,
-        # measured +5.80 GiB for 2 micro-batches of the 4-layer model on one H100; 2 bytes x 3.115e9 = 5.80 GiB
-        accumulation=2 * (dense + expert) / gpus if grad_accum > 1 else 0,
-        activations=activations,
+        zero2_states=zero2_bytes_per_param(adam_states) * trained,
         gate_up_copies=0 if lora_rank else gate_up_copy * (1 if gate_up_recompute else layers),
-        logits=logits,
-        recompute=recompute,
-        buckets=BUCKET_BYTES if gpus > 1 else 0)
+        buckets=BUCKET_BYTES if gpus > 1 else 0,
+        gradients=GRADIENT_BYTES * trained,
+        # measured +5.80 GiB for 2 micro-batches of the 4-layer model on one H100; 2 bytes x 3.115e9 = 5.80 GiB
+        accumulation=GRADIENT_BYTES * trained if grad_accum > 1 else 0,
+        activations=tokens * per_layer * kept + inputs,
+        logits=loss_bytes(config, loss, tokens, lm_head_trains=not lora_rank),
+        # the backward reaches the recomputed (first) layers after the kept layers' activations and the loss's
+        # memory are freed
+        recompute=inputs + tokens * per_layer if recomputed_layers else 0)
 
 
 def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
@@ -312,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                         "targets (default rank 8, attn,experts)")
     parser.add_argument("--activation-checkpointing", nargs="?", const="true", metavar="BOOL",
                         help="recompute decoder layers in the backward (--checkpoint-layers of them; all by default)")
-    parser.add_argument("--checkpoint-layers", help="with --activation-checkpointing: how many layers recompute "
-                        "(0: all)")
+    parser.add_argument("--checkpoint-layers", help="with --activation-checkpointing: how many layers recompute: "
+                        "all, a number, or auto (the fewest that leave 5 GiB free, as train.py chooses)")
     args = parser.parse_args(argv)
     train_options = [f"--{name}={value}" for name, value in (
         ("lora", args.lora), ("activation-checkpointing", args.activation_checkpointing),
