@@ -215,10 +215,10 @@ def test_attention_lora_computes_what_pefts_lora_linear_computes():
 
 def test_lora_checkpoints_of_pefts_wrappers_map_to_todays_names():
     """Checkpoints written while PEFT wrapped the attention projections name every factor as PEFT's model does;
-    checkpoint._legacy_lora_name maps today's names onto exactly those."""
+    checkpoint/lora_state._legacy_lora_name maps today's names onto exactly those."""
     import peft
 
-    from qwen_moe_ft.checkpoint import _legacy_lora_name
+    from qwen_moe_ft.checkpoint.lora_state import _legacy_lora_name
     from qwen_moe_ft.model.lora import ATTENTION_MODULES
 
     ours = lora_model(ep_size=1, rank=0)

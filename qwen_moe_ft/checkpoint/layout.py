@@ -1,0 +1,190 @@
+"""What a checkpoint records about the run that saved it (COMPLETE: the step, the layout, the data order), and the
+checks a resume makes against it before any weight is loaded."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..config import flag
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+SAVING = ".saving"  # suffix of a save in progress
+REPLACED = ".replaced"  # suffix of the earlier save of the same step, until the new one is in place
+UNIVERSAL = "universal"  # step-N/universal: DeepSpeed's universal checkpoint of step-N, made by the first resume
+FAILED = ".failed"  # step-N/universal.failed: why the conversion stopped, for the ranks waiting on it
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_TAG = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(rf"^step-\d+({re.escape(SAVING)}|{re.escape(REPLACED)})$")
+# What decides which examples step N trains on, besides the number of processes (the Layout's): each epoch's
+# micro-batch plan and the slice of it each step takes.
+ORDER_OPTIONS = ("grad_accum", "max_tokens_per_batch", "packing", "seed", "shuffle_buffer")
+# Options that move the order only through the examples they keep and their lengths in tokens: named when
+# those changed.
+DATA_OPTIONS = ("data", "eval_split", "max_seq_len", "truncation", "train_on_prompt")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Layout(NamedTuple):
+    """How a run is split: ZeRO partitions and expert shards are per rank, so a checkpoint resumes at another layout
+    through a layout-free form (DeepSpeed's universal checkpoint, our LoRA slices)."""
+    processes: int
+    ep_size: int
+    lora: bool
+    sp_size: int = 1  # markers written before sequence parallelism hold no sp_size
+
+    def describe(self) -> str:
+        sp = f" SP={self.sp_size}" if self.sp_size > 1 else ""
+        return (f"{self.processes} process(es) at EP={self.ep_size}{sp} "
+                f"({'LoRA' if self.lora else 'full fine-tuning'})")
+
+    def relaunch(self) -> str:
+        sp = f" --sp-size {self.sp_size}" if self.sp_size > 1 else ""
+        return (f"NUM_PROCESSES={self.processes} bash run.sh ..., or --nproc_per_node {self.processes}, with "
+                f"--ep-size {self.ep_size}{sp}")
+
+
+class DataOrder(NamedTuple):
+    """What decides which examples each step trains on: ORDER_OPTIONS and DATA_OPTIONS, and the examples as the
+    planner sees them."""
+    options: dict[str, Any]
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, options: dict[str, Any], lengths: Sequence[int]) -> "DataOrder":
+        """`options` the run's options by flat name (TrainConfig.flat()); `lengths` the token length of every
+        training example, in dataset order."""
+        return cls({name: options[name] for name in ORDER_OPTIONS + DATA_OPTIONS},
+                   data_fingerprint(options["data"], lengths))
+
+
+def data_fingerprint(source: str, lengths: Sequence[int]) -> dict[str, Any]:
+    """The files `source` names with their sizes (none for a hub dataset), the number of examples and a hash of
+    their token lengths in order: the planner's whole input, so equal hashes plan equal batches."""
+    path = Path(source).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return {"files": {str(p.resolve()): p.stat().st_size for p in files}, "rows": len(lengths),
+            "lengths_sha256": hashlib.sha256(np.asarray(lengths, dtype=np.int64).tobytes()).hexdigest()}
+
+
+def _marker(path: Path) -> dict[str, Any]:
+    """The record in a checkpoint's COMPLETE marker; empty for markers that hold only the step."""
+    try:
+        record = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def saved_layout(path: Path) -> Layout | None:
+    """The layout in a checkpoint's COMPLETE marker; None for markers written before it was recorded."""
+    record = _marker(path)
+    return Layout(**record["layout"]) if "layout" in record else None
+
+
+LORA_SLICES = "lora_slices_rank{}.pt"
+
+
+def _lora_file(path: Path, rank: int) -> Path:
+    return path / LORA_SLICES.format(rank)
+
+
+def _lora_partition_file(path: Path, rank: int) -> Path:
+    """Earlier versions' LoRA file: this rank's ZeRO partition, readable at the same layout only."""
+    return path / f"lora_rank{rank}.pt"
+
+
+def check_layout(path: Path, layout: Layout) -> None:
+    """Stop before anything is loaded when `path` cannot resume at `layout`, saying how to resume it."""
+    saved = saved_layout(path)
+    if saved is None or saved == layout:
+        return
+    if saved.lora != layout.lora:
+        raise CheckpointError(f"--resume: {path} was saved by {saved.describe()}; this run has {layout.describe()}. "
+                              f"Resume it with{'' if saved.lora else 'out'} --lora true")
+    if (saved.sp_size, saved.processes) != (layout.sp_size, layout.processes) and max(saved.sp_size,
+                                                                                      layout.sp_size) > 1:
+        # the rows' capacity and the data-parallel ranks that take the steps' micro-batches follow --sp-size
+        raise CheckpointError(f"--resume: {path} was saved by {saved.describe()}; this run has {layout.describe()}, "
+                              "and a resume at another number of processes or --sp-size with sequence parallelism is "
+                              f"not supported yet. Resume it with {saved.relaunch()}")
+    if saved.lora and not _lora_file(path, 0).exists():
+        raise CheckpointError(
+            f"--resume: {path} was saved by {saved.describe()} in the per-rank LoRA form of earlier versions, which "
+            f"resumes at its own layout only; this run has {layout.describe()}. Resume it with "
+            f"{saved.relaunch()}; its next save resumes at any layout")
+
+
+def _value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _data_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """How the training examples differ, in the words a user can check: counts and file sizes."""
+    parts = [f"{saved['rows']} examples then, {now['rows']} now"] if saved["rows"] != now["rows"] else []
+    for file in sorted(set(saved["files"]) | set(now["files"])):
+        then, size = saved["files"].get(file), now["files"].get(file)
+        if then != size:
+            parts.append(f"{file} {'absent' if then is None else f'{then} bytes'} then, "
+                         f"{'absent' if size is None else f'{size} bytes'} now")
+    return "; ".join(parts or ["the examples' lengths in tokens differ"])
+
+
+def _step_size_error(step: str, saved: Layout, grad_accum: int, layout: Layout, now_accum: int) -> CheckpointError:
+    """A resume at another number of processes whose steps take another number of micro-batches."""
+    batch = saved.processes * grad_accum
+    was = (f"--resume: {step} was saved by {saved.processes} process(es) with --grad-accum {grad_accum}, "
+           f"{batch} micro-batches a step; {layout.processes} process(es) with --grad-accum {now_accum} take "
+           f"{layout.processes * now_accum}: its steps would train other examples")
+    if batch % layout.processes == 0:
+        return CheckpointError(f"{was}. Resume with --grad-accum {batch // layout.processes} ({layout.processes} x "
+                               f"{batch // layout.processes} = {batch}), or start a new run")
+    fits = [n for n in range(1, batch + 1) if batch % n == 0]
+    return CheckpointError(f"{was}, and no --grad-accum makes {batch} at {layout.processes} process(es). Resume at a "
+                           f"number of processes dividing {batch} ({', '.join(map(str, fits))}) with --grad-accum "
+                           f"{batch} / processes, or start a new run")
+
+
+def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None:
+    """Stop before anything is loaded when `path` would resume into another data order (its steps would skip or
+    repeat examples), naming what changed. At another number of processes, --grad-accum may change as long as a step
+    takes as many micro-batches. A note for checkpoints saved before the order was recorded."""
+    record = _marker(path)
+    if "data_order" not in record:
+        return (f"{path} was saved before checkpoints recorded their data order: nothing checks that "
+                f"{', '.join(flag(n) for n in ORDER_OPTIONS)}, --data and its tokenisation are those it was saved "
+                "with (with others its steps train other examples)")
+    saved = DataOrder(**record["data_order"])
+    saved_at = saved_layout(path) or layout
+    new_run = "or start a new run (another --output-dir, or --overwrite-output-dir true in place of --resume)"
+    data_changed = (saved.data["rows"], saved.data["lengths_sha256"]) != (order.data["rows"],
+                                                                           order.data["lengths_sha256"])
+    # Data options that change no example's length leave the plan as it was: those resume.
+    compared = ORDER_OPTIONS + (DATA_OPTIONS if data_changed else ())
+    if saved_at.processes != layout.processes:
+        compared = tuple(n for n in compared if n != "grad_accum")
+    changed = [n for n in compared if n in saved.options and saved.options[n] != order.options[n]]
+    step = f"step-{record.get('step', '?')}"
+    if changed:
+        was = "; ".join(f"{flag(n)} was {_value(saved.options[n])} when {step} was saved, now "
+                        f"{_value(order.options[n])}" for n in changed)
+        again = " ".join(f"{flag(n)} {_value(saved.options[n])}" for n in changed)
+        raise CheckpointError(f"--resume: {was}: its steps would train other examples. Resume with {again}, "
+                              f"{new_run}")
+    then, now = saved.options["grad_accum"], order.options["grad_accum"]
+    if saved_at.processes * then != layout.processes * now:
+        raise _step_size_error(step, saved_at, then, layout, now)
+    if data_changed:
+        raise CheckpointError(f"--resume: the training data is not the data {step} was saved with "
+                              f"({_data_difference(saved.data, order.data)}): its steps would train other examples. "
+                              f"Resume with the data it was saved with, {new_run}")
+    return None
