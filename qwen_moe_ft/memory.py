@@ -59,7 +59,7 @@ CHUNK_LOGIT_BYTES = 2 + 4
 # --loss-impl as the estimate counts it: liger's and cut-cross-entropy's chunks are not counted (within 1% of the
 # measured peaks without them)
 LOSS_KINDS = {"torch": "torch", "chunked": "chunked", "liger": "fused", "cce": "fused"}
-H100_GIB = 79.6  # an 80 GB H100: 81559 MiB
+H100_GIB = 79.2  # an H100 80GB as torch sees it (get_device_properties().total_memory; nvidia-smi says 81559 MiB)
 # Left free when choosing how many layers to recompute (--checkpoint-layers auto, the suggestions) and whether the
 # logits fit: the CUDA context, the allocator's fragmentation, which the peaks measured here
 # (torch.cuda.max_memory_allocated) do not count, and the estimate's own error (within 2% of the measured peaks).
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                         "recipe's (default auto: the plain logits, or chunks above 8192 tokens or where they do not "
                         "fit); liger and cce keep no logits")
     parser.add_argument("--gpu-gib", type=float, help="memory of one GPU, to say whether it fits (default: "
-                        "this machine's GPU, or an 80 GB H100's 79.6 GiB without a GPU)")
+                        "this machine's GPU, or an H100 80GB's 79.2 GiB without a GPU)")
     # as train.py takes them (true/false), over the recipe's
     parser.add_argument("--lora", nargs="?", const="true", metavar="BOOL", help="LoRA of the recipe's rank and "
                         "targets (default rank 8, attn,experts)")
