@@ -199,7 +199,8 @@ class Trainer:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             if cfg.model.checkpoint_layers == "auto":
-                self.recompute += " (auto: the fewest the memory estimate fits)"
+                self.recompute += (" (auto: the fewest the memory estimate fits)" if self.device.type == "cuda" else
+                                   " (auto: all, with no GPU memory to fit)")
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora, self.ds_config, self.rank, seed=cfg.optim.seed)
         return model
