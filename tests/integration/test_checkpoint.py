@@ -13,6 +13,7 @@ from helpers import (FOUR_RANK_LR, FOUR_RANK_RUN, FOUR_RANK_STEPS, TINY, assert_
 from qwen_moe_ft.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(four_rank_ep2_resumed):
     resumed, output, stopped_at, _ = four_rank_ep2_resumed
     assert 1 <= stopped_at < FOUR_RANK_STEPS, "SIGTERM came after the last step: nothing was resumed"
@@ -20,6 +21,7 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(four_rank_ep2_re
     assert (resumed / "checkpoints" / f"step-{stopped_at}" / COMPLETE).exists()
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_exactly_with_expert_groups_of_two_ranks(four_rank_runs, four_rank_ep2_resumed):
     """Four processes at EP=2, two micro-batches each a step: moments, expert shards, the gate/up cache, the data
     position within the epoch and the schedule all come back."""
@@ -59,6 +61,7 @@ def reshaped(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", list(RESHAPED))
 def test_a_checkpoint_resumes_at_another_layout_and_trains_what_that_layout_trains(four_rank_runs, reshaped, key):
     """fp32 master weights, Adam's moments and step, the schedule and the data position come back through DeepSpeed's
@@ -87,6 +90,7 @@ def test_a_checkpoint_resumes_at_another_layout_and_trains_what_that_layout_trai
                          load_file(TINY / "model.safetensors"), FOUR_RANK_STEPS, FOUR_RANK_LR)
 
 
+@pytest.mark.slow
 def test_bf16_moments_resume_at_another_layout(tmp_path_factory):
     """The fast path's default bf16 moments: widened to fp32 for DeepSpeed's converter, narrowed again after the
     load. Two processes at EP=2 run 2 steps and save after the first; one process resumes step-1 for the second. The
@@ -105,6 +109,7 @@ def test_bf16_moments_resume_at_another_layout(tmp_path_factory):
                          load_file(TINY / "model.safetensors"), 2, FOUR_RANK_LR)
 
 
+@pytest.mark.slow
 def test_a_layout_whose_steps_would_take_other_micro_batches_stops_before_loading(reshaped, tmp_path):
     """Saved at 2 processes x 4 micro-batches: one process must accumulate 8 (the unit tests cover a number of
     processes that no --grad-accum serves)."""

@@ -2,6 +2,7 @@
 balances the experts' load; bad values stop the run before loading. That the global-scope loss is the same at
 any EP size, rank count or accumulation is checked on the runs of test_reference.py (EP=1 and EP=2 against a
 plain loop) and test_four_ranks.py (4 ranks at EP=1, 2 and 4 against 1 rank accumulating 4, with large coefficients)."""
+import pytest
 from safetensors.torch import load_file
 
 from helpers import SAMPLE, TINY, read_metrics, train, train_together
@@ -23,6 +24,7 @@ def test_freeze_router_keeps_the_gates_bit_identical(tmp_path):
         assert (trained[name] - start[name]).abs().max() > 1e-4, name
 
 
+@pytest.mark.slow
 def test_load_balancing_loss_lowers_the_busiest_experts_load(tmp_path):
     """200 small steps: with coefficient 0.1 the busiest expert's load over the last 50 steps falls well below the
     run without it (measured ~2.2 against ~3.5 times the mean) and below its own first 25 steps (~3.5)."""

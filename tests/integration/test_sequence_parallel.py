@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from helpers import EVAL, REPO, SAMPLE, TINY, assert_trained_alike, read_metrics, train, train_together
 
+pytestmark = pytest.mark.slow  # eight processes at once on the CI machine's two cores: ~75 s
+
 PROBE = REPO / "tests" / "integration" / "sequence_parallel_probe.py"
 LR, STEPS = 3e-3, 2
 # Adam's eps above the gradients' float32 rounding, as in test_reference.py: with 1e-8 an element whose gradient
