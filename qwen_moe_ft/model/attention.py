@@ -85,11 +85,18 @@ def _torch_varlen(q, k, v, cu, max_len, scale):
     return _torch_varlen_attn(q, k, v, cu, max_len, scale)
 
 
+@functools.cache
+def _varlen_attn_takes_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def _torch_varlen_attn(q, k, v, cu, max_len, scale):
     """torch's public varlen_attn: versions the direct call was not checked on, and its reference in the tests."""
     from torch.nn.attention.varlen import varlen_attn
 
-    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    if _varlen_attn_takes_gqa():
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
     # torch 2.11's varlen_attn has no GQA: give every query head its own copy of the kv head.
     groups = q.shape[1] // k.shape[1]
