@@ -44,25 +44,32 @@ def _grads(trainer, lora: bool) -> dict[str, torch.Tensor]:
             p.data = value
 
 
-def main(argv: list[str]) -> None:
-    cfg = load_config(argv)
-    trainer = Trainer(cfg)
-    record = {"documents": [], "grads": []}
-    if cfg.lora.enabled:
-        record["initial_adapter"] = adapter_state_dict(trainer.engine.module)
+def run_probed(trainer, record: dict, before_micro_batches, out_name: str) -> None:
+    """Run `trainer` to its end, calling before_micro_batches(micro_batches) ahead of each step's micro-batches and
+    appending every trainable gradient to record["grads"] before each optimizer step; then save `record` to
+    OUTPUT_DIR/out_name."""
     run_step, engine_step = trainer.run_step, trainer.engine.step
 
     def probed_run_step(micro_batches, *args, **kwargs):
-        record["documents"].append(_documents(micro_batches))
+        before_micro_batches(micro_batches)
         return run_step(micro_batches, *args, **kwargs)
 
     def probed_engine_step(*args, **kwargs):
-        record["grads"].append(_grads(trainer, cfg.lora.enabled))
+        record["grads"].append(_grads(trainer, trainer.cfg.lora.enabled))
         return engine_step(*args, **kwargs)
 
     trainer.run_step, trainer.engine.step = probed_run_step, probed_engine_step
     trainer.run()
-    torch.save(record, os.path.join(cfg.output.dir, f"probe-rank{trainer.rank}.pt"))
+    torch.save(record, os.path.join(trainer.cfg.output.dir, out_name))
+
+
+def main(argv: list[str]) -> None:
+    trainer = Trainer(load_config(argv))
+    record = {"documents": [], "grads": []}
+    if trainer.cfg.lora.enabled:
+        record["initial_adapter"] = adapter_state_dict(trainer.engine.module)
+    run_probed(trainer, record, lambda micro_batches: record["documents"].append(_documents(micro_batches)),
+               f"probe-rank{trainer.rank}.pt")
 
 
 if __name__ == "__main__":

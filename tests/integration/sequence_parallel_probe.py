@@ -5,7 +5,6 @@ Before each optimizer step it runs the step's micro-batches once more without gr
 losses of each whole row (an SP group's ranks gather their slices; the row's padding left off), and after the
 backward, before the step, every trainable parameter's gradient (tests/integration/probed_train.py's reading).
 Written to OUTPUT_DIR/sp-probe-rank{rank}.pt when the run ends, with each row's document lengths."""
-import os
 import sys
 
 import torch
@@ -13,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.utils import groups
 
-from probed_train import _grads
+from probed_train import run_probed
 from qwen_moe_ft.config import load_config
 from qwen_moe_ft.data.rows import IGNORE
 from qwen_moe_ft.model.loading import causal_lm_of
@@ -35,25 +34,16 @@ def _row_losses(trainer, micro) -> torch.Tensor:
 
 
 def main(argv: list[str]) -> None:
-    cfg = load_config(argv)
-    trainer = Trainer(cfg)
+    trainer = Trainer(load_config(argv))
     record = {"rows": [], "losses": [], "grads": []}
-    run_step, engine_step = trainer.run_step, trainer.engine.step
 
-    def probed_run_step(micro_batches, *args, **kwargs):
+    def record_rows(micro_batches):
         trainer.engine.eval()
         record["losses"].append([_row_losses(trainer, micro) for micro in micro_batches])
         trainer.engine.train()
         record["rows"].append([micro.doc_lengths for micro in micro_batches])
-        return run_step(micro_batches, *args, **kwargs)
 
-    def probed_engine_step(*args, **kwargs):
-        record["grads"].append(_grads(trainer, lora=False))
-        return engine_step(*args, **kwargs)
-
-    trainer.run_step, trainer.engine.step = probed_run_step, probed_engine_step
-    trainer.run()
-    torch.save(record, os.path.join(cfg.output.dir, f"sp-probe-rank{trainer.rank}.pt"))
+    run_probed(trainer, record, record_rows, f"sp-probe-rank{trainer.rank}.pt")
 
 
 if __name__ == "__main__":
