@@ -16,6 +16,11 @@ Each (stack, depth) runs in a fresh subprocess on a Qwen3-30B-A3B-shaped model c
 equivalent is rest + 48 x per-layer; with one depth, whole steps. `--lora` compares our LoRA (rank 16,
 attention and experts) with transformers + PEFT LoRA of the same targets (`target_parameters` on the
 experts), both with activation checkpointing unless `--no-activation-checkpointing`.
+
+Each step's split follows the table, per stack and depth: forward+backward, of which the LM head + loss (CUDA
+events from the final norm's output to the loss and back until its gradient reaches that output), and the
+optimizer; and the shares of the step that the decoder layers (depth x their per-layer forward+backward, where
+two depths give it), the head + loss, the optimizer and the rest (embedding, final norm, ...) take.
 """
 from __future__ import annotations
 
@@ -90,6 +95,7 @@ def trainer_config(model: str, depth: int, tokens: int, attn: str, steps: int, s
 
 
 def _run_ours(args, batches):
+    from ..model.loading import causal_lm_of
     from ..train import Trainer
 
     cfg = trainer_config(args.model, args.depth, args.tokens, args.attn, len(batches), args.scratch, args.seed,
@@ -107,7 +113,7 @@ def _run_ours(args, batches):
         return trainer.run_step([collate_packed(docs)], step=i + 1, epoch=1, timer=timer).loss
 
     return step, (f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}, "
-                  f"{trainer.recompute}; {trainer.fast_path.summary()}")
+                  f"{trainer.recompute}; {trainer.fast_path.summary()}"), causal_lm_of(trainer.engine)
 
 
 def _lora_options(args) -> dict:
@@ -146,7 +152,7 @@ def _run_hf(args, batches):
     from transformers import AutoModelForCausalLM, set_seed
 
     from ..config import ModelConfig
-    from ..model.loading import load_model_config
+    from ..model.loading import causal_lm_of, load_model_config
 
     packed = args.stack.endswith("_packed")
     attention = _packed_attention() if packed else "sdpa"
@@ -192,7 +198,54 @@ def _run_hf(args, batches):
         return float(total) / label_tokens
 
     described = f"{attention} (one packed row)" if packed else "sdpa (padded)"
-    return step, described + (", PEFT LoRA" if args.lora else "")
+    return step, described + (", PEFT LoRA" if args.lora else ""), causal_lm_of(model)
+
+
+def _timing_event():
+    return torch.cuda.Event(enable_timing=True)
+
+
+class HeadLossSpans:
+    """The LM head and the loss of each micro-batch, forward and backward, as a pair of events on the current
+    stream: one as the final norm's output is produced, one as its gradient arrives (the head's and the loss's
+    backward done); what runs between the loss and its backward (ours: the router's loss terms, DeepSpeed's
+    backward set-up) counts with them. Nothing synchronises: read the spans after the step has. The final norm sits
+    outside the decoder layers, so activation checkpointing never runs it again.
+
+        with HeadLossSpans(causal_lm) as head_loss:
+            step(...); timer.end(); head_loss.take_ms()
+    """
+
+    def __init__(self, causal_lm: torch.nn.Module, new_event=_timing_event):
+        self.norm = causal_lm.model.norm
+        self.new_event = new_event
+        self.spans = []
+        self.handle = None
+
+    def __enter__(self):
+        self.handle = self.norm.register_forward_hook(self._on_norm_output)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        self.spans = []
+
+    def _on_norm_output(self, module, args, output):
+        if not output.requires_grad:  # no backward to wait for (e.g. an evaluation)
+            return
+        start, end = self.new_event(), self.new_event()
+        start.record()
+
+        def on_gradient(grad):
+            end.record()
+
+        output.register_hook(on_gradient)
+        self.spans.append((start, end))
+
+    def take_ms(self) -> float:
+        """The spans since the last call, summed over the micro-batches (ms); forgets them."""
+        spans, self.spans = self.spans, []
+        return sum(start.elapsed_time(end) for start, end in spans)
 
 
 def host_profile(step, steps: int, top: int = 40) -> dict[str, str]:
@@ -219,22 +272,25 @@ def host_profile(step, steps: int, top: int = 40) -> dict[str, str]:
 
 
 def worker(args) -> dict:
-    """One stack at one depth: median step, forward+backward and optimizer times after warm-up."""
+    """One stack at one depth: median step, forward+backward, LM head + loss and optimizer times after warm-up."""
     batches = make_batches(args.warmup + args.steps, args.tokens, args.lengths, vocab=151936, seed=args.seed)
-    step, attention = (_run_hf if args.stack.startswith("hf_") else _run_ours)(args, batches)
+    step, attention, causal_lm = (_run_hf if args.stack.startswith("hf_") else _run_ours)(args, batches)
     if args.no_gc:
         gc.collect()
         gc.freeze()
         gc.disable()
     timer = StepTimer(torch.device("cuda"))  # resets the peak each step: the reported peak is the last step's
-    losses, steps, fwd_bwd = [], [], []
-    for i, docs in enumerate(batches):
-        loss = step(docs, i, timer)
-        seconds = timer.end()
-        losses.append(loss)
-        if i >= args.warmup:
-            steps.append(seconds)
-            fwd_bwd.append(timer.marks["forward_backward"])
+    losses, steps, fwd_bwd, head_loss_ms = [], [], [], []
+    with HeadLossSpans(causal_lm) as head_loss:
+        for i, docs in enumerate(batches):
+            loss = step(docs, i, timer)
+            seconds = timer.end()
+            losses.append(loss)
+            spans_ms = head_loss.take_ms()
+            if i >= args.warmup:
+                steps.append(seconds)
+                fwd_bwd.append(timer.marks["forward_backward"])
+                head_loss_ms.append(spans_ms)
     kernels = profile_step(lambda t: step(batches[-1], len(batches), t)) if args.profile else None
     trace = None
     if args.trace_steps:
@@ -252,12 +308,15 @@ def worker(args) -> dict:
     lengths = [len(d["input_ids"]) for d in batches[0]]
     return dict(stack=args.stack, depth=args.depth, attention=attention, step_ms=1e3 * step_s,
                 step_ms_spread=1e3 * (quartiles[2] - quartiles[0]),
-                fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+                fwd_bwd_ms=1e3 * fb_s, optimizer_ms=1e3 * (step_s - fb_s),
+                # of forward+backward: the final norm's output to the loss and back (LM head, loss)
+                head_loss_ms=statistics.median(head_loss_ms), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
                 # what the allocator held at the peak: allocated + its fragmentation (the headroom memory.py leaves)
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
                 # cudaMalloc retries after freeing the cache: each synchronises the device (a host stall)
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0), tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
                 steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
+                head_loss_steps_ms=[round(t, 2) for t in head_loss_ms],
                 gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace, host_profile=host)
 
 
@@ -278,7 +337,8 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
         step_flops = flops_per_token(config_at[high], b["mean_context"], frozen_weights=frozen_weights)
         whole_steps = dict(attention=b["attention"], **{f"step_ms_{d}L": by_depth[d]["step_ms"] for d in depths},
                            peak_mem_gib=b["peak_mem_gib"], tokens_per_s=tokens_per_s,
-                           step_mfu=tokens_per_s * step_flops / 1e12 / peak, first_losses=a["losses"][:3])
+                           step_mfu=tokens_per_s * step_flops / 1e12 / peak, first_losses=a["losses"][:3],
+                           **step_breakdowns(by_depth))
         if span == 0:
             out[stack] = whole_steps
             continue
@@ -299,7 +359,8 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
             optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
             fwd_bwd_layer_mfu=fb_tflops / peak, tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3),
             outside_layers_ms=outside["step_ms"], outside_layers_fwd_bwd_ms=outside["fwd_bwd_ms"],
-            outside_layers_optimizer_ms=outside["optimizer_ms"])
+            outside_layers_optimizer_ms=outside["optimizer_ms"],
+            **step_breakdowns(by_depth, per_layer["fwd_bwd_ms"]))
         if a.get("trace") and b.get("trace"):
             out[stack].update(traced_busy(a, b, span))
     ours = out.get("ours", {})
@@ -312,6 +373,30 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
             out[f"ratios_{baseline}"] = {k: base[k] / ours[k] for k in ("per_layer_ms", "fwd_bwd_per_layer_ms",
                                                                           "optimizer_per_layer_ms")}
             out[f"ratios_{baseline}"]["note"] = "baseline time / our time: above 1 means we are faster"
+    return out
+
+
+def step_breakdowns(by_depth: dict[int, dict], fwd_bwd_per_layer_ms: float | None = None) -> dict:
+    """{"step_breakdown": {"<depth>L": step_breakdown(...)}} for each depth's result; empty for results measured
+    before the LM head + loss had its own time."""
+    if not all("head_loss_ms" in r for r in by_depth.values()):
+        return {}
+    return {"step_breakdown": {f"{d}L": step_breakdown(r, None if fwd_bwd_per_layer_ms is None
+                                                       else d * fwd_bwd_per_layer_ms)
+                               for d, r in sorted(by_depth.items())}}
+
+
+def step_breakdown(result: dict, layers_fwd_bwd_ms: float | None) -> dict:
+    """One depth's step: forward+backward, of which the LM head + loss, and the optimizer (ms), and the fractions of
+    the step they take. Given the decoder layers' forward+backward (depth x per layer), the rest of forward+backward
+    (embedding, final norm, what the engine does around the backward) apart from them; else the two together."""
+    step, fwd_bwd, head_loss = result["step_ms"], result["fwd_bwd_ms"], result["head_loss_ms"]
+    out = dict(step_ms=step, fwd_bwd_ms=fwd_bwd, head_loss_ms=head_loss, optimizer_ms=result["optimizer_ms"],
+               head_loss_share=head_loss / step, optimizer_share=result["optimizer_ms"] / step)
+    if layers_fwd_bwd_ms is None:
+        out["layers_and_rest_share"] = (fwd_bwd - head_loss) / step
+    else:
+        out.update(layers_share=layers_fwd_bwd_ms / step, rest_share=(fwd_bwd - head_loss - layers_fwd_bwd_ms) / step)
     return out
 
 
@@ -334,9 +419,11 @@ def kernel_tables(results: list[dict], depths: tuple[int, int]) -> dict[str, lis
 
 
 def table(summary: dict) -> str:
+    """The per-layer table (with one depth, or none above the noise, whole steps), then each step's split."""
+    split = breakdown_table(summary)
     if not any("per_layer_ms" in v or v.get("per_layer_within_noise") for v in summary.values() if isinstance(v, dict)
                and "attention" in v):
-        return whole_step_table(summary)
+        return "\n\n".join(filter(None, (whole_step_table(summary), split)))
     rows, notes = [], []
     for stack in ALL_STACKS:
         if stack in summary and summary[stack].get("per_layer_within_noise"):
@@ -372,7 +459,30 @@ def table(summary: dict) -> str:
             r = summary[f"ratios_{baseline}"]
             lines.append(f"\n{baseline}/ours: per layer {r['per_layer_ms']:.2f}x, forward+backward "
                          f"{r['fwd_bwd_per_layer_ms']:.2f}x, optimizer {r['optimizer_per_layer_ms']:.2f}x")
-    return "\n".join(lines + notes)
+    return "\n\n".join(filter(None, ("\n".join(lines + notes), split)))
+
+
+def breakdown_table(summary: dict) -> str:
+    """Per stack and depth: the step, its forward+backward, the LM head + loss within it and the optimizer (ms),
+    and the shares of the step that the decoder layers, the head + loss, the optimizer and the rest take."""
+    rows, notes = [], []
+    for stack in ALL_STACKS:
+        for depth, b in summary.get(stack, {}).get("step_breakdown", {}).items():
+            if "layers_share" in b:
+                layers, rest = f"{100 * b['layers_share']:.0f}%", f"{100 * b['rest_share']:.0f}%"
+            else:
+                layers = rest = "n/a"
+                notes.append(f"{stack} at {depth}: the decoder layers and the rest together "
+                             f"{100 * b['layers_and_rest_share']:.0f}% (two depths, --layers 2,4, split them)")
+            rows.append((stack, depth, f"{b['step_ms']:.1f}", f"{b['fwd_bwd_ms']:.1f}", f"{b['head_loss_ms']:.1f}",
+                         f"{b['optimizer_ms']:.1f}", layers, f"{100 * b['head_loss_share']:.0f}%",
+                         f"{100 * b['optimizer_share']:.0f}%", rest))
+    if not rows:
+        return ""
+    header = ("stack", "depth", "step ms", "fwd+bwd ms", "head+loss ms", "optimizer ms", "layers %", "head+loss %",
+              "optimizer %", "rest %")
+    return "\n".join(["step split (head+loss: LM head and loss, forward and backward, within fwd+bwd; rest: "
+                      "embedding, final norm, ...)", markdown_table(header, rows), *notes])
 
 
 def whole_step_table(summary: dict) -> str:
@@ -462,8 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(dict(stack=stack, depth=depth, error=(errors or lines)[-1]))
                 continue
             results.append(json.loads(found[-1][len("RESULT "):]))
-            print(f"{stack} {depth} layers: step {results[-1]['step_ms']:.1f} ms, losses {results[-1]['losses'][:3]}",
-                  flush=True)
+            print(f"{stack} {depth} layers: step {results[-1]['step_ms']:.1f} ms (LM head + loss "
+                  f"{results[-1]['head_loss_ms']:.1f}), losses {results[-1]['losses'][:3]}", flush=True)
     complete = [r for r in results if {x["depth"] for x in results if x["stack"] == r["stack"]} == set(depths)]
     if not complete:
         print("error: no stack ran at every depth", file=sys.stderr)

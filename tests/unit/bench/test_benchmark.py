@@ -1,13 +1,18 @@
-"""The benchmark's summary: per-layer figures from two depths, and none where they would be noise."""
+"""The benchmark's summary: per-layer figures from two depths, and none where they would be noise; each step's
+split into the decoder layers, the LM head + loss, the optimizer and the rest; the events that time the head + loss."""
+import time
+
 import pytest
+import torch
 
-from qwen_moe_ft.bench.benchmark import document_lengths, summarise, table
+from qwen_moe_ft.bench.benchmark import HeadLossSpans, document_lengths, summarise, table
+from qwen_moe_ft.model.loading import causal_lm_of
 
 
-def result(stack, depth, step_ms, spread, fwd_bwd_ms):
+def result(stack, depth, step_ms, spread, fwd_bwd_ms, head_loss_ms=10.0):
     return dict(stack=stack, depth=depth, attention="x", step_ms=step_ms, step_ms_spread=spread,
-                fwd_bwd_ms=fwd_bwd_ms, optimizer_ms=step_ms - fwd_bwd_ms, peak_mem_gib=40.0 + depth,
-                tokens=8192, mean_context=461.0, losses=[12.3, 12.2, 12.1])
+                fwd_bwd_ms=fwd_bwd_ms, optimizer_ms=step_ms - fwd_bwd_ms, head_loss_ms=head_loss_ms,
+                peak_mem_gib=40.0 + depth, tokens=8192, mean_context=461.0, losses=[12.3, 12.2, 12.1])
 
 
 def test_per_layer_figures_are_depth_differences():
@@ -78,3 +83,116 @@ def test_document_lengths_fill_the_micro_batch(lengths):
         assert docs == {"whole": [32768], "full": [4096] * 8}[lengths]
     else:  # log-normal, cut at 4096
         assert max(docs) <= 4096
+
+
+def shares(split):
+    return sum(v for k, v in split.items() if k.endswith("_share"))
+
+
+def test_two_depths_split_each_step_into_layers_head_and_loss_optimizer_and_the_rest():
+    summary = summarise([result("ours", 2, 110.0, 1.0, 60.0, head_loss_ms=20.0),
+                         result("ours", 4, 160.0, 1.0, 85.0, head_loss_ms=21.0),
+                         result("hf_grouped_mm_packed", 2, 150.0, 1.0, 90.0, head_loss_ms=30.0),
+                         result("hf_grouped_mm_packed", 4, 230.0, 1.0, 130.0, head_loss_ms=30.0)], (2, 4), peak=989.0)
+    split = summary["ours"]["step_breakdown"]["4L"]
+    # layers: 4 x 12.5 ms of forward+backward; rest: 85 - 21 - 50
+    assert split["head_loss_ms"] == 21.0 and split["fwd_bwd_ms"] == 85.0 and split["optimizer_ms"] == 75.0
+    assert split["layers_share"] == pytest.approx(50.0 / 160.0)
+    assert split["head_loss_share"] == pytest.approx(21.0 / 160.0)
+    assert split["optimizer_share"] == pytest.approx(75.0 / 160.0)
+    assert split["rest_share"] == pytest.approx(14.0 / 160.0)
+    for stack in ("ours", "hf_grouped_mm_packed"):
+        for depth in ("2L", "4L"):
+            assert shares(summary[stack]["step_breakdown"][depth]) == pytest.approx(1.0)
+    printed = table(summary)
+    assert "| stack | depth | step ms | fwd+bwd ms | head+loss ms | optimizer ms | layers % | head+loss % | " \
+           "optimizer % | rest % |" in printed
+    assert "| ours | 4L | 160.0 | 85.0 | 21.0 | 75.0 | 31% | 13% | 47% | 9% |" in printed
+    assert "| hf_grouped_mm_packed | 2L | 150.0 | 90.0 | 30.0 | 60.0 | 27% | 20% | 40% | 13% |" in printed
+
+
+def test_one_depth_or_noisy_depths_give_the_layers_and_the_rest_together():
+    one_depth = summarise([result("ours", 48, 400.0, 5.0, 300.0, head_loss_ms=40.0),
+                           result("hf_peft_lora", 48, 1000.0, 5.0, 900.0, head_loss_ms=100.0)], (48,), peak=989.0)
+    split = one_depth["ours"]["step_breakdown"]["48L"]
+    assert "layers_share" not in split and split["layers_and_rest_share"] == pytest.approx(260.0 / 400.0)
+    assert shares(split) == pytest.approx(1.0)
+    printed = table(one_depth)
+    assert "| ours | 48L | 400.0 | 300.0 | 40.0 | 100.0 | n/a | 10% | 25% | n/a |" in printed
+    assert "ours at 48L: the decoder layers and the rest together 65%" in printed
+    noisy = summarise([result("ours", 2, 107.5, 2.0, 50.0), result("ours", 4, 160.2, 2.0, 75.0),
+                       result("hf_grouped_mm", 2, 645.0, 120.0, 600.0),
+                       result("hf_grouped_mm", 4, 648.9, 120.0, 590.0)], (2, 4), peak=989.0)
+    assert "layers_share" in noisy["ours"]["step_breakdown"]["4L"]
+    assert "layers_and_rest_share" in noisy["hf_grouped_mm"]["step_breakdown"]["4L"]
+
+
+def test_results_without_a_head_and_loss_time_give_no_split():
+    old = [{k: v for k, v in result("ours", d, 100.0 + 25 * d, 1.0, 60.0 + 12 * d).items() if k != "head_loss_ms"}
+           for d in (2, 4)]
+    summary = summarise(old, (2, 4), peak=989.0)
+    assert "step_breakdown" not in summary["ours"] and "head+loss" not in table(summary)
+
+
+class WallClockEvent:
+    """torch.cuda.Event's record and elapsed_time, on the host's clock."""
+
+    def __init__(self):
+        self.at = None
+
+    def record(self):
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return 1e3 * (end.at - self.at)
+
+
+def tiny_causal_lm(checkpointing: bool):
+    from transformers import AutoModelForCausalLM
+
+    from qwen_moe_ft.config import TINY_MODEL, ModelConfig
+    from qwen_moe_ft.model.checkpointing import enable_activation_checkpointing
+    from qwen_moe_ft.model.loading import load_model_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(load_model_config(ModelConfig(random_init=True), TINY_MODEL))
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    return model.train()
+
+
+def accumulated_step(model, micro_batches):
+    """Forward and backward of each micro-batch, as the transformers stack's step does: the loss and the
+    gradients."""
+    total = 0.0
+    for ids in micro_batches:
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[:, :-1].flatten(0, 1),
+                                                 ids[:, 1:].flatten())
+        loss.backward()
+        total += loss.item()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return total, grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_head_and_loss_spans_pair_up_per_micro_batch_and_leave_the_step_alone(checkpointing):
+    model = tiny_causal_lm(checkpointing)
+    micro_batches = [torch.randint(0, 2048, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    untimed_loss, untimed_grads = accumulated_step(model, micro_batches)
+    with HeadLossSpans(causal_lm_of(model), new_event=WallClockEvent) as head_loss:
+        assert len(model.model.norm._forward_hooks) == 1
+        timed_loss, timed_grads = accumulated_step(model, micro_batches)
+        spans = list(head_loss.spans)
+        total_ms = head_loss.take_ms()
+        assert head_loss.spans == [] and head_loss.take_ms() == 0.0
+        with torch.no_grad():  # an evaluation's forward: no backward to time
+            model(input_ids=micro_batches[0])
+        assert head_loss.spans == []
+    assert not model.model.norm._forward_hooks
+    assert timed_loss == untimed_loss
+    assert all(torch.equal(a, b) for a, b in zip(timed_grads, untimed_grads))
+    # one span a micro-batch, closed by its backward before the next micro-batch's forward; summed
+    assert len(spans) == 3 and all(end.at >= start.at for start, end in spans)
+    assert all(earlier[1].at <= later[0].at for earlier, later in zip(spans, spans[1:]))
+    assert total_ms == pytest.approx(sum(1e3 * (end.at - start.at) for start, end in spans))
