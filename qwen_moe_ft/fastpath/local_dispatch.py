@@ -83,6 +83,10 @@ def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad
     if quack:
         expert_output = _quack_experts(layer, x, rows, routing.num_tokens_per_expert)
         return _combine(layer, expert_output, routing, rows, x, hidden_states)
+    if getattr(layer.experts, "takes_token_rows", False) and layer.score_apply != "pre" and not pad_rows:
+        # the experts gather the rows themselves, and again in their backward instead of keeping them (LoRA)
+        expert_output = layer.experts(x, routing.num_tokens_per_expert, rows, layer.top_k)
+        return _combine(layer, expert_output, routing, rows, x, hidden_states)
     routed = _GatherTokenRows.apply(x, rows, layer.top_k)
     if layer.score_apply == "pre":
         routed = auto_ep_layer.apply_scores_before_experts_if_enabled(routed, routing.top_scores.view(-1)[rows],

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.moe.ep_experts import apply_expert_activation
 from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraConfig
 from ..parallel.expert_parallel import apply_autoep, gather_experts_to, in_ep_group_of
 from .export import WRITER
+from .lora_expert_mlp import ExpertLoRAMlp
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PEFT_PREFIX = "base_model.model."  # PEFT's names of the stock model's parameters in an adapter file
@@ -40,15 +40,6 @@ def peft_config(lora: LoraConfig, base_model: str):
                       target_modules=ATTENTION_MODULES if "attn" in targets else [],
                       target_parameters=EXPERT_PARAMETERS if "experts" in targets else None,
                       base_model_name_or_path=base_model, task_type="CAUSAL_LM")
-
-
-def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(x_e A_e^T) B_e^T for each expert's rows of x: two grouped GEMMs through rank r, nothing of W's size."""
-    pad = -a.shape[1] % (16 // x.element_size())
-    if pad:  # torch._grouped_mm needs 16-byte row strides; zero rank rows add nothing
-        a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
-    return torch._grouped_mm(torch._grouped_mm(x, a.to(x.dtype).transpose(-2, -1), offs=offsets),
-                             b.to(x.dtype).transpose(-2, -1), offs=offsets)
 
 
 class LinearLoRA(nn.Module):
@@ -122,20 +113,15 @@ class ExpertLoRA(nn.Module):
         down = self.scaling * torch.bmm(self.lora_B_down, self.lora_A_down)
         return gate_up[:, :self.inter], gate_up[:, self.inter:], down  # gate (w1), up (w3), down (w2)
 
-    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        base, offsets = self.base, torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
-        # Gate and up as two GEMMs (AutoEP's "separate" path): the fused one would concatenate w1 and w3 anew
-        # each call, a copy of the weights' size; frozen weights are all autograd keeps of them.
-        gate = torch._grouped_mm(x, base.w1.to(x.dtype).transpose(-2, -1), offs=offsets)
-        up = torch._grouped_mm(x, base.w3.to(x.dtype).transpose(-2, -1), offs=offsets)
-        gate_up = _low_rank(x, self.lora_A_gate_up, self.lora_B_gate_up, offsets)
-        gate.add_(gate_up[:, :self.inter], alpha=self.scaling)
-        up.add_(gate_up[:, self.inter:], alpha=self.scaling)
-        # fused (DeepSpeed's Triton kernel) by the tensors' device: DeepSpeed picks it wherever a GPU exists
-        h = apply_expert_activation(gate, up, base.activation, base.activation_alpha, base.activation_limit,
-                                    fused=gate.is_cuda)
-        out = torch._grouped_mm(h, base.w2.to(x.dtype).transpose(-2, -1), offs=offsets)
-        out.add_(_low_rank(h, self.lora_A_down, self.lora_B_down, offsets), alpha=self.scaling)
+    # one_rank_dispatch (fastpath/local_dispatch.py) passes the tokens and the routed rows' order instead of gathered
+    # rows to experts that take them
+    takes_token_rows = True
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, rows: torch.Tensor | None = None,
+                top_k: int = 1) -> torch.Tensor:
+        """x: the routed rows in expert order; or, with `rows`, the tokens (row i is token rows[i] // top_k)."""
+        offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
+        out = ExpertLoRAMlp.apply(x, rows, top_k, offsets, self.base, self.scaling, *self.lora_parameters())
         return out.type_as(x)
 
 

@@ -105,6 +105,57 @@ def test_backward_keeps_nothing_of_a_base_weights_size(process_group):
     assert max(t.untyped_storage().nbytes() for t in new) < experts.base.w2.untyped_storage().nbytes() / 4
 
 
+# The experts fed the tokens and the routed rows' order (what one_rank_dispatch passes; lora_expert_mlp.py) against
+# the same module fed the gathered rows, and what their backward keeps.
+TOP_K = 2
+
+
+def routing(seed: int = 0):
+    """COUNTS' rows as TOP_K slots of sum(COUNTS) / TOP_K tokens, in a random expert order: `rows` is the permutation
+    of the (token, slot) pairs, as local_dispatch.expert_order returns it."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(sum(COUNTS) - sum(COUNTS) % TOP_K, generator=g)
+    return rows.to(DEVICE), torch.tensor(COUNTS[:-1] + [COUNTS[-1] - sum(COUNTS) % TOP_K], device=DEVICE)
+
+
+@pytest.mark.parametrize("rank", [8, 3])
+def test_token_rows_give_the_gathered_rows_output_and_gradients(process_group, rank):
+    experts = expert_lora(rank)
+    rows, counts = routing()
+    tokens = torch.randn(rows.numel() // TOP_K, experts.base.w1.shape[2], device=DEVICE, dtype=DTYPE)
+    grad_out = torch.randn(rows.numel(), tokens.shape[1], device=DEVICE, dtype=DTYPE)
+
+    def run(from_tokens: bool):
+        x = tokens.clone().requires_grad_(True)
+        out = experts(x, counts, rows, TOP_K) if from_tokens else experts(x[rows // TOP_K], counts)
+        return [out, *torch.autograd.grad(out, [x, *experts.lora_parameters()], grad_out)]
+
+    # the same GEMMs on the same rows; the tokens' gradient sums a token's TOP_K rows in another order (fp32: ~1e-7)
+    for name, got, want in zip(["out", "tokens", "A_gate_up", "B_gate_up", "A_down", "B_down"], run(True), run(False)):
+        assert max_rel_err(got, want) < TOLERANCE, name
+
+
+def test_backward_keeps_gate_up_and_rank_r_products_only(process_group):
+    """Saved for the backward, besides the tokens and the weights: gate and up (rows x 2I), the rank-r products
+    (rows x r, twice), the rows' order and the offsets. The routed input rows (rows x H) and the activation's output
+    (rows x I) are rebuilt in the backward."""
+    experts = expert_lora(8)
+    rows, counts = routing()
+    tokens = torch.randn(rows.numel() // TOP_K, experts.base.w1.shape[2], device=DEVICE, dtype=DTYPE,
+                         requires_grad=True)
+    known = {t.untyped_storage().data_ptr() for t in [tokens, *experts.parameters()]}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = experts(tokens, counts, rows, TOP_K)
+    new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+           if t.untyped_storage().data_ptr() not in known}
+    n, inter, size = rows.numel(), experts.base.w1.shape[1], tokens.element_size()
+    expected = 2 * n * inter * size + 2 * n * 8 * size + rows.numel() * rows.element_size() + counts.numel() * 4
+    assert sum(new.values()) == expected
+    out.sum().backward()  # the backward runs from what was kept
+    assert tokens.grad is not None and all(p.grad is not None for p in experts.lora_parameters())
+
+
 LORA = LoraConfig(enabled=True, rank=4)  # attention and experts
 SEED = 42
 
