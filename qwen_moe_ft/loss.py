@@ -19,7 +19,7 @@ from .model.loading import causal_lm_of
 
 
 # Fused linear cross-entropy kernels (optional packages) and the plain logits path.
-FUSED_LOSS_PACKAGES = {"cce": "cut_cross_entropy", "liger": "liger_kernel", "liger_ce": "liger_kernel"}
+FUSED_LOSS_PACKAGES = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}
 # auto keeps the plain path up to this many tokens a micro-batch. Its logits grow with them (bf16, their fp32 copy
 # and its gradient: 11.6 GiB at 8192 tokens of Qwen3's 151936-entry vocabulary, 46 GiB at 32768), the chunked
 # path's stay at one chunk's.
@@ -134,15 +134,6 @@ def chunked_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return total
 
 
-def _liger_logits_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from liger_kernel.transformers.functional import liger_cross_entropy
-
-    # One kernel reads the bf16 logits once and writes their gradient over them (fp32 inside): no fp32 copy of the
-    # [tokens, vocab] logits, its log-softmax and their gradients, the plain path's ~40 bytes of memory traffic
-    # an entry. Each token's loss is stored in the logits' dtype before the sum (a relative 2^-9 apiece).
-    return liger_cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").float()
-
-
 LINEAR_CROSS_ENTROPY = {"cce": _cce_sum, "liger": _fused_linear_ce_sum, "chunked": chunked_linear_ce_sum}
 
 
@@ -153,9 +144,6 @@ def token_loss_sum(model: torch.nn.Module, inputs: dict, shift_labels: torch.Ten
     hidden = lm.model(**inputs, use_cache=False).last_hidden_state
     if impl in LINEAR_CROSS_ENTROPY:  # from the hidden states and the LM head's weight: no [tokens, vocab] logits
         return LINEAR_CROSS_ENTROPY[impl](hidden.flatten(0, 1), lm.lm_head.weight, shift_labels.flatten())
-    if impl == "liger_ce":
-        logits = lm.lm_head(hidden)
-        return _liger_logits_ce_sum(logits.view(-1, logits.shape[-1]), shift_labels.view(-1))
     logits = lm.lm_head(hidden).float()
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=IGNORE,
                            reduction="sum")

@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ds-config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config of our stack")
     parser.add_argument("--zero-stage", type=int, default=2, help="ZeRO stage of our stack")
-    parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, torch, chunked, liger_ce, liger or cce")
+    parser.add_argument("--loss-impl", default="auto", help="loss of our stack: auto, torch, chunked, liger or cce")
     parser.add_argument("--fused-kernels", default="auto", help="fused RMSNorm/RoPE of our stack: auto, liger, none")
     parser.add_argument("--gate-up-recompute", action="store_true",
                         help="our stack rebuilds the gate/up concat in backward")
