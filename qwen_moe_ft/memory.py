@@ -3,7 +3,7 @@
     python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
                                  [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
                                  [--lora BOOL] [--activation-checkpointing BOOL] [--checkpoint-layers all|N|auto]
-                                 [--loss-impl auto|torch|chunked|liger_ce|liger|cce]
+                                 [--loss-impl auto|torch|chunked|liger|cce]
 
 --gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
 where the training will run.
@@ -47,9 +47,10 @@ GRADIENT_BYTES = 2  # the bf16 gradient partition: from the backward to the opti
 # 8de37ea, BENCHMARKS.md "Memory"): per layer the experts' gathered input rows (32 KiB a token) and output rows (32),
 # gate/up (24) and SwiGLU's output (12), norms, projections and attention (~45).
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 145 * 1024
-# The same for LoRA's unmerged experts and attention LoRA (model/lora.py), fitted to the 48-layer Qwen3-30B-A3B on an
-# H200 at 4096 tokens (BENCHMARKS.md, commit c15a292): 0.533 GiB a layer kept.
-LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER = 92.5 * 1024
+# The same for LoRA's unmerged experts (model/lora_expert_mlp.py: no input rows or SwiGLU output kept) and attention
+# LoRA, from the peaks of the 48-layer Qwen3-30B-A3B at 4096 tokens with 16 and 28 layers recomputed (76.715 and
+# 72.189 GiB, H200, commit 9c19195, BENCHMARKS.md "Memory"): 0.377 GiB a layer kept.
+LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER = 96.5 * 1024
 # The plain torch loss peaks in its backward: log-softmax's fp32 output, the fp32 gradient arriving at it and the one
 # it passes on (bf16 logits and their fp32 copy are freed by then, so the forward's 2 + 4 + 4 stays below)
 LOGIT_BYTES = 4 + 4 + 4
@@ -58,7 +59,7 @@ LOGIT_BYTES = 4 + 4 + 4
 CHUNK_LOGIT_BYTES = 2 + 4
 # --loss-impl as the estimate counts it: liger's and cut-cross-entropy's chunks are not counted (within 1% of the
 # measured peaks without them)
-LOSS_KINDS = {"torch": "torch", "chunked": "chunked", "liger_ce": "logits", "liger": "fused", "cce": "fused"}
+LOSS_KINDS = {"torch": "torch", "chunked": "chunked", "liger": "fused", "cce": "fused"}
 H100_GIB = 79.2  # an H100 80GB as torch sees it (get_device_properties().total_memory; nvidia-smi says 81559 MiB)
 # Left free when choosing how many layers to recompute (--checkpoint-layers auto, the suggestions) and whether the
 # logits fit: the CUDA context, the allocator's fragmentation, which the peaks measured here
@@ -137,8 +138,6 @@ def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:
     vocab, hidden = config.vocab_size, config.hidden_size
     if loss == "torch":
         return LOGIT_BYTES * tokens * vocab
-    if loss == "logits":  # liger_ce: the bf16 logits, their gradient written over them
-        return 2 * tokens * vocab
     if loss == "chunked":
         from .loss import CHUNK_TOKENS
 

@@ -80,10 +80,14 @@ class ExpertLoRAMlp(torch.autograd.Function):
         del grad_low
         routed = x if rows is None else x.index_select(0, rows // ctx.top_k)
         grad_a_gu = _gmm(grad_xa.t(), routed, offsets)
+        del routed  # each row-sized tensor is freed once used: they set the backward's peak
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _gmm(grad_gate, experts.w1.to(dtype), offsets)
-            grad_x.add_(_gmm(grad_up, experts.w3.to(dtype), offsets)).add_(_gmm(grad_xa, a_gu_, offsets))
+            del grad_gate
+            grad_x.add_(_gmm(grad_up, experts.w3.to(dtype), offsets))
+            del grad_up
+            grad_x.add_(_gmm(grad_xa, a_gu_, offsets))
             if rows is not None:
                 grad_x = sum_token_rows(grad_x, row_positions(rows), ctx.top_k)
         factors = [(grad_a_gu, a_gu), (grad_b_gu, b_gu), (grad_a_d, a_d), (grad_b_d, b_d)]
