@@ -51,6 +51,10 @@ ACTIVATION_BYTES_PER_TOKEN_LAYER = 145 * 1024
 # LoRA, from the peaks of the 48-layer Qwen3-30B-A3B at 4096 tokens with 16 and 28 layers recomputed (76.715 and
 # 72.189 GiB, H200, commit 9c19195, BENCHMARKS.md "Memory"): 0.377 GiB a layer kept.
 LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER = 96.5 * 1024
+# Alive besides in a LoRA layer's backward, from the peak with every layer recomputed at 32768 tokens (75.66 GiB,
+# H100 80GB, commit 2292216): the expert rows' gradient arriving (32 KiB), gate/up's gradients (24), the input rows'
+# gradient and a product added to it (64), less what is freed on the way.
+LORA_BACKWARD_BYTES_PER_TOKEN_LAYER = 83 * 1024
 # The plain torch loss peaks in its backward: log-softmax's fp32 output, the fp32 gradient arriving at it and the one
 # it passes on (bf16 logits and their fp32 copy are freed by then, so the forward's 2 + 4 + 4 stays below)
 LOGIT_BYTES = 4 + 4 + 4
@@ -166,6 +170,7 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
     # size), or one layer's at a time when the backward rebuilds them. LoRA runs gate and up separately.
     gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
     per_layer = LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER if lora_rank else ACTIVATION_BYTES_PER_TOKEN_LAYER
+    backward = LORA_BACKWARD_BYTES_PER_TOKEN_LAYER if lora_rank else 0  # full fine-tuning: within its 2% unmodelled
     kept = layers - recomputed_layers
     inputs = tokens * 2 * config.hidden_size * recomputed_layers  # what a recomputed layer keeps until its backward
     trained = (dense + expert) / gpus  # ZeRO-2 partitions: dense over every GPU, experts over their EDP group
@@ -181,7 +186,7 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
         logits=loss_bytes(config, loss, tokens, lm_head_trains=not lora_rank),
         # the backward reaches the recomputed (first) layers after the kept layers' activations and the loss's
         # memory are freed
-        recompute=inputs + tokens * per_layer if recomputed_layers else 0)
+        recompute=inputs + tokens * (per_layer + backward) if recomputed_layers else 0)
 
 
 def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
