@@ -50,10 +50,11 @@ class ModelConfig:
     num_hidden_layers: int = _opt(0, ">0 cuts the model to this depth (with --random-init)")
     dtype: str = _opt("bf16", "dtype of weights and compute", choices=("bf16", "fp32"))
     attn: str = _opt("auto", "attention kernel of packed rows", choices=("auto", "flash_attn", "torch_varlen", "sdpa"))
-    loss_impl: str = _opt("auto", "cross-entropy: torch on the whole [tokens, vocab] logits (the fastest measured), "
-                          "chunked (torch, 1024 tokens' logits at a time), or liger's or cut-cross-entropy's fused "
-                          "kernels; auto: torch up to 8192 tokens a micro-batch where the logits fit the GPU, chunked "
-                          "otherwise", choices=("auto", "torch", "chunked", "cce", "liger"))
+    loss_impl: str = _opt("auto", "cross-entropy: triton (GPU) or torch on the whole [tokens, vocab] logits (triton: "
+                          "two kernels, the gradient written over the bf16 logits; the fastest measured), chunked "
+                          "(torch, 1024 tokens' logits at a time), or liger's or cut-cross-entropy's fused kernels; "
+                          "auto: triton (torch without a GPU) up to 8192 tokens a micro-batch where the logits fit the "
+                          "GPU, chunked otherwise", choices=("auto", "triton", "torch", "chunked", "cce", "liger"))
     activation_checkpointing: bool = _opt(False, "recompute each decoder layer's forward in the backward: "
                                           "activations of one layer instead of all, for about a third more compute")
     checkpoint_layers: str = _opt("all", "with --activation-checkpointing, how many decoder layers recompute (the "

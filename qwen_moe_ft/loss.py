@@ -4,7 +4,8 @@ Every micro-batch returns the *sum* of its per-token losses; the step divides by
 label tokens of the whole global batch (all micro-batches, all data-parallel ranks), so packed
 and unpacked runs optimise the same objective and accumulation does not reweight short examples.
 
-The plain path computes the [tokens, vocab] logits in one go; the chunked path (ChunkedLinearCrossEntropy) a chunk
+The plain path computes the [tokens, vocab] logits in one go (on a GPU, its loss and gradient by Triton kernels:
+logits_cross_entropy.py); the chunked path (ChunkedLinearCrossEntropy) a chunk
 of tokens at a time, for long micro-batches whose logits would not fit, with the same value and gradients.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from .config import ConfigError
 from .data.rows import IGNORE
+from .logits_cross_entropy import logits_cross_entropy_sum
 from .model.loading import causal_lm_of
 
 
@@ -29,19 +31,30 @@ PLAIN_LOSS_MAX_TOKENS = 8192
 CHUNK_TOKENS = 1024
 
 
+def whole_logits_loss(device_type: str) -> str:
+    """The loss on the whole [tokens, vocab] logits that auto takes: the Triton kernels where they run (a GPU), torch's
+    cross-entropy elsewhere."""
+    return "triton" if device_type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
+
+
 def select_loss_impl(requested: str, device_type: str, *, tokens: int = 0, logits_fit: bool = True
                      ) -> tuple[str, str]:
-    """The loss a run computes, and why where auto chose it. auto: the plain logits and torch's cross-entropy, the
-    fastest measured (docs/benchmark-history.md, commits 9f78d54 and c471a06), up to PLAIN_LOSS_MAX_TOKENS tokens a
-    micro-batch where they fit (`logits_fit`: the memory estimate's say); the chunked path otherwise. Fused kernels
-    on request."""
+    """The loss a run computes, and why where auto chose it. auto: the whole logits (whole_logits_loss; the fastest
+    measured, docs/benchmark-history.md), up to PLAIN_LOSS_MAX_TOKENS tokens a micro-batch where they fit
+    (`logits_fit`: the memory estimate's say); the chunked path otherwise. Fused linear cross-entropy kernels on
+    request."""
     if requested == "auto":
         if tokens > PLAIN_LOSS_MAX_TOKENS:
             return "chunked", f"auto: {tokens} tokens a micro-batch, more than {PLAIN_LOSS_MAX_TOKENS}"
         if not logits_fit:
             return "chunked", "auto: the estimated peak with the logits exceeds the GPU"
-        return "torch", ""
+        return whole_logits_loss(device_type), ""
     if requested in ("torch", "chunked"):
+        return requested, ""
+    if requested == "triton":
+        if whole_logits_loss(device_type) != "triton":
+            raise ConfigError("--loss-impl triton needs a GPU and triton; use --loss-impl torch (the same loss in "
+                              "torch ops)")
         return requested, ""
     package = FUSED_LOSS_PACKAGES[requested]
     if device_type != "cuda" or importlib.util.find_spec(package) is None:
@@ -144,6 +157,9 @@ def token_loss_sum(model: torch.nn.Module, inputs: dict, shift_labels: torch.Ten
     hidden = lm.model(**inputs, use_cache=False).last_hidden_state
     if impl in LINEAR_CROSS_ENTROPY:  # from the hidden states and the LM head's weight: no [tokens, vocab] logits
         return LINEAR_CROSS_ENTROPY[impl](hidden.flatten(0, 1), lm.lm_head.weight, shift_labels.flatten())
+    if impl == "triton":
+        logits = lm.lm_head(hidden)
+        return logits_cross_entropy_sum(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), IGNORE)
     logits = lm.lm_head(hidden).float()
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=IGNORE,
                            reduction="sum")

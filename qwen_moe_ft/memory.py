@@ -3,7 +3,7 @@
     python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
                                  [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
                                  [--lora BOOL] [--activation-checkpointing BOOL] [--checkpoint-layers all|N|auto]
-                                 [--loss-impl auto|torch|chunked|liger|cce]
+                                 [--loss-impl auto|triton|torch|chunked|liger|cce]
 
 --gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
 where the training will run.
@@ -63,7 +63,7 @@ LOGIT_BYTES = 4 + 4 + 4
 CHUNK_LOGIT_BYTES = 2 + 4
 # --loss-impl as the estimate counts it: liger's and cut-cross-entropy's chunks are not counted (within 1% of the
 # measured peaks without them)
-LOSS_KINDS = {"torch": "torch", "chunked": "chunked", "liger": "fused", "cce": "fused"}
+LOSS_KINDS = {"torch": "torch", "triton": "in_place", "chunked": "chunked", "liger": "fused", "cce": "fused"}
 H100_GIB = 79.2  # an H100 80GB as torch sees it (get_device_properties().total_memory; nvidia-smi says 81559 MiB)
 # Left free when choosing how many layers to recompute (--checkpoint-layers auto, the suggestions) and whether the
 # logits fit: the CUDA context, the allocator's fragmentation, which the peaks measured here
@@ -142,6 +142,8 @@ def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:
     vocab, hidden = config.vocab_size, config.hidden_size
     if loss == "torch":
         return LOGIT_BYTES * tokens * vocab
+    if loss == "in_place":  # logits_cross_entropy.py: the bf16 logits, their gradient written over them
+        return 2 * tokens * vocab
     if loss == "chunked":
         from .loss import CHUNK_TOKENS
 
@@ -229,10 +231,10 @@ class Workload:
 
 
 def logits_fit(setting: dict, gpu_gib: float, recomputed: int) -> bool:
-    """--loss-impl auto's memory test: the estimated peak of `setting` with the plain loss's logits leaves
+    """--loss-impl auto's memory test: the estimated peak of `setting` with the whole logits (its loss) leaves
     HEADROOM_GIB of `gpu_gib` free, or the chunked loss would not lower it."""
     plain, chunked = (estimate(**{**setting, "loss": loss}, recomputed_layers=recomputed).total
-                      for loss in ("torch", "chunked"))
+                      for loss in (setting["loss"], "chunked"))
     return plain <= (gpu_gib - HEADROOM_GIB) * GIB or chunked >= plain
 
 
@@ -249,7 +251,7 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float)
     """The loss and the recomputed layers of the run `work` on `gpus` GPUs of `gpu_gib` each. Under
     --checkpoint-layers auto, the fewest layers whose estimate leaves HEADROOM_GIB free (all where none does);
     with --loss-impl auto too, the loss in chunks where that recomputes fewer layers than the whole logits."""
-    from .loss import select_loss_impl
+    from .loss import select_loss_impl, whole_logits_loss
 
     layers = config.num_hidden_layers
     fixed = work.recomputed_layers
@@ -263,12 +265,13 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float)
         fewest = fewest_recomputed_layers((gpu_gib - HEADROOM_GIB) * GIB, **setting(loss))
         return layers if fewest is None else fewest
 
+    whole = whole_logits_loss("cuda")
     if work.loss_impl != "auto":
         loss, why = work.loss_impl, ""
-    elif (kept := recomputed("torch") - recomputed("chunked")) > 0:
+    elif (kept := recomputed(whole) - recomputed("chunked")) > 0:
         loss, why = "chunked", f"auto: keeps {kept} more layers' activations than the whole logits would"
     else:
-        fit = logits_fit(setting("torch"), gpu_gib, recomputed("torch"))
+        fit = logits_fit(setting(whole), gpu_gib, recomputed(whole))
         loss, why = select_loss_impl("auto", "cuda", tokens=work.tokens, logits_fit=fit)
     return RunPlan(loss, why, recomputed(loss))
 

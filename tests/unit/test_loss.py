@@ -23,6 +23,8 @@ def test_loss_impl_selection():
     assert select_loss_impl("chunked", "cpu") == ("chunked", "")
     with pytest.raises(ValueError, match="--loss-impl liger"):
         select_loss_impl("liger", "cpu")
+    with pytest.raises(ValueError, match="--loss-impl triton needs a GPU and triton; use --loss-impl torch"):
+        select_loss_impl("triton", "cpu")
 
 
 def test_auto_computes_the_loss_in_chunks_for_long_micro_batches_or_where_the_logits_do_not_fit():
