@@ -142,8 +142,9 @@ def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:
     vocab, hidden = config.vocab_size, config.hidden_size
     if loss == "torch":
         return LOGIT_BYTES * tokens * vocab
-    if loss == "in_place":  # logits_cross_entropy.py: the bf16 logits, their gradient written over them
-        return 2 * tokens * vocab
+    if loss == "in_place":  # logits_cross_entropy.py: the bf16 logits, their gradient written over them, then the LM
+        # head's backward beside them: the hidden states' bf16 gradient and, where the head trains, its weight's
+        return 2 * tokens * vocab + 2 * tokens * hidden + 2 * vocab * hidden * lm_head_trains
     if loss == "chunked":
         from .loss import CHUNK_TOKENS
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from helpers import max_rel_err
 from qwen_moe_ft.data.rows import IGNORE
 from qwen_moe_ft.loss import (PLAIN_LOSS_MAX_TOKENS, _cce_sum, _fused_linear_ce_sum, backward_scale,
-                              chunked_linear_ce_sum, select_loss_impl)
+                              chunked_linear_ce_sum, select_loss_impl, whole_logits_loss)
 
 
 def test_backward_scale_turns_deepspeed_sums_into_a_global_token_mean():
@@ -27,8 +27,19 @@ def test_loss_impl_selection():
         select_loss_impl("triton", "cpu")
 
 
+def test_the_whole_logits_loss_is_triton_where_it_runs(monkeypatch):
+    import importlib.util
+
+    assert whole_logits_loss("cpu") == "torch"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert whole_logits_loss("cuda") == "torch"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    assert whole_logits_loss("cuda") == "triton"
+
+
 def test_auto_computes_the_loss_in_chunks_for_long_micro_batches_or_where_the_logits_do_not_fit():
-    assert select_loss_impl("auto", "cuda", tokens=PLAIN_LOSS_MAX_TOKENS)[0] == "torch"
+    assert select_loss_impl("auto", "cuda", tokens=PLAIN_LOSS_MAX_TOKENS)[0] == whole_logits_loss("cuda")
     impl, why = select_loss_impl("auto", "cuda", tokens=32768)
     assert impl == "chunked" and why == f"auto: 32768 tokens a micro-batch, more than {PLAIN_LOSS_MAX_TOKENS}"
     impl, why = select_loss_impl("auto", "cuda", tokens=4096, logits_fit=False)
