@@ -69,6 +69,10 @@ H100_GIB = 79.2  # an H100 80GB as torch sees it (get_device_properties().total_
 # logits fit: the CUDA context, the allocator's fragmentation, which the peaks measured here
 # (torch.cuda.max_memory_allocated) do not count, and the estimate's own error (within 2% of the measured peaks).
 HEADROOM_GIB = 5.0
+# --loss-impl auto takes the chunked loss for the room it leaves only where that keeps at least this many more layers'
+# activations than the whole logits: its chunks cost 15 ms a 8192-token micro-batch more than torch's loss and 33 ms
+# more than the Triton loss (H100, BENCHMARKS.md), about what recomputing 5 and 10 layers' forward costs there.
+CHUNKED_LOSS_MIN_KEPT_LAYERS = 8
 BUCKET_BYTES = (50_000_000 + 500_000_000) * 2  # ZeRO-2 reduce and all-gather buckets of ds_configs/zero2_ep.json, bf16
 
 
@@ -251,7 +255,8 @@ class RunPlan:
 def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float) -> RunPlan:
     """The loss and the recomputed layers of the run `work` on `gpus` GPUs of `gpu_gib` each. Under
     --checkpoint-layers auto, the fewest layers whose estimate leaves HEADROOM_GIB free (all where none does);
-    with --loss-impl auto too, the loss in chunks where that recomputes fewer layers than the whole logits."""
+    with --loss-impl auto too, the loss in chunks where that recomputes CHUNKED_LOSS_MIN_KEPT_LAYERS fewer layers or
+    more than the whole logits."""
     from .loss import select_loss_impl, whole_logits_loss
 
     layers = config.num_hidden_layers
@@ -269,7 +274,7 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float)
     whole = whole_logits_loss("cuda")
     if work.loss_impl != "auto":
         loss, why = work.loss_impl, ""
-    elif (kept := recomputed(whole) - recomputed("chunked")) > 0:
+    elif (kept := recomputed(whole) - recomputed("chunked")) >= CHUNKED_LOSS_MIN_KEPT_LAYERS:
         loss, why = "chunked", f"auto: keeps {kept} more layers' activations than the whole logits would"
     else:
         fit = logits_fit(setting(whole), gpu_gib, recomputed(whole))

@@ -32,10 +32,9 @@ def test_the_whole_logits_loss_is_triton_where_it_runs(monkeypatch):
 
     assert whole_logits_loss("cpu") == "torch"
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
-    assert whole_logits_loss("cuda") == "torch"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else find_spec(name, *a))
-    assert whole_logits_loss("cuda") == "triton"
+    for spec, loss in ((None, "torch"), (object(), "triton")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "triton" else find_spec(name, *a))
+        assert whole_logits_loss("cuda") == loss
 
 
 def test_auto_computes_the_loss_in_chunks_for_long_micro_batches_or_where_the_logits_do_not_fit():

@@ -135,9 +135,10 @@ def test_lora_parameter_count_is_what_apply_lora_trains(process_group):
 def test_lora_estimate_within_two_percent_of_the_measured_peaks(gpu, recomputed, loss, measured_gib):
     # `python -m qwen_moe_ft.bench --lora --layers 48 --tokens 4096 --lengths chat [--checkpoint-layers N --loss-impl
     # chunked]`: rank 16 on attention and experts (BENCHMARKS.md "Memory"; H200 at 9c19195, the H100 80GB's auto
-    # choice at 2292216, and at b7aeec9 with the Triton loss, "in_place"). The activation term per layer kept is fitted to the first two's difference; what is tested is
-    # the rest, from the shapes (58 GiB of weights, 4.8 GiB of the factors' states, the logits, the recomputed layers'
-    # inputs): measured -1.0% to -0.7%, where leaving out the states or the plain loss's logits is 6% or more.
+    # choice at 2292216, and at b7aeec9 with the Triton loss, "in_place"). The activation term per layer kept is
+    # fitted to the first two's difference; what is tested is the rest, from the shapes (58 GiB of weights, 4.8 GiB of
+    # the factors' states, the logits, the recomputed layers' inputs): measured -1.0% to -0.7%, where leaving out the
+    # states or the plain loss's logits is 6% or more.
     total = estimate(qwen3(), gpus=1, ep_size=1, tokens=4096, loss=loss, lora_rank=16,
                      recomputed_layers=recomputed).total / GIB
     assert total == pytest.approx(measured_gib, rel=0.02)
@@ -198,6 +199,32 @@ def test_checkpoint_layers_auto_recomputes_the_fewest_that_leave_the_headroom(ca
     # a GPU that holds every layer with the logits recomputes none; one that holds nothing recomputes all
     assert plan_run(work, qwen3(), gpus=1, ep_size=1, gpu_gib=139.0) == RunPlan("torch", "", 0)
     assert plan_run(work, qwen3(), gpus=1, ep_size=1, gpu_gib=40.0).recomputed_layers == 48
+
+
+def test_auto_takes_the_chunked_loss_only_for_several_more_layers_kept(monkeypatch):
+    # The 8 x 80 GB full fine-tuning recipe (EP=8, 8192 tokens): with torch's loss (12 bytes a logit) the chunks keep
+    # 11 more layers and auto takes them; with the Triton loss (2 bytes a logit, where triton is installed) they would
+    # keep one more layer, for ~33 ms more a micro-batch than recomputing it costs, so auto keeps the whole logits.
+    import importlib.util
+
+    from qwen_moe_ft.config import load_config
+    from qwen_moe_ft.memory import CHUNKED_LOSS_MIN_KEPT_LAYERS, plan_run
+
+    work = workload(load_config(["--config", str(REPO / "qwen_moe_ft" / "recipes" / "qwen3-30b-a3b-packed.yaml")]))
+    run = dict(gpus=8, ep_size=8, gpu_gib=79.2)
+    find_spec = importlib.util.find_spec
+    for triton, whole in ((None, "torch"), (object(), "triton")):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: triton if name == "triton" else find_spec(name, *a))
+        budget = (79.2 - HEADROOM_GIB) * GIB
+        layers = {loss: fewest_recomputed_layers(budget, **work.setting(qwen3(), gpus=8, ep_size=8, loss=loss))
+                  for loss in (whole, "chunked")}
+        kept = layers[whole] - layers["chunked"]
+        plan = plan_run(work, qwen3(), **run)
+        if whole == "torch":
+            assert kept >= CHUNKED_LOSS_MIN_KEPT_LAYERS and plan.loss == "chunked"
+        else:
+            assert 0 < kept < CHUNKED_LOSS_MIN_KEPT_LAYERS and plan == RunPlan("triton", "", layers["triton"])
 
 
 def test_train_warns_before_loading_a_run_that_does_not_fit():
