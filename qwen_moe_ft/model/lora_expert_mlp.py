@@ -41,6 +41,8 @@ class ExpertLoRAMlp(torch.autograd.Function):
         dtype, inter = routed.dtype, experts.w1.shape[1]
         a_gu_, b_gu_ = _padded(a_gu, b_gu, dtype)
         a_d_, b_d_ = _padded(a_d, b_d, dtype)
+        # Gate and up as two GEMMs (AutoEP's "separate" path): the fused one would concatenate w1 and w3 anew each
+        # call, a copy of the weights' size
         gate = _gmm(routed, experts.w1.to(dtype).transpose(-2, -1), offsets)
         up = _gmm(routed, experts.w3.to(dtype).transpose(-2, -1), offsets)
         xa = _gmm(routed, a_gu_.transpose(-2, -1), offsets)
