@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from deepspeed.moe.ep_experts import apply_expert_activation
 
-from ..fastpath.token_rows import row_positions, sum_token_rows
-
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(a, b, offs=offsets)
@@ -91,6 +89,10 @@ class ExpertLoRAMlp(torch.autograd.Function):
             del grad_up
             grad_x.add_(_gmm(grad_xa, a_gu_, offsets))
             if rows is not None:
+                # only the fast path's one_rank_dispatch passes rows, so its modules are loaded by then (importing
+                # them with the trainer would bypass their version guard)
+                from ..fastpath.token_rows import row_positions, sum_token_rows
+
                 grad_x = sum_token_rows(grad_x, row_positions(rows), ctx.top_k)
         factors = [(grad_a_gu, a_gu), (grad_b_gu, b_gu), (grad_a_d, a_d), (grad_b_d, b_d)]
         # unpad the rank: A's rows, B's columns
