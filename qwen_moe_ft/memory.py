@@ -252,11 +252,12 @@ class RunPlan:
     recomputed_layers: int
 
 
-def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float) -> RunPlan:
+def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float, whole_loss: str | None = None
+             ) -> RunPlan:
     """The loss and the recomputed layers of the run `work` on `gpus` GPUs of `gpu_gib` each. Under
     --checkpoint-layers auto, the fewest layers whose estimate leaves HEADROOM_GIB free (all where none does);
     with --loss-impl auto too, the loss in chunks where that recomputes CHUNKED_LOSS_MIN_KEPT_LAYERS fewer layers or
-    more than the whole logits."""
+    more than the whole logits. `whole_loss`: auto's loss on the whole logits (default: this machine's, for a GPU)."""
     from .loss import select_loss_impl, whole_logits_loss
 
     layers = config.num_hidden_layers
@@ -271,7 +272,7 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float)
         fewest = fewest_recomputed_layers((gpu_gib - HEADROOM_GIB) * GIB, **setting(loss))
         return layers if fewest is None else fewest
 
-    whole = whole_logits_loss("cuda")
+    whole = whole_loss or whole_logits_loss("cuda")
     if work.loss_impl != "auto":
         loss, why = work.loss_impl, ""
     elif (kept := recomputed(whole) - recomputed("chunked")) >= CHUNKED_LOSS_MIN_KEPT_LAYERS:
@@ -279,6 +280,7 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float)
     else:
         fit = logits_fit(setting(whole), gpu_gib, recomputed(whole))
         loss, why = select_loss_impl("auto", "cuda", tokens=work.tokens, logits_fit=fit)
+        loss = whole if loss != "chunked" else loss  # select_loss_impl names this machine's whole-logits loss
     return RunPlan(loss, why, recomputed(loss))
 
 
@@ -341,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default bf16, or the recipe's")
     parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
     parser.add_argument("--loss-impl", choices=("auto", *LOSS_KINDS), help="as train.py takes it, over the "
-                        "recipe's (default auto: the plain logits, or chunks above 8192 tokens or where they do not "
-                        "fit); liger and cce keep no logits")
+                        "recipe's (default auto: the whole logits with the Triton loss, or chunks above 8192 tokens or "
+                        "where that keeps 8 or more layers' activations); liger and cce keep no logits")
     parser.add_argument("--gpu-gib", type=float, help="memory of one GPU, to say whether it fits (default: "
                         "this machine's GPU, or an H100 80GB's 79.2 GiB without a GPU)")
     # as train.py takes them (true/false), over the recipe's
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                        layers=layers)
     if (fixed := work.recomputed_layers) is not None and fixed > layers:
         parser.error(f"--checkpoint-layers {fixed}: the model has {layers} decoder layers")
-    plan = plan_run(work, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib)
+    # a plan for GPUs, made anywhere: torch's CUDA builds bring triton, so train.py's auto takes the Triton loss there
+    plan = plan_run(work, config, gpus=args.gpus, ep_size=ep_size, gpu_gib=args.gpu_gib, whole_loss="triton")
     loss, why, recomputed = plan.loss, plan.loss_why, plan.recomputed_layers
     setting = work.setting(config, gpus=args.gpus, ep_size=ep_size, loss=loss)
     result = estimate(**setting, recomputed_layers=recomputed)
