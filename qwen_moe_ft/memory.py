@@ -256,8 +256,9 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float,
              ) -> RunPlan:
     """The loss and the recomputed layers of the run `work` on `gpus` GPUs of `gpu_gib` each. Under
     --checkpoint-layers auto, the fewest layers whose estimate leaves HEADROOM_GIB free (all where none does);
-    with --loss-impl auto too, the loss in chunks where that recomputes CHUNKED_LOSS_MIN_KEPT_LAYERS fewer layers or
-    more than the whole logits. `whole_loss`: auto's loss on the whole logits (default: this machine's, for a GPU)."""
+    with --loss-impl auto too, the loss in chunks where that recomputes at least CHUNKED_LOSS_MIN_KEPT_LAYERS fewer
+    layers than the whole logits. `whole_loss`: auto's loss on the whole logits (default: this machine's, for a
+    GPU)."""
     from .loss import select_loss_impl, whole_logits_loss
 
     layers = config.num_hidden_layers
