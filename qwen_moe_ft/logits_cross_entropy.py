@@ -98,8 +98,8 @@ def runs_here(logits: torch.Tensor) -> bool:
 def logits_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Sum of the cross-entropies of [tokens, vocab] `logits` (any float dtype) against `labels` (fp32). On a GPU
     with Triton, the gradient of the logits is written over them: they must not be used after the loss. Labels are
-    `ignore_index` or below the vocabulary size, unchecked there (a check would wait for the GPU): the trainer's are
-    next tokens, which the embedding has already looked up."""
+    `ignore_index` or below the vocabulary size, unchecked here (a check would wait for the GPU): the trainer's are
+    the ids of the model's tokenizer."""
     if not runs_here(logits):
         return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     return _LogitsCrossEntropy.apply(logits.contiguous(), labels.contiguous(), ignore_index)
