@@ -37,18 +37,18 @@ def whole_logits_loss(device_type: str) -> str:
     return "triton" if device_type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
 
 
-def select_loss_impl(requested: str, device_type: str, *, tokens: int = 0, logits_fit: bool = True
-                     ) -> tuple[str, str]:
-    """The loss a run computes, and why where auto chose it. auto: the whole logits (whole_logits_loss; the fastest
-    measured, docs/benchmark-history.md), up to PLAIN_LOSS_MAX_TOKENS tokens a micro-batch where they fit
-    (`logits_fit`: the memory estimate's say); the chunked path otherwise. Fused linear cross-entropy kernels on
-    request."""
+def select_loss_impl(requested: str, device_type: str, *, tokens: int = 0, logits_fit: bool = True,
+                     whole: str | None = None) -> tuple[str, str]:
+    """The loss a run computes, and why where auto chose it. auto: the whole logits (`whole`, by default
+    whole_logits_loss of this machine; the fastest measured, docs/benchmark-history.md), up to PLAIN_LOSS_MAX_TOKENS
+    tokens a micro-batch where they fit (`logits_fit`: the memory estimate's say); the chunked path otherwise. Fused
+    linear cross-entropy kernels on request."""
     if requested == "auto":
         if tokens > PLAIN_LOSS_MAX_TOKENS:
             return "chunked", f"auto: {tokens} tokens a micro-batch, more than {PLAIN_LOSS_MAX_TOKENS}"
         if not logits_fit:
             return "chunked", "auto: the estimated peak with the logits exceeds the GPU"
-        return whole_logits_loss(device_type), ""
+        return whole or whole_logits_loss(device_type), ""
     if requested in ("torch", "chunked"):
         return requested, ""
     if requested == "triton":
@@ -157,12 +157,10 @@ def token_loss_sum(model: torch.nn.Module, inputs: dict, shift_labels: torch.Ten
     hidden = lm.model(**inputs, use_cache=False).last_hidden_state
     if impl in LINEAR_CROSS_ENTROPY:  # from the hidden states and the LM head's weight: no [tokens, vocab] logits
         return LINEAR_CROSS_ENTROPY[impl](hidden.flatten(0, 1), lm.lm_head.weight, shift_labels.flatten())
+    logits, labels = lm.lm_head(hidden).flatten(0, 1), shift_labels.flatten()
     if impl == "triton":
-        logits = lm.lm_head(hidden)
-        return logits_cross_entropy_sum(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), IGNORE)
-    logits = lm.lm_head(hidden).float()
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), shift_labels.view(-1), ignore_index=IGNORE,
-                           reduction="sum")
+        return logits_cross_entropy_sum(logits, labels, IGNORE)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
 
 
 def backward_scale(global_label_tokens: int, grad_accum: int) -> float:

@@ -280,8 +280,7 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float,
         loss, why = "chunked", f"auto: keeps {kept} more layers' activations than the whole logits would"
     else:
         fit = logits_fit(setting(whole), gpu_gib, recomputed(whole))
-        loss, why = select_loss_impl("auto", "cuda", tokens=work.tokens, logits_fit=fit)
-        loss = whole if loss != "chunked" else loss  # select_loss_impl names this machine's whole-logits loss
+        loss, why = select_loss_impl("auto", "cuda", tokens=work.tokens, logits_fit=fit, whole=whole)
     return RunPlan(loss, why, recomputed(loss))
 
 
