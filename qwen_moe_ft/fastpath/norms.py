@@ -4,7 +4,9 @@ Replaces (liger-kernel 0.8.5 on transformers 5.17.0): LigerRMSNorm.forward, whic
 Qwen3MoeRMSNorm of the model. The hidden-size norms (each layer's input and post-attention norms, the final norm)
 run torch's own RMSNorm (F.rms_norm: one fused kernel forward and one backward on CUDA); the per-head q/k norms
 (rows of head_dim = 128) run quack's RMSNorm where quack's kernels run (quack_experts.quack_unavailable_because),
-else liger's stays. Guarded by tests/unit/fastpath/test_norms.py (outputs and gradients against the stock modules).
+else our Triton kernel for narrow rows (narrow_rms_norm.py), whose backward liger's is three times slower than.
+Guarded by tests/unit/fastpath/test_norms.py and test_narrow_rms_norm.py (outputs and gradients against the stock
+modules).
 
 Why: the forward was host-bound (the GPU waited for the host to issue its kernels), and liger's Triton launch
 costs ~90 us of host time a call against ~23 for torch's at the same GPU time on the wide rows; torch's kernel is
@@ -35,6 +37,12 @@ def _quack_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     from quack.rmsnorm import rmsnorm
 
     return rmsnorm(hidden_states, self.weight, eps=self.variance_epsilon)
+
+
+def _triton_narrow_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from .narrow_rms_norm import narrow_rms_norm
+
+    return narrow_rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _norms(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
@@ -71,6 +79,20 @@ def quack_head_norms(model: nn.Module, device: torch.device) -> Applied:
     if why := first_error(lambda: _probe_rms_norm(modules[0], device)):
         return Applied(name, replaces, f"a small call of quack's RMSNorm failed: {why}")
     _bind(modules, _quack_rms_norm)
+    return Applied(name, replaces)
+
+
+def triton_head_norms(model: nn.Module, device: torch.device) -> Applied:
+    """The per-head q/k norms on narrow_rms_norm.py's Triton kernels, on a GPU with triton."""
+    from . import narrow_rms_norm
+
+    name, replaces = "triton_head_norms", "LigerRMSNorm.forward on the q/k RMSNorms"
+    if narrow_rms_norm.triton is None or device.type != "cuda":
+        return Applied(name, replaces, "needs a GPU and triton")
+    modules = _norms(model, HEAD_NORMS)
+    if not modules:
+        return Applied(name, replaces, "no q/k RMSNorm in the model")
+    _bind(modules, _triton_narrow_rms_norm)
     return Applied(name, replaces)
 
 

@@ -1,0 +1,73 @@
+"""The q/k norms' Triton kernels compute what Qwen3's RMSNorm computes, forward and backward."""
+import pytest
+import torch
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+from helpers import max_rel_err
+from qwen_moe_ft.fastpath.narrow_rms_norm import narrow_rms_norm, supported
+from qwen_moe_ft.fastpath.norms import triton_head_norms
+
+EPS = 1e-6
+
+
+def _fp32_reference(x, weight, dy):
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    y = w32 * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS))
+    y.backward(dy.float())
+    return y.detach(), x32.grad, w32.grad
+
+
+def test_refused_without_a_gpu():
+    applied = triton_head_norms(torch.nn.Linear(2, 2), torch.device("cpu"))
+    assert applied.refused == "needs a GPU and triton"
+    assert not supported(torch.ones(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8192, 32, 128), (8192, 4, 128), (77, 3, 128), (5, 24)])
+def test_forward_and_gradients_match_qwen3s_norm(shape):
+    """Rows of the q norm at 8192 tokens, the k norm, a row count that fills no block and a width below one."""
+    torch.manual_seed(0)
+    width = shape[-1]
+    stock = Qwen3MoeRMSNorm(width, eps=EPS).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        stock.weight.uniform_(0.5, 1.5)  # away from 1, so that a weight applied wrongly shows
+    x = (torch.randn(shape, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    y_stock = stock(x)
+    y_stock.backward(dy)
+    weight = stock.weight.detach().clone().requires_grad_()
+    ours_x = x.detach().clone().requires_grad_()
+    y = narrow_rms_norm(ours_x, weight, EPS)
+    y.backward(dy)
+    # Forward: the same arithmetic and roundings; the reciprocal square root and the row sum's order may differ by
+    # an fp32 ulp, which can move a rounding to bf16 across a tie: at most one bf16 ulp (2^-8 relative) of y
+    assert y.shape == y_stock.shape and y.dtype == y_stock.dtype
+    assert ((y.float() - y_stock.float()).abs() <= y_stock.float().abs() * 2**-7 + 1e-30).all()
+    # Gradients against fp32: each is rounded to bf16 once at the end (2^-9 relative), the stock autograd rounds
+    # twice on the way; ours may not be further off than the stock module plus one rounding of the largest value
+    _, dx_ref, dw_ref = _fp32_reference(x, stock.weight, dy)
+    assert max_rel_err(ours_x.grad, dx_ref) <= max_rel_err(x.grad, dx_ref) + 2**-8
+    assert max_rel_err(weight.grad, dw_ref) <= max_rel_err(stock.weight.grad, dw_ref) + 2**-8
+    assert max_rel_err(ours_x.grad, dx_ref) < 2**-6 and max_rel_err(weight.grad, dw_ref) < 2**-6
+
+
+@pytest.mark.gpu
+def test_the_fast_path_puts_the_head_norms_on_it_where_quack_is_refused():
+    from transformers import AutoModelForCausalLM
+
+    from helpers import TINY
+    from qwen_moe_ft.fastpath import FastPath
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).cuda()
+    fast = FastPath()
+    try:
+        fast.prepare_model(model, "liger", "cuda")
+        names = {a.name: a for a in fast.applied}
+        quack = names["quack_head_norms"]
+        assert bool(names.get("triton_head_norms")) == (not quack)
+        bound = [m for name, m in model.named_modules() if name.endswith(("q_norm", "k_norm"))]
+        if not quack:
+            assert all(m.forward.__func__.__name__ == "_triton_narrow_rms_norm" for m in bound)
+    finally:
+        fast.restore()
