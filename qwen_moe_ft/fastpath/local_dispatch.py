@@ -27,7 +27,7 @@ from deepspeed.ops.triton_ops import autoep_fused_token_ops
 from torch import nn
 
 from .applied import Applied
-from .token_rows import row_positions, sum_token_rows
+from .token_rows import gather_token_rows, row_positions, sum_token_rows
 
 
 def expert_order(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class _GatherTokenRows(torch.autograd.Function):
     def forward(ctx, x, rows, top_k):
         ctx.save_for_backward(rows)
         ctx.top_k = top_k
-        return x.index_select(0, rows // top_k)
+        return gather_token_rows(x, rows, top_k)
 
     @staticmethod
     def backward(ctx, grad_rows):

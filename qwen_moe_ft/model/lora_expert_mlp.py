@@ -35,7 +35,7 @@ class ExpertLoRAMlp(torch.autograd.Function):
     def forward(ctx, x, rows, top_k, offsets, experts, scaling, a_gu, b_gu, a_d, b_d):
         """x: the routed rows in the experts' order, or, with `rows`, the tokens they come from (row i is token
         rows[i] // top_k). `experts`: the frozen base module (w1, w3: [E, I, H]; w2: [E, H, I]; its activation)."""
-        routed = x if rows is None else x.index_select(0, rows // top_k)
+        routed = _routed(x, rows, top_k)
         dtype, inter = routed.dtype, experts.w1.shape[1]
         a_gu_, b_gu_ = _padded(a_gu, b_gu, dtype)
         a_d_, b_d_ = _padded(a_d, b_d, dtype)
@@ -78,7 +78,7 @@ class ExpertLoRAMlp(torch.autograd.Function):
         grad_b_gu = _gmm(grad_low.t(), xa, offsets)
         grad_xa = _gmm(grad_low, b_gu_, offsets)
         del grad_low
-        routed = x if rows is None else x.index_select(0, rows // ctx.top_k)
+        routed = _routed(x, rows, ctx.top_k)
         grad_a_gu = _gmm(grad_xa.t(), routed, offsets)
         del routed  # each row-sized tensor is freed once used: they set the backward's peak
         grad_x = None
@@ -89,9 +89,7 @@ class ExpertLoRAMlp(torch.autograd.Function):
             del grad_up
             grad_x.add_(_gmm(grad_xa, a_gu_, offsets))
             if rows is not None:
-                # only the fast path's one_rank_dispatch passes rows, so its modules are loaded by then (importing
-                # them with the trainer would bypass their version guard)
-                from ..fastpath.token_rows import row_positions, sum_token_rows
+                from ..fastpath.token_rows import row_positions, sum_token_rows  # see _routed
 
                 grad_x = sum_token_rows(grad_x, row_positions(rows), ctx.top_k)
         factors = [(grad_a_gu, a_gu), (grad_b_gu, b_gu), (grad_a_d, a_d), (grad_b_d, b_d)]
@@ -99,6 +97,17 @@ class ExpertLoRAMlp(torch.autograd.Function):
         grad_a_gu, grad_b_gu, grad_a_d, grad_b_d = (
             (g[:, :rank] if i % 2 == 0 else g[:, :, :rank]).to(p.dtype) for i, (g, p) in enumerate(factors))
         return grad_x, None, None, None, None, None, grad_a_gu, grad_b_gu, grad_a_d, grad_b_d
+
+
+def _routed(x: torch.Tensor, rows: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """The experts' input rows: x itself, or, with `rows`, x[rows // top_k]."""
+    if rows is None:
+        return x
+    # only the fast path's one_rank_dispatch passes rows, so its modules are loaded by then (importing them with
+    # the trainer would bypass their version guard)
+    from ..fastpath.token_rows import gather_token_rows
+
+    return gather_token_rows(x, rows, top_k)
 
 
 def _activation(experts, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
