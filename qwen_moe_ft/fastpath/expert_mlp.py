@@ -21,6 +21,7 @@ from deepspeed.moe.ep_experts import GroupedExperts, apply_packed_expert_activat
 from torch import nn
 
 from .gate_up_cache import GateUpCache
+from .scored_swiglu import scored_swiglu
 
 
 class _GateUpGroupedMm(torch.autograd.Function):
@@ -63,14 +64,28 @@ class LayoutPreservingGateUp:
         self.cache = GateUpCache()
         return self.cache
 
-    def __call__(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_scores(self) -> bool:
+        """Whether __call__ can fold the routing scores into the activation: plain SwiGLU only (DeepSpeed's
+        "swiglu" reads neither alpha nor limit; the clamped forms do, and are not scored here)."""
+        return self.module.activation == "swiglu"
+
+    def __call__(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor,
+                 scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' output rows; with `scores` (one per row of x), each row scaled by its score, the score
+        applied inside the SwiGLU, before the down projection (scored_swiglu.py)."""
         m = self.module
+        if scores is not None and not self.takes_scores:
+            raise ValueError(f"scores are folded into plain SwiGLU experts only, not {m.activation!r}")
         offsets = torch.cumsum(num_tokens_per_expert, dim=0, dtype=torch.int32)
         cached = self.cache.get(m.w1, m.w3) if self.cache is not None and m.w1.dtype == x.dtype else None
         gate_up = _GateUpGroupedMm.apply(x, m.w1.to(x.dtype), m.w3.to(x.dtype), offsets, self.recompute, cached)
-        # fused (DeepSpeed's Triton kernel) by the tensors' device: DeepSpeed picks it wherever a GPU exists
-        h = apply_packed_expert_activation(gate_up, m.activation, m.activation_alpha, m.activation_limit,
-                                           fused=gate_up.is_cuda)
+        if scores is not None:
+            h = scored_swiglu(gate_up, scores)
+        else:
+            # fused (DeepSpeed's Triton kernel) by the tensors' device: DeepSpeed picks it wherever a GPU exists
+            h = apply_packed_expert_activation(gate_up, m.activation, m.activation_alpha, m.activation_limit,
+                                               fused=gate_up.is_cuda)
         return torch._grouped_mm(h, m.w2.to(x.dtype).transpose(-2, -1), offs=offsets).type_as(x)
 
 
