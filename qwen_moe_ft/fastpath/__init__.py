@@ -15,7 +15,8 @@ The order matters, and is this:
  5. clip_in_adam               (zero_step.py) only where 4 is refused
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
- 8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
+ 8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1; over 6's SwiGLU experts the
+                               routing scores go into their activation (scored_swiglu.py), the combine unweighted
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
 10. lean_topk_router           (topk_router.py) every AutoEP block's router, at any EP size
 

@@ -13,6 +13,12 @@ before sm90, keeps the padding).
 The routed rows are gathered from the tokens (`x[rows // top_k]`), whose backward is a sort-based
 scatter-add of every row into its token. Each token has exactly top_k rows, so the backward here gathers
 them back instead and sums them (token_rows.py).
+
+Where the experts run expert_mlp.py's forward with plain SwiGLU (and score_apply is "post", rows unpadded, not on
+quack's kernels), each row's routing score is applied inside that SwiGLU (scored_swiglu.py), and the combine is the
+unweighted sum of each token's rows: AutoEP's weighted combine (fused_weighted_restore, combine_from_routed) does not
+run, and its backward, which reads every expert output row for the scores' gradient, with it. Guarded by
+tests/unit/fastpath/test_scored_swiglu.py (output and all gradients against AutoEP's own forward).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from deepspeed.ops.triton_ops import autoep_fused_token_ops
 from torch import nn
 
 from .applied import Applied
+from .expert_mlp import LayoutPreservingGateUp
 from .token_rows import gather_token_rows, row_positions, sum_token_rows
 
 
@@ -57,8 +64,30 @@ class _GatherTokenRows(torch.autograd.Function):
         return sum_token_rows(grad_rows, row_positions(rows), ctx.top_k), None, None
 
 
+class _SumTokenRows(torch.autograd.Function):
+    """The sum of each token's top_k rows of `expert_output`, rows in the order of `rows` (see _GatherTokenRows)."""
+
+    @staticmethod
+    def forward(ctx, expert_output, rows, top_k):
+        ctx.save_for_backward(rows)
+        ctx.top_k = top_k
+        return sum_token_rows(expert_output, row_positions(rows), top_k)
+
+    @staticmethod
+    def backward(ctx, grad_tokens):
+        (rows,) = ctx.saved_tensors
+        return gather_token_rows(grad_tokens.contiguous(), rows, ctx.top_k), None, None
+
+
+def scores_in_experts(layer: AutoEPMoELayer, pad_rows: bool) -> bool:
+    """Whether the block's routing scores go into its experts' SwiGLU, so the combine is a plain sum: scores
+    applied after the experts ("post"), rows unpadded, and experts running LayoutPreservingGateUp on plain SwiGLU."""
+    forward = vars(layer.experts).get("forward")
+    return (layer.score_apply == "post" and not pad_rows and isinstance(forward, LayoutPreservingGateUp)
+            and forward.takes_scores)
+
+
 def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    from .expert_mlp import LayoutPreservingGateUp
     from .quack_experts import gathered_swiglu_experts
 
     experts = layer.experts
@@ -70,7 +99,8 @@ def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, c
 def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad_rows: bool, quack: bool = False):
     """AutoEPMoELayer._forward's EP=1 path (router, expert-ordered rows, experts, combine), with the rows
     gathered by _GatherTokenRows and, unless `pad_rows`, passed to the experts without AutoEP's permutation;
-    `quack`: gather and experts on quack's kernels (quack_experts.py)."""
+    `quack`: gather and experts on quack's kernels (quack_experts.py); where scores_in_experts, the scores applied
+    in the experts and the rows summed unweighted."""
     bsz, seqlen, hdim = hidden_states.shape
     x = hidden_states.reshape(-1, hdim)
     if layer.combine_impl == "fused_weighted_sum" and not layer._fused_combine_checked:
@@ -88,6 +118,10 @@ def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad
         expert_output = layer.experts(x, routing.num_tokens_per_expert, rows, layer.top_k)
         return _combine(layer, expert_output, routing, rows, x, hidden_states)
     routed = _GatherTokenRows.apply(x, rows, layer.top_k)
+    if scores_in_experts(layer, pad_rows):
+        expert_output = layer.experts(routed, routing.num_tokens_per_expert, scores=routing.top_scores.view(-1)[rows])
+        output = _SumTokenRows.apply(expert_output, rows, layer.top_k).reshape(bsz, seqlen, hdim)
+        return layer._finalize_output(output, x, hidden_states, hdim)
     if layer.score_apply == "pre":
         routed = auto_ep_layer.apply_scores_before_experts_if_enabled(routed, routing.top_scores.view(-1)[rows],
                                                                       score_apply="pre")
