@@ -2,9 +2,9 @@
 
 The backward of gathering routed rows from the tokens (`x[rows // top_k]`) is, in torch, a sort-based scatter-add
 of every row into its token. Each token has exactly top_k rows, so sum_token_rows gathers them back instead and
-sums them: one Triton kernel on GPU, embedding_bag elsewhere. gather_token_rows is the gather itself, on GPU a Triton
-copy of whole rows (aten's index_select writes the 8x-expanded rows at about half the memory bandwidth). Used by both
-expert paths of the EP=1 block (local_dispatch.py, quack_experts.py) and by the expert LoRA (model/lora_expert_mlp.py).
+sums them: one Triton kernel on GPU, embedding_bag elsewhere. gather_token_rows is the gather itself (aten's
+index_select: a Triton copy of whole rows was measured no faster, docs/benchmark-history.md). Used by both expert
+paths of the EP=1 block (local_dispatch.py, quack_experts.py) and by the expert LoRA (model/lora_expert_mlp.py).
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: embedding_bag
     triton = None
-
-GATHER_ROWS = 4  # routed rows a program of _gather_token_rows_kernel copies
 
 if triton is not None:
     @triton.jit
@@ -31,28 +29,8 @@ if triton is not None:
         tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-    @triton.jit
-    def _gather_token_rows_kernel(x_ptr, rows_ptr, out_ptr, n_rows, hidden, TOP_K: tl.constexpr, ROWS: tl.constexpr,
-                                  BLOCK: tl.constexpr):
-        index = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        present = index < n_rows
-        token = tl.load(rows_ptr + index, mask=present, other=0) // TOP_K
-        inside = present[:, None] & (cols < hidden)[None, :]
-        values = tl.load(x_ptr + token[:, None] * hidden + cols[None, :], mask=inside)
-        tl.store(out_ptr + index[:, None] * hidden + cols[None, :], values, mask=inside)
-
-
 def gather_token_rows(x: torch.Tensor, rows: torch.Tensor, top_k: int) -> torch.Tensor:
     """x[rows // top_k]: each routed row's token, in the order of `rows`."""
-    if triton is not None and x.is_cuda and x.dim() == 2:
-        x = x.contiguous()
-        out = x.new_empty(rows.numel(), x.shape[1])
-        block = min(2048, triton.next_power_of_2(x.shape[1]))
-        grid = (triton.cdiv(rows.numel(), GATHER_ROWS), triton.cdiv(x.shape[1], block))
-        _gather_token_rows_kernel[grid](x, rows, out, rows.numel(), x.shape[1], TOP_K=top_k, ROWS=GATHER_ROWS,
-                                        BLOCK=block, num_warps=8)
-        return out
     return x.index_select(0, rows // top_k)
 
 

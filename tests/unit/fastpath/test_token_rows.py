@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import REPO, cpu_env
-from qwen_moe_ft.fastpath.token_rows import gather_token_rows, row_positions, sum_token_rows
+from qwen_moe_ft.fastpath.token_rows import row_positions, sum_token_rows
 
 
 def test_the_sum_of_a_tokens_rows_is_the_gathers_backward():
@@ -28,16 +28,6 @@ def test_triton_gather_sum_matches_embedding_bag():
     ours = sum_token_rows(grad_rows, position, top_k)
     reference = torch.nn.functional.embedding_bag(position.view(-1, top_k), grad_rows.float(), mode="sum")
     torch.testing.assert_close(ours.float(), reference, rtol=2**-7, atol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens, top_k, hidden", [(1000, 8, 2048), (333, 2, 2048 + 64), (5, 8, 24)])
-def test_triton_gather_copies_each_rows_token(tokens, top_k, hidden):
-    """Row counts that do not fill the last program, widths that do not fill a block: still x[rows // top_k]."""
-    torch.manual_seed(0)
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
-    rows = torch.randperm(tokens * top_k, device="cuda")
-    assert torch.equal(gather_token_rows(x, rows, top_k), x.index_select(0, rows // top_k))
 
 
 def test_the_quack_experts_build_on_token_rows_not_on_the_dispatch_that_calls_them():
