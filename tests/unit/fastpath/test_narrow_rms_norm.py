@@ -40,10 +40,14 @@ def test_forward_and_gradients_match_qwen3s_norm(shape):
     ours_x = x.detach().clone().requires_grad_()
     y = narrow_rms_norm(ours_x, weight, EPS)
     y.backward(dy)
-    # Forward: the same arithmetic and roundings; the reciprocal square root and the row sum's order may differ by
-    # an fp32 ulp, which can move a rounding to bf16 across a tie: at most one bf16 ulp (2^-8 relative) of y
+    # Forward: the same arithmetic and roundings. The reciprocal square root and the row sum's order may differ by an
+    # fp32 ulp; where that moves the normalised value across a bf16 rounding boundary (chance ~2^-15 an element) it
+    # differs by one bf16 ulp (<= 2^-7 relative), and the product's rounding then adds at most half an ulp on each
+    # side: within 2^-6 of y, and rare, where a systematic error (a truncation, a wrong weight) moves most elements
     assert y.shape == y_stock.shape and y.dtype == y_stock.dtype
-    assert ((y.float() - y_stock.float()).abs() <= y_stock.float().abs() * 2**-7 + 1e-30).all()
+    difference = (y.float() - y_stock.float()).abs()
+    assert (difference <= y_stock.float().abs() * 2**-6).all()
+    assert (difference > 0).float().mean() < 1e-3
     # Gradients against fp32: each is rounded to bf16 once at the end (2^-9 relative), the stock autograd rounds
     # twice on the way; ours may not be further off than the stock module plus one rounding of the largest value
     _, dx_ref, dw_ref = _fp32_reference(x, stock.weight, dy)
