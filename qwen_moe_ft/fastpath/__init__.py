@@ -6,9 +6,9 @@ names, in its header, the upstream symbols it replaces (at the pinned versions) 
 it; what each patch changed is measured in docs/benchmark-history.md, by commit.
 
 The order matters, and is this:
- 1. liger_norm_rope            (liger.py) before DeepSpeed wraps the model, then torch_hidden_norms and
-    quack_head_norms           (norms.py) the norms on the kernel that suits their width (triton_head_norms
-                               where quack's is refused)
+ 1. liger_norm_rope            (liger.py) before DeepSpeed wraps the model, then triton_hidden_norms
+    and quack_head_norms       (norms.py, rms_norm.py): the hidden-size norms on our Triton kernels (torch's where
+                               they do not run), the q/k norms on quack's (ours where it is refused)
  2. one_pass_grad_norm         (grad_norm.py) the step's norm and overflow check
  3. grads_in_place             (zero_step.py) its gradient hook takes norms in the backward for 2
  4. one_pass_adamw             (zero_step.py, adamw.py) replaces the wrapped AdamW before its first step
@@ -66,13 +66,13 @@ class FastPath:
         if choice == "liger":
             import torch
 
-            from .norms import quack_head_norms, torch_hidden_norms, triton_head_norms
+            from .norms import HEAD_NORMS, HIDDEN_NORMS, quack_head_norms, torch_hidden_norms, triton_norms
 
             device = torch.device(device_type)
-            head_norms = quack_head_norms(model, device)
-            self.applied += [torch_hidden_norms(model), head_norms]
-            if not head_norms:
-                self.applied.append(triton_head_norms(model, device))
+            hidden = triton_norms(model, device, HIDDEN_NORMS)
+            self.applied.append(hidden if hidden else torch_hidden_norms(model))
+            head = quack_head_norms(model, device)
+            self.applied.append(head if head else triton_norms(model, device, HEAD_NORMS))
         return model, choice
 
     def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False,

@@ -1,19 +1,19 @@
 """The model's RMSNorms on the kernel that suits their row width, after liger's patch (fused kernels on a GPU).
 
 Replaces (liger-kernel 0.8.5 on transformers 5.17.0): LigerRMSNorm.forward, which liger binds to each
-Qwen3MoeRMSNorm of the model. The hidden-size norms (each layer's input and post-attention norms, the final norm)
-run torch's own RMSNorm (F.rms_norm: one fused kernel forward and one backward on CUDA); the per-head q/k norms
-(rows of head_dim = 128) run quack's RMSNorm where quack's kernels run (quack_experts.quack_unavailable_because),
-else our Triton kernel for narrow rows (narrow_rms_norm.py), whose backward liger's is three times slower than.
-Guarded by tests/unit/fastpath/test_norms.py and test_narrow_rms_norm.py (outputs and gradients against the stock
-modules).
+Qwen3MoeRMSNorm of the model. The hidden-size norms (each layer's input and post-attention norms, the final norm) run
+our Triton RMSNorm (rms_norm.py: its backward is one pass where torch's fused RMSNorm reads the rows twice), or,
+where it does not run, torch's own (F.rms_norm: one fused kernel forward and one backward on CUDA); the per-head q/k
+norms (rows of head_dim = 128) run quack's RMSNorm where quack's kernels run (quack_experts.quack_unavailable_because),
+else ours, whose backward liger's is three times slower than. Guarded by tests/unit/fastpath/test_norms.py and
+test_rms_norm.py (outputs and gradients against the stock modules).
 
-Why: the forward was host-bound (the GPU waited for the host to issue its kernels), and liger's Triton launch
-costs ~90 us of host time a call against ~23 for torch's at the same GPU time on the wide rows; torch's kernel is
-4x slower than liger's on the 128-wide rows, where quack's is as fast forward, twice as fast backward and cheaper
-to launch (docs/benchmark-history.md, 2026-12-03, commits f4489ad..38ddb76).
-All three compute in fp32 from the bf16 input; torch's and quack's apply the weight before the one rounding to
-bf16 where Qwen3's module (and liger's "llama" mode) round, then multiply: within one bf16 rounding of each other.
+Why not liger's everywhere: the forward was host-bound (the GPU waited for the host to issue its kernels), and
+liger's Triton launch costs ~90 us of host time a call against ~23 for torch's at the same GPU time on the wide rows;
+torch's kernel is 4x slower than liger's on the 128-wide rows, where quack's is as fast forward, twice as fast
+backward and cheaper to launch (docs/benchmark-history.md, 2026-12-03, commits f4489ad..38ddb76).
+Ours and liger's compute as Qwen3's module does (the normalised rows rounded to bf16, then multiplied by the weight);
+torch's and quack's apply the weight before the one rounding: within one bf16 rounding of each other.
 """
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ def _quack_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rmsnorm(hidden_states, self.weight, eps=self.variance_epsilon)
 
 
-def _triton_narrow_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from .narrow_rms_norm import narrow_rms_norm
+def _triton_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    from .rms_norm import rms_norm
 
-    return narrow_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _norms(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
@@ -82,17 +82,19 @@ def quack_head_norms(model: nn.Module, device: torch.device) -> Applied:
     return Applied(name, replaces)
 
 
-def triton_head_norms(model: nn.Module, device: torch.device) -> Applied:
-    """The per-head q/k norms on narrow_rms_norm.py's Triton kernels, on a GPU with triton."""
-    from . import narrow_rms_norm
+def triton_norms(model: nn.Module, device: torch.device, names: tuple[str, ...]) -> Applied:
+    """The RMSNorms of these names (HIDDEN_NORMS or HEAD_NORMS) on rms_norm.py's Triton kernels, on a GPU with
+    triton."""
+    from .rms_norm import unavailable_because
 
-    name, replaces = "triton_head_norms", "LigerRMSNorm.forward on the q/k RMSNorms"
-    if narrow_rms_norm.triton is None or device.type != "cuda":
-        return Applied(name, replaces, "needs a GPU and triton")
-    modules = _norms(model, HEAD_NORMS)
+    name = "triton_hidden_norms" if names == HIDDEN_NORMS else "triton_head_norms"
+    replaces = f"LigerRMSNorm.forward on the {'hidden-size' if names == HIDDEN_NORMS else 'q/k'} RMSNorms"
+    modules = _norms(model, names)
     if not modules:
-        return Applied(name, replaces, "no q/k RMSNorm in the model")
-    _bind(modules, _triton_narrow_rms_norm)
+        return Applied(name, replaces, f"no {' or '.join(names)} RMSNorm in the model")
+    if why := unavailable_because(device, modules[0].weight.shape[0]):
+        return Applied(name, replaces, why)
+    _bind(modules, _triton_rms_norm)
     return Applied(name, replaces)
 
 

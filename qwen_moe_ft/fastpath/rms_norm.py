@@ -1,11 +1,12 @@
-"""RMSNorm over narrow rows (Qwen3's per-head q/k norms: rows of head_dim = 128), forward and backward in Triton.
+"""Qwen3's RMSNorm in Triton, forward and backward, for the per-head q/k norms and the hidden-size norms.
 
-liger's RMSNorm backward takes ~3x the memory traffic's time on these rows (234 us a layer for the q and k norms of
-8192 tokens on an H100, against ~70 us to read x and the gradient and write the input's gradient once): here each
-program of the backward walks many row blocks and keeps its share of the weight's gradient in registers, writing one
-partial row, summed after. Used where quack's RMSNorm does not run (norms.py); the arithmetic is Qwen3MoeRMSNorm's:
-statistics in fp32, the normalised rows rounded to the input's dtype, then multiplied by the weight (one rounding).
-The backward runs in fp32 throughout (the stock autograd rounds the normalised rows' gradient to bf16 on the way).
+The backward is one pass: each program walks many row blocks, writing the input's gradient and keeping its share of
+the weight's gradient in registers, one partial row summed after. On the q/k norms' 128-wide rows liger's backward
+took ~3x the memory traffic's time (234 us a layer for 8192 tokens on an H100); on the hidden-size rows torch's
+fused RMSNorm backward reads x and the gradient twice, once for each gradient (docs/benchmark-history.md,
+2026-12-06). The arithmetic is Qwen3MoeRMSNorm's: statistics in fp32, the normalised rows rounded to the input's
+dtype, then multiplied by the weight (one rounding); the backward runs in fp32 throughout (the stock autograd rounds
+the normalised rows' gradient to bf16 on the way).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ try:
 except ImportError:  # CPU-only installs: norms.py keeps the module's own forward
     triton = None
 
-FORWARD_ROWS = 32  # rows a forward program normalises
-BACKWARD_ROWS = 32  # rows a backward program takes at once
+BLOCK_ELEMENTS = 4096  # elements a program holds at once: 32 rows of 128, 2 of 2048
 BACKWARD_PROGRAMS_PER_SM = 4
+MAX_WIDTH = 16384  # wider rows would not fit one block's registers; norms.py keeps the stock norm there
 
 if triton is not None:
     @triton.jit
@@ -60,15 +61,21 @@ if triton is not None:
         tl.store(dw_partial_ptr + program.to(tl.int64) * width + cols, dw, mask=cols < width)
 
 
-class _NarrowRMSNorm(torch.autograd.Function):
+def _blocks(width: int) -> tuple[int, int]:
+    """(rows a program takes at once, the row's block of columns) for rows of `width`."""
+    block = triton.next_power_of_2(width)
+    return max(1, BLOCK_ELEMENTS // block), block
+
+
+class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         rows, width = x.shape
         y = torch.empty_like(x)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(width)
-        _forward_kernel[(triton.cdiv(rows, FORWARD_ROWS),)](x, weight, y, rstd, rows, width, eps, ROWS=FORWARD_ROWS,
-                                                             BLOCK=block, num_warps=4)
+        per_program, block = _blocks(width)
+        _forward_kernel[(triton.cdiv(rows, per_program),)](x, weight, y, rstd, rows, width, eps, ROWS=per_program,
+                                                            BLOCK=block, num_warps=4)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -79,21 +86,23 @@ class _NarrowRMSNorm(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        blocks = triton.cdiv(rows, BACKWARD_ROWS)
+        per_program, block = _blocks(width)
+        blocks = triton.cdiv(rows, per_program)
         programs = max(1, min(blocks, sms * BACKWARD_PROGRAMS_PER_SM))
         partial = torch.empty(programs, width, dtype=torch.float32, device=x.device)
         _backward_kernel[(programs,)](dy, x, weight, rstd, dx, partial, rows, width, programs,
-                                      triton.cdiv(blocks, programs), ROWS=BACKWARD_ROWS,
-                                      BLOCK=triton.next_power_of_2(width), num_warps=4)
+                                      triton.cdiv(blocks, programs), ROWS=per_program, BLOCK=block, num_warps=4)
         return dx, partial.sum(0).to(weight.dtype), None
 
 
-def supported(x: torch.Tensor) -> bool:
-    """Whether narrow_rms_norm runs on x here: a CUDA tensor with triton installed."""
-    return triton is not None and x.is_cuda
+def unavailable_because(device: torch.device, width: int) -> str:
+    """Empty where rms_norm runs on rows of `width` on `device`, else why not."""
+    if triton is None or device.type != "cuda":
+        return "needs a GPU and triton"
+    return f"rows of {width} are wider than {MAX_WIDTH}" if width > MAX_WIDTH else ""
 
 
-def narrow_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen3MoeRMSNorm over the last dimension of x (any leading shape), weight [width]."""
     width = x.shape[-1]
-    return _NarrowRMSNorm.apply(x.reshape(-1, width).contiguous(), weight, eps).view(x.shape)
+    return _RMSNorm.apply(x.reshape(-1, width).contiguous(), weight, eps).view(x.shape)

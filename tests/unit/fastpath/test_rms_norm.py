@@ -1,11 +1,11 @@
-"""The q/k norms' Triton kernels compute what Qwen3's RMSNorm computes, forward and backward."""
+"""The Triton RMSNorm computes what Qwen3's RMSNorm computes, forward and backward, at the q/k and hidden widths."""
 import pytest
 import torch
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
 from helpers import max_rel_err
-from qwen_moe_ft.fastpath.narrow_rms_norm import narrow_rms_norm, supported
-from qwen_moe_ft.fastpath.norms import triton_head_norms
+from qwen_moe_ft.fastpath.norms import HEAD_NORMS, triton_norms
+from qwen_moe_ft.fastpath.rms_norm import MAX_WIDTH, rms_norm, unavailable_because
 
 EPS = 1e-6
 
@@ -17,16 +17,25 @@ def _fp32_reference(x, weight, dy):
     return y.detach(), x32.grad, w32.grad
 
 
-def test_refused_without_a_gpu():
-    applied = triton_head_norms(torch.nn.Linear(2, 2), torch.device("cpu"))
-    assert applied.refused == "needs a GPU and triton"
-    assert not supported(torch.ones(1))
+def test_refused_without_a_gpu_or_past_the_widest_row():
+    from transformers import AutoModelForCausalLM
+
+    from helpers import TINY
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    assert triton_norms(model, torch.device("cpu"), HEAD_NORMS).refused == "needs a GPU and triton"
+    assert not any("forward" in vars(m) for m in model.modules())  # nothing rebound
+    assert triton_norms(torch.nn.Linear(2, 2), torch.device("cpu"), HEAD_NORMS).refused == \
+        "no q_norm or k_norm RMSNorm in the model"
+    if unavailable_because(torch.device("cuda"), 128) == "":  # triton installed: the width is what refuses
+        assert unavailable_because(torch.device("cuda"), MAX_WIDTH + 1) == f"rows of {MAX_WIDTH + 1} are wider than {MAX_WIDTH}"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(8192, 32, 128), (8192, 4, 128), (77, 3, 128), (5, 24)])
+@pytest.mark.parametrize("shape", [(8192, 32, 128), (8192, 4, 128), (77, 3, 128), (5, 24), (8192, 2048), (3, 2000)])
 def test_forward_and_gradients_match_qwen3s_norm(shape):
-    """Rows of the q norm at 8192 tokens, the k norm, a row count that fills no block and a width below one."""
+    """Rows of the q norm at 8192 tokens, the k norm, a row count that fills no block, a width below one block, the
+    hidden norms' rows and a hidden width that fills no block."""
     torch.manual_seed(0)
     width = shape[-1]
     stock = Qwen3MoeRMSNorm(width, eps=EPS).cuda().to(torch.bfloat16)
@@ -38,7 +47,7 @@ def test_forward_and_gradients_match_qwen3s_norm(shape):
     y_stock.backward(dy)
     weight = stock.weight.detach().clone().requires_grad_()
     ours_x = x.detach().clone().requires_grad_()
-    y = narrow_rms_norm(ours_x, weight, EPS)
+    y = rms_norm(ours_x, weight, EPS)
     y.backward(dy)
     # Forward: the same arithmetic and roundings. The reciprocal square root and the row sum's order may differ by an
     # fp32 ulp; where that moves the normalised value across a bf16 rounding boundary (chance ~2^-15 an element) it
@@ -57,7 +66,7 @@ def test_forward_and_gradients_match_qwen3s_norm(shape):
 
 
 @pytest.mark.gpu
-def test_the_fast_path_puts_the_head_norms_on_it_where_quack_is_refused():
+def test_the_fast_path_puts_the_norms_on_it_where_quack_is_refused():
     from transformers import AutoModelForCausalLM
 
     from helpers import TINY
@@ -67,11 +76,13 @@ def test_the_fast_path_puts_the_head_norms_on_it_where_quack_is_refused():
     fast = FastPath()
     try:
         fast.prepare_model(model, "liger", "cuda")
-        names = {a.name: a for a in fast.applied}
-        quack = names["quack_head_norms"]
-        assert bool(names.get("triton_head_norms")) == (not quack)
-        bound = [m for name, m in model.named_modules() if name.endswith(("q_norm", "k_norm"))]
-        if not quack:
-            assert all(m.forward.__func__.__name__ == "_triton_narrow_rms_norm" for m in bound)
+        applied = {a.name for a in fast.applied if a}
+        head = "quack_head_norms" if "quack_head_norms" in applied else "triton_head_norms"
+        assert {"triton_hidden_norms", head} <= applied
+        forwards = {name.rsplit(".", 1)[-1]: m.forward.__func__.__name__ for name, m in model.named_modules()
+                    if name.endswith(("norm", "layernorm"))}
+        assert forwards["input_layernorm"] == forwards["post_attention_layernorm"] == forwards["norm"] == "_triton_rms_norm"
+        assert forwards["q_norm"] == forwards["k_norm"] == ("_quack_rms_norm" if head == "quack_head_norms"
+                                                            else "_triton_rms_norm")
     finally:
         fast.restore()
