@@ -19,6 +19,8 @@ The order matters, and is this:
                                routing scores go into their activation (scored_swiglu.py), the combine unweighted
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
 10. lean_topk_router           (topk_router.py) every AutoEP block's router, at any EP size
+11. fused_attention_inputs     (attention_inputs.py) the attention's q/k/v projections, q/k norms and RoPE; after
+                               LoRA, whose wrapped projections it leaves to the stock forward
 
 The patch modules import private DeepSpeed symbols, so they are imported here only once the version guard
 (versions.py) has passed: on other versions one warning names them and the run continues on the stock path.
@@ -106,6 +108,9 @@ class FastPath:
                 raise ConfigError(f"--expert-kernels quack: {quack.refused}; use --expert-kernels auto or torch")
             self.applied.append(quack)
         self.applied.append(lean_topk_routers(engine.module))
+        from .attention_inputs import fused_attention_inputs
+
+        self.applied.append(fused_attention_inputs(engine.module, next(engine.module.parameters()).device))
         return self.applied
 
     def after_load(self) -> None:
