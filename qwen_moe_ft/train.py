@@ -184,7 +184,8 @@ class Trainer:
             attn_implementation = register_varlen_attention(self.attn_backend)
         else:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
-        self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on")  # off: does nothing, imports no patch module
+        # off: does nothing, imports no patch module
+        self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on", skip=tuple(cfg.fastpath.skip.split(",")))
         model = load_model(cfg.model, self.model_name, self.model_config, attn_implementation, self.ds_config,
                            self.rank)
         if self.sp_size > 1:  # before the engine, which reads the SP groups

@@ -15,12 +15,15 @@ The order matters, and is this:
  5. clip_in_adam               (zero_step.py) only where 4 is refused
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
- 8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1; over 6's SwiGLU experts the
-                               routing scores go into their activation (scored_swiglu.py), the combine unweighted
+ 8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
-10. lean_topk_router           (topk_router.py) every AutoEP block's router, at any EP size
-11. fused_attention_inputs     (attention_inputs.py) the attention's q/k/v projections, q/k norms and RoPE; after
+10. scored_swiglu              (scored_swiglu.py, local_dispatch.py) in 8's blocks over 6's SwiGLU experts (not 9's),
+                               the routing scores in the activation and the combine unweighted
+11. lean_topk_router           (topk_router.py) every AutoEP block's router, at any EP size
+12. fused_attention_inputs     (attention_inputs.py) the attention's q/k/v projections, q/k norms and RoPE; after
                                LoRA, whose wrapped projections it leaves to the stock forward
+
+`--fast-path-skip` leaves out any of SKIPPABLE (nothing else builds on them), say one that fails on a new GPU.
 
 The patch modules import private DeepSpeed symbols, so they are imported here only once the version guard
 (versions.py) has passed: on other versions one warning names them and the run continues on the stock path.
@@ -37,11 +40,25 @@ from . import versions
 from .applied import Applied
 
 STATE_DTYPES = ("bf16", "fp32")
+# The patches --fast-path-skip can leave out: none of the others builds on them, and each has a stock (or other
+# patched) path to fall back to
+SKIPPABLE = ("triton_hidden_norms", "quack_head_norms", "triton_head_norms", "scored_swiglu", "quack_experts",
+             "lean_topk_router", "fused_attention_inputs")
+
+
+def parse_skip(text: str) -> tuple[str, ...]:
+    """--fast-path-skip's comma list, every name one of SKIPPABLE."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if unknown := [name for name in names if name not in SKIPPABLE]:
+        raise ConfigError(f"--fast-path-skip: {', '.join(unknown)} cannot be left out; the patches that can: "
+                          f"{', '.join(SKIPPABLE)}")
+    return names
 
 
 class FastPath:
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, skip: tuple[str, ...] = ()):
         self.applied: list[Applied] = []
+        self.skip = parse_skip(",".join(skip))
         self.off_because = "" if enabled else "--fast-path off"
         if enabled and (mismatches := versions.mismatches()):
             self.off_because = "written for other versions: " + "; ".join(mismatches)
@@ -49,6 +66,10 @@ class FastPath:
                           "DeepSpeed ZeRO-2 + AutoEP (slower, same results)", stacklevel=2)
         self._zero_state = None
         self._restore = []
+
+    def _unless_skipped(self, name: str, apply) -> Applied:
+        """apply(), or, for a patch in --fast-path-skip, a refusal saying so."""
+        return Applied(name, "", "--fast-path-skip") if name in self.skip else apply()
 
     @property
     def on(self) -> bool:
@@ -71,10 +92,13 @@ class FastPath:
             from .norms import HEAD_NORMS, HIDDEN_NORMS, quack_head_norms, torch_hidden_norms, triton_norms
 
             device = torch.device(device_type)
-            hidden = triton_norms(model, device, HIDDEN_NORMS)
-            self.applied.append(hidden if hidden else torch_hidden_norms(model))
-            head = quack_head_norms(model, device)
-            self.applied.append(head if head else triton_norms(model, device, HEAD_NORMS))
+            hidden = self._unless_skipped("triton_hidden_norms", lambda: triton_norms(model, device, HIDDEN_NORMS))
+            self.applied += [hidden] if hidden else [hidden, torch_hidden_norms(model)]
+            head = self._unless_skipped("quack_head_norms", lambda: quack_head_norms(model, device))
+            self.applied.append(head)
+            if not head:
+                self.applied.append(self._unless_skipped("triton_head_norms",
+                                                         lambda: triton_norms(model, device, HEAD_NORMS)))
         return model, choice
 
     def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False,
@@ -86,7 +110,7 @@ class FastPath:
 
         from .expert_mlp import use_layout_preserving_gate_up
         from .grad_norm import lean_grad_checks
-        from .local_dispatch import one_rank_dispatch, quack_expert_kernels
+        from .local_dispatch import one_rank_dispatch, quack_expert_kernels, scored_swiglu_blocks
         from .state import ZeroState
         from .topk_router import lean_topk_routers
         from .zero_step import fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, mirror_gate_up_weights
@@ -101,16 +125,24 @@ class FastPath:
         forwards = use_layout_preserving_gate_up(engine.module, recompute=gate_up_recompute)
         self.applied.append(Applied("layout_preserving_gate_up", "GroupedExperts.forward (fused gate/up)",
                                     "" if forwards else "no trainable expert module runs the fused gate/up on torch._grouped_mm"))
-        self.applied += [mirror_gate_up_weights(state, forwards), one_rank_dispatch(engine.module)]
-        if expert_kernels != "torch":
+        self.applied += [mirror_gate_up_weights(state, forwards),
+                         one_rank_dispatch(engine.module, scored="scored_swiglu" not in self.skip)]
+        if expert_kernels != "torch" and "quack_experts" in self.skip:
+            if expert_kernels == "quack":
+                raise ConfigError("--expert-kernels quack with quack_experts in --fast-path-skip: choose one")
+            self.applied.append(self._unless_skipped("quack_experts", None))
+        elif expert_kernels != "torch":
             quack = quack_expert_kernels(engine.module)
             if expert_kernels == "quack" and not quack:
                 raise ConfigError(f"--expert-kernels quack: {quack.refused}; use --expert-kernels auto or torch")
             self.applied.append(quack)
-        self.applied.append(lean_topk_routers(engine.module))
+        self.applied.append(self._unless_skipped("scored_swiglu", lambda: scored_swiglu_blocks(engine.module)))
+        self.applied.append(self._unless_skipped("lean_topk_router", lambda: lean_topk_routers(engine.module)))
         from .attention_inputs import fused_attention_inputs
 
-        self.applied.append(fused_attention_inputs(engine.module, next(engine.module.parameters()).device))
+        device = next(engine.module.parameters()).device
+        self.applied.append(self._unless_skipped("fused_attention_inputs",
+                                                 lambda: fused_attention_inputs(engine.module, device)))
         return self.applied
 
     def after_load(self) -> None:

@@ -96,11 +96,12 @@ def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, c
     return gathered_swiglu_experts(x, experts.w1, experts.w2, experts.w3, rows, counts, layer.top_k, w13)
 
 
-def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad_rows: bool, quack: bool = False):
+def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad_rows: bool, quack: bool = False,
+                      scored: bool = True):
     """AutoEPMoELayer._forward's EP=1 path (router, expert-ordered rows, experts, combine), with the rows
     gathered by _GatherTokenRows and, unless `pad_rows`, passed to the experts without AutoEP's permutation;
-    `quack`: gather and experts on quack's kernels (quack_experts.py); where scores_in_experts, the scores applied
-    in the experts and the rows summed unweighted."""
+    `quack`: gather and experts on quack's kernels (quack_experts.py); where `scored` and scores_in_experts, the
+    scores applied in the experts and the rows summed unweighted."""
     bsz, seqlen, hdim = hidden_states.shape
     x = hidden_states.reshape(-1, hdim)
     if layer.combine_impl == "fused_weighted_sum" and not layer._fused_combine_checked:
@@ -118,7 +119,7 @@ def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad
         expert_output = layer.experts(x, routing.num_tokens_per_expert, rows, layer.top_k)
         return _combine(layer, expert_output, routing, rows, x, hidden_states)
     routed = _GatherTokenRows.apply(x, rows, layer.top_k)
-    if scores_in_experts(layer, pad_rows):
+    if scored and scores_in_experts(layer, pad_rows):
         # index_select, not indexing: its backward adds each row's score gradient in place, where indexing's sorts
         # the indices first (42 us a layer at 65536 rows on an H100)
         scores = routing.top_scores.view(-1).index_select(0, rows)
@@ -149,16 +150,27 @@ def _combine(layer: AutoEPMoELayer, expert_output, routing: RouterOutput, rows, 
     return layer._finalize_output(output, x, hidden_states, hdim)
 
 
-def one_rank_dispatch(model: nn.Module) -> Applied:
+def one_rank_dispatch(model: nn.Module, scored: bool = True) -> Applied:
     """Give every one-rank AutoEP block (no expert parallelism, no tensor-parallel folding, AutoEP's eager row
-    weighting) the forward above."""
+    weighting) the forward above; `scored`: with the scores in the experts where scores_in_experts."""
     changed = 0
     for layer in _one_rank_layers(model):
         pad_rows = any(m.use_triton_grouped_mm for m in layer.modules() if isinstance(m, GroupedExperts))
-        layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=pad_rows), layer)
+        layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=pad_rows, scored=scored),
+                                          layer)
         changed += 1
     return Applied("one_rank_dispatch", "AutoEPMoELayer._forward at EP=1",
                    "" if changed else "no AutoEP layer with one expert-parallel rank")
+
+
+def scored_swiglu_blocks(model: nn.Module) -> Applied:
+    """After one_rank_dispatch and quack_expert_kernels: whether any block runs with its scores in the experts."""
+    scored = [layer for layer in _one_rank_layers(model)
+              if isinstance(layer._forward, types.MethodType) and isinstance(layer._forward.__func__, functools.partial)
+              and layer._forward.__func__.keywords.get("scored") and not layer._forward.__func__.keywords.get("quack")
+              and scores_in_experts(layer, layer._forward.__func__.keywords["pad_rows"])]
+    return Applied("scored_swiglu", "AutoEP's weighted combine at EP=1 (fused_weighted_restore, combine_from_routed)",
+                   "" if scored else "no one-rank block with SwiGLU experts on layout_preserving_gate_up's forward")
 
 
 def _one_rank_layers(model: nn.Module) -> list[AutoEPMoELayer]:

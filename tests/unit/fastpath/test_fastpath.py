@@ -40,7 +40,7 @@ def test_install_applies_every_patch_in_order_and_names_them(process_group):
     applied = fast_path.install(engine, adam_states="bf16")
     assert [a.name for a in applied] == ["liger_norm_rope", "one_pass_grad_norm", "grads_in_place", "one_pass_adamw",
                                          "layout_preserving_gate_up", "gate_up_cache", "one_rank_dispatch",
-                                         "quack_experts", "lean_topk_router", "fused_attention_inputs"]
+                                         "quack_experts", "scored_swiglu", "lean_topk_router", "fused_attention_inputs"]
     # no GPU, no quack here
     assert [a.name for a in applied if not a] == ["liger_norm_rope", "quack_experts", "fused_attention_inputs"]
     assert fast_path.adam_states == "bf16"
@@ -90,6 +90,27 @@ def test_quack_asked_for_where_it_fails_its_probe_stops_the_run(process_group, m
     with pytest.raises(ConfigError, match=r"--expert-kernels quack: a small call of quack's expert kernels failed: "
                                           r"TypeError: epilogue fn"):
         FastPath().install(_engine(), expert_kernels="quack")
+
+
+@CPU_ONLY
+def test_skipped_patches_are_refused_by_name_and_not_installed(process_group):
+    engine = _engine()
+    fast_path = FastPath(skip=("scored_swiglu", "lean_topk_router"))
+    applied = {a.name: a for a in fast_path.install(engine)}
+    assert applied["scored_swiglu"].refused == applied["lean_topk_router"].refused == "--fast-path-skip"
+    assert applied["one_rank_dispatch"]
+    layers = [m for m in engine.module.modules() if "_forward" in vars(m)]
+    assert layers and all(not m._forward.__func__.keywords["scored"] for m in layers)
+    assert not any("forward" in vars(m.router) for m in layers)  # the routers keep DeepSpeed's forward
+    scored = FastPath()
+    assert {a.name: a for a in scored.install(_engine())}["scored_swiglu"]
+
+
+def test_only_the_skippable_patches_can_be_left_out():
+    with pytest.raises(ConfigError, match=r"--fast-path-skip: one_pass_adamw cannot be left out; the patches that "
+                                          r"can: triton_hidden_norms, .*fused_attention_inputs"):
+        FastPath(skip=("one_pass_adamw",))
+    assert FastPath(skip=("", " fused_attention_inputs ")).skip == ("fused_attention_inputs",)
 
 
 def test_recompute_refuses_the_cache_and_says_why(process_group):
