@@ -47,6 +47,13 @@ GRADIENT_BYTES = 2  # the bf16 gradient partition: from the backward to the opti
 # 8de37ea, BENCHMARKS.md "Memory"): per layer the experts' gathered input rows (32 KiB a token) and output rows (32),
 # gate/up (24) and SwiGLU's output (12), norms, projections and attention (~45).
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 145 * 1024
+
+
+def expert_output_row_bytes(config) -> int:
+    """The experts' bf16 output rows a token keeps for AutoEP's weighted combine (top_k rows of the hidden size, 32
+    KiB for Qwen3-30B-A3B); at EP=1 the fast path applies the scores in the experts' SwiGLU and sums the rows
+    unweighted, keeping none (fastpath/local_dispatch.py; measured 1.0 GiB less at 4 layers and 8192 tokens)."""
+    return 2 * config.num_experts_per_tok * config.hidden_size
 # The same for LoRA's unmerged experts (model/lora_expert_mlp.py: no input rows or SwiGLU output kept) and attention
 # LoRA, from the peaks of the 48-layer Qwen3-30B-A3B at 4096 tokens with 16 and 28 layers recomputed (76.715 and
 # 72.189 GiB, H200, commit 9c19195, BENCHMARKS.md "Memory"): 0.377 GiB a layer kept.
@@ -161,9 +168,12 @@ def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:
 
 def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
              loss: str = "torch", adam_states: str = "bf16", lora_rank: int = 0,
-             lora_targets: tuple[str, ...] = ("attn", "experts"), recomputed_layers: int = 0) -> MemoryEstimate:
+             lora_targets: tuple[str, ...] = ("attn", "experts"), recomputed_layers: int = 0,
+             expert_output_rows: bool | None = None) -> MemoryEstimate:
     """Peak bytes on one GPU for micro-batches of `tokens` tokens; LoRA of `lora_rank` (0: full fine-tuning);
-    `recomputed_layers` of the decoder layers under activation checkpointing; `loss` torch, chunked or fused."""
+    `recomputed_layers` of the decoder layers under activation checkpointing; `loss` torch, chunked or fused.
+    `expert_output_rows`: whether full fine-tuning keeps the experts' output rows for the combine (default: with
+    expert parallelism; see expert_output_row_bytes)."""
     layers = config.num_hidden_layers
     if not 0 <= recomputed_layers <= layers:
         raise ValueError(f"recomputed_layers {recomputed_layers}: the model has {layers} layers")
@@ -177,6 +187,8 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
     # size), or one layer's at a time when the backward rebuilds them. LoRA runs gate and up separately.
     gate_up_copy = 2 * (config.num_experts // ep_size) * 2 * config.moe_intermediate_size * config.hidden_size
     per_layer = LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER if lora_rank else ACTIVATION_BYTES_PER_TOKEN_LAYER
+    if not lora_rank and not (ep_size > 1 if expert_output_rows is None else expert_output_rows):
+        per_layer -= expert_output_row_bytes(config)
     backward = LORA_BACKWARD_BYTES_PER_TOKEN_LAYER if lora_rank else 0  # full fine-tuning: within its 2% unmodelled
     kept = layers - recomputed_layers
     inputs = tokens * 2 * config.hidden_size * recomputed_layers  # what a recomputed layer keeps until its backward
