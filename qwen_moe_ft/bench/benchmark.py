@@ -106,7 +106,8 @@ def _run_ours(args, batches):
                          expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
                          router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
                          fast_path="on" if args.stack == "ours" else "off",
-                         fast_path_skip=args.fast_path_skip if args.stack == "ours" else "", **_lora_options(args))
+                         **({"fast_path_skip": args.fast_path_skip} if args.fast_path_skip is not None and args.stack == "ours"
+                            else {}), **_lora_options(args))
     trainer = Trainer(cfg)
     trainer.engine.train()
 
@@ -533,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adam-states", default="bf16", choices=("bf16", "fp32"), help="Adam moments of our stack")
     parser.add_argument("--expert-kernels", default="auto", choices=("auto", "torch", "quack"),
                         help="experts of our stack")
-    parser.add_argument("--fast-path-skip", default="", help="our stack's --fast-path-skip (patches left out)")
+    parser.add_argument("--fast-path-skip", default=None, help="our stack's --fast-path-skip (patches left out; "
+                        "default: the trainer's)")
     parser.add_argument("--router-aux-loss-coef", type=float, default=None,
                         help="load-balancing loss of our stacks (default the model config's; 0: off, load counts only)")
     parser.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss of our stacks")
