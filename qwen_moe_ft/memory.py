@@ -47,13 +47,6 @@ GRADIENT_BYTES = 2  # the bf16 gradient partition: from the backward to the opti
 # 8de37ea, BENCHMARKS.md "Memory"): per layer the experts' gathered input rows (32 KiB a token) and output rows (32),
 # gate/up (24) and SwiGLU's output (12), norms, projections and attention (~45).
 ACTIVATION_BYTES_PER_TOKEN_LAYER = 145 * 1024
-
-
-def expert_output_row_bytes(config) -> int:
-    """The experts' bf16 output rows a token keeps for AutoEP's weighted combine (top_k rows of the hidden size, 32
-    KiB for Qwen3-30B-A3B); at EP=1 the fast path applies the scores in the experts' SwiGLU and sums the rows
-    unweighted, keeping none (fastpath/local_dispatch.py; measured 1.0 GiB less at 4 layers and 8192 tokens)."""
-    return 2 * config.num_experts_per_tok * config.hidden_size
 # The same for LoRA's unmerged experts (model/lora_expert_mlp.py: no input rows or SwiGLU output kept) and attention
 # LoRA, from the peaks of the 48-layer Qwen3-30B-A3B at 4096 tokens with 16 and 28 layers recomputed (76.715 and
 # 72.189 GiB, H200, commit 9c19195, BENCHMARKS.md "Memory"): 0.377 GiB a layer kept.
@@ -146,6 +139,13 @@ def lora_parameter_counts(config, rank: int, targets: list[str]) -> tuple[int, i
     inter = config.moe_intermediate_size
     expert = config.num_experts * rank * (2 * hidden + 3 * inter) if "experts" in targets else 0
     return layers * attn, layers * expert
+
+
+def expert_output_row_bytes(config) -> int:
+    """The experts' bf16 output rows a token keeps for AutoEP's weighted combine (top_k rows of the hidden size, 32
+    KiB for Qwen3-30B-A3B); at EP=1 the fast path applies the scores in the experts' SwiGLU and sums the rows
+    unweighted, keeping none (fastpath/local_dispatch.py; measured 1.0 GiB less at 4 layers and 8192 tokens)."""
+    return 2 * config.num_experts_per_tok * config.hidden_size
 
 
 def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:

@@ -105,9 +105,7 @@ def _run_ours(args, batches):
                          gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
                          expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
                          router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
-                         fast_path="on" if args.stack == "ours" else "off",
-                         **({"fast_path_skip": args.fast_path_skip} if args.fast_path_skip is not None and args.stack == "ours"
-                            else {}), **_lora_options(args))
+                         fast_path="on" if args.stack == "ours" else "off", **_skip_option(args), **_lora_options(args))
     trainer = Trainer(cfg)
     trainer.engine.train()
 
@@ -116,6 +114,11 @@ def _run_ours(args, batches):
 
     return step, (f"{trainer.attn_backend}, loss {trainer.loss_impl}, kernels {trainer.fused_kernels}, "
                   f"{trainer.recompute}; {trainer.fast_path.summary()}"), causal_lm_of(trainer.engine)
+
+
+def _skip_option(args) -> dict:
+    """Our stack's --fast-path-skip where the bench was given one (else the trainer's default)."""
+    return {"fast_path_skip": args.fast_path_skip} if args.fast_path_skip is not None and args.stack == "ours" else {}
 
 
 def _lora_options(args) -> dict:
