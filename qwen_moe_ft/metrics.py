@@ -48,7 +48,9 @@ KEYS = tuple(field.name for field in fields(StepMetrics))
 
 
 class StepTimer:
-    """Wall time of one optimizer step, with the device synchronised at both ends."""
+    """Wall time of one optimizer step, with the current stream synchronised at both ends. Only that stream: the
+    step's updates that run beside the next forward (fastpath/step_overlap.py) are counted in the step that
+    waits for them, as a run without the timer would spend them."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -57,7 +59,7 @@ class StepTimer:
 
     def _sync(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def begin(self):
         self._sync()

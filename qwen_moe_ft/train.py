@@ -323,6 +323,7 @@ class Trainer:
         return loss_sum / max(label_tokens, 1), int(label_tokens)
 
     def _save_adapter(self):
+        self.fast_path.settle()
         out = save_adapter(self.engine.module, self.cfg.lora, self.model_name,
                            os.path.join(self.cfg.output.dir, "adapter"), is_main=self.accelerator.is_main_process)
         self.metrics.info(f"saved {out} (PEFT LoRA adapter of the stock model)")
@@ -364,6 +365,7 @@ class Trainer:
             stop = _global_sum([float(self.stop_signal is not None)], self.device)[0] > 0
             save_steps = cfg.checkpoint.save_steps
             if save_steps and (done % save_steps == 0 or done == self.total_steps) or stop:
+                self.fast_path.settle()
                 path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
                                        keep=cfg.checkpoint.save_total_limit, layout=self.layout,
                                        data_order=self.data_order)
@@ -378,6 +380,7 @@ class Trainer:
         if cfg.lora.enabled:
             self._save_adapter()
         if cfg.lora.merge or (cfg.checkpoint.export_hf and not cfg.lora.enabled):
+            self.fast_path.settle()
             model = merge_lora(self.engine.module) if cfg.lora.merge else self.engine
             out = save_hf_checkpoint(model, self.tokenizer, os.path.join(cfg.output.dir, "hf"),
                                      is_main=self.accelerator.is_main_process, dtype=DTYPES[cfg.model.dtype])

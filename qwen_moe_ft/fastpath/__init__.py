@@ -13,6 +13,8 @@ The order matters, and is this:
  3. grads_in_place             (zero_step.py) its gradient hook takes norms in the backward for 2
  4. one_pass_adamw             (zero_step.py, adamw.py) replaces the wrapped AdamW before its first step
  5. clip_in_adam               (zero_step.py) only where 4 is refused
+    step_overlap               (step_overlap.py) 4's decoder-layer updates on a side stream, beside the next
+                               forward
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
@@ -43,7 +45,7 @@ STATE_DTYPES = ("bf16", "fp32")
 # The patches --fast-path-skip can leave out: none of the others builds on them, and each has a stock (or other
 # patched) path to fall back to
 SKIPPABLE = ("triton_hidden_norms", "quack_head_norms", "triton_head_norms", "scored_swiglu", "quack_experts",
-             "lean_topk_router", "fused_attention_inputs")
+             "lean_topk_router", "fused_attention_inputs", "step_overlap")
 
 
 def parse_skip(text: str) -> tuple[str, ...]:
@@ -120,7 +122,12 @@ class FastPath:
         state = self._zero_state = ZeroState(engine.optimizer)
         self.applied += [lean_grad_checks(state), keep_unreduced_grads_in_place(state),
                          fuse_adam_step(state, torch.bfloat16 if adam_states == "bf16" else torch.float32)]
-        if not state.fused_step:
+        if state.fused_step:
+            from .step_overlap import overlap_step_with_forward
+
+            self.applied.append(self._unless_skipped("step_overlap",
+                                                     lambda: overlap_step_with_forward(state, engine.module)))
+        else:
             self.applied.append(fold_clip_into_adam(state))
         forwards = use_layout_preserving_gate_up(engine.module, recompute=gate_up_recompute)
         self.applied.append(Applied("layout_preserving_gate_up", "GroupedExperts.forward (fused gate/up)",
@@ -144,6 +151,13 @@ class FastPath:
         self.applied.append(self._unless_skipped("fused_attention_inputs",
                                                  lambda: fused_attention_inputs(engine.module, device)))
         return self.applied
+
+    def settle(self) -> None:
+        """Before weights or optimizer state are read other than by the forward (a checkpoint, an export): the
+        step's updates still running beside the forward (step_overlap) are waited for."""
+        state = self._zero_state
+        if state is not None and state.overlap is not None:
+            state.overlap.settle()
 
     def after_load(self) -> None:
         """After a checkpoint load wrote the weights: caches built from the old ones are rebuilt, and moments that
@@ -175,3 +189,6 @@ class FastPath:
         for restore in self._restore:
             restore()
         self._restore = []
+        if self._zero_state is not None and self._zero_state.overlap is not None:
+            self._zero_state.overlap.remove()
+            self._zero_state.overlap = None

@@ -21,7 +21,9 @@ On CUDA with Triton the pass is one kernel; elsewhere (the CPU tests) the same a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -159,25 +161,34 @@ if triton is not None:
 
 
 def _coalesced(grads: list[torch.Tensor], mirrors: list[Mirror | None]):
-    """(offset, 1-D gradient, mirror) over `grads` laid end to end, runs of small unmirrored ones
-    concatenated."""
-    offset, run, run_start, run_size = 0, [], 0, 0
-    for grad, mirror in zip(grads, mirrors):
+    """(index of the first piece, offset, 1-D gradient pieces, mirror) over `grads` laid end to end, runs of
+    small unmirrored ones together (concatenated when launched)."""
+    offset, run, run_first, run_start, run_size = 0, [], 0, 0, 0
+    for index, (grad, mirror) in enumerate(zip(grads, mirrors)):
         n = grad.numel()
         alone = n >= _SMALL or mirror is not None
         if run and (alone or run_size + n > _RUN):
-            yield run_start, torch.cat(run) if len(run) > 1 else run[0], None
+            yield run_first, run_start, run, None
             run = []
         if alone:
-            yield offset, grad.reshape(-1), mirror
+            yield index, offset, [grad.reshape(-1)], mirror
         else:
             if not run:
-                run_start, run_size = offset, 0
+                run_first, run_start, run_size = index, offset, 0
             run.append(grad.reshape(-1))
             run_size += n
         offset += n
     if run:
-        yield run_start, torch.cat(run) if len(run) > 1 else run[0], None
+        yield run_first, run_start, run, None
+
+
+@dataclass(frozen=True)
+class PieceUpdate:
+    """One launch of an update (MasterAdamW.plan): the gradient pieces `first` .. `first + len(grads) - 1`
+    of the parameter, updated by run() on the current stream."""
+    first: int
+    grads: list[torch.Tensor]
+    run: Callable[[], None]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -235,6 +246,16 @@ class MasterAdamW(torch.optim.Optimizer):
         from the start of param; elements past their end are left alone), dividing the gradient by
         `grad_scale` (a one-element tensor) if given, and writing the new value also to `out` if given and
         to each piece's Mirror in `mirrors` (one entry per piece, None for none)."""
+        for piece in self.plan(group, param, grads, out=out, grad_scale=grad_scale, group_index=group_index,
+                               mirrors=mirrors):
+            piece.run()
+
+    @torch.no_grad()
+    def plan(self, group: dict, param: torch.Tensor, grads: list[torch.Tensor], *, out: torch.Tensor | None = None,
+             grad_scale: torch.Tensor | None = None, group_index: int = 0,
+             mirrors: list[Mirror | None] | None = None) -> list[PieceUpdate]:
+        """update's launches, not yet run: the step is counted now, and running every PieceUpdate once, in
+        any order and on any streams, is that update."""
         state = self._state_of(param)
         state["step"] += 1
         step = int(state["step"])
@@ -249,12 +270,20 @@ class MasterAdamW(torch.optim.Optimizer):
             raise ValueError(f"gradient pieces hold more than the parameter's {param.numel()} elements")
         if mirrors is not None and len(mirrors) != len(grads):
             raise ValueError(f"{len(mirrors)} mirrors for {len(grads)} gradient pieces")
-        run = self._triton_update if _use_triton(param) else self._torch_update
-        for offset, grad, mirror in _coalesced(grads, mirrors or [None] * len(grads)):
-            n = grad.numel()
+        launch = self._triton_update if _use_triton(param) else self._torch_update
+        pieces = []
+        for first, offset, run, mirror in _coalesced(grads, mirrors or [None] * len(grads)):
+            n = sum(g.numel() for g in run)
             views = [flat[k].narrow(0, offset, n) for k in ("p", "m", "v")]
             piece_out = out_flat.narrow(0, offset, n) if out_flat is not None else None
-            run(grad, *views, piece_out, mirror, grad_scale, seed, offset, scalars)
+            pieces.append(PieceUpdate(first, run, partial(self._launch, launch, run, views, piece_out, mirror,
+                                                          grad_scale, seed, offset, scalars)))
+        return pieces
+
+    @staticmethod
+    @torch.no_grad()
+    def _launch(launch, run, views, out, mirror, grad_scale, seed, offset, scalars) -> None:
+        launch(torch.cat(run) if len(run) > 1 else run[0], *views, out, mirror, grad_scale, seed, offset, scalars)
 
     def _triton_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         n = g.numel()

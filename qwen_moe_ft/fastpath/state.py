@@ -18,6 +18,7 @@ class ZeroState:
     optimizer: object  # deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer
     one_pass_norm: bool = False  # grad_norm.lean_grad_checks installed
     fused_step: bool = False  # zero_step.fuse_adam_step installed
+    overlap: object | None = None  # step_overlap.StepOverlap, where the step runs beside the next forward
     # id(param) -> its gradient's norm, taken in the backward (grad_norm.norm_in_backward); the step's norm
     # consumes them
     early_norms: dict[int, torch.Tensor] = field(default_factory=dict)

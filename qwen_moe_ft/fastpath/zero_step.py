@@ -27,6 +27,7 @@ from .expert_mlp import LayoutPreservingGateUp
 from .gate_up_cache import GateUpCache
 from .grad_norm import norm_in_backward, piece_owners
 from .state import ZeroState
+from .step_overlap import split_by_layer
 
 
 def _not_zero_optimizer(optimizer) -> str:
@@ -84,6 +85,10 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
     divisor = _grad_divisor(optimizer, norm)
     adam: MasterAdamW = optimizer.optimizer
     written: dict[GateUpCache, set[int]] = {}
+    overlap = state.overlap
+    if overlap is not None:
+        overlap.begin()
+    side = {}
     # the largest partitions (the experts) first: their long kernels keep the GPU busy while the host
     # launches the rest
     for i in sorted(range(len(optimizer.bit16_groups)), key=lambda i: -optimizer.partition_size[i]):
@@ -94,11 +99,21 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
         master = optimizer.single_partition_of_fp32_groups[i]
         group = adam.param_groups[i]
         assert group["params"][0] is master, "optimizer param group order differs from DeepSpeed's partitions"
-        adam.update(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
-                    grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, grads, written))
+        pieces = adam.plan(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
+                           grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, grads, written))
+        owners = piece_owners(grads, optimizer.params_in_partition[i]) if overlap is not None else None
+        # a group all-gathered over several ranks is complete before the all-gather below, on this stream
+        if owners is not None and state.group_dp_size(i) == 1:
+            pieces, layers = split_by_layer(pieces, owners, overlap.layer_of)
+            for k, launches in layers.items():
+                side.setdefault(k, []).extend(launches)
+        for piece in pieces:
+            piece.run()
         optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
         optimizer.averaged_gradients[i] = None
         optimizer.all_grad_tensors[i] = None
+    if overlap is not None:
+        overlap.launch(side, divisor)
     all_gather_dp_groups(groups_flat=optimizer.bit16_groups_flat,
                          partitioned_param_groups=optimizer.parallel_partitioned_bit16_groups,
                          dp_process_group=optimizer.real_dp_process_group,

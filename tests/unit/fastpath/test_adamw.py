@@ -210,7 +210,34 @@ def test_small_gradients_updated_together_as_when_apart(monkeypatch):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert torch.equal(results[1][0][sum(sizes):], torch.arange(800.0)[sum(sizes):])
     pieces = adamw._coalesced(grads, [None] * len(grads))
-    assert [(o, g.numel()) for o, g, _ in pieces] == [(0, 12), (12, 300), (312, 5), (317, 400), (717, 1)]
+    assert [(first, offset, sum(g.numel() for g in run)) for first, offset, run, _ in pieces] == [
+        (0, 0, 12), (2, 12, 300), (3, 312, 5), (5, 317, 400), (6, 717, 1)]
+
+
+def test_planned_launches_run_in_any_order_are_the_update(monkeypatch):
+    import qwen_moe_ft.fastpath.adamw as adamw
+
+    monkeypatch.setattr(adamw, "_SMALL", 100)
+    monkeypatch.setattr(adamw, "_RUN", 12)
+    torch.manual_seed(0)
+    sizes = [5, 7, 300, 2, 3, 400, 1]
+    results = []
+    for planned in (False, True):
+        param, out = torch.arange(800.0), torch.zeros(800, dtype=torch.bfloat16)
+        adam = MasterAdamW([param], **HYPER, state_dtype=torch.bfloat16)
+        for step in range(2):
+            grads = [torch.randn(n, generator=torch.Generator().manual_seed(step * 10 + i)) for i, n in enumerate(sizes)]
+            if planned:
+                pieces = adam.plan(adam.param_groups[0], param, grads, out=out)
+                assert [p.first for p in pieces] == [0, 2, 3, 5, 6]
+                for piece in reversed(pieces):
+                    piece.run()
+            else:
+                adam.update(adam.param_groups[0], param, grads, out=out)
+        state = adam.state[param]
+        results.append((param, out, state["exp_avg"], state["exp_avg_sq"], state["step"]))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
 
 
 def _mirrored_update(device, experts=3, inter=5, hidden=4, steps=2):

@@ -1,0 +1,138 @@
+"""The one-pass step's decoder-layer updates beside the next forward (fastpath/step_overlap.py): which launches go to
+the side stream (CPU), and on a GPU, with the side stream held back on purpose so that a forward that did not
+wait would read the old weights: the forward waits for its layer, freed gradients keep their memory until the
+update has read them, and DeepSpeed's step with the overlap trains as without it."""
+import pytest
+import torch
+from torch import nn
+
+from helpers import TINY, zero_backward, zero_engine
+from qwen_moe_ft.fastpath.adamw import PieceUpdate
+from qwen_moe_ft.fastpath.state import ZeroState
+from qwen_moe_ft.fastpath.step_overlap import StepOverlap, decoder_layers, overlap_step_with_forward, split_by_layer
+
+HOLD_CYCLES = 200_000_000  # ~0.1 s of GPU clock: far longer than the host takes to reach the forward
+
+
+def _piece(first: int, count: int) -> PieceUpdate:
+    return PieceUpdate(first, [torch.zeros(1)] * count, lambda: None)
+
+
+def test_launches_wholly_inside_decoder_layers_go_to_the_side_stream_under_their_first_layer():
+    embed, norm, a0, b0, a1, b1 = (nn.Parameter(torch.zeros(1)) for _ in range(6))
+    layer_of = {id(a0): 0, id(b0): 0, id(a1): 1, id(b1): 1}
+    owners = [embed, a0, b0, a1, b1, norm, None]
+    pieces = [_piece(0, 1), _piece(1, 2), _piece(3, 2), _piece(5, 1), _piece(6, 1)]
+    current, side = split_by_layer(pieces, owners, layer_of)
+    assert [p.first for p in current] == [0, 5, 6]  # the embedding, the final norm, padding
+    assert {k: [p.first for p in v] for k, v in side.items()} == {0: [1], 1: [3]}
+    # a run that reaches from layer 1 into the final norm stays on the current stream
+    current, side = split_by_layer([_piece(0, 1), _piece(1, 4), _piece(5, 2)], owners, layer_of)
+    assert [p.first for p in current] == [0, 5] and {k: [p.first for p in v] for k, v in side.items()} == {0: [1]}
+
+
+def test_decoder_layers_of_the_tiny_model_and_refusals_off_cuda():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    assert decoder_layers(model) == list(model.model.layers) and len(decoder_layers(model)) == 2
+    assert decoder_layers(nn.Linear(2, 2)) == []
+
+    class _Optimizer:
+        device = "cpu"
+
+    state = ZeroState(_Optimizer())
+    assert overlap_step_with_forward(state, model).refused == "needs one_pass_adamw"
+    state.fused_step = True
+    applied = overlap_step_with_forward(state, model)
+    assert applied.refused == ("needs CUDA" if not torch.cuda.is_available() else "") or torch.cuda.is_available()
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Linear(256, 256, bias=False) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.model.layers:
+            x = layer(x)
+        return x
+
+
+def _late(run):
+    """A launch that first holds the side stream back."""
+    def held():
+        torch.cuda._sleep(HOLD_CYCLES)
+        run()
+    return held
+
+
+@pytest.mark.gpu
+def test_a_layers_forward_waits_for_its_own_update():
+    torch.manual_seed(0)
+    stack = _Stack().cuda()
+    overlap = StepOverlap(decoder_layers(stack), torch.device("cuda"))
+    new = [torch.randn_like(layer.weight) for layer in stack.model.layers]
+    x = torch.randn(8, 256, device="cuda")
+    expected = x @ new[0].T @ new[1].T
+    overlap.begin()
+    side = {k: [PieceUpdate(0, [], _late(lambda w=layer.weight, v=new[k]: w.data.copy_(v)))]
+            for k, layer in enumerate(stack.model.layers)}
+    overlap.launch(side, None)
+    assert not overlap.stream.query()  # still held back: a forward that did not wait would read the old weights
+    with torch.no_grad():
+        out = stack(x)
+    torch.testing.assert_close(out, expected)
+    overlap.remove()
+
+
+@pytest.mark.gpu
+def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
+    stack = _Stack().cuda()
+    overlap = StepOverlap(decoder_layers(stack), torch.device("cuda"))
+    grad = torch.full((1 << 20,), 3.0, device="cuda")
+    out = torch.zeros_like(grad)
+    overlap.begin()
+    overlap.launch({0: [PieceUpdate(0, [grad], _late(lambda g=grad: out.copy_(g * 2)))]}, None)
+    del grad  # the step drops its references as soon as it has launched
+    reuse = torch.empty(1 << 20, device="cuda")  # without record_stream, the freed block itself
+    reuse.fill_(-1.0)
+    overlap.settle()
+    assert torch.equal(out, torch.full_like(out, 6.0))
+    overlap.remove()
+
+
+@pytest.mark.gpu
+def test_deepspeed_step_with_the_overlap_trains_as_without_it(process_group, monkeypatch):
+    held_launch = StepOverlap.launch
+
+    def launch_late(self, side, grad_scale):
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(HOLD_CYCLES)
+        held_launch(self, side, grad_scale)
+
+    monkeypatch.setattr(StepOverlap, "launch", launch_late)
+    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1)).cuda()
+    before, after, masters = {}, {}, {}
+    for overlapped in (False, True):
+        engine, state = zero_engine(fused_states=torch.float32)
+        if overlapped:
+            assert overlap_step_with_forward(state, engine.module)
+        with torch.no_grad():
+            before[overlapped] = engine(input_ids=ids, labels=ids).loss.item()
+        zero_backward(engine)  # the same batch as `ids`
+        engine.step()
+        if overlapped:
+            assert all(state.overlap._pending)  # every layer's update is still on the side stream
+        with torch.no_grad():
+            after[overlapped] = engine(input_ids=ids, labels=ids).loss.item()
+        engine.module.state_dict()  # waits for the side stream (the model's state_dict pre-hook)
+        masters[overlapped] = [m.clone() for m in engine.optimizer.single_partition_of_fp32_groups]
+        if overlapped:
+            state.overlap.remove()
+    # one step moves this batch's loss by far more than the tolerance: a forward that read the old weights fails
+    assert abs(after[False] - before[False]) > 1e-2 * abs(before[False])
+    assert after[True] == pytest.approx(after[False], rel=1e-4)
+    for ours, theirs in zip(masters[True], masters[False]):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
