@@ -1,17 +1,17 @@
 """The one-pass optimizer step (zero_step._fused_step) overlapped with the next step's forward.
 
 Reorders, nothing upstream replaced: the step's AdamW runs at about a copy's bandwidth while the forward's GEMMs
-and attention are bound by arithmetic, so the two can share the GPU. The updates of decoder layer k's weights
-are launched on a side stream in layer order, each layer's followed by an event, and layer k's next forward
-(a forward pre-hook) waits only for its own event; the stream runs in order, so every earlier layer's update
-is done too. What is not one decoder layer's (the embedding, the final norm, the LM head, a coalesced run of
-small pieces that reaches outside the layers) and every group all-gathered over several ranks is updated on
-the current stream as before.
+and attention are bound by arithmetic, so the two can share the GPU. The forward's stages are the embedding, each
+decoder layer, and the final norm with the LM head after it (forward_stages). The updates of each stage's weights
+are launched on a side stream in forward order, each stage's followed by an event, and the stage's next forward
+(a forward pre-hook on its module) waits only for its own event; the stream runs in order, so every earlier
+stage's update is done too. What belongs to no stage, or to several (a coalesced run of small pieces that reaches
+outside one), and every group all-gathered over several ranks, is updated on the current stream as before.
 
-Anything that reads weights or moments other than through a decoder layer's forward (a checkpoint save, an
-export, a state_dict) waits for the whole side stream first: settle(). Every gradient the side stream reads
-is recorded on it (Tensor.record_stream), so the allocator does not give its memory to the forward before
-that update has read it.
+Anything that reads weights or moments other than through the stages' forwards (a checkpoint save, an export, a
+state_dict) waits for the whole side stream first: settle(). Every gradient the side stream reads is recorded on
+it (Tensor.record_stream), so the allocator does not give its memory to the forward before that update has read
+it.
 
 CUDA only. Guarded by tests/unit/fastpath/test_step_overlap.py: which launches go where (CPU), and on a GPU a
 forward that waits for a deliberately late update, and DeepSpeed's step with the overlap equal to it without.
@@ -27,39 +27,55 @@ from .adamw import PieceUpdate
 from .applied import Applied
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a transformers causal LM (model.model.layers), in forward order; [] if it has none."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    return list(layers) if isinstance(layers, nn.ModuleList) else []
+def forward_stages(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """(module whose forward needs them, weights) in forward order for a transformers causal LM: the embedding,
+    each decoder layer, the final norm with the LM head (whose weight the loss may read without calling it, but
+    only after the norm); [] for a model without model.model.layers. A weight shared by two stages (tied
+    embeddings) belongs to the first."""
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return []
+    stages = [(layer, list(layer.parameters())) for layer in layers]
+    if isinstance(embed := getattr(body, "embed_tokens", None), nn.Module):
+        stages.insert(0, (embed, list(embed.parameters())))
+    if isinstance(norm := getattr(body, "norm", None), nn.Module):
+        head = getattr(model, "lm_head", None)
+        stages.append((norm, list(norm.parameters()) + (list(head.parameters()) if isinstance(head, nn.Module) else [])))
+    return stages
 
 
-def split_by_layer(pieces: list[PieceUpdate], owners: list, layer_of: dict[int, int]
+def split_by_stage(pieces: list[PieceUpdate], owners: list, stage_of: dict[int, int]
                    ) -> tuple[list[PieceUpdate], dict[int, list[PieceUpdate]]]:
-    """(launches for the current stream, {layer: launches for the side stream}). A launch goes to the side
-    stream under the first layer it touches when every piece in it belongs to some decoder layer; layers after
-    that one wait for their own, later, events, which the stream's order puts after it."""
+    """(launches for the current stream, {stage: launches for the side stream}). A launch goes to the side
+    stream under the first stage it touches when every piece in it belongs to some stage; stages after that one
+    wait for their own, later, events, which the stream's order puts after it."""
     current, side = [], {}
     for piece in pieces:
-        layers = [layer_of.get(id(owner)) if owner is not None else None
+        stages = [stage_of.get(id(owner)) if owner is not None else None
                   for owner in owners[piece.first:piece.first + len(piece.grads)]]
-        if layers and None not in layers:
-            side.setdefault(min(layers), []).append(piece)
+        if stages and None not in stages:
+            side.setdefault(min(stages), []).append(piece)
         else:
             current.append(piece)
     return current, side
 
 
 class StepOverlap:
-    """The side stream, one event per decoder layer, and the hooks that wait for them."""
+    """The side stream, one event per forward stage, and the hooks that wait for them."""
 
-    def __init__(self, layers: list[nn.Module], device: torch.device):
+    def __init__(self, stages: list[tuple[nn.Module, list[nn.Parameter]]], device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
-        self.layer_of = {id(p): k for k, layer in enumerate(layers) for p in layer.parameters()}
-        self._events = [torch.cuda.Event() for _ in layers]
-        self._pending = [False] * len(layers)
+        self.stage_of: dict[int, int] = {}
+        for k, (_, params) in enumerate(stages):
+            for param in params:
+                self.stage_of.setdefault(id(param), k)
+        self._events = [torch.cuda.Event() for _ in stages]
+        self._pending = [False] * len(stages)
         self._ready = torch.cuda.Event()
-        self._hooks = [layer.register_forward_pre_hook(partial(self._wait_for, k)) for k, layer in enumerate(layers)]
+        self._hooks = [module.register_forward_pre_hook(partial(self._wait_for, k))
+                       for k, (module, _) in enumerate(stages)]
 
     def _wait_for(self, k: int, module, args) -> None:
         if self._pending[k]:
@@ -73,7 +89,7 @@ class StepOverlap:
         self._ready.record(torch.cuda.current_stream(self.device))
 
     def launch(self, side: dict[int, list[PieceUpdate]], grad_scale: torch.Tensor | None) -> None:
-        """Run each layer's launches on the side stream, in layer order, recording its event after them."""
+        """Run each stage's launches on the side stream, in forward order, recording its event after them."""
         if not side:
             return
         self.stream.wait_event(self._ready)
@@ -101,14 +117,14 @@ class StepOverlap:
 
 
 def overlap_step_with_forward(state, model: nn.Module) -> Applied:
-    """Have the one-pass step (fuse_adam_step, installed first) run its decoder layers' updates beside the next
-    forward (state.overlap); refused without it, without CUDA, or for a model without decoder layers."""
+    """Have the one-pass step (fuse_adam_step, installed first) run its updates of the forward's stages beside the
+    next forward (state.overlap); refused without it, without CUDA, or for a model without decoder layers."""
     name, replaces = "step_overlap", "the one-pass step's launches on the current stream"
     device = torch.device(state.optimizer.device)
-    layers = decoder_layers(model)
+    stages = forward_stages(model)
     refused = ("needs one_pass_adamw" if not state.fused_step else "needs CUDA" if device.type != "cuda"
-               else "no decoder layers (model.model.layers)" if not layers else "")
+               else "no decoder layers (model.model.layers)" if not stages else "")
     if not refused:
-        state.overlap = StepOverlap(layers, device)
+        state.overlap = StepOverlap(stages, device)
         model.register_state_dict_pre_hook(lambda *args, **kwargs: state.overlap.settle())
     return Applied(name, replaces, refused)

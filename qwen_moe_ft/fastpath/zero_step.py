@@ -27,7 +27,7 @@ from .expert_mlp import LayoutPreservingGateUp
 from .gate_up_cache import GateUpCache
 from .grad_norm import norm_in_backward, piece_owners
 from .state import ZeroState
-from .step_overlap import split_by_layer
+from .step_overlap import split_by_stage
 
 
 def _not_zero_optimizer(optimizer) -> str:
@@ -104,8 +104,8 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
         owners = piece_owners(grads, optimizer.params_in_partition[i]) if overlap is not None else None
         # a group all-gathered over several ranks is complete before the all-gather below, on this stream
         if owners is not None and state.group_dp_size(i) == 1:
-            pieces, layers = split_by_layer(pieces, owners, overlap.layer_of)
-            for k, launches in layers.items():
+            pieces, stages = split_by_stage(pieces, owners, overlap.stage_of)
+            for k, launches in stages.items():
                 side.setdefault(k, []).extend(launches)
         for piece in pieces:
             piece.run()

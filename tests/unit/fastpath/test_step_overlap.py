@@ -9,7 +9,7 @@ from torch import nn
 from helpers import TINY, zero_backward, zero_engine
 from qwen_moe_ft.fastpath.adamw import PieceUpdate
 from qwen_moe_ft.fastpath.state import ZeroState
-from qwen_moe_ft.fastpath.step_overlap import StepOverlap, decoder_layers, overlap_step_with_forward, split_by_layer
+from qwen_moe_ft.fastpath.step_overlap import StepOverlap, forward_stages, overlap_step_with_forward, split_by_stage
 
 HOLD_CYCLES = 200_000_000  # ~0.1 s of GPU clock: far longer than the host takes to reach the forward
 
@@ -18,25 +18,28 @@ def _piece(first: int, count: int) -> PieceUpdate:
     return PieceUpdate(first, [torch.zeros(1)] * count, lambda: None)
 
 
-def test_launches_wholly_inside_decoder_layers_go_to_the_side_stream_under_their_first_layer():
+def test_launches_wholly_inside_one_stage_go_to_the_side_stream_under_their_first_stage():
     embed, norm, a0, b0, a1, b1 = (nn.Parameter(torch.zeros(1)) for _ in range(6))
-    layer_of = {id(a0): 0, id(b0): 0, id(a1): 1, id(b1): 1}
+    stage_of = {id(a0): 1, id(b0): 1, id(a1): 2, id(b1): 2}
     owners = [embed, a0, b0, a1, b1, norm, None]
     pieces = [_piece(0, 1), _piece(1, 2), _piece(3, 2), _piece(5, 1), _piece(6, 1)]
-    current, side = split_by_layer(pieces, owners, layer_of)
-    assert [p.first for p in current] == [0, 5, 6]  # the embedding, the final norm, padding
-    assert {k: [p.first for p in v] for k, v in side.items()} == {0: [1], 1: [3]}
-    # a run that reaches from layer 1 into the final norm stays on the current stream
-    current, side = split_by_layer([_piece(0, 1), _piece(1, 4), _piece(5, 2)], owners, layer_of)
-    assert [p.first for p in current] == [0, 5] and {k: [p.first for p in v] for k, v in side.items()} == {0: [1]}
+    current, side = split_by_stage(pieces, owners, stage_of)
+    assert [p.first for p in current] == [0, 5, 6]  # no stage: the embedding and norm here, padding
+    assert {k: [p.first for p in v] for k, v in side.items()} == {1: [1], 2: [3]}
+    # a run that reaches from stage 2 into a weight of no stage stays on the current stream
+    current, side = split_by_stage([_piece(0, 1), _piece(1, 4), _piece(5, 2)], owners, stage_of)
+    assert [p.first for p in current] == [0, 5] and {k: [p.first for p in v] for k, v in side.items()} == {1: [1]}
 
 
-def test_decoder_layers_of_the_tiny_model_and_refusals_off_cuda():
+def test_stages_of_the_tiny_model_in_forward_order_and_refusals_off_cuda():
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(TINY)
-    assert decoder_layers(model) == list(model.model.layers) and len(decoder_layers(model)) == 2
-    assert decoder_layers(nn.Linear(2, 2)) == []
+    stages = forward_stages(model)
+    assert [module for module, _ in stages] == [model.model.embed_tokens, *model.model.layers, model.model.norm]
+    assert stages[-1][1] == [model.model.norm.weight, model.lm_head.weight]
+    assert sum(len(params) for _, params in stages) == len(list(model.parameters()))  # every weight in one stage
+    assert forward_stages(nn.Linear(2, 2)) == []
 
     class _Optimizer:
         device = "cpu"
@@ -44,8 +47,8 @@ def test_decoder_layers_of_the_tiny_model_and_refusals_off_cuda():
     state = ZeroState(_Optimizer())
     assert overlap_step_with_forward(state, model).refused == "needs one_pass_adamw"
     state.fused_step = True
-    applied = overlap_step_with_forward(state, model)
-    assert applied.refused == ("needs CUDA" if not torch.cuda.is_available() else "") or torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert overlap_step_with_forward(state, model).refused == "needs CUDA"
 
 
 class _Stack(nn.Module):
@@ -72,7 +75,7 @@ def _late(run):
 def test_a_layers_forward_waits_for_its_own_update():
     torch.manual_seed(0)
     stack = _Stack().cuda()
-    overlap = StepOverlap(decoder_layers(stack), torch.device("cuda"))
+    overlap = StepOverlap(forward_stages(stack), torch.device("cuda"))
     new = [torch.randn_like(layer.weight) for layer in stack.model.layers]
     x = torch.randn(8, 256, device="cuda")
     expected = x @ new[0].T @ new[1].T
@@ -90,7 +93,7 @@ def test_a_layers_forward_waits_for_its_own_update():
 @pytest.mark.gpu
 def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
     stack = _Stack().cuda()
-    overlap = StepOverlap(decoder_layers(stack), torch.device("cuda"))
+    overlap = StepOverlap(forward_stages(stack), torch.device("cuda"))
     grad = torch.full((1 << 20,), 3.0, device="cuda")
     out = torch.zeros_like(grad)
     overlap.begin()
@@ -113,6 +116,9 @@ def test_deepspeed_step_with_the_overlap_trains_as_without_it(process_group, mon
         held_launch(self, side, grad_scale)
 
     monkeypatch.setattr(StepOverlap, "launch", launch_late)
+    import qwen_moe_ft.fastpath.adamw as adamw
+
+    monkeypatch.setattr(adamw, "_SMALL", 1)  # a launch per weight, so that every stage has launches of its own
     ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1)).cuda()
     before, after, masters = {}, {}, {}
     for overlapped in (False, True):
@@ -124,7 +130,7 @@ def test_deepspeed_step_with_the_overlap_trains_as_without_it(process_group, mon
         zero_backward(engine)  # the same batch as `ids`
         engine.step()
         if overlapped:
-            assert all(state.overlap._pending)  # every layer's update is still on the side stream
+            assert all(state.overlap._pending)  # every stage's update is still on the side stream
         with torch.no_grad():
             after[overlapped] = engine(input_ids=ids, labels=ids).loss.item()
         engine.module.state_dict()  # waits for the side stream (the model's state_dict pre-hook)
