@@ -154,13 +154,12 @@ class FastPathConfig:
     expert_kernels: str = _opt("auto", "experts at EP=1: torch._grouped_mm, or quack-kernels' grouped GEMMs with the "
                                "gather and SwiGLU fused (Hopper+, pip install 'qwen-moe-ft[flash4]'); auto: quack "
                                "where it runs", choices=("auto", "torch", "quack"))
-    # triton_hidden_norms, fused_attention_inputs and step_overlap are tested on the CPU (their formulas in torch,
-    # their kernels in Triton's interpreter, the overlap's split of the launches) but have not run on a GPU yet:
-    # left out until they have
-    skip: str = _opt("triton_hidden_norms,fused_attention_inputs,step_overlap",
+    # triton_hidden_norms and fused_attention_inputs pass their GPU tests but did not make the step measurably
+    # faster (BENCHMARKS.md): left out, fewer kernels of our own in the default step
+    skip: str = _opt("triton_hidden_norms,fused_attention_inputs",
                      "comma list of fast-path patches to leave out, by the names the startup line gives (those that "
                      "others do not build on: fastpath.SKIPPABLE), e.g. if one fails on your GPU; the default leaves "
-                     "out three not yet run on a GPU ('' tries them)", flat="fast_path_skip")
+                     "out two that gave no measured gain ('' tries them)", flat="fast_path_skip")
 
 
 @dataclass

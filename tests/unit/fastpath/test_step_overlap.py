@@ -47,8 +47,10 @@ def test_stages_of_the_tiny_model_in_forward_order_and_refusals_off_cuda():
     state = ZeroState(_Optimizer())
     assert overlap_step_with_forward(state, model).refused == "needs one_pass_adamw"
     state.fused_step = True
-    if not torch.cuda.is_available():
-        assert overlap_step_with_forward(state, model).refused == "needs CUDA"
+    assert overlap_step_with_forward(state, model).refused == "needs CUDA"  # this optimizer's device
+    for name, param in model.named_parameters():
+        param.requires_grad_("norm" in name)  # LoRA-like: most weights frozen
+    assert overlap_step_with_forward(state, model).refused == "most weights are frozen (LoRA): the step is small"
 
 
 class _Stack(nn.Module):
