@@ -47,6 +47,15 @@ class Layout(NamedTuple):
         return (f"{self.processes} process(es) at EP={self.ep_size}{sp} "
                 f"({'LoRA' if self.lora else 'full fine-tuning'})")
 
+    @property
+    def data_ranks(self) -> int:
+        """Ranks that take micro-batches of their own: one per SP group."""
+        return self.processes // self.sp_size
+
+    def describe_ranks(self) -> str:
+        sp = f" at --sp-size {self.sp_size} ({self.data_ranks} data-parallel ranks)" if self.sp_size > 1 else ""
+        return f"{self.processes} process(es){sp}"
+
     def relaunch(self) -> str:
         sp = f" --sp-size {self.sp_size}" if self.sp_size > 1 else ""
         return (f"NUM_PROCESSES={self.processes} bash run.sh ..., or --nproc_per_node {self.processes}, with "
@@ -111,12 +120,6 @@ def check_layout(path: Path, layout: Layout) -> None:
     if saved.lora != layout.lora:
         raise CheckpointError(f"--resume: {path} was saved by {saved.describe()}; this run has {layout.describe()}. "
                               f"Resume it with{'' if saved.lora else 'out'} --lora true")
-    if (saved.sp_size, saved.processes) != (layout.sp_size, layout.processes) and max(saved.sp_size,
-                                                                                      layout.sp_size) > 1:
-        # the rows' capacity and the data-parallel ranks that take the steps' micro-batches follow --sp-size
-        raise CheckpointError(f"--resume: {path} was saved by {saved.describe()}; this run has {layout.describe()}, "
-                              "and a resume at another number of processes or --sp-size with sequence parallelism is "
-                              f"not supported yet. Resume it with {saved.relaunch()}")
     if saved.lora and not _lora_file(path, 0).exists():
         raise CheckpointError(
             f"--resume: {path} was saved by {saved.describe()} in the per-rank LoRA form of earlier versions, which "
@@ -140,24 +143,41 @@ def _data_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
 
 
 def _step_size_error(step: str, saved: Layout, grad_accum: int, layout: Layout, now_accum: int) -> CheckpointError:
-    """A resume at another number of processes whose steps take another number of micro-batches."""
-    batch = saved.processes * grad_accum
-    was = (f"--resume: {step} was saved by {saved.processes} process(es) with --grad-accum {grad_accum}, "
-           f"{batch} micro-batches a step; {layout.processes} process(es) with --grad-accum {now_accum} take "
-           f"{layout.processes * now_accum}: its steps would train other examples")
-    if batch % layout.processes == 0:
-        return CheckpointError(f"{was}. Resume with --grad-accum {batch // layout.processes} ({layout.processes} x "
-                               f"{batch // layout.processes} = {batch}), or start a new run")
-    fits = [n for n in range(1, batch + 1) if batch % n == 0]
-    return CheckpointError(f"{was}, and no --grad-accum makes {batch} at {layout.processes} process(es). Resume at a "
-                           f"number of processes dividing {batch} ({', '.join(map(str, fits))}) with --grad-accum "
-                           f"{batch} / processes, or start a new run")
+    """A resume at another number of data-parallel ranks whose steps take another number of micro-batches."""
+    batch, ranks = saved.data_ranks * grad_accum, layout.data_ranks
+    was = (f"--resume: {step} was saved by {saved.describe_ranks()} with --grad-accum {grad_accum}, {batch} "
+           f"micro-batches a step; {layout.describe_ranks()} with --grad-accum {now_accum} take {ranks * now_accum}: "
+           "its steps would train other examples")
+    if batch % ranks == 0:
+        return CheckpointError(f"{was}. Resume with --grad-accum {batch // ranks} ({ranks} x {batch // ranks} = "
+                               f"{batch}), or start a new run")
+    fits = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
+    if layout.sp_size == 1:
+        return CheckpointError(f"{was}, and no --grad-accum makes {batch} at {ranks} process(es). Resume at a number "
+                               f"of processes dividing {batch} ({fits}) with --grad-accum {batch} / processes, or "
+                               "start a new run")
+    return CheckpointError(f"{was}, and no --grad-accum makes {batch} at {ranks} data-parallel ranks. Resume at a "
+                           f"number of data-parallel ranks (processes / --sp-size) dividing {batch} ({fits}) with "
+                           f"--grad-accum {batch} / ranks, or start a new run")
+
+
+def _row_size_error(step: str, saved: Layout, saved_tokens: int, layout: Layout, now_tokens: int) -> CheckpointError:
+    """A resume at another --sp-size whose packed rows (--max-tokens-per-batch x --sp-size) hold another number of
+    tokens: the epochs would be planned into other rows."""
+    row = saved_tokens * saved.sp_size
+    was = (f"--resume: {step} packed rows of {row} tokens (--max-tokens-per-batch {saved_tokens} x --sp-size "
+           f"{saved.sp_size}); this run's rows hold {now_tokens * layout.sp_size} (--max-tokens-per-batch {now_tokens} "
+           f"x --sp-size {layout.sp_size}): its steps would train other examples")
+    if row % layout.sp_size == 0:
+        return CheckpointError(f"{was}. Resume with --max-tokens-per-batch {row // layout.sp_size}, or start a new run")
+    return CheckpointError(f"{was}. Resume at an --sp-size dividing {row}, or start a new run")
 
 
 def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None:
     """Stop before anything is loaded when `path` would resume into another data order (its steps would skip or
-    repeat examples), naming what changed. At another number of processes, --grad-accum may change as long as a step
-    takes as many micro-batches. A note for checkpoints saved before the order was recorded."""
+    repeat examples), naming what changed. At another number of processes or --sp-size, --grad-accum may change as long
+    as a step takes as many micro-batches, and --max-tokens-per-batch as long as a packed row (its tokens x --sp-size)
+    holds as many tokens. A note for checkpoints saved before the order was recorded."""
     record = _marker(path)
     if "data_order" not in record:
         return (f"{path} was saved before checkpoints recorded their data order: nothing checks that "
@@ -170,8 +190,10 @@ def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None
                                                                            order.data["lengths_sha256"])
     # Data options that change no example's length leave the plan as it was: those resume.
     compared = ORDER_OPTIONS + (DATA_OPTIONS if data_changed else ())
-    if saved_at.processes != layout.processes:
-        compared = tuple(n for n in compared if n != "grad_accum")
+    if (saved_at.processes, saved_at.sp_size) != (layout.processes, layout.sp_size):
+        compared = tuple(n for n in compared if n != "grad_accum")  # checked as the micro-batches a step below
+    if saved_at.sp_size != layout.sp_size:
+        compared = tuple(n for n in compared if n != "max_tokens_per_batch")  # checked as the rows' size below
     changed = [n for n in compared if n in saved.options and saved.options[n] != order.options[n]]
     step = f"step-{record.get('step', '?')}"
     if changed:
@@ -180,8 +202,11 @@ def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None
         again = " ".join(f"{flag(n)} {_value(saved.options[n])}" for n in changed)
         raise CheckpointError(f"--resume: {was}: its steps would train other examples. Resume with {again}, "
                               f"{new_run}")
+    then, now = saved.options.get("max_tokens_per_batch"), order.options["max_tokens_per_batch"]
+    if then is not None and then * saved_at.sp_size != now * layout.sp_size:
+        raise _row_size_error(step, saved_at, then, layout, now)
     then, now = saved.options["grad_accum"], order.options["grad_accum"]
-    if saved_at.processes * then != layout.processes * now:
+    if saved_at.data_ranks * then != layout.data_ranks * now:
         raise _step_size_error(step, saved_at, then, layout, now)
     if data_changed:
         raise CheckpointError(f"--resume: the training data is not the data {step} was saved with "

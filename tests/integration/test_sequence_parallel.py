@@ -6,7 +6,8 @@ same rows, and SP group k runs the rows of data-parallel rank k, each of its ran
 documents crossing the cut. Through tests/integration/sequence_parallel_probe.py, each step: the per-token losses
 of every row (the SP group's slices gathered), every parameter's gradient before the step; the metrics. Two steps of
 two micro-batches (the router's counting pass runs too), large router coefficients, fp32 Adam moments. The SP run at
-EP=2 also saves a checkpoint after step 1, and a run resumed from it at the same layout trains step 2 as it did.
+EP=2 also saves a checkpoint after step 1; a run resumed from it at the same layout trains step 2 as it did, and one
+resumed at 2 processes without SP (through DeepSpeed's universal checkpoint) trains step 2 as the run without SP did.
 
 At EP=2 the expert groups are ranks {0, 1} and {2, 3} with and without SP (DeepSpeed's AutoEP builds them with
 mp_mode "sp", which without tensor parallelism are the same groups): rank r of the SP run holds the experts of rank
@@ -47,6 +48,12 @@ def runs(tmp_path_factory):
     shutil.copytree(out[2, 2] / "checkpoints" / "step-1", resumed / "checkpoints" / "step-1")
     shutil.copy(out[2, 2] / "metrics.jsonl", resumed / "metrics.jsonl")
     train(resumed, *_run(2, 2), "--resume", str(resumed / "checkpoints" / "step-1"), nproc=4)
+    # the same checkpoint at another layout: 2 processes without SP, rows of 256 tokens (its 2 x 128)
+    unsplit = out["resumed_sp1"] = tmp_path_factory.mktemp("sp2_ep2_resumed_sp1")
+    shutil.copytree(out[2, 2] / "checkpoints" / "step-1", unsplit / "checkpoints" / "step-1")
+    shutil.copy(out[2, 2] / "metrics.jsonl", unsplit / "metrics.jsonl")
+    out["resumed_sp1_stdout"] = train(unsplit, *_run(1, 2), "--resume", str(unsplit / "checkpoints" / "step-1"),
+                                      nproc=2).stdout
     return out
 
 
@@ -149,3 +156,23 @@ def test_a_resume_at_the_same_layout_trains_the_step_it_would_have(runs):
     weights = load_file(runs["resumed"] / "hf" / "model.safetensors")
     for name, value in load_file(runs[2, 2] / "hf" / "model.safetensors").items():
         assert torch.equal(weights[name], value), name
+
+
+def test_a_resume_without_sp_trains_the_step_a_run_without_sp_trains(runs):
+    """The SP=2 checkpoint at 2 processes, SP=1, EP=2: weights, moments, schedule and data position through the
+    universal checkpoint; step 2 and the weights as the uninterrupted run at that layout, to the float32 rounding of
+    summing the gradients in another order (see assert_trained_alike)."""
+    step1 = runs["resumed_sp1"] / "checkpoints" / "step-1"
+    assert ("step-1 was saved by 4 process(es) at EP=2 SP=2 (full fine-tuning): resumed through DeepSpeed's "
+            "universal checkpoint step-1/universal") in runs["resumed_sp1_stdout"]
+    assert f"resumed from {step1} at step 1" in runs["resumed_sp1_stdout"]
+    straight, again = _steps(runs[1, 2]), _steps(runs["resumed_sp1"])
+    assert [m["step"] for m in again] == [1, 2]  # step 1's line copied with the checkpoint
+    resumed = again[1]
+    assert resumed["num_label_tokens"] == straight[1]["num_label_tokens"]  # the same examples
+    for name in ("loss", "aux_loss", "z_loss"):
+        assert resumed[name] == pytest.approx(straight[1][name], rel=1e-5), name
+    assert resumed["lr"] == pytest.approx(straight[1]["lr"], rel=1e-9)
+    assert_trained_alike(load_file(runs["resumed_sp1"] / "hf" / "model.safetensors"),
+                         load_file(runs[1, 2] / "hf" / "model.safetensors"), load_file(TINY / "model.safetensors"),
+                         STEPS, LR)

@@ -60,25 +60,6 @@ def test_another_layout_resumes_but_not_from_full_fine_tuning_into_lora_or_from_
     check_layout(step, Layout(processes=1, ep_size=1, lora=False))
 
 
-def test_a_sequence_parallel_checkpoint_resumes_at_its_own_layout_only(tmp_path):
-    """Another --sp-size plans other rows (of --max-tokens-per-batch x SP tokens) and another number of processes
-    other data-parallel ranks: stopped, naming the layout to resume with; markers written before SP read as SP=1."""
-    step = tmp_path / "step-4"
-    step.mkdir()
-    saved = Layout(processes=4, ep_size=2, lora=False, sp_size=2)
-    (step / COMPLETE).write_text(json.dumps({"step": 4, "layout": saved._asdict()}))
-    check_layout(step, saved)
-    for other in (Layout(processes=4, ep_size=2, lora=False), Layout(processes=8, ep_size=2, lora=False, sp_size=2)):
-        with pytest.raises(CheckpointError, match=r"saved by 4 process\(es\) at EP=2 SP=2 \(full fine-tuning\).*not "
-                                                  r"supported yet. Resume it with NUM_PROCESSES=4 .*--ep-size 2 "
-                                                  r"--sp-size 2"):
-            check_layout(step, other)
-    (step / COMPLETE).write_text(json.dumps({"step": 4, "layout": {"processes": 2, "ep_size": 2, "lora": False}}))
-    assert saved_layout(step).sp_size == 1
-    with pytest.raises(CheckpointError, match="--sp-size"):
-        check_layout(step, Layout(processes=4, ep_size=2, lora=False, sp_size=2))
-
-
 class Crash(Exception):
     pass
 
@@ -227,10 +208,10 @@ def test_a_prune_cut_short_leaves_no_directory_that_looks_complete(tmp_path, mon
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-6", "step-8"]
 
 
-def saved_with(root, cfg: dict, lengths, step=6) -> Path:
+def saved_with(root, cfg: dict, lengths, step=6, layout=LAYOUT) -> Path:
     path = root / f"step-{step}"
     path.mkdir(parents=True)
-    record = {"step": step, "layout": LAYOUT._asdict(), "data_order": DataOrder.of(cfg, lengths)._asdict()}
+    record = {"step": step, "layout": layout._asdict(), "data_order": DataOrder.of(cfg, lengths)._asdict()}
     (path / COMPLETE).write_text(json.dumps(record))
     return path
 
@@ -269,6 +250,40 @@ def test_another_number_of_processes_resumes_where_a_step_takes_as_many_micro_ba
     with pytest.raises(CheckpointError, match=r"no --grad-accum makes 4 at 3 process\(es\). Resume at a number of "
                                               r"processes dividing 4 \(1, 2, 4\)"):
         check_data_order(step, DataOrder.of(dict(cfg, grad_accum=1), [5, 7, 3]), three)
+
+
+def test_another_sp_size_resumes_where_rows_and_steps_keep_their_size(tmp_path):
+    """Saved by 4 processes at --sp-size 2 (2 data-parallel ranks, rows of 2 x 128 tokens, 2 micro-batches each a
+    step): 2 processes without SP with rows of 256 and --grad-accum 2, or 8 processes at --sp-size 4 with rows of 4 x 64
+    and --grad-accum 2, train the same rows in the same steps; another row size or step size is refused naming the
+    value that keeps it. The layout itself (processes, --sp-size) needs no check of its own."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n" * 3)
+    cfg = TrainConfig.from_flat(data=str(data), grad_accum=2, max_tokens_per_batch=128).flat()
+    saved = Layout(processes=4, ep_size=2, lora=False, sp_size=2)
+    step = saved_with(tmp_path, cfg, [5, 7, 3], layout=saved)
+    plain, sp4 = Layout(processes=2, ep_size=2, lora=False), Layout(processes=8, ep_size=2, lora=False, sp_size=4)
+    for layout, tokens in ((plain, 256), (sp4, 64), (saved, 128)):
+        check_layout(step, layout)
+        assert check_data_order(step, DataOrder.of(dict(cfg, max_tokens_per_batch=tokens), [5, 7, 3]), layout) is None
+    with pytest.raises(CheckpointError, match=r"step-6 packed rows of 256 tokens \(--max-tokens-per-batch 128 x "
+                                              r"--sp-size 2\); this run's rows hold 128 \(--max-tokens-per-batch 128 x "
+                                              r"--sp-size 1\): .*Resume with --max-tokens-per-batch 256"):
+        check_data_order(step, DataOrder.of(cfg, [5, 7, 3]), plain)
+    with pytest.raises(CheckpointError, match=r"saved by 4 process\(es\) at --sp-size 2 \(2 data-parallel ranks\) "
+                                              r"with --grad-accum 2, 4 micro-batches a step; 4 process\(es\) with "
+                                              r"--grad-accum 2 take 8: .*Resume with --grad-accum 1 \(4 x 1 = 4\)"):
+        check_data_order(step, DataOrder.of(dict(cfg, max_tokens_per_batch=256), [5, 7, 3]), plain._replace(processes=4))
+    with pytest.raises(CheckpointError, match=r"no --grad-accum makes 4 at 3 data-parallel ranks. Resume at a number "
+                                              r"of data-parallel ranks \(processes / --sp-size\) dividing 4 \(1, 2, 4\)"):
+        check_data_order(step, DataOrder.of(dict(cfg, max_tokens_per_batch=64), [5, 7, 3]),
+                         Layout(processes=12, ep_size=2, lora=False, sp_size=4))
+    with pytest.raises(CheckpointError, match=r"Resume at an --sp-size dividing 256"):
+        check_data_order(step, DataOrder.of(cfg, [5, 7, 3]), sp4._replace(processes=6, sp_size=3))
+    # at the same --sp-size the row size is the option itself, named as any other
+    with pytest.raises(CheckpointError, match=r"--max-tokens-per-batch was 128 when step-6 was saved, now 64"):
+        check_data_order(step, DataOrder.of(dict(cfg, max_tokens_per_batch=64), [5, 7, 3]),
+                         saved._replace(processes=8))
 
 
 def test_a_tokenisation_option_is_named_when_it_changed_the_examples(tmp_path):
