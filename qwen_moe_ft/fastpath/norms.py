@@ -3,8 +3,8 @@
 Replaces (liger-kernel 0.8.5 on transformers 5.17.0): LigerRMSNorm.forward, which liger binds to each
 Qwen3MoeRMSNorm of the model. The hidden-size norms (each layer's input and post-attention norms, the final norm) run
 our Triton RMSNorm (rms_norm.py: its backward is one pass where torch's fused RMSNorm reads the rows twice; left out
-by --fast-path-skip's default: no step measurably faster with it), or torch's own (F.rms_norm: one fused kernel forward and
-one backward on CUDA); the per-head q/k norms (rows of head_dim = 128) run quack's RMSNorm where quack's kernels run
+by --fast-path-skip's default: no step measurably faster with it), or torch's own (F.rms_norm: one fused kernel
+forward and one backward on CUDA); the per-head q/k norms (rows of head_dim = 128) run quack's RMSNorm where quack's kernels run
 (quack_experts.quack_unavailable_because), else ours, whose backward liger's is three times slower than. Guarded by
 tests/unit/fastpath/test_norms.py and test_rms_norm.py (outputs and gradients against the stock modules).
 

@@ -41,7 +41,8 @@ def forward_stages(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]
         stages.insert(0, (embed, list(embed.parameters())))
     if isinstance(norm := getattr(body, "norm", None), nn.Module):
         head = getattr(model, "lm_head", None)
-        stages.append((norm, list(norm.parameters()) + (list(head.parameters()) if isinstance(head, nn.Module) else [])))
+        head_params = list(head.parameters()) if isinstance(head, nn.Module) else []
+        stages.append((norm, list(norm.parameters()) + head_params))
     return stages
 
 

@@ -273,9 +273,11 @@ def test_another_sp_size_resumes_where_rows_and_steps_keep_their_size(tmp_path):
     with pytest.raises(CheckpointError, match=r"saved by 4 process\(es\) at --sp-size 2 \(2 data-parallel ranks\) "
                                               r"with --grad-accum 2, 4 micro-batches a step; 4 process\(es\) with "
                                               r"--grad-accum 2 take 8: .*Resume with --grad-accum 1 \(4 x 1 = 4\)"):
-        check_data_order(step, DataOrder.of(dict(cfg, max_tokens_per_batch=256), [5, 7, 3]), plain._replace(processes=4))
-    with pytest.raises(CheckpointError, match=r"no --grad-accum makes 4 at 3 data-parallel ranks. Resume at a number "
-                                              r"of data-parallel ranks \(processes / --sp-size\) dividing 4 \(1, 2, 4\)"):
+        check_data_order(step, DataOrder.of(dict(cfg, max_tokens_per_batch=256), [5, 7, 3]),
+                         plain._replace(processes=4))
+    with pytest.raises(CheckpointError, match=r"no --grad-accum makes 4 at 3 data-parallel ranks. Resume at a "
+                                              r"number of data-parallel ranks \(processes / --sp-size\) dividing 4 "
+                                              r"\(1, 2, 4\)"):
         check_data_order(step, DataOrder.of(dict(cfg, max_tokens_per_batch=64), [5, 7, 3]),
                          Layout(processes=12, ep_size=2, lora=False, sp_size=4))
     with pytest.raises(CheckpointError, match=r"Resume at an --sp-size dividing 256"):

@@ -226,7 +226,8 @@ def test_planned_launches_run_in_any_order_are_the_update(monkeypatch):
         param, out = torch.arange(800.0), torch.zeros(800, dtype=torch.bfloat16)
         adam = MasterAdamW([param], **HYPER, state_dtype=torch.bfloat16)
         for step in range(2):
-            grads = [torch.randn(n, generator=torch.Generator().manual_seed(step * 10 + i)) for i, n in enumerate(sizes)]
+            grads = [torch.randn(n, generator=torch.Generator().manual_seed(step * 10 + i))
+                     for i, n in enumerate(sizes)]
             if planned:
                 pieces = adam.plan(adam.param_groups[0], param, grads, out=out)
                 assert [p.first for p in pieces] == [0, 2, 3, 5, 6]
