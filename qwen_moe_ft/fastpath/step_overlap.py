@@ -63,9 +63,10 @@ def split_by_stage(pieces: list[PieceUpdate], owners: list, stage_of: dict[int, 
 
 
 class StepOverlap:
-    """The side stream, one event per forward stage, and the hooks that wait for them."""
+    """The side stream, one event per forward stage, and the hooks that wait for them: each stage's forward for its
+    own event, the model's state_dict for all of them."""
 
-    def __init__(self, stages: list[tuple[nn.Module, list[nn.Parameter]]], device: torch.device):
+    def __init__(self, model: nn.Module, stages: list[tuple[nn.Module, list[nn.Parameter]]], device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self.stage_of: dict[int, int] = {}
@@ -77,6 +78,7 @@ class StepOverlap:
         self._ready = torch.cuda.Event()
         self._hooks = [module.register_forward_pre_hook(partial(self._wait_for, k))
                        for k, (module, _) in enumerate(stages)]
+        self._hooks.append(model.register_state_dict_pre_hook(lambda *args, **kwargs: self.settle()))
 
     def _wait_for(self, k: int, module, args) -> None:
         if self._pending[k]:
@@ -135,6 +137,5 @@ def overlap_step_with_forward(state, model: nn.Module) -> Applied:
                if not stages else "most weights are frozen (LoRA): the step is small" if _mostly_frozen(model)
                else "needs CUDA" if device.type != "cuda" else "")
     if not refused:
-        state.overlap = StepOverlap(stages, device)
-        model.register_state_dict_pre_hook(lambda *args, **kwargs: state.overlap.settle())
+        state.overlap = StepOverlap(model, stages, device)
     return Applied(name, replaces, refused)

@@ -6,7 +6,8 @@ Replaces (deepspeed 0.19.8, deepspeed/runtime/zero/stage_1_and_2.py, on one Deep
   weights; MasterAdamW.update does all of it in one pass over the gradients where they lie. Everything
   else (the norm, grad_norm.py; overflow skip; all-gather of the updated partitions) is DeepSpeed's own
   code, and any step that would skip falls back to DeepSpeed's. The same pass writes the experts' gate/up
-  concatenations (gate_up_cache.py).
+  concatenations (gate_up_cache.py). Its launches for the forward's stages may run on a side stream beside the
+  next forward (step_overlap.py).
 - fold_clip_into_adam (where fuse_adam_step is refused): unscale_and_clip_grads. DeepSpeed multiplies the
   fp32 gradient partition by 1/clip in a pass of its own; torch's fused AdamW divides each gradient by a
   `grad_scale` tensor inside its kernel, so the clip factor is handed to it instead.

@@ -77,7 +77,7 @@ def _late(run):
 def test_a_layers_forward_waits_for_its_own_update():
     torch.manual_seed(0)
     stack = _Stack().cuda()
-    overlap = StepOverlap(forward_stages(stack), torch.device("cuda"))
+    overlap = StepOverlap(stack, forward_stages(stack), torch.device("cuda"))
     new = [torch.randn_like(layer.weight) for layer in stack.model.layers]
     x = torch.randn(8, 256, device="cuda")
     expected = x @ new[0].T @ new[1].T
@@ -95,7 +95,7 @@ def test_a_layers_forward_waits_for_its_own_update():
 @pytest.mark.gpu
 def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
     stack = _Stack().cuda()
-    overlap = StepOverlap(forward_stages(stack), torch.device("cuda"))
+    overlap = StepOverlap(stack, forward_stages(stack), torch.device("cuda"))
     grad = torch.full((1 << 20,), 3.0, device="cuda")
     out = torch.zeros_like(grad)
     overlap.begin()
