@@ -13,8 +13,8 @@ The order matters, and is this:
  3. grads_in_place             (zero_step.py) its gradient hook takes norms in the backward for 2
  4. one_pass_adamw             (zero_step.py, adamw.py) replaces the wrapped AdamW before its first step
  5. clip_in_adam               (zero_step.py) only where 4 is refused
-    step_overlap               (step_overlap.py) 4's decoder-layer updates on a side stream, beside the next
-                               forward
+    step_overlap               (step_overlap.py) 4's updates on a side stream, stage by stage beside the next
+                               forward (full fine-tuning)
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
