@@ -100,11 +100,11 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
         master = optimizer.single_partition_of_fp32_groups[i]
         group = adam.param_groups[i]
         assert group["params"][0] is master, "optimizer param group order differs from DeepSpeed's partitions"
+        owners = _whole_group_owners(state, i, grads)
         pieces = adam.plan(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
-                           grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, grads, written))
-        owners = piece_owners(grads, optimizer.params_in_partition[i]) if overlap is not None else None
-        # a group all-gathered over several ranks is complete before the all-gather below, on this stream
-        if owners is not None and state.group_dp_size(i) == 1:
+                           grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, owners, written))
+        # a group all-gathered over several ranks (owners None) is complete before the all-gather below, on this stream
+        if overlap is not None and owners is not None:
             pieces, stages = split_by_stage(pieces, owners, overlap.stage_of)
             for k, launches in stages.items():
                 side.setdefault(k, []).extend(launches)
@@ -126,15 +126,21 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
     state.gate_up.after_step(written)
 
 
-def _gate_up_mirrors(state: ZeroState, i: int, grads: list[torch.Tensor],
-                     written: dict[GateUpCache, set[int]]) -> list[Mirror | None] | None:
-    """The Mirrors of group i's gradient pieces, where the group is one rank's whole (so the step writes every
-    element of its weights) in one piece per parameter; None where there is nothing to mirror."""
-    params = state.optimizer.params_in_partition[i]
-    if not state.gate_up.covers_any(params) or state.group_dp_size(i) > 1:
+def _whole_group_owners(state: ZeroState, i: int, grads: list[torch.Tensor]) -> list | None:
+    """The parameter of each of group i's gradient pieces (piece_owners), where the group is one rank's whole (so
+    the step writes every element of its weights) in one piece per parameter; else None."""
+    if state.group_dp_size(i) > 1:
         return None
-    owners = piece_owners(grads, params)
-    return state.gate_up.mirrors(owners, written) if owners is not None else None
+    return piece_owners(grads, state.optimizer.params_in_partition[i])
+
+
+def _gate_up_mirrors(state: ZeroState, i: int, owners: list | None,
+                     written: dict[GateUpCache, set[int]]) -> list[Mirror | None] | None:
+    """The Mirrors of group i's gradient pieces (owners: _whole_group_owners); None where there is nothing to
+    mirror."""
+    if owners is None or not state.gate_up.covers_any(state.optimizer.params_in_partition[i]):
+        return None
+    return state.gate_up.mirrors(owners, written)
 
 
 def mirror_gate_up_weights(state: ZeroState, forwards: list[LayoutPreservingGateUp]) -> Applied:
