@@ -4,9 +4,9 @@ Replaces (liger-kernel 0.8.5 on transformers 5.17.0): LigerRMSNorm.forward, whic
 Qwen3MoeRMSNorm of the model. The hidden-size norms (each layer's input and post-attention norms, the final norm) run
 our Triton RMSNorm (rms_norm.py: its backward is one pass where torch's fused RMSNorm reads the rows twice; left out
 by --fast-path-skip's default: no step measurably faster with it), or torch's own (F.rms_norm: one fused kernel
-forward and one backward on CUDA); the per-head q/k norms (rows of head_dim = 128) run quack's RMSNorm where quack's kernels run
-(quack_experts.quack_unavailable_because), else ours, whose backward liger's is three times slower than. Guarded by
-tests/unit/fastpath/test_norms.py and test_rms_norm.py (outputs and gradients against the stock modules).
+forward and one backward on CUDA); the per-head q/k norms (rows of head_dim = 128) run quack's RMSNorm where quack's
+kernels run (quack_experts.quack_unavailable_because), else ours, whose backward liger's is three times slower than.
+Guarded by tests/unit/fastpath/test_norms.py and test_rms_norm.py (outputs and gradients against the stock modules).
 
 Why not liger's everywhere: the forward was host-bound (the GPU waited for the host to issue its kernels), and
 liger's Triton launch costs ~90 us of host time a call against ~23 for torch's at the same GPU time on the wide rows;

@@ -28,7 +28,8 @@ def test_refused_without_a_gpu_or_past_the_widest_row():
     assert triton_norms(torch.nn.Linear(2, 2), torch.device("cpu"), HEAD_NORMS).refused == \
         "no q_norm or k_norm RMSNorm in the model"
     if unavailable_because(torch.device("cuda"), 128) == "":  # triton installed: the width is what refuses
-        assert unavailable_because(torch.device("cuda"), MAX_WIDTH + 1) == f"rows of {MAX_WIDTH + 1} are wider than {MAX_WIDTH}"
+        assert unavailable_because(torch.device("cuda"), MAX_WIDTH + 1) == (
+            f"rows of {MAX_WIDTH + 1} are wider than {MAX_WIDTH}")
 
 
 @pytest.mark.gpu
@@ -81,7 +82,8 @@ def test_the_fast_path_puts_the_norms_on_it_where_quack_is_refused():
         assert {"triton_hidden_norms", head} <= applied
         forwards = {name.rsplit(".", 1)[-1]: m.forward.__func__.__name__ for name, m in model.named_modules()
                     if name.endswith(("norm", "layernorm"))}
-        assert forwards["input_layernorm"] == forwards["post_attention_layernorm"] == forwards["norm"] == "_triton_rms_norm"
+        hidden = (forwards["input_layernorm"], forwards["post_attention_layernorm"], forwards["norm"])
+        assert hidden == ("_triton_rms_norm",) * 3
         assert forwards["q_norm"] == forwards["k_norm"] == ("_quack_rms_norm" if head == "quack_head_norms"
                                                             else "_triton_rms_norm")
     finally:
