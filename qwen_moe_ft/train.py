@@ -185,7 +185,7 @@ class Trainer:
         else:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
         # off: does nothing, imports no patch module
-        self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on", skip=tuple(cfg.fastpath.skip.split(",")))
+        self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on", skip=cfg.fastpath.skip)
         model = load_model(cfg.model, self.model_name, self.model_config, attn_implementation, self.ds_config,
                            self.rank)
         if self.sp_size > 1:  # before the engine, which reads the SP groups

@@ -58,9 +58,10 @@ def parse_skip(text: str) -> tuple[str, ...]:
 
 
 class FastPath:
-    def __init__(self, enabled: bool = True, skip: tuple[str, ...] = ()):
+    def __init__(self, enabled: bool = True, skip: str = ""):
+        """skip: --fast-path-skip's comma list."""
         self.applied: list[Applied] = []
-        self.skip = parse_skip(",".join(skip))
+        self.skip = parse_skip(skip)
         self.off_because = "" if enabled else "--fast-path off"
         if enabled and (mismatches := versions.mismatches()):
             self.off_because = "written for other versions: " + "; ".join(mismatches)
