@@ -163,12 +163,17 @@ def one_rank_dispatch(model: nn.Module, scored: bool = True) -> Applied:
                    "" if changed else "no AutoEP layer with one expert-parallel rank")
 
 
+def dispatch_options(layer: nn.Module) -> dict:
+    """The options one_rank_dispatch or quack_expert_kernels gave the block's forward; {} where it is AutoEP's."""
+    func = getattr(getattr(layer, "_forward", None), "__func__", None)
+    return dict(func.keywords) if isinstance(func, functools.partial) and func.func is _one_rank_forward else {}
+
+
 def scored_swiglu_blocks(model: nn.Module) -> Applied:
     """After one_rank_dispatch and quack_expert_kernels: whether any block runs with its scores in the experts."""
     scored = [layer for layer in _one_rank_layers(model)
-              if isinstance(layer._forward, types.MethodType) and isinstance(layer._forward.__func__, functools.partial)
-              and layer._forward.__func__.keywords.get("scored") and not layer._forward.__func__.keywords.get("quack")
-              and scores_in_experts(layer, layer._forward.__func__.keywords["pad_rows"])]
+              if (options := dispatch_options(layer)).get("scored") and not options.get("quack")
+              and scores_in_experts(layer, options["pad_rows"])]
     return Applied("scored_swiglu", "AutoEP's weighted combine at EP=1 (fused_weighted_restore, combine_from_routed)",
                    "" if scored else "no one-rank block with SwiGLU experts on layout_preserving_gate_up's forward")
 
