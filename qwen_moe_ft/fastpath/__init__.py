@@ -120,6 +120,8 @@ class FastPath:
 
         if adam_states not in STATE_DTYPES:
             raise ValueError(f"adam_states must be one of {STATE_DTYPES}, got {adam_states!r}")
+        if expert_kernels == "quack" and "quack_experts" in self.skip:
+            raise ConfigError("--expert-kernels quack with quack_experts in --fast-path-skip: choose one")
         state = self._zero_state = ZeroState(engine.optimizer)
         self.applied += [lean_grad_checks(state), keep_unreduced_grads_in_place(state),
                          fuse_adam_step(state, torch.bfloat16 if adam_states == "bf16" else torch.float32)]
@@ -135,12 +137,8 @@ class FastPath:
                                     "" if forwards else "no trainable expert module runs the fused gate/up on torch._grouped_mm"))
         self.applied += [mirror_gate_up_weights(state, forwards),
                          one_rank_dispatch(engine.module, scored="scored_swiglu" not in self.skip)]
-        if expert_kernels != "torch" and "quack_experts" in self.skip:
-            if expert_kernels == "quack":
-                raise ConfigError("--expert-kernels quack with quack_experts in --fast-path-skip: choose one")
-            self.applied.append(self._unless_skipped("quack_experts", None))
-        elif expert_kernels != "torch":
-            quack = quack_expert_kernels(engine.module)
+        if expert_kernels != "torch":
+            quack = self._unless_skipped("quack_experts", lambda: quack_expert_kernels(engine.module))
             if expert_kernels == "quack" and not quack:
                 raise ConfigError(f"--expert-kernels quack: {quack.refused}; use --expert-kernels auto or torch")
             self.applied.append(quack)

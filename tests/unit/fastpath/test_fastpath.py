@@ -94,6 +94,14 @@ def test_quack_asked_for_where_it_fails_its_probe_stops_the_run(process_group, m
         FastPath().install(_engine(), expert_kernels="quack")
 
 
+def test_skipped_quack_experts_are_refused_for_auto_and_contradict_quack(process_group):
+    with pytest.raises(ConfigError, match="--expert-kernels quack with quack_experts in --fast-path-skip: choose one"):
+        FastPath(skip="quack_experts").install(_engine(), expert_kernels="quack")
+    applied = {a.name: a for a in FastPath(skip="quack_experts").install(_engine(), expert_kernels="auto")}
+    assert applied["quack_experts"].refused == "--fast-path-skip"
+    assert "quack_experts" not in {a.name for a in FastPath().install(_engine(), expert_kernels="torch")}
+
+
 @CPU_ONLY
 def test_skipped_patches_are_refused_by_name_and_not_installed(process_group):
     engine = _engine()
