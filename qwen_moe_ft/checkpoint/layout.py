@@ -152,13 +152,11 @@ def _step_size_error(step: str, saved: Layout, grad_accum: int, layout: Layout, 
         return CheckpointError(f"{was}. Resume with --grad-accum {batch // ranks} ({ranks} x {batch // ranks} = "
                                f"{batch}), or start a new run")
     fits = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
-    if layout.sp_size == 1:
-        return CheckpointError(f"{was}, and no --grad-accum makes {batch} at {ranks} process(es). Resume at a number "
-                               f"of processes dividing {batch} ({fits}) with --grad-accum {batch} / processes, or "
-                               "start a new run")
-    return CheckpointError(f"{was}, and no --grad-accum makes {batch} at {ranks} data-parallel ranks. Resume at a "
-                           f"number of data-parallel ranks (processes / --sp-size) dividing {batch} ({fits}) with "
-                           f"--grad-accum {batch} / ranks, or start a new run")
+    # without SP a data-parallel rank is a process
+    at, count, per = (("process(es)", "processes", "processes") if layout.sp_size == 1 else
+                      ("data-parallel ranks", "data-parallel ranks (processes / --sp-size)", "ranks"))
+    return CheckpointError(f"{was}, and no --grad-accum makes {batch} at {ranks} {at}. Resume at a number of {count} "
+                           f"dividing {batch} ({fits}) with --grad-accum {batch} / {per}, or start a new run")
 
 
 def _row_size_error(step: str, saved: Layout, saved_tokens: int, layout: Layout, now_tokens: int) -> CheckpointError:
