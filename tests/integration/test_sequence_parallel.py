@@ -39,21 +39,23 @@ def _run(sp: int, ep: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{(sp, ep): output dir}, and "resumed": the SP run at EP=2 resumed from its step-1 checkpoint."""
+    """{(sp, ep): output dir}; "resumed" and "resumed_sp1": the SP run at EP=2 resumed from its step-1 checkpoint at
+    its own layout and at 2 processes without SP, and "resumed_sp1_stdout" the latter's output."""
     out = {(sp, ep): tmp_path_factory.mktemp(f"sp{sp}_ep{ep}") for sp in (1, 2) for ep in EPS}
     save = ["--save-steps", "1", "--save-total-limit", "0"]
     train_together([(out[1, ep], _run(1, ep)) for ep in EPS], nproc=2, script=PROBE)
     train_together([(out[2, ep], _run(2, ep) + (save if ep == 2 else [])) for ep in EPS], nproc=4, script=PROBE)
-    resumed = out["resumed"] = tmp_path_factory.mktemp("sp2_ep2_resumed")
-    shutil.copytree(out[2, 2] / "checkpoints" / "step-1", resumed / "checkpoints" / "step-1")
-    shutil.copy(out[2, 2] / "metrics.jsonl", resumed / "metrics.jsonl")
-    train(resumed, *_run(2, 2), "--resume", str(resumed / "checkpoints" / "step-1"), nproc=4)
+
+    def resume(name: str, sp: int, nproc: int):
+        """The SP=2, EP=2 run's step-1 checkpoint and metrics copied to a new directory `name` and resumed there."""
+        resumed = out[name] = tmp_path_factory.mktemp(f"sp2_ep2_{name}")
+        shutil.copytree(out[2, 2] / "checkpoints" / "step-1", resumed / "checkpoints" / "step-1")
+        shutil.copy(out[2, 2] / "metrics.jsonl", resumed / "metrics.jsonl")
+        return train(resumed, *_run(sp, 2), "--resume", str(resumed / "checkpoints" / "step-1"), nproc=nproc)
+
+    resume("resumed", sp=2, nproc=4)
     # the same checkpoint at another layout: 2 processes without SP, rows of 256 tokens (its 2 x 128)
-    unsplit = out["resumed_sp1"] = tmp_path_factory.mktemp("sp2_ep2_resumed_sp1")
-    shutil.copytree(out[2, 2] / "checkpoints" / "step-1", unsplit / "checkpoints" / "step-1")
-    shutil.copy(out[2, 2] / "metrics.jsonl", unsplit / "metrics.jsonl")
-    out["resumed_sp1_stdout"] = train(unsplit, *_run(1, 2), "--resume", str(unsplit / "checkpoints" / "step-1"),
-                                      nproc=2).stdout
+    out["resumed_sp1_stdout"] = resume("resumed_sp1", sp=1, nproc=2).stdout
     return out
 
 
