@@ -1,17 +1,24 @@
 """The one-pass optimizer step (zero_step._fused_step) overlapped with the next step's forward.
 
-Reorders, nothing upstream replaced: the step's AdamW runs at about a copy's bandwidth while the forward's GEMMs
-and attention are bound by arithmetic, so the two can share the GPU. The forward's stages are the embedding, each
-decoder layer, and the final norm with the LM head after it (forward_stages). The updates of each stage's weights
-are launched on a side stream in forward order, each stage's followed by an event, and the stage's next forward
-(a forward pre-hook on its module) waits only for its own event; the stream runs in order, so every earlier
-stage's update is done too. What belongs to no stage, or to several (a coalesced run of small pieces that reaches
-outside one), and every group all-gathered over several ranks, is updated on the current stream as before.
+Reorders (upstream, only DeepSpeedZeroOptimizer.reduction_stream is replaced, below): the step's AdamW runs at about
+a copy's bandwidth while the forward's GEMMs and attention are bound by arithmetic, so the two can share the GPU. The
+forward's stages are the embedding, each decoder layer, and the final norm with the LM head after it
+(forward_stages). The updates of each stage's weights are launched on a side stream in forward order, each stage's
+followed by an event, and the stage's next forward (a forward pre-hook on its module) waits only for its own event;
+the stream runs in order, so every earlier stage's update is done too. What belongs to no stage, or to several (a
+coalesced run of small pieces that reaches outside one), and every group all-gathered over several ranks, is
+updated on the current stream as before.
 
 Anything that reads weights or moments other than through the stages' forwards (a checkpoint save, an export, a
 state_dict) waits for the whole side stream first: settle(). Every gradient the side stream reads is recorded on
 it (Tensor.record_stream), so the allocator does not give its memory to the forward before that update has read
 it.
+
+The step runs on a stream of the highest priority from then on, the side stream keeps the lowest (the default
+stream's): where the forward's kernels and the updates both have blocks waiting for SMs, the GPU's block scheduler
+dispatches the forward's first, so the updates fill what the forward leaves instead of delaying it by a layer's
+update (at equal priority the next layer's update, already queued, went first). DeepSpeed's reduction stream
+(ZeRO's gradient reductions) is given the same priority, so that communication never waits behind the compute.
 
 CUDA only. Guarded by tests/unit/fastpath/test_step_overlap.py: which launches go where (CPU), and on a GPU a
 forward that waits for a deliberately late update, and DeepSpeed's step with the overlap equal to it without.
@@ -62,13 +69,22 @@ def split_by_stage(pieces: list[PieceUpdate], owners: list, stage_of: dict[int, 
     return current, side
 
 
+# below the device's range: torch maps it to the highest priority there is
+HIGHEST_PRIORITY = -(1 << 20)
+
+
 class StepOverlap:
     """The side stream, one event per forward stage, and the hooks that wait for them: each stage's forward for its
-    own event, the model's state_dict for all of them."""
+    own event, the model's state_dict for all of them. While it lives, the current stream is one of the highest
+    priority (remove() puts the previous one back)."""
 
     def __init__(self, model: nn.Module, stages: list[tuple[nn.Module, list[nn.Parameter]]], device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
+        self._previous_stream = torch.cuda.current_stream(device)
+        self.step_stream = torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)
+        self.step_stream.wait_stream(self._previous_stream)
+        torch.cuda.set_stream(self.step_stream)
         self.stage_of: dict[int, int] = {}
         for k, (_, params) in enumerate(stages):
             for param in params:
@@ -117,6 +133,8 @@ class StepOverlap:
         self.settle()
         for hook in self._hooks:
             hook.remove()
+        self._previous_stream.wait_stream(self.step_stream)
+        torch.cuda.set_stream(self._previous_stream)
 
 
 def _mostly_frozen(model: nn.Module) -> bool:
@@ -130,7 +148,8 @@ def overlap_step_with_forward(state, model: nn.Module) -> Applied:
     """Have the one-pass step (fuse_adam_step, installed first) run its updates of the forward's stages beside the
     next forward (state.overlap); refused without it, without CUDA, for a model without decoder layers, or one
     whose weights are mostly frozen."""
-    name, replaces = "step_overlap", "the one-pass step's launches on the current stream"
+    name, replaces = ("step_overlap", "the one-pass step's launches on the current stream, "
+                      "DeepSpeedZeroOptimizer.reduction_stream")
     device = torch.device(state.optimizer.device)
     stages = forward_stages(model)
     refused = ("needs one_pass_adamw" if not state.fused_step else "no decoder layers (model.model.layers)"
@@ -138,4 +157,5 @@ def overlap_step_with_forward(state, model: nn.Module) -> Applied:
                else "needs CUDA" if device.type != "cuda" else "")
     if not refused:
         state.overlap = StepOverlap(model, stages, device)
+        state.optimizer.reduction_stream = torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)
     return Applied(name, replaces, refused)

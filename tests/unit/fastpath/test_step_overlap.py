@@ -93,6 +93,18 @@ def test_a_layers_forward_waits_for_its_own_update():
 
 
 @pytest.mark.gpu
+def test_the_step_runs_above_the_side_stream_until_the_overlap_is_removed():
+    before = torch.cuda.current_stream()
+    stack = _Stack().cuda()
+    overlap = StepOverlap(stack, forward_stages(stack), torch.device("cuda"))
+    current = torch.cuda.current_stream()
+    assert current == overlap.step_stream != before
+    assert current.priority < overlap.stream.priority  # lower is higher: the forward's blocks go first
+    overlap.remove()
+    assert torch.cuda.current_stream() == before
+
+
+@pytest.mark.gpu
 def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
     stack = _Stack().cuda()
     overlap = StepOverlap(stack, forward_stages(stack), torch.device("cuda"))
@@ -127,6 +139,7 @@ def test_deepspeed_step_with_the_overlap_trains_as_without_it(process_group, mon
         engine, state = zero_engine(fused_states=torch.float32)
         if overlapped:
             assert overlap_step_with_forward(state, engine.module)
+            assert engine.optimizer.reduction_stream.priority == state.overlap.step_stream.priority
         with torch.no_grad():
             before[overlapped] = engine(input_ids=ids, labels=ids).loss.item()
         zero_backward(engine)  # the same batch as `ids`
