@@ -16,9 +16,9 @@ it.
 
 The step runs on a stream of the highest priority from then on, the side stream keeps the lowest (the default
 stream's): where the forward's kernels and the updates both have blocks waiting for SMs, the GPU's block scheduler
-dispatches the forward's first, so the updates fill what the forward leaves instead of delaying it by a layer's
-update (at equal priority the next layer's update, already queued, went first). DeepSpeed's reduction stream
-(ZeRO's gradient reductions) is given the same priority, so that communication never waits behind the compute.
+dispatches the forward's first, and the updates take the SMs it leaves. DeepSpeed's reduction stream (ZeRO's
+gradient reductions, and the gradient norms taken in the backward) is given the step's priority, so that
+communication never waits behind the compute.
 
 CUDA only. Guarded by tests/unit/fastpath/test_step_overlap.py: which launches go where (CPU), and on a GPU a
 forward that waits for a deliberately late update, and DeepSpeed's step with the overlap equal to it without.
