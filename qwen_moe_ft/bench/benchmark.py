@@ -325,6 +325,12 @@ def worker(args) -> dict:
                 gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace, host_profile=host)
 
 
+def median_standard_error(interquartile_ms: float, n: int) -> float:
+    """The standard error of a median of n step times with this interquartile range, as for normally distributed
+    times: sigma = IQR / 1.349, and the median's error sqrt(pi / 2) = 1.2533 times the mean's (large n)."""
+    return 1.2533 * interquartile_ms / 1.349 / n ** 0.5
+
+
 def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_weights: bool = False) -> dict:
     """Per stack: whole steps at the deepest depth (tokens/s, MFU, peak memory) and, given two depths, per-layer
     figures from their difference; ratios of each baseline's time to ours. frozen_weights: a LoRA step."""
@@ -359,6 +365,11 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
         # Outside the decoder layers: embedding, final norm, LM head, loss and their optimizer step
         outside = {k: a[k] - low * per_layer[k] for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms")}
         step48_ms = outside["step_ms"] + 48 * per_layer["step_ms"]
+        if "steps_ms" in a and "steps_ms" in b:
+            # how far the per-layer figure of another run of the same code may fall: its two medians' errors
+            whole_steps["per_layer_ms_standard_error"] = (
+                median_standard_error(a["step_ms_spread"], len(a["steps_ms"])) ** 2
+                + median_standard_error(b["step_ms_spread"], len(b["steps_ms"])) ** 2) ** 0.5 / span
         out[stack] = dict(
             whole_steps, per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
             optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
@@ -439,12 +450,15 @@ def table(summary: dict) -> str:
                          f"steps vary; per-layer figures omitted, compare whole steps (tokens/s)")
         elif stack in summary:
             s = summary[stack]
-            rows.append((stack, s["attention"], f"{s['per_layer_ms']:.1f}", f"{s['fwd_bwd_per_layer_ms']:.1f}",
+            error = s.get("per_layer_ms_standard_error")
+            per_layer = f"{s['per_layer_ms']:.1f}" + (f" ±{error:.2f}" if error is not None else "")
+            rows.append((stack, s["attention"], per_layer, f"{s['fwd_bwd_per_layer_ms']:.1f}",
                          f"{s['optimizer_per_layer_ms']:.1f}", f"{s['layer_tflops']:.0f}",
                          f"{100 * s['layer_mfu']:.1f}%", f"{s['peak_mem_gib']:.1f}", f"{s['tokens_per_s']:.0f}",
                          f"{s['tokens_per_s_48L']:.0f}"))
-    lines = [markdown_table(("stack", "attention", "per layer ms", "fwd+bwd/layer ms", "optimizer/layer ms",
-                             "layer TFLOP/s", "layer MFU", "peak mem GiB", "tokens/s", "48-layer tokens/s"), rows)]
+    lines = [markdown_table(("stack", "attention", "per layer ms (± standard error)", "fwd+bwd/layer ms",
+                             "optimizer/layer ms", "layer TFLOP/s", "layer MFU", "peak mem GiB", "tokens/s",
+                             "48-layer tokens/s"), rows)]
     for stack in ALL_STACKS:
         if "busy_per_layer_ms" in summary.get(stack, {}):
             s = summary[stack]

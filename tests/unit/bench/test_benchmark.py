@@ -35,6 +35,18 @@ def test_per_layer_figures_are_depth_differences():
            "LM head, loss), 38% of the 4-layer step" in printed
 
 
+def test_the_per_layer_figure_carries_the_standard_error_of_its_two_medians():
+    low, high = result("ours", 2, 110.0, 1.349, 60.0), result("ours", 4, 160.0, 2 * 1.349, 85.0)
+    low["steps_ms"], high["steps_ms"] = [110.0] * 4, [160.0] * 16  # only their number counts: the spread is given
+    summary = summarise([low, high], (2, 4), peak=989.0)
+    # sigma = IQR / 1.349: 1 and 2 ms; a median's error 1.2533 sigma / sqrt(n): 0.6267 and 0.6267; their root sum
+    # of squares over the 2 added layers
+    assert summary["ours"]["per_layer_ms_standard_error"] == pytest.approx(1.2533 * 2 ** 0.5 / 2 / 2, rel=1e-4)
+    assert "| ours | x | 25.0 ±0.44 |" in table(summary)
+    without_steps = summarise([result("ours", 2, 110.0, 1.0, 60.0), result("ours", 4, 160.0, 1.0, 85.0)], (2, 4), 989.0)
+    assert "| ours | x | 25.0 |" in table(without_steps)  # results without their steps: no error to give
+
+
 def test_traced_steps_give_the_gpus_busy_time_per_layer_and_the_waiting_per_step():
     low, high = result("ours", 2, 110.0, 1.0, 60.0), result("ours", 4, 160.0, 1.0, 85.0)
     low["trace"] = dict(steps=[dict(busy_ms=b) for b in (52.0, 50.0, 51.0)])
