@@ -365,13 +365,13 @@ def summarise(results: list[dict], depths: tuple[int, ...], peak: float, frozen_
         # Outside the decoder layers: embedding, final norm, LM head, loss and their optimizer step
         outside = {k: a[k] - low * per_layer[k] for k in ("step_ms", "fwd_bwd_ms", "optimizer_ms")}
         step48_ms = outside["step_ms"] + 48 * per_layer["step_ms"]
-        if "steps_ms" in a and "steps_ms" in b:
-            # how far the per-layer figure of another run of the same code may fall: its two medians' errors
-            whole_steps["per_layer_ms_standard_error"] = (
+        error = {}
+        if "steps_ms" in a and "steps_ms" in b:  # the per-layer figure's standard error: its two medians' combined
+            error["per_layer_ms_standard_error"] = (
                 median_standard_error(a["step_ms_spread"], len(a["steps_ms"])) ** 2
                 + median_standard_error(b["step_ms_spread"], len(b["steps_ms"])) ** 2) ** 0.5 / span
         out[stack] = dict(
-            whole_steps, per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
+            whole_steps, **error, per_layer_ms=per_layer["step_ms"], fwd_bwd_per_layer_ms=per_layer["fwd_bwd_ms"],
             optimizer_per_layer_ms=per_layer["optimizer_ms"], layer_tflops=layer_tflops, layer_mfu=layer_tflops / peak,
             fwd_bwd_layer_mfu=fb_tflops / peak, tokens_per_s_48L=b["tokens"] / (step48_ms / 1e3),
             outside_layers_ms=outside["step_ms"], outside_layers_fwd_bwd_ms=outside["fwd_bwd_ms"],
