@@ -10,6 +10,7 @@ loop costs. Ratios are reported against both; the packed ones are the headline.
     python -m qwen_moe_ft.bench [--layers 2,4] [--tokens 8192] [--lengths full|chat|mixed] [--out bench.json]
     python -m qwen_moe_ft.bench --lora --layers 48 --tokens 4096 --lengths chat   # LoRA, whole model, one GPU
     python -m qwen_moe_ft.bench --layers 4 --tokens 32768 --lengths whole          # one 32k-token document a step
+    python -m qwen_moe_ft.bench --full-length --stacks ours,hf_grouped_mm --runs 3  # three runs side by side
 
 Each (stack, depth) runs in a fresh subprocess on a Qwen3-30B-A3B-shaped model cut to that depth
 (random init, seeded). With two depths, per-layer costs are differences between them and the 48-layer
@@ -40,6 +41,7 @@ from ..data.rows import IGNORE
 from ..flops import flops_per_token, mean_causal_context, peak_tflops
 from .harness import markdown_table, require_cuda, tool_parser, write_report
 from .kernel_table import format_per_layer, per_layer_table, profile_step, profile_steps, slowest_against_fastest
+from .runs import runs_table
 from ..metrics import StepTimer
 from ..model.attention import flash_attn_version
 from ..data.packing import collate_packed, collate_padded, plan_micro_batches
@@ -537,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                         "N) or auto (ours: as train.py chooses from the memory estimate; transformers: all)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps; per-layer figures are differences of medians, so more is steadier")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat every stack and depth this many times, interleaved, and set the runs side by side")
     parser.add_argument("--stacks", help=f"comma list; default {','.join(STACKS)}, with --lora {','.join(LORA_STACKS)}")
     parser.add_argument("--attn", default="auto")
     parser.add_argument("--model", default=QWEN3_30B_A3B, help="config directory of the full-size model")
@@ -578,33 +582,39 @@ def main(argv: list[str] | None = None) -> int:
         args.stack, args.depth = args.worker[0], int(args.worker[1])
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
+    if args.runs < 1:
+        raise SystemExit(f"--runs {args.runs}: at least 1")
     depths = tuple(int(d) for d in args.layers.split(","))
     results, failures = [], []
-    for stack in args.stacks.split(","):
-        for depth in depths:
-            cmd = [sys.executable, "-m", "qwen_moe_ft.bench", "--worker", stack, str(depth),
-                   *[a for a in (argv if argv is not None else sys.argv[1:])]]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not found:  # e.g. out of memory: reported, and the other stacks still run
-                print(f"{stack} at {depth} layers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
-                lines = proc.stderr.strip().splitlines() or ["?"]
-                errors = [line for line in lines if "Error" in line]  # the exception, not the teardown noise after it
-                failures.append(dict(stack=stack, depth=depth, error=(errors or lines)[-1]))
-                continue
-            results.append(json.loads(found[-1][len("RESULT "):]))
-            print(f"{stack} {depth} layers: step {results[-1]['step_ms']:.1f} ms (LM head + loss "
-                  f"{results[-1]['head_loss_ms']:.1f}), losses {results[-1]['losses'][:3]}", flush=True)
-    complete = [r for r in results if {x["depth"] for x in results if x["stack"] == r["stack"]} == set(depths)]
-    if not complete:
-        print("error: no stack ran at every depth", file=sys.stderr)
+    for run, stack, depth in ((r, s, d) for r in range(args.runs) for s in args.stacks.split(",") for d in depths):
+        cmd = [sys.executable, "-m", "qwen_moe_ft.bench", "--worker", stack, str(depth),
+               *[a for a in (argv if argv is not None else sys.argv[1:])]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        name = f"{stack} at {depth} layers" + (f", run {run + 1}" if args.runs > 1 else "")
+        if proc.returncode or not found:  # e.g. out of memory: reported, and the other stacks still run
+            print(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
+            lines = proc.stderr.strip().splitlines() or ["?"]
+            errors = [line for line in lines if "Error" in line]  # the exception, not the teardown noise after it
+            failures.append(dict(stack=stack, depth=depth, run=run, error=(errors or lines)[-1]))
+            continue
+        results.append(dict(json.loads(found[-1][len("RESULT "):]), run=run))
+        print(f"{name}: step {results[-1]['step_ms']:.1f} ms (LM head + loss {results[-1]['head_loss_ms']:.1f}), "
+              f"losses {results[-1]['losses'][:3]}", flush=True)
+    # a run's stacks that ran at every depth
+    complete = [[r for r in results if r["run"] == run
+                 and {x["depth"] for x in results if x["run"] == run and x["stack"] == r["stack"]} == set(depths)]
+                for run in range(args.runs)]
+    if not complete[0]:
+        print("error: no stack ran at every depth" + (" in the first run" if args.runs > 1 else ""), file=sys.stderr)
         return 1
-    peak = args.peak_tflops or peak_tflops(complete[0]["gpu"]) or 989.0
-    summary = summarise(complete, depths, peak, frozen_weights=args.lora)
+    peak = args.peak_tflops or peak_tflops(complete[0][0]["gpu"]) or 989.0
+    per_run = [summarise(run, depths, peak, frozen_weights=args.lora) for run in complete if run]
+    summary = per_run[0]
     report = dict(tokens=args.tokens, lengths=args.lengths, lora=args.lora, depths=depths, peak_tflops=peak,
-                  results=results, failures=failures, summary=summary)
+                  results=results, failures=failures, summary=summary, **({"runs": per_run} if args.runs > 1 else {}))
     if args.profile and len(depths) == 2:
-        report["per_layer_kernels"] = kernel_tables(results, depths)
+        report["per_layer_kernels"] = kernel_tables(complete[0], depths)
         for stack, rows in report["per_layer_kernels"].items():
             print(f"\n{stack}, kernels per layer ({depths[1]} minus {depths[0]} layers)\n{format_per_layer(rows)}")
     for r in results:
@@ -616,7 +626,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{r['stack']} at {r['depth']} layers, host time by {order} (cProfile)\n{text}")
     write_report(args.out, **report)
     print(table(summary))
+    if args.runs > 1:
+        print("\n" + runs_table(per_run, ALL_STACKS, BASELINES))
     for failure in failures:
-        print(f"{failure['stack']} at {failure['depth']} layers failed: {failure['error']}")
+        run = f", run {failure['run'] + 1}" if args.runs > 1 else ""
+        print(f"{failure['stack']} at {failure['depth']} layers{run} failed: {failure['error']}")
     return 0
 
