@@ -7,8 +7,8 @@ from qwen_moe_ft.bench.runs import runs_table, spread
 
 def result(stack, depth, step_ms, run):
     return dict(stack=stack, depth=depth, attention="x", step_ms=step_ms, step_ms_spread=1.349,
-                fwd_bwd_ms=0.9 * step_ms, optimizer_ms=0.1 * step_ms, head_loss_ms=10.0, peak_mem_gib=40.0, tokens=8192, mean_context=461.0,
-                losses=[12.3], steps_ms=[step_ms] * 4, run=run)
+                fwd_bwd_ms=0.9 * step_ms, optimizer_ms=0.1 * step_ms, head_loss_ms=10.0, peak_mem_gib=40.0,
+                tokens=8192, mean_context=461.0, losses=[12.3], steps_ms=[step_ms] * 4, run=run)
 
 
 def test_spread_is_the_range_over_the_smallest():
@@ -38,3 +38,43 @@ def test_one_depth_gives_tokens_per_second_and_its_ratio():
     printed = runs_table(per_run, ALL_STACKS, BASELINES)
     assert "| ours: tokens/s | 20480 | 16384 | spread 25.0% |" in printed
     assert "| hf_peft_lora against ours: tokens/s | 2.50x | 2.00x | lowest 2.00x |" in printed
+
+
+def test_main_interleaves_the_runs_and_reports_each(monkeypatch, tmp_path, capsys):
+    """The orchestration of `--runs 2` with each worker's subprocess answered by a canned result (the workers need a
+    GPU): the order of the workers, a failed worker named with its run, the report's runs."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    import qwen_moe_ft.bench.benchmark as benchmark
+
+    order = []
+    step = {("ours", 2): 110.0, ("ours", 4): 160.0, ("hf_grouped_mm", 2): 200.0, ("hf_grouped_mm", 4): 300.0}
+
+    def worker(cmd, **kwargs):
+        stack, depth = cmd[cmd.index("--worker") + 1], int(cmd[cmd.index("--worker") + 2])
+        order.append((stack, depth))
+        if len(order) == 8:  # the last worker of run 2 fails
+            return SimpleNamespace(returncode=1, stdout="", stderr="torch.OutOfMemoryError: CUDA out of memory")
+        out = dict(result(stack, depth, step[stack, depth] + len(order) / 10, 0), gpu="NVIDIA H100 80GB HBM3")
+        del out["run"]  # the worker does not know its run
+        return SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps(out), stderr="")
+
+    monkeypatch.setattr(benchmark, "require_cuda", lambda tool: None)
+    monkeypatch.setattr(subprocess, "run", worker)
+    monkeypatch.setattr(benchmark, "write_report", lambda path, **report: (tmp_path / "report.json").write_text(
+        json.dumps(report)))
+    assert benchmark.main(["--full-length", "--stacks", "ours,hf_grouped_mm", "--runs", "2", "--steps", "4"]) == 0
+    assert order == [("ours", 2), ("ours", 4), ("hf_grouped_mm", 2), ("hf_grouped_mm", 4)] * 2
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["run"] for r in report["results"]] == [0, 0, 0, 0, 1, 1, 1]
+    assert report["failures"] == [dict(stack="hf_grouped_mm", depth=4, run=1,
+                                       error="torch.OutOfMemoryError: CUDA out of memory")]
+    assert len(report["runs"]) == 2 and "hf_grouped_mm" not in report["runs"][1]  # run 2 lacks its 4-layer step
+    assert report["summary"] == report["runs"][0]
+    printed = capsys.readouterr().out
+    assert "hf_grouped_mm at 4 layers, run 2 failed: torch.OutOfMemoryError" in printed
+    # (160.2 - 110.1) / 2 and (160.6 - 110.5) / 2; no ratio row, as run 2 has no transformers figure
+    assert "| ours: per layer ms | 25.05 ±0.44 | 25.05 ±0.44 | spread 0.0% |" in printed
+    assert "against ours" not in printed.split("2 runs, interleaved")[1]
