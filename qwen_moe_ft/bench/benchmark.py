@@ -41,7 +41,7 @@ from ..data.rows import IGNORE
 from ..flops import flops_per_token, mean_causal_context, peak_tflops
 from .harness import markdown_table, require_cuda, tool_parser, write_report
 from .kernel_table import format_per_layer, per_layer_table, profile_step, profile_steps, slowest_against_fastest
-from .runs import runs_table
+from .runs import per_layer_cell, runs_table
 from ..metrics import StepTimer
 from ..model.attention import flash_attn_version
 from ..data.packing import collate_packed, collate_padded, plan_micro_batches
@@ -452,9 +452,7 @@ def table(summary: dict) -> str:
                          f"steps vary; per-layer figures omitted, compare whole steps (tokens/s)")
         elif stack in summary:
             s = summary[stack]
-            error = s.get("per_layer_ms_standard_error")
-            per_layer = f"{s['per_layer_ms']:.1f}" + (f" ±{error:.2f}" if error is not None else "")
-            rows.append((stack, s["attention"], per_layer, f"{s['fwd_bwd_per_layer_ms']:.1f}",
+            rows.append((stack, s["attention"], per_layer_cell(s, digits=1), f"{s['fwd_bwd_per_layer_ms']:.1f}",
                          f"{s['optimizer_per_layer_ms']:.1f}", f"{s['layer_tflops']:.0f}",
                          f"{100 * s['layer_mfu']:.1f}%", f"{s['peak_mem_gib']:.1f}", f"{s['tokens_per_s']:.0f}",
                          f"{s['tokens_per_s_48L']:.0f}"))

@@ -15,9 +15,10 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / min(values)
 
 
-def _time_cell(figures: dict) -> str:
+def per_layer_cell(figures: dict, digits: int = 2) -> str:
+    """A stack's per-layer ms (summarise's figures) with its standard error where it has one: "14.15 ±0.21"."""
     error = figures.get("per_layer_ms_standard_error")
-    return f"{figures['per_layer_ms']:.2f}" + (f" ±{error:.2f}" if error is not None else "")
+    return f"{figures['per_layer_ms']:.{digits}f}" + (f" ±{error:.2f}" if error is not None else "")
 
 
 def runs_table(per_run: list[dict], stacks: tuple[str, ...], baselines: tuple[str, ...]) -> str:
@@ -28,7 +29,7 @@ def runs_table(per_run: list[dict], stacks: tuple[str, ...], baselines: tuple[st
     for stack in stacks:
         runs = [summary.get(stack, {}) for summary in per_run]
         if runs and all("per_layer_ms" in r for r in runs):
-            rows.append((f"{stack}: per layer ms", *map(_time_cell, runs),
+            rows.append((f"{stack}: per layer ms", *map(per_layer_cell, runs),
                          f"spread {100 * spread([r['per_layer_ms'] for r in runs]):.1f}%"))
         elif runs and all("tokens_per_s" in r for r in runs):
             rows.append((f"{stack}: tokens/s", *(f"{r['tokens_per_s']:.0f}" for r in runs),
