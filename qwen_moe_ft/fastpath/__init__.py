@@ -12,6 +12,7 @@ The order matters, and is this:
  2. one_pass_grad_norm         (grad_norm.py) the step's norm and overflow check
  3. grads_in_place             (zero_step.py) its gradient hook takes norms in the backward for 2
  4. one_pass_adamw             (zero_step.py, adamw.py) replaces the wrapped AdamW before its first step
+    master_low_bits            (master_bits.py) 4's fp32 masters as the bf16 weights' low bits (full fine-tuning)
  5. clip_in_adam               (zero_step.py) only where 4 is refused
     step_overlap               (step_overlap.py) 4's updates on a side stream, stage by stage beside the next
                                forward (full fine-tuning)
@@ -45,7 +46,7 @@ STATE_DTYPES = ("bf16", "fp32")
 # The patches --fast-path-skip can leave out: none of the others builds on them, and each has a stock (or other
 # patched) path to fall back to
 SKIPPABLE = ("triton_hidden_norms", "quack_head_norms", "triton_head_norms", "scored_swiglu", "quack_experts",
-             "lean_topk_router", "fused_attention_inputs", "step_overlap")
+             "lean_topk_router", "fused_attention_inputs", "step_overlap", "master_low_bits")
 
 
 def parse_skip(text: str) -> tuple[str, ...]:
@@ -128,6 +129,7 @@ class FastPath:
         if state.fused_step:
             from .step_overlap import overlap_step_with_forward
 
+            self.applied.append(self._unless_skipped("master_low_bits", lambda: self._master_bits(state, engine.module)))
             self.applied.append(self._unless_skipped("step_overlap",
                                                      lambda: overlap_step_with_forward(state, engine.module)))
         else:
@@ -151,12 +153,23 @@ class FastPath:
                                                  lambda: fused_attention_inputs(engine.module, device)))
         return self.applied
 
+    def _master_bits(self, state, model: nn.Module) -> Applied:
+        from .master_bits import keep_masters_as_low_bits
+
+        applied, hook = keep_masters_as_low_bits(state, model)
+        if hook is not None:
+            self._restore.append(hook.remove)
+        return applied
+
     def settle(self) -> None:
         """Before weights or optimizer state are read other than by the forward (a checkpoint, an export): the
-        step's updates still running beside the forward (step_overlap) are waited for."""
+        step's updates still running beside the forward (step_overlap) are waited for, and the fp32 master weights
+        kept as low bits (master_low_bits) are written out."""
         state = self._zero_state
         if state is not None and state.overlap is not None:
             state.overlap.settle()
+        if state is not None and state.master_bits is not None:
+            state.master_bits.settle()
 
     def after_load(self) -> None:
         """After a checkpoint load wrote the weights: caches built from the old ones are rebuilt, and moments that
@@ -185,9 +198,12 @@ class FastPath:
 
     def restore(self) -> None:
         """Put back what the patches replaced for the whole process (the engine's own patches die with it)."""
+        self.settle()
         for restore in self._restore:
             restore()
         self._restore = []
         if self._zero_state is not None and self._zero_state.overlap is not None:
             self._zero_state.overlap.remove()
             self._zero_state.overlap = None
+        if self._zero_state is not None:
+            self._zero_state.master_bits = None  # settled above: the step reads the fp32 masters again

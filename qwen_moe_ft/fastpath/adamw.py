@@ -27,6 +27,8 @@ from functools import partial
 
 import torch
 
+from .master_bits import join_master, split_master
+
 try:
     import triton
     import triton.language as tl
@@ -89,19 +91,32 @@ if triton is not None:
     def _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, offs, n, noise, decay,
                        beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
                        mirror_half, mirror_shift, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       HAS_MIRROR: tl.constexpr, MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr):
+                       HAS_MIRROR: tl.constexpr, MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr,
+                       SPLIT: tl.constexpr):
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = g / tl.load(scale_ptr)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        if SPLIT:  # the master is the bf16 weight in out_ptr and its low 16 bits in p_ptr (master_bits.py)
+            hi = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+            lo = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            p = (((hi - (lo >= 0x8000).to(tl.int32)) << 16) | lo).to(tl.float32, bitcast=True)
+        else:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = p * decay
         m = m + (g - m) * beta1_weight
         v = v * beta2 + beta2_weight * g * g
         p = p - step_size * (m / (tl.sqrt(v) * inv_bc2_sqrt + eps))
-        tl.store(p_ptr + offs, p, mask=mask)
+        if SPLIT:
+            bits = p.to(tl.int32, bitcast=True)
+            lo = bits & 0xFFFF
+            weight = ((bits >> 16) + (lo >= 0x8000).to(tl.int32)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            tl.store(p_ptr + offs, lo.to(tl.int16), mask=mask)
+        else:
+            tl.store(p_ptr + offs, p, mask=mask)
+            weight = p.to(out_ptr.dtype.element_ty)
         if ROUND_STATES:
             tl.store(m_ptr + offs, _round_bf16(m, noise >> 16), mask=mask)
             tl.store(v_ptr + offs, _round_bf16(v, noise & 0xFFFF), mask=mask)
@@ -109,14 +124,14 @@ if triton is not None:
             tl.store(m_ptr + offs, m, mask=mask)
             tl.store(v_ptr + offs, v, mask=mask)
         if HAS_OUT:
-            tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs, weight, mask=mask)
         if HAS_MIRROR:
             position = offs + mirror_start
             if MIRROR_ROW_PER_PROGRAM:
                 position = position + mirror_shift
             else:
                 position = position + (position // mirror_block + mirror_half) * mirror_block
-            tl.store(mirror_ptr + position, p.to(mirror_ptr.dtype.element_ty), mask=mask)
+            tl.store(mirror_ptr + position, weight.to(mirror_ptr.dtype.element_ty), mask=mask)
 
     # Triton compiles a variant per divisibility by 16 of each integer argument: the seed changes every
     # step, and each new variant would stall a step for a compile.
@@ -124,8 +139,8 @@ if triton is not None:
     def _adamw_kernel(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, n, rng_offset, seed, decay,
                       beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
                       mirror_half, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIRROR: tl.constexpr,
-                      MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr, WIDE: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr, SPLIT: tl.constexpr,
+                      WIDE: tl.constexpr, BLOCK: tl.constexpr):
         # A program's BLOCK elements are four quarters. One Philox draw (128 bits) per position in a quarter
         # gives the 16-bit noises of both moments of the four elements at that position, a quarter of the
         # integer work of a draw per element, which used 32 of its 128 bits. The draw's counter is the
@@ -157,7 +172,7 @@ if triton is not None:
             _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, start + k * QUARTER + lane,
                            n, noise, decay, beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt,
                            mirror_start, mirror_block, mirror_half, mirror_shift, HAS_OUT, HAS_SCALE, HAS_MIRROR,
-                           MIRROR_ROW_PER_PROGRAM, ROUND_STATES)
+                           MIRROR_ROW_PER_PROGRAM, ROUND_STATES, SPLIT)
 
 
 def _coalesced(grads: list[torch.Tensor], mirrors: list[Mirror | None]):
@@ -241,21 +256,27 @@ class MasterAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def update(self, group: dict, param: torch.Tensor, grads: list[torch.Tensor], *, out: torch.Tensor | None = None,
                grad_scale: torch.Tensor | None = None, group_index: int = 0,
-               mirrors: list[Mirror | None] | None = None) -> None:
+               mirrors: list[Mirror | None] | None = None, low: torch.Tensor | None = None) -> None:
         """One AdamW step of `param` (fp32, contiguous) with gradient `grads` (1-D pieces laid end to end
         from the start of param; elements past their end are left alone), dividing the gradient by
         `grad_scale` (a one-element tensor) if given, and writing the new value also to `out` if given and
-        to each piece's Mirror in `mirrors` (one entry per piece, None for none)."""
+        to each piece's Mirror in `mirrors` (one entry per piece, None for none). With `low` (int16, as many
+        elements as param) the master weight is not param's values but bf16 `out` joined with `low`
+        (master_bits.py), and is written back the same way: param is then only the key of the moments."""
         for piece in self.plan(group, param, grads, out=out, grad_scale=grad_scale, group_index=group_index,
-                               mirrors=mirrors):
+                               mirrors=mirrors, low=low):
             piece.run()
 
     @torch.no_grad()
     def plan(self, group: dict, param: torch.Tensor, grads: list[torch.Tensor], *, out: torch.Tensor | None = None,
              grad_scale: torch.Tensor | None = None, group_index: int = 0,
-             mirrors: list[Mirror | None] | None = None) -> list[PieceUpdate]:
+             mirrors: list[Mirror | None] | None = None, low: torch.Tensor | None = None) -> list[PieceUpdate]:
         """update's launches, not yet run: the step is counted now, and running every PieceUpdate once, in
         any order and on any streams, is that update."""
+        if low is not None and (out is None or out.dtype != torch.bfloat16 or low.dtype != torch.int16
+                                or low.numel() != param.numel() or out.numel() != param.numel()):
+            raise ValueError("a master kept as low bits needs `out` in bf16 and `low` in int16, both of the "
+                             f"parameter's {param.numel()} elements")
         state = self._state_of(param)
         state["step"] += 1
         step = int(state["step"])
@@ -264,7 +285,8 @@ class MasterAdamW(torch.optim.Optimizer):
         scalars = dict(decay=1.0 - lr * group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        step_size=lr / (1.0 - beta1**step), inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step))
         seed = _seed(step, group_index)
-        flat = {name: t.view(-1) for name, t in (("p", param), ("m", state["exp_avg"]), ("v", state["exp_avg_sq"]))}
+        flat = {name: t.view(-1) for name, t in (("p", param if low is None else low), ("m", state["exp_avg"]),
+                                                 ("v", state["exp_avg_sq"]))}
         out_flat = out.view(-1) if out is not None else None
         if sum(g.numel() for g in grads) > param.numel():
             raise ValueError(f"gradient pieces hold more than the parameter's {param.numel()} elements")
@@ -289,6 +311,7 @@ class MasterAdamW(torch.optim.Optimizer):
         n = g.numel()
         if n == 0:
             return
+        split = p.dtype == torch.int16  # plan() put the master's low bits in p's place
         row_per_program = mirror is not None and mirror.start % KERNEL_BLOCK == 0 and mirror.block % KERNEL_BLOCK == 0
         wide = max(n, mirror.dst.numel() if mirror is not None else 0) + KERNEL_BLOCK >= 2**31
         _adamw_kernel[(triton.cdiv(n, KERNEL_BLOCK),)](
@@ -297,13 +320,16 @@ class MasterAdamW(torch.optim.Optimizer):
             1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"], mirror.start if mirror else 0,
             mirror.block if mirror else 1, mirror.half if mirror else 0, HAS_OUT=out is not None,
             HAS_SCALE=grad_scale is not None, HAS_MIRROR=mirror is not None, MIRROR_ROW_PER_PROGRAM=row_per_program,
-            ROUND_STATES=self.state_dtype == torch.bfloat16, WIDE=wide, BLOCK=KERNEL_BLOCK, num_warps=KERNEL_WARPS)
+            ROUND_STATES=self.state_dtype == torch.bfloat16, SPLIT=split, WIDE=wide, BLOCK=KERNEL_BLOCK, num_warps=KERNEL_WARPS)
 
     def _torch_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         generator = torch.Generator(device=p.device)
+        split = p.dtype == torch.int16  # plan() put the master's low bits in p's place
         for start in range(0, g.numel(), _TORCH_CHUNK):
             n = min(_TORCH_CHUNK, g.numel() - start)
             gc, pc, mc, vc = (t.narrow(0, start, n) for t in (g, p, m, v))
+            if split:
+                low, pc = pc, join_master(out.narrow(0, start, n), pc)
             grad = gc.float()
             if grad_scale is not None:
                 grad = grad / grad_scale
@@ -316,10 +342,14 @@ class MasterAdamW(torch.optim.Optimizer):
                 v32 = round_to_bf16_stochastic(v32, generator)
             mc.copy_(m32)
             vc.copy_(v32)
-            if out is not None:
+            if split:
+                weight, bits = split_master(pc)
+                low.copy_(bits)
+                out.narrow(0, start, n).copy_(weight)
+            elif out is not None:
                 out.narrow(0, start, n).copy_(pc)
             if mirror is not None:
-                _write_mirror(mirror, start, pc)
+                _write_mirror(mirror, start, out.narrow(0, start, n) if split else pc)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch's load puts new group dicts in place; an lr scheduler built on the optimizer this one

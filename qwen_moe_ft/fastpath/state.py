@@ -19,6 +19,7 @@ class ZeroState:
     one_pass_norm: bool = False  # grad_norm.lean_grad_checks installed
     fused_step: bool = False  # zero_step.fuse_adam_step installed
     overlap: object | None = None  # step_overlap.StepOverlap, where the step runs beside the next forward
+    master_bits: object | None = None  # master_bits.MasterBits, where the masters are kept as low bits
     # id(param) -> its gradient's norm, taken in the backward (grad_norm.norm_in_backward); the step's norm
     # consumes them
     early_norms: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -137,7 +137,7 @@ class StepOverlap:
         torch.cuda.set_stream(self._previous_stream)
 
 
-def _mostly_frozen(model: nn.Module) -> bool:
+def mostly_frozen(model: nn.Module) -> bool:
     """Whether fewer than half of the model's weights train (LoRA): then the step's updates are small and host-bound,
     and the overlap has nothing to hide (no gain measured on the 48-layer LoRA step)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -153,7 +153,7 @@ def overlap_step_with_forward(state, model: nn.Module) -> Applied:
     device = torch.device(state.optimizer.device)
     stages = forward_stages(model)
     refused = ("needs one_pass_adamw" if not state.fused_step else "no decoder layers (model.model.layers)"
-               if not stages else "most weights are frozen (LoRA): the step is small" if _mostly_frozen(model)
+               if not stages else "most weights are frozen (LoRA): the step is small" if mostly_frozen(model)
                else "needs CUDA" if device.type != "cuda" else "")
     if not refused:
         state.overlap = StepOverlap(model, stages, device)

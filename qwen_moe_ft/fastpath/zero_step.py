@@ -6,8 +6,8 @@ Replaces (deepspeed 0.19.8, deepspeed/runtime/zero/stage_1_and_2.py, on one Deep
   weights; MasterAdamW.update does all of it in one pass over the gradients where they lie. Everything
   else (the norm, grad_norm.py; overflow skip; all-gather of the updated partitions) is DeepSpeed's own
   code, and any step that would skip falls back to DeepSpeed's. The same pass writes the experts' gate/up
-  concatenations (gate_up_cache.py). Its launches for the forward's stages may run on a side stream beside the
-  next forward (step_overlap.py).
+  concatenations (gate_up_cache.py) and may keep the masters as the bf16 weights' low bits (master_bits.py). Its
+  launches for the forward's stages may run on a side stream beside the next forward (step_overlap.py).
 - fold_clip_into_adam (where fuse_adam_step is refused): unscale_and_clip_grads. DeepSpeed multiplies the
   fp32 gradient partition by 1/clip in a pass of its own; torch's fused AdamW divides each gradient by a
   `grad_scale` tensor inside its kernel, so the clip factor is handed to it instead.
@@ -75,9 +75,17 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
     fp32 copy, Adam and bf16 copy-back done by MasterAdamW.update in one pass."""
     optimizer = state.optimizer
     norm = optimizer.scaled_global_norm()
+    bits = state.master_bits
     if is_invalid_grad_norm(norm):
         state.gate_up.invalidate()
-        return deepspeed_step()  # DeepSpeed's own overflow handling (skip, clear, count)
+        if bits is None:
+            return deepspeed_step()  # DeepSpeed's own overflow handling (skip, clear, count)
+        bits.settle()  # DeepSpeed's step reads (and may write) the fp32 masters
+        result = deepspeed_step()
+        bits.written()
+        return result
+    if bits is not None:
+        bits.release()
     optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
     optimizer.overflow = False
     previous_loss_scale = optimizer.loss_scale
@@ -102,7 +110,8 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
         assert group["params"][0] is master, "optimizer param group order differs from DeepSpeed's partitions"
         owners = _whole_group_owners(state, i, grads)
         pieces = adam.plan(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
-                           grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, owners, written))
+                           grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, owners, written),
+                           low=bits.low[i] if bits is not None else None)
         # a group all-gathered over several ranks (owners None) is complete before the all-gather below, on this stream
         if overlap is not None and owners is not None:
             pieces, stages = split_by_stage(pieces, owners, overlap.stage_of)

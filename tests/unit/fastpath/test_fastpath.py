@@ -39,7 +39,7 @@ def test_install_applies_every_patch_in_order_and_names_them(process_group):
     assert kernels == "none"  # no GPU: liger is refused with the reason
     applied = fast_path.install(engine, adam_states="bf16")
     assert [a.name for a in applied] == ["liger_norm_rope", "one_pass_grad_norm", "grads_in_place", "one_pass_adamw",
-                                         "step_overlap", "layout_preserving_gate_up", "gate_up_cache",
+                                         "master_low_bits", "step_overlap", "layout_preserving_gate_up", "gate_up_cache",
                                          "one_rank_dispatch", "quack_experts", "scored_swiglu", "lean_topk_router",
                                          "fused_attention_inputs"]
     # no GPU, no quack here
@@ -47,7 +47,7 @@ def test_install_applies_every_patch_in_order_and_names_them(process_group):
                                                   "fused_attention_inputs"]
     assert fast_path.adam_states == "bf16"
     summary = fast_path.summary()
-    assert summary.startswith("fast path: one_pass_grad_norm, grads_in_place, one_pass_adamw")
+    assert summary.startswith("fast path: one_pass_grad_norm, grads_in_place, one_pass_adamw, master_low_bits")
     assert "refused: liger_norm_rope (refused: --fused-kernels none)" in summary
     assert type(engine.optimizer.optimizer).__name__ == "MasterAdamW"
     assert not any(name.startswith(("qmf", "_qmf")) for name in vars(engine.optimizer))  # state is ours
