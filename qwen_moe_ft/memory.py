@@ -9,7 +9,8 @@
 where the training will run.
 
 Persistent: bf16 weights of the dense part and of this GPU's experts; fp32 master weights and two Adam moments
-(bf16 by default, --adam-states), ZeRO-2-partitioned (dense over all GPUs, each expert over its
+(bf16 by default, --adam-states; the masters as the low 16 bits of the bf16 weights with the fast path),
+ZeRO-2-partitioned (dense over all GPUs, each expert over its
 expert-data-parallel group, so both come to 1/GPUs of the whole); the fused gate/up weight copies (one layer's
 with --gate-up-recompute). The step adds, at whichever of its moments is largest:
 - the loss: the activations of every layer kept (and the inputs of the recomputed ones) and the loss's memory:
@@ -37,8 +38,10 @@ GIB = 2**30
 ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
 
 
-def zero2_bytes_per_param(adam_states: str) -> int:
-    return 4 + 2 * ADAM_STATE_BYTES[adam_states]  # fp32 master weight, Adam m and v (the bf16 gradient: GRADIENT_BYTES)
+def zero2_bytes_per_param(adam_states: str, low_bit_masters: bool = False) -> int:
+    """The fp32 master weight (only its low 16 bits with the fast path's master_low_bits: the bf16 weight is its high
+    half), Adam's m and v; the bf16 gradient is GRADIENT_BYTES."""
+    return (2 if low_bit_masters else 4) + 2 * ADAM_STATE_BYTES[adam_states]
 
 
 GRADIENT_BYTES = 2  # the bf16 gradient partition: from the backward to the optimizer step, or kept while accumulating
@@ -169,11 +172,12 @@ def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:
 def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
              loss: str = "torch", adam_states: str = "bf16", lora_rank: int = 0,
              lora_targets: tuple[str, ...] = ("attn", "experts"), recomputed_layers: int = 0,
-             expert_output_rows: bool | None = None) -> MemoryEstimate:
+             expert_output_rows: bool | None = None, low_bit_masters: bool = False) -> MemoryEstimate:
     """Peak bytes on one GPU for micro-batches of `tokens` tokens; LoRA of `lora_rank` (0: full fine-tuning);
     `recomputed_layers` of the decoder layers under activation checkpointing; `loss` torch, chunked or fused.
     `expert_output_rows`: whether full fine-tuning keeps the experts' output rows for the combine (default: with
-    expert parallelism; see expert_output_row_bytes)."""
+    expert parallelism; see expert_output_row_bytes). `low_bit_masters`: the masters kept as the bf16 weights' low
+    bits (fastpath/master_bits.py; full fine-tuning only)."""
     layers = config.num_hidden_layers
     if not 0 <= recomputed_layers <= layers:
         raise ValueError(f"recomputed_layers {recomputed_layers}: the model has {layers} layers")
@@ -195,7 +199,7 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
     trained = (dense + expert) / gpus  # ZeRO-2 partitions: dense over every GPU, experts over their EDP group
     return MemoryEstimate(
         weights=base,
-        zero2_states=zero2_bytes_per_param(adam_states) * trained,
+        zero2_states=zero2_bytes_per_param(adam_states, low_bit_masters and not lora_rank) * trained,
         gate_up_copies=0 if lora_rank else gate_up_copy * (1 if gate_up_recompute else layers),
         buckets=BUCKET_BYTES if gpus > 1 else 0,
         gradients=GRADIENT_BYTES * trained,
@@ -229,6 +233,7 @@ class Workload:
     lora_targets: tuple[str, ...] = ("attn", "experts")
     loss_impl: str = "auto"  # --loss-impl
     recomputed_layers: int | None = 0  # decoder layers recomputed; None: --checkpoint-layers auto
+    low_bit_masters: bool = True  # the fast path's master_low_bits (bf16 weights, full fine-tuning)
 
     @classmethod
     def of(cls, *, model, data, optim, fastpath, lora, layers: int) -> Workload:
@@ -237,14 +242,16 @@ class Workload:
         return cls(tokens=data.max_tokens_per_batch, grad_accum=optim.grad_accum,
                    gate_up_recompute=fastpath.gate_up_recompute, adam_states=fastpath.adam_states,
                    lora_rank=lora.rank if lora.enabled else 0, lora_targets=tuple(lora.target_list()),
-                   loss_impl=model.loss_impl, recomputed_layers=model.recomputed_layers(layers))
+                   loss_impl=model.loss_impl, recomputed_layers=model.recomputed_layers(layers),
+                   low_bit_masters=(fastpath.mode == "on" and model.dtype == "bf16" and not lora.enabled
+                                    and "master_low_bits" not in [n.strip() for n in fastpath.skip.split(",")]))
 
     def setting(self, config, *, gpus: int, ep_size: int, loss: str) -> dict:
         """estimate()'s keyword arguments (less recomputed_layers) on `gpus` GPUs computing the loss `loss` (a
         --loss-impl other than auto)."""
         return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=self.tokens, grad_accum=self.grad_accum,
                     gate_up_recompute=self.gate_up_recompute, loss=LOSS_KINDS[loss], adam_states=self.adam_states,
-                    lora_rank=self.lora_rank, lora_targets=self.lora_targets)
+                    lora_rank=self.lora_rank, lora_targets=self.lora_targets, low_bit_masters=self.low_bit_masters)
 
 
 def logits_fit(setting: dict, gpu_gib: float, recomputed: int) -> bool:

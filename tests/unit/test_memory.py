@@ -35,6 +35,18 @@ def test_workload_is_what_the_estimate_reads_of_the_config_sections():
     assert workload(TrainConfig.from_flat(activation_checkpointing=True), layers=4).recomputed_layers == 4
 
 
+def test_masters_kept_as_low_bits_where_the_fast_path_keeps_them():
+    assert workload(TrainConfig.from_flat()).low_bit_masters
+    for off in (dict(fast_path_skip="master_low_bits"), dict(fast_path="off"), dict(dtype="fp32"), dict(lora=True)):
+        assert not workload(TrainConfig.from_flat(**off)).low_bit_masters, off
+    fp32, low = (estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, low_bit_masters=bits) for bits in (False, True))
+    dense, expert = parameter_counts(qwen3())
+    assert fp32.zero2_states - low.zero2_states == 2 * (dense + expert) / 8  # 2 bytes a trained parameter
+    assert fp32.total - low.total == 2 * (dense + expert) / 8
+    lora = (estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, lora_rank=16, low_bit_masters=b) for b in (False, True))
+    assert len({e.total for e in lora}) == 1  # LoRA keeps fp32 masters
+
+
 def test_parameter_count_is_qwen3_30b_a3b():
     dense, expert = parameter_counts(qwen3())
     assert round((dense + expert) / 1e9, 1) == 30.5
@@ -197,7 +209,8 @@ def test_checkpoint_layers_auto_recomputes_the_fewest_that_leave_the_headroom(ca
     recipe = load_config(["--config", "qwen3-30b-a3b-lora-1gpu"])
     assert recipe.model.checkpoint_layers == "auto" and recipe.model.loss_impl == "auto"
     work = workload(recipe)
-    assert work == Workload(tokens=4096, lora_rank=16, loss_impl="auto", recomputed_layers=None)
+    assert work == Workload(tokens=4096, lora_rank=16, loss_impl="auto", recomputed_layers=None,
+                             low_bit_masters=False)  # LoRA keeps fp32 masters
     setting = dict(config=qwen3(), gpus=1, ep_size=1, tokens=4096, lora_rank=16)
     budget = (79.6 - HEADROOM_GIB) * GIB
     plan = plan_run(work, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
