@@ -129,7 +129,8 @@ class FastPath:
         if state.fused_step:
             from .step_overlap import overlap_step_with_forward
 
-            self.applied.append(self._unless_skipped("master_low_bits", lambda: self._master_bits(state, engine.module)))
+            self.applied.append(self._unless_skipped("master_low_bits",
+                                                     lambda: self._master_bits(state, engine.module)))
             self.applied.append(self._unless_skipped("step_overlap",
                                                      lambda: overlap_step_with_forward(state, engine.module)))
         else:

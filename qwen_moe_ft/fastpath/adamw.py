@@ -8,7 +8,8 @@ weights and two fp32 moments, then copies the master weights back to bf16: 44 by
 parameter over four passes.
 `update` reads the bf16 gradient where ZeRO left it and writes the bf16 weight in the same pass. With
 bf16 moments (the default, as DeepSeek-V3 trains: fp32 master weights, bf16 AdamW moments) a parameter
-costs 20 bytes of traffic and 4 fewer bytes of memory.
+costs 20 bytes of traffic and 4 fewer bytes of memory; with the master kept as the bf16 weight and its low 16 bits
+(`low`, master_bits.py) 18 bytes and 2 fewer again.
 
 The moments are rounded to bf16 stochastically (unbiased): with round-to-nearest an EMA whose per-step
 change is below half a bf16 ulp (0.2%) would never move, e.g. v under beta2 = 0.999. The update itself
@@ -320,7 +321,8 @@ class MasterAdamW(torch.optim.Optimizer):
             1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"], mirror.start if mirror else 0,
             mirror.block if mirror else 1, mirror.half if mirror else 0, HAS_OUT=out is not None,
             HAS_SCALE=grad_scale is not None, HAS_MIRROR=mirror is not None, MIRROR_ROW_PER_PROGRAM=row_per_program,
-            ROUND_STATES=self.state_dtype == torch.bfloat16, SPLIT=split, WIDE=wide, BLOCK=KERNEL_BLOCK, num_warps=KERNEL_WARPS)
+            ROUND_STATES=self.state_dtype == torch.bfloat16, SPLIT=split, WIDE=wide, BLOCK=KERNEL_BLOCK,
+            num_warps=KERNEL_WARPS)
 
     def _torch_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         generator = torch.Generator(device=p.device)

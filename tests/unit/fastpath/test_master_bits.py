@@ -45,9 +45,10 @@ def test_the_weight_is_rounded_to_nearest_with_exact_ties_away_from_zero():
     finite = torch.isfinite(values.bfloat16().float())  # values above bf16's largest round to infinity
     assert torch.equal(weight[~tie & finite], values[~tie & finite].bfloat16())
     # a tie is half a bf16 ulp from both neighbours: the one further from zero
+    ties = values[tie & finite]
     away = weight[tie & finite].float().abs()
-    assert torch.all(away > values[tie & finite].abs())
-    assert torch.all((away - values[tie & finite].abs()) == (values[tie & finite].abs() - _truncated(values[tie & finite])))
+    assert torch.all(away > ties.abs())
+    assert torch.all(away - ties.abs() == ties.abs() - _truncated(ties))
 
 
 def _truncated(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,8 @@ def test_low_bits_need_a_bf16_weight_of_the_same_size():
     master = torch.randn(10)
     adam = MasterAdamW([master], **HYPER)
     with pytest.raises(ValueError, match="`out` in bf16 and `low` in int16"):
-        adam.update(adam.param_groups[0], master, [torch.randn(10)], out=torch.zeros(10), low=torch.zeros(10, dtype=torch.int16))
+        adam.update(adam.param_groups[0], master, [torch.randn(10)], out=torch.zeros(10),
+                    low=torch.zeros(10, dtype=torch.int16))
 
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or triton is None,
@@ -186,8 +188,9 @@ def test_a_save_and_a_load_resume_the_masters_bit_for_bit(process_group, tmp_pat
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("case, reason", [(dict(dtype=torch.float32, fused_states=torch.float32), "float32 weights"),
-                                          (dict(fused_states=torch.bfloat16, frozen=("embed", "lm_head", "self_attn")), "frozen")])
+@pytest.mark.parametrize("case, reason", [
+    (dict(dtype=torch.float32, fused_states=torch.float32), "float32 weights"),
+    (dict(fused_states=torch.bfloat16, frozen=("embed", "lm_head", "self_attn")), "frozen")])
 def test_refused_for_fp32_weights_and_mostly_frozen_models(process_group, case, reason):
     engine, state = zero_engine(**case)
     applied, hook = keep_masters_as_low_bits(state, engine.module)
