@@ -61,7 +61,7 @@ def test_parameter_count_is_qwen3_30b_a3b():
     (2, "bf16", 8192, "in_place", False, 23.715, False), (4, "bf16", 8192, "in_place", False, 38.578, False),
     (4, "bf16", 8192, "in_place", False, 32.78, True)])
 def test_estimate_within_two_percent_of_the_measured_peaks(layers, adam_states, tokens, loss, rows_kept, measured_gib,
-                                                      low_bits):
+                                                           low_bits):
     # Peaks measured by `python -m qwen_moe_ft.bench --full-length` on an H100 (docs/benchmark-history.md, commits
     # 760241f and 507b4c3): one GPU, 8192 tokens per step, plain torch loss; and one 32768-token document with the
     # loss in chunks (BENCHMARKS.md "Memory", commit 7bc53a0), whose allocations at the peak fixed the activations'
