@@ -607,10 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no stack ran at every depth" + (" in the first run" if args.runs > 1 else ""), file=sys.stderr)
         return 1
     peak = args.peak_tflops or peak_tflops(complete[0][0]["gpu"]) or 989.0
-    per_run = [summarise(run, depths, peak, frozen_weights=args.lora) for run in complete if run]
+    numbers = [k + 1 for k, run in enumerate(complete) if run]  # a run in which nothing ran at every depth is left out
+    per_run = [summarise(complete[k - 1], depths, peak, frozen_weights=args.lora) for k in numbers]
     summary = per_run[0]
+    runs = {"runs": per_run, "run_numbers": numbers} if args.runs > 1 else {}
     report = dict(tokens=args.tokens, lengths=args.lengths, lora=args.lora, depths=depths, peak_tflops=peak,
-                  results=results, failures=failures, summary=summary, **({"runs": per_run} if args.runs > 1 else {}))
+                  results=results, failures=failures, summary=summary, **runs)
     if args.profile and len(depths) == 2:
         report["per_layer_kernels"] = kernel_tables(complete[0], depths)
         for stack, rows in report["per_layer_kernels"].items():
@@ -625,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, **report)
     print(table(summary))
     if args.runs > 1:
-        print("\n" + runs_table(per_run, ALL_STACKS, BASELINES))
+        print("\n" + runs_table(per_run, ALL_STACKS, BASELINES, numbers))
     for failure in failures:
         run = f", run {failure['run'] + 1}" if args.runs > 1 else ""
         print(f"{failure['stack']} at {failure['depth']} layers{run} failed: {failure['error']}")

@@ -21,10 +21,12 @@ def per_layer_cell(figures: dict, digits: int = 2) -> str:
     return f"{figures['per_layer_ms']:.{digits}f}" + (f" ±{error:.2f}" if error is not None else "")
 
 
-def runs_table(per_run: list[dict], stacks: tuple[str, ...], baselines: tuple[str, ...]) -> str:
+def runs_table(per_run: list[dict], stacks: tuple[str, ...], baselines: tuple[str, ...],
+               numbers: list[int] | None = None) -> str:
     """Each run's summary (summarise's output, one per run) side by side: per stack its per-layer ms where every
     run has one, else its tokens/s; per baseline its per-layer (else tokens/s) ratio to ours; the last column the
-    runs' spread or the lowest ratio."""
+    runs' spread or the lowest ratio. `numbers`: each summary's run, counted from 1 (default 1, 2, ...), where a run
+    in which nothing ran at every depth was left out."""
     rows = []
     for stack in stacks:
         runs = [summary.get(stack, {}) for summary in per_run]
@@ -44,5 +46,5 @@ def runs_table(per_run: list[dict], stacks: tuple[str, ...], baselines: tuple[st
                 break
     if not rows:
         return ""
-    header = ("", *(f"run {k + 1}" for k in range(len(per_run))), "")
+    header = ("", *(f"run {k}" for k in (numbers or range(1, len(per_run) + 1))), "")
     return f"{len(per_run)} runs, interleaved\n" + markdown_table(header, rows)

@@ -78,3 +78,37 @@ def test_main_interleaves_the_runs_and_reports_each(monkeypatch, tmp_path, capsy
     # (160.2 - 110.1) / 2 and (160.6 - 110.5) / 2; no ratio row, as run 2 has no transformers figure
     assert "| ours: per layer ms | 25.05 ±0.44 | 25.05 ±0.44 | spread 0.0% |" in printed
     assert "against ours" not in printed.split("2 runs, interleaved")[1]
+    assert report["run_numbers"] == [1, 2]
+
+
+def test_a_run_in_which_nothing_ran_at_every_depth_keeps_the_others_numbered(monkeypatch, tmp_path, capsys):
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    import qwen_moe_ft.bench.benchmark as benchmark
+
+    calls = []
+
+    def worker(cmd, **kwargs):
+        depth = int(cmd[cmd.index("--worker") + 2])
+        calls.append(depth)
+        if len(calls) in (3, 4):  # both depths of run 2
+            return SimpleNamespace(returncode=1, stdout="",
+                                   stderr="RuntimeError: CUDA error: unspecified launch failure")
+        out = dict(result("ours", depth, 110.0 if depth == 2 else 160.0 + len(calls), 0), gpu="NVIDIA H200")
+        del out["run"]
+        return SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps(out), stderr="")
+
+    monkeypatch.setattr(benchmark, "require_cuda", lambda tool: None)
+    monkeypatch.setattr(subprocess, "run", worker)
+    monkeypatch.setattr(benchmark, "write_report", lambda path, **report: (tmp_path / "report.json").write_text(
+        json.dumps(report)))
+    assert benchmark.main(["--full-length", "--stacks", "ours", "--runs", "3", "--steps", "4"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["run_numbers"] == [1, 3] and len(report["runs"]) == 2
+    printed = capsys.readouterr().out
+    assert "|  | run 1 | run 3 |  |" in printed  # the header names the runs that ran
+    # (162 - 110) / 2 and (166 - 110) / 2
+    assert "| ours: per layer ms | 26.00 ±0.44 | 28.00 ±0.44 | spread 7.7% |" in printed
+    assert "ours at 2 layers, run 2 failed: RuntimeError: CUDA error" in printed
