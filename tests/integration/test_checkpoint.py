@@ -1,7 +1,7 @@
 """Checkpoints: SIGTERM saves and stops, --resume continues exactly (four processes at EP=2, the runs of
 conftest.py), a checkpoint saved at two processes at EP=2 resumes at one process, at four at EP=4 and at four at EP=2
 through DeepSpeed's universal checkpoint and trains what a run at that layout trains (fp32 moments, and bf16 moments
-through their widening), a resume whose steps would take other examples is refused before loading, an interrupted
+through their widening; bf16 weights with their masters kept as low bits), a resume whose steps would take other examples is refused before loading, an interrupted
 save is never the one resumed from, and a resumed run saves over the step `latest` names."""
 import shutil
 
@@ -107,6 +107,31 @@ def test_bf16_moments_resume_at_another_layout(tmp_path_factory):
     assert again[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)
     assert_trained_alike(load_file(resumed / "hf" / "model.safetensors"), load_file(saved / "hf" / "model.safetensors"),
                          load_file(TINY / "model.safetensors"), 2, FOUR_RANK_LR)
+
+
+@pytest.mark.slow
+def test_bf16_weights_resume_their_low_bit_masters_exactly_and_at_another_layout(tmp_path_factory):
+    """bf16 weights: the fast path keeps the fp32 masters as the weights' low 16 bits (master_low_bits), the dense
+    groups partitioned over both processes. Two processes at EP=2 run 3 steps saving after each; resuming step-1 at
+    that layout repeats steps 2 and 3 exactly (the checkpoint's fp32 masters were written out from the bits and taken
+    back into them); resuming it at one process goes through DeepSpeed's universal checkpoint, and its step 2 is the
+    saved run's to the reduction order."""
+    saved, same, other = (tmp_path_factory.mktemp(name) for name in ("bits_saved", "bits_same", "bits_other"))
+    run = [*FOUR_RANK_RUN, "--dtype", "bf16", "--adam-states", "fp32"]
+    proc = train(saved, *TWO_RANKS_EP2, "--dtype", "bf16", "--adam-states", "fp32", "--save-steps", "1",
+                 "--save-total-limit", "0")
+    assert "master_low_bits" in proc.stdout.split("refused")[0]  # applied, not refused
+    step1 = str(saved / "checkpoints" / "step-1")
+    train(same, *TWO_RANKS_EP2, "--dtype", "bf16", "--adam-states", "fp32", "--resume", step1)
+    train(other, *run, *RESHAPED["accum"], "--max-steps", "2", "--resume", step1, nproc=1)
+    straight, again, elsewhere = read_metrics(saved), read_metrics(same), read_metrics(other)
+    assert [m["step"] for m in again] == [2, 3] and [m["step"] for m in elsewhere] == [2]
+    for a, b in zip(straight[1:], again):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
+    w1, w2 = (load_file(run / "hf" / "model.safetensors") for run in (saved, same))
+    for name in w1:
+        assert w1[name].equal(w2[name]), name
+    assert elsewhere[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)  # measured 1.1e-6 apart
 
 
 @pytest.mark.slow
