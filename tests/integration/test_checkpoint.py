@@ -128,7 +128,7 @@ def test_bf16_weights_resume_their_low_bit_masters_exactly_and_at_another_layout
     assert [m["step"] for m in again] == [2, 3] and [m["step"] for m in elsewhere] == [2]
     for a, b in zip(straight[1:], again):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
-    w1, w2 = (load_file(run / "hf" / "model.safetensors") for run in (saved, same))
+    w1, w2 = (load_file(out / "hf" / "model.safetensors") for out in (saved, same))
     for name in w1:
         assert w1[name].equal(w2[name]), name
     assert elsewhere[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)  # measured 1.1e-6 apart
