@@ -26,7 +26,6 @@ format against fp32 for every kind of value, MasterAdamW with and without it, De
 from __future__ import annotations
 
 import torch
-from deepspeed import comm as dist
 from torch import nn
 
 from .applied import Applied
@@ -85,6 +84,8 @@ class MasterBits:
 
     def weight(self, i: int) -> torch.Tensor:
         """This rank's bf16 partition of group i: the high half of its masters."""
+        from deepspeed import comm as dist  # here: the format above (adamw.py's too) needs torch alone
+
         partition_id = dist.get_rank(group=self.optimizer.real_dp_process_group[i])
         return self.optimizer.parallel_partitioned_bit16_groups[i][partition_id].view(-1)
 
