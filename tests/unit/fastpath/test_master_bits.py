@@ -135,10 +135,12 @@ def test_triton_kernel_with_low_bits_keeps_the_masters_of_its_fp32_path():
         assert torch.equal(split_state[key], state[key])
 
 
-def _train(engine, steps, poison_step=None):
+def _train(engine, steps, poison_step=None, grad_accum=1):
     for step in range(steps):
-        zero_backward(engine, poison="model.layers.0.mlp.experts.w1" if step == poison_step else None, seed=1 + step)
-        engine.step()
+        for micro_batch in range(grad_accum):
+            poison = "model.layers.0.mlp.experts.w1" if step == poison_step and micro_batch == 0 else None
+            zero_backward(engine, poison=poison, seed=1 + step * grad_accum + micro_batch)
+            engine.step()
 
 
 def _masters(engine, state) -> list[torch.Tensor]:
@@ -147,23 +149,25 @@ def _masters(engine, state) -> list[torch.Tensor]:
     return [m.detach().clone() for m in engine.optimizer.single_partition_of_fp32_groups]
 
 
-def _low_bits_engine():
-    engine, state = zero_engine(fused_states=torch.bfloat16)
+def _low_bits_engine(**case):
+    engine, state = zero_engine(fused_states=torch.bfloat16, **case)
     applied, hook = keep_masters_as_low_bits(state, engine.module)
     assert applied and hook is not None
     return engine, state
 
 
-def test_deepspeeds_step_with_low_bits_keeps_its_fp32_masters_and_releases_their_memory(process_group):
+@pytest.mark.parametrize("case", [dict(), dict(zero_stage=1), dict(grad_accum=2)], ids=["zero2", "zero1", "accum"])
+def test_deepspeeds_step_with_low_bits_keeps_its_fp32_masters_and_releases_their_memory(process_group, case):
     # Two steps, the first skipped (a NaN gradient: DeepSpeed's own step, on the settled fp32 masters). A second
     # real step would start from weights that differ where a master was an exact tie (away from zero here,
     # to even there), and its gradients with them.
-    reference, reference_state = zero_engine(fused_states=torch.bfloat16)
-    _train(reference, 2, poison_step=0)
-    engine, state = _low_bits_engine()
+    grad_accum = case.get("grad_accum", 1)
+    reference, reference_state = zero_engine(fused_states=torch.bfloat16, **case)
+    _train(reference, 2, poison_step=0, grad_accum=grad_accum)
+    engine, state = _low_bits_engine(**case)
     masters = engine.optimizer.single_partition_of_fp32_groups
     assert all(m.untyped_storage().nbytes() == 0 for m in masters)  # released at install
-    _train(engine, 2, poison_step=0)
+    _train(engine, 2, poison_step=0, grad_accum=grad_accum)
     assert engine.skipped_steps == reference.skipped_steps == 1
     assert all(m.untyped_storage().nbytes() == 0 for m in masters)  # released again by the step
     settled = _masters(engine, state)
