@@ -40,24 +40,24 @@ def test_one_depth_gives_tokens_per_second_and_its_ratio():
     assert "| hf_peft_lora against ours: tokens/s | 2.50x | 2.00x | lowest 2.00x |" in printed
 
 
-def test_main_interleaves_the_runs_and_reports_each(monkeypatch, tmp_path, capsys):
-    """The orchestration of `--runs 2` with each worker's subprocess answered by a canned result (the workers need a
-    GPU): the order of the workers, a failed worker named with its run, the report's runs."""
+def _main_with_canned_workers(monkeypatch, tmp_path, answer, args) -> dict:
+    """bench's main() with each worker's subprocess answered by `answer(stack, depth, call)` (call counted from 1):
+    a step time in ms, or an error line for a failed worker (the workers need a GPU); returns the written report."""
     import json
     import subprocess
     from types import SimpleNamespace
 
     import qwen_moe_ft.bench.benchmark as benchmark
 
-    order = []
-    step = {("ours", 2): 110.0, ("ours", 4): 160.0, ("hf_grouped_mm", 2): 200.0, ("hf_grouped_mm", 4): 300.0}
+    calls = []
 
     def worker(cmd, **kwargs):
         stack, depth = cmd[cmd.index("--worker") + 1], int(cmd[cmd.index("--worker") + 2])
-        order.append((stack, depth))
-        if len(order) == 8:  # the last worker of run 2 fails
-            return SimpleNamespace(returncode=1, stdout="", stderr="torch.OutOfMemoryError: CUDA out of memory")
-        out = dict(result(stack, depth, step[stack, depth] + len(order) / 10, 0), gpu="NVIDIA H100 80GB HBM3")
+        calls.append((stack, depth))
+        step_ms = answer(stack, depth, len(calls))
+        if isinstance(step_ms, str):
+            return SimpleNamespace(returncode=1, stdout="", stderr=step_ms)
+        out = dict(result(stack, depth, step_ms, 0), gpu="NVIDIA H100 80GB HBM3")
         del out["run"]  # the worker does not know its run
         return SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps(out), stderr="")
 
@@ -65,9 +65,21 @@ def test_main_interleaves_the_runs_and_reports_each(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(subprocess, "run", worker)
     monkeypatch.setattr(benchmark, "write_report", lambda path, **report: (tmp_path / "report.json").write_text(
         json.dumps(report)))
-    assert benchmark.main(["--full-length", "--stacks", "ours,hf_grouped_mm", "--runs", "2", "--steps", "4"]) == 0
-    assert order == [("ours", 2), ("ours", 4), ("hf_grouped_mm", 2), ("hf_grouped_mm", 4)] * 2
-    report = json.loads((tmp_path / "report.json").read_text())
+    assert benchmark.main(["--full-length", *args, "--steps", "4"]) == 0
+    return dict(json.loads((tmp_path / "report.json").read_text()), calls=calls)
+
+
+def test_main_interleaves_the_runs_and_reports_each(monkeypatch, tmp_path, capsys):
+    """The orchestration of `--runs 2`: the order of the workers, a failed worker named with its run, the report's
+    runs."""
+    step = {("ours", 2): 110.0, ("ours", 4): 160.0, ("hf_grouped_mm", 2): 200.0, ("hf_grouped_mm", 4): 300.0}
+
+    def answer(stack, depth, call):  # the last worker of run 2 fails
+        return "torch.OutOfMemoryError: CUDA out of memory" if call == 8 else step[stack, depth] + call / 10
+
+    report = _main_with_canned_workers(monkeypatch, tmp_path, answer,
+                                       ["--stacks", "ours,hf_grouped_mm", "--runs", "2"])
+    assert report["calls"] == [("ours", 2), ("ours", 4), ("hf_grouped_mm", 2), ("hf_grouped_mm", 4)] * 2
     assert [r["run"] for r in report["results"]] == [0, 0, 0, 0, 1, 1, 1]
     assert report["failures"] == [dict(stack="hf_grouped_mm", depth=4, run=1,
                                        error="torch.OutOfMemoryError: CUDA out of memory")]
@@ -82,30 +94,12 @@ def test_main_interleaves_the_runs_and_reports_each(monkeypatch, tmp_path, capsy
 
 
 def test_a_run_in_which_nothing_ran_at_every_depth_keeps_the_others_numbered(monkeypatch, tmp_path, capsys):
-    import json
-    import subprocess
-    from types import SimpleNamespace
+    def answer(stack, depth, call):  # both depths of run 2 fail
+        if call in (3, 4):
+            return "RuntimeError: CUDA error: unspecified launch failure"
+        return 110.0 if depth == 2 else 160.0 + call
 
-    import qwen_moe_ft.bench.benchmark as benchmark
-
-    calls = []
-
-    def worker(cmd, **kwargs):
-        depth = int(cmd[cmd.index("--worker") + 2])
-        calls.append(depth)
-        if len(calls) in (3, 4):  # both depths of run 2
-            return SimpleNamespace(returncode=1, stdout="",
-                                   stderr="RuntimeError: CUDA error: unspecified launch failure")
-        out = dict(result("ours", depth, 110.0 if depth == 2 else 160.0 + len(calls), 0), gpu="NVIDIA H200")
-        del out["run"]
-        return SimpleNamespace(returncode=0, stdout="RESULT " + json.dumps(out), stderr="")
-
-    monkeypatch.setattr(benchmark, "require_cuda", lambda tool: None)
-    monkeypatch.setattr(subprocess, "run", worker)
-    monkeypatch.setattr(benchmark, "write_report", lambda path, **report: (tmp_path / "report.json").write_text(
-        json.dumps(report)))
-    assert benchmark.main(["--full-length", "--stacks", "ours", "--runs", "3", "--steps", "4"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = _main_with_canned_workers(monkeypatch, tmp_path, answer, ["--stacks", "ours", "--runs", "3"])
     assert report["run_numbers"] == [1, 3] and len(report["runs"]) == 2
     printed = capsys.readouterr().out
     assert "|  | run 1 | run 3 |  |" in printed  # the header names the runs that ran
