@@ -9,8 +9,8 @@
 where the training will run.
 
 Persistent: bf16 weights of the dense part and of this GPU's experts; fp32 master weights and two Adam moments
-(bf16 by default, --adam-states; the masters as the low 16 bits of the bf16 weights with the fast path),
-ZeRO-2-partitioned (dense over all GPUs, each expert over its
+(bf16 by default, --adam-states; of the masters only the low 16 bits with the fast path: the bf16 weights are
+their high half), ZeRO-2-partitioned (dense over all GPUs, each expert over its
 expert-data-parallel group, so both come to 1/GPUs of the whole); the fused gate/up weight copies (one layer's
 with --gate-up-recompute). The step adds, at whichever of its moments is largest:
 - the loss: the activations of every layer kept (and the inputs of the recomputed ones) and the loss's memory:
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, "
           f"{work.tokens} tokens per micro-batch x {work.grad_accum}"
           f"{', gate/up recomputed' if work.gate_up_recompute else ''}, "
-          f"{work.adam_states} Adam moments, "
+          f"{work.adam_states} Adam moments{', fp32 masters as low bits' if work.low_bit_masters else ''}, "
           f"{recomputed} of {layers} layers recomputed, loss {loss}{f' ({why})' if why else ''}")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB
