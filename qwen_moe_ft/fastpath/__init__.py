@@ -166,11 +166,8 @@ class FastPath:
         """Before weights or optimizer state are read other than by the forward (a checkpoint, an export): the
         step's updates still running beside the forward (step_overlap) are waited for, and the fp32 master weights
         kept as low bits (master_low_bits) are written out."""
-        state = self._zero_state
-        if state is not None and state.overlap is not None:
-            state.overlap.settle()
-        if state is not None and state.master_bits is not None:
-            state.master_bits.settle()
+        if self._zero_state is not None:
+            self._zero_state.settle()
 
     def after_load(self) -> None:
         """After a checkpoint load wrote the weights: caches built from the old ones are rebuilt, and moments that

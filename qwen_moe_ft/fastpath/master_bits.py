@@ -122,15 +122,11 @@ class MasterBits:
         self._masters_lead = True
 
 
-def _settled(state, method, writes: bool):
-    """`method` of the ZeRO optimizer run on settled fp32 masters (updates still running beside the forward waited
-    for first); where it writes them, the next release takes the low bits from them."""
+def settled(state, method, writes: bool):
+    """`method` of the ZeRO optimizer run on a settled ZeroState (ZeroState.settle: the fp32 masters written out);
+    where it writes the masters, the next release takes the low bits from them."""
     def run(*args, **kwargs):
-        if state.overlap is not None:
-            state.overlap.settle()
-        bits = state.master_bits
-        if bits is not None:
-            bits.settle()
+        state.settle()
         result = method(*args, **kwargs)
         if writes and state.master_bits is not None:
             state.master_bits.written()
@@ -161,6 +157,6 @@ def keep_masters_as_low_bits(state, model: nn.Module) -> tuple[Applied, object |
     bits = state.master_bits = MasterBits(optimizer)
     for method, writes in (("state_dict", False), ("load_state_dict", True), ("refresh_fp32_params", True),
                            ("update_lp_params", True)):
-        setattr(optimizer, method, _settled(state, getattr(optimizer, method), writes))
+        setattr(optimizer, method, settled(state, getattr(optimizer, method), writes))
     bits.release()
     return Applied(name, replaces), model.register_forward_pre_hook(lambda module, args: bits.release())

@@ -27,6 +27,14 @@ class ZeroState:
     _group_sizes: dict[int, int] = field(default_factory=dict)
     _device_indices: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
 
+    def settle(self) -> None:
+        """Weights and optimizer state as a reader other than the forward needs them: the updates still running beside
+        the forward waited for (step_overlap), the fp32 masters kept as low bits written out (master_bits)."""
+        if self.overlap is not None:
+            self.overlap.settle()
+        if self.master_bits is not None:
+            self.master_bits.settle()
+
     def group_dp_size(self, i: int) -> int:
         """World size of parameter group i's data-parallel group, looked up once (it is on every step's path)."""
         if i not in self._group_sizes:

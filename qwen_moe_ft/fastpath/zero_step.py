@@ -27,6 +27,7 @@ from .applied import Applied
 from .expert_mlp import LayoutPreservingGateUp
 from .gate_up_cache import GateUpCache
 from .grad_norm import norm_in_backward, piece_owners
+from .master_bits import settled
 from .state import ZeroState
 from .step_overlap import split_by_stage
 
@@ -75,15 +76,11 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
     fp32 copy, Adam and bf16 copy-back done by MasterAdamW.update in one pass."""
     optimizer = state.optimizer
     norm = optimizer.scaled_global_norm()
-    bits = state.master_bits
     if is_invalid_grad_norm(norm):
         state.gate_up.invalidate()
-        if bits is None:
-            return deepspeed_step()  # DeepSpeed's own overflow handling (skip, clear, count)
-        bits.settle()  # DeepSpeed's step reads (and may write) the fp32 masters
-        result = deepspeed_step()
-        bits.written()
-        return result
+        # DeepSpeed's own overflow handling (skip, clear, count), which reads (and may write) the fp32 masters
+        return settled(state, deepspeed_step, writes=True)()
+    bits = state.master_bits
     if bits is not None:
         bits.release()
     optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
