@@ -239,12 +239,14 @@ class Workload:
     def of(cls, *, model, data, optim, fastpath, lora, layers: int) -> Workload:
         """From the model, data, optim, fastpath and LoRA sections of a TrainConfig, for a model of `layers`
         decoder layers."""
+        from .fastpath import parse_skip
+
         return cls(tokens=data.max_tokens_per_batch, grad_accum=optim.grad_accum,
                    gate_up_recompute=fastpath.gate_up_recompute, adam_states=fastpath.adam_states,
                    lora_rank=lora.rank if lora.enabled else 0, lora_targets=tuple(lora.target_list()),
                    loss_impl=model.loss_impl, recomputed_layers=model.recomputed_layers(layers),
                    low_bit_masters=(fastpath.mode == "on" and model.dtype == "bf16" and not lora.enabled
-                                    and "master_low_bits" not in [n.strip() for n in fastpath.skip.split(",")]))
+                                    and "master_low_bits" not in parse_skip(fastpath.skip)))
 
     def setting(self, config, *, gpus: int, ep_size: int, loss: str) -> dict:
         """estimate()'s keyword arguments (less recomputed_layers) on `gpus` GPUs computing the loss `loss` (a
