@@ -607,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no stack ran at every depth" + (" in the first run" if args.runs > 1 else ""), file=sys.stderr)
         return 1
     peak = args.peak_tflops or peak_tflops(complete[0][0]["gpu"]) or 989.0
-    numbers = [k + 1 for k, run in enumerate(complete) if run]  # a run in which nothing ran at every depth is left out
-    per_run = [summarise(complete[k - 1], depths, peak, frozen_weights=args.lora) for k in numbers]
+    kept = [run for run in complete if run]  # a run in which nothing ran at every depth is left out
+    numbers = [k + 1 for k, run in enumerate(complete) if run]
+    per_run = [summarise(run, depths, peak, frozen_weights=args.lora) for run in kept]
     summary = per_run[0]
     runs = {"runs": per_run, "run_numbers": numbers} if args.runs > 1 else {}
     report = dict(tokens=args.tokens, lengths=args.lengths, lora=args.lora, depths=depths, peak_tflops=peak,
