@@ -603,19 +603,19 @@ def main(argv: list[str] | None = None) -> int:
     complete = [[r for r in results if r["run"] == run
                  and {x["depth"] for x in results if x["run"] == run and x["stack"] == r["stack"]} == set(depths)]
                 for run in range(args.runs)]
-    if not complete[0]:
-        print("error: no stack ran at every depth" + (" in the first run" if args.runs > 1 else ""), file=sys.stderr)
-        return 1
-    peak = args.peak_tflops or peak_tflops(complete[0][0]["gpu"]) or 989.0
     kept = [run for run in complete if run]  # a run in which nothing ran at every depth is left out
     numbers = [k + 1 for k, run in enumerate(complete) if run]
+    if not kept:
+        print("error: no stack ran at every depth" + (" in any run" if args.runs > 1 else ""), file=sys.stderr)
+        return 1
+    peak = args.peak_tflops or peak_tflops(kept[0][0]["gpu"]) or 989.0
     per_run = [summarise(run, depths, peak, frozen_weights=args.lora) for run in kept]
     summary = per_run[0]
     runs = {"runs": per_run, "run_numbers": numbers} if args.runs > 1 else {}
     report = dict(tokens=args.tokens, lengths=args.lengths, lora=args.lora, depths=depths, peak_tflops=peak,
                   results=results, failures=failures, summary=summary, **runs)
     if args.profile and len(depths) == 2:
-        report["per_layer_kernels"] = kernel_tables(complete[0], depths)
+        report["per_layer_kernels"] = kernel_tables(kept[0], depths)
         for stack, rows in report["per_layer_kernels"].items():
             print(f"\n{stack}, kernels per layer ({depths[1]} minus {depths[0]} layers)\n{format_per_layer(rows)}")
     for r in results:

@@ -93,16 +93,22 @@ def test_main_interleaves_the_runs_and_reports_each(monkeypatch, tmp_path, capsy
     assert report["run_numbers"] == [1, 2]
 
 
-def test_a_run_in_which_nothing_ran_at_every_depth_keeps_the_others_numbered(monkeypatch, tmp_path, capsys):
-    def answer(stack, depth, call):  # both depths of run 2 fail
-        if call in (3, 4):
+@pytest.mark.parametrize("failed_run", [1, 2])
+def test_a_run_in_which_nothing_ran_at_every_depth_keeps_the_others_numbered(monkeypatch, tmp_path, capsys,
+                                                                              failed_run):
+    """Run 1 failing too: the report's summary is then the first run that did run."""
+    def answer(stack, depth, call):  # both depths of the failed run fail
+        if (call + 1) // 2 == failed_run:
             return "RuntimeError: CUDA error: unspecified launch failure"
         return 110.0 if depth == 2 else 160.0 + call
 
     report = _main_with_canned_workers(monkeypatch, tmp_path, answer, ["--stacks", "ours", "--runs", "3"])
-    assert report["run_numbers"] == [1, 3] and len(report["runs"]) == 2
+    kept = [run for run in (1, 2, 3) if run != failed_run]
+    assert report["run_numbers"] == kept and len(report["runs"]) == 2
+    assert report["summary"] == report["runs"][0]
     printed = capsys.readouterr().out
-    assert "|  | run 1 | run 3 |  |" in printed  # the header names the runs that ran
-    # (162 - 110) / 2 and (166 - 110) / 2
-    assert "| ours: per layer ms | 26.00 ±0.44 | 28.00 ±0.44 | spread 7.7% |" in printed
-    assert "ours at 2 layers, run 2 failed: RuntimeError: CUDA error" in printed
+    assert f"|  | run {kept[0]} | run {kept[1]} |  |" in printed  # the header names the runs that ran
+    # per layer (160 + 2k - 110) / 2 for the 4-layer worker of run k, the call 2k
+    cells = " | ".join(f"{(50 + 2 * k) / 2:.2f} ±0.44" for k in kept)
+    assert f"| ours: per layer ms | {cells} | spread" in printed
+    assert f"ours at 2 layers, run {failed_run} failed: RuntimeError: CUDA error" in printed
