@@ -20,6 +20,8 @@ The order matters, and is this:
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
+    quack_scored_combine       (quack_experts.py, local_dispatch.py) 9's blocks with the weighted combine inside
+                               quack's chain: no expert output row kept, none of their gradients written
 10. scored_swiglu              (scored_swiglu.py, local_dispatch.py) in 8's blocks over 6's SwiGLU experts (not 9's),
                                the routing scores in the activation and the combine unweighted
 11. lean_topk_router           (topk_router.py) every AutoEP block's router, at any EP size
@@ -46,7 +48,7 @@ STATE_DTYPES = ("bf16", "fp32")
 # The patches --fast-path-skip can leave out: none of the others builds on them, and each has a stock (or other
 # patched) path to fall back to
 SKIPPABLE = ("triton_hidden_norms", "quack_head_norms", "triton_head_norms", "scored_swiglu", "quack_experts",
-             "lean_topk_router", "fused_attention_inputs", "step_overlap", "master_low_bits")
+             "quack_scored_combine", "lean_topk_router", "fused_attention_inputs", "step_overlap", "master_low_bits")
 
 
 def parse_skip(text: str) -> tuple[str, ...]:
@@ -114,7 +116,8 @@ class FastPath:
 
         from .expert_mlp import use_layout_preserving_gate_up
         from .grad_norm import lean_grad_checks
-        from .local_dispatch import one_rank_dispatch, quack_expert_kernels, scored_swiglu_blocks
+        from .local_dispatch import (one_rank_dispatch, quack_expert_kernels, quack_scored_combine,
+                                     scored_swiglu_blocks)
         from .state import ZeroState
         from .topk_router import lean_topk_routers
         from .zero_step import fold_clip_into_adam, fuse_adam_step, keep_unreduced_grads_in_place, mirror_gate_up_weights
@@ -145,6 +148,9 @@ class FastPath:
             if expert_kernels == "quack" and not quack:
                 raise ConfigError(f"--expert-kernels quack: {quack.refused}; use --expert-kernels auto or torch")
             self.applied.append(quack)
+            if quack:
+                self.applied.append(self._unless_skipped("quack_scored_combine",
+                                                         lambda: quack_scored_combine(engine.module)))
         self.applied.append(self._unless_skipped("scored_swiglu", lambda: scored_swiglu_blocks(engine.module)))
         self.applied.append(self._unless_skipped("lean_topk_router", lambda: lean_topk_routers(engine.module)))
         from .attention_inputs import fused_attention_inputs

@@ -87,21 +87,27 @@ def scores_in_experts(layer: AutoEPMoELayer, pad_rows: bool) -> bool:
             and forward.takes_scores)
 
 
-def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    from .quack_experts import gathered_swiglu_experts
+def _quack_experts(layer: AutoEPMoELayer, x: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+                   top_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """The expert output of each row; with `top_scores`, each token's output, the rows weighted and summed."""
+    from .quack_experts import gathered_swiglu_experts, scored_gathered_swiglu_experts
 
     experts = layer.experts
     cache = experts.forward.cache if isinstance(experts.forward, LayoutPreservingGateUp) else None
     w13 = cache.get(experts.w1, experts.w3) if cache is not None else None
+    if top_scores is not None:
+        return scored_gathered_swiglu_experts(x, experts.w1, experts.w2, experts.w3, rows, counts, layer.top_k,
+                                              top_scores, w13)
     return gathered_swiglu_experts(x, experts.w1, experts.w2, experts.w3, rows, counts, layer.top_k, w13)
 
 
 def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad_rows: bool, quack: bool = False,
-                      scored: bool = True):
+                      scored: bool = True, quack_combine: bool = False):
     """AutoEPMoELayer._forward's EP=1 path (router, expert-ordered rows, experts, combine), with the rows
     gathered by _GatherTokenRows and, unless `pad_rows`, passed to the experts without AutoEP's permutation;
-    `quack`: gather and experts on quack's kernels (quack_experts.py); where `scored` and scores_in_experts, the
-    scores applied in the experts and the rows summed unweighted."""
+    `quack`: gather and experts on quack's kernels (quack_experts.py), with `quack_combine` the weighted combine
+    inside them too; where `scored` and scores_in_experts, the scores applied in the experts and the rows summed
+    unweighted."""
     bsz, seqlen, hdim = hidden_states.shape
     x = hidden_states.reshape(-1, hdim)
     if layer.combine_impl == "fused_weighted_sum" and not layer._fused_combine_checked:
@@ -111,6 +117,9 @@ def _one_rank_forward(layer: AutoEPMoELayer, hidden_states: torch.Tensor, *, pad
     with torch.no_grad():
         layer.tokens_per_expert.add_(routing.num_tokens_per_expert)
     rows = expert_order(routing.selected_experts, layer.num_experts)
+    if quack and quack_combine:
+        output = _quack_experts(layer, x, rows, routing.num_tokens_per_expert, routing.top_scores)
+        return layer._finalize_output(output.reshape(bsz, seqlen, hdim), x, hidden_states, hdim)
     if quack:
         expert_output = _quack_experts(layer, x, rows, routing.num_tokens_per_expert)
         return _combine(layer, expert_output, routing, rows, x, hidden_states)
@@ -204,3 +213,24 @@ def quack_expert_kernels(model: nn.Module) -> Applied:
     for layer in layers:
         layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=False, quack=True), layer)
     return Applied(name, replaces)
+
+
+def quack_scored_combine(model: nn.Module) -> Applied:
+    """After quack_expert_kernels: its blocks' weighted combine inside quack's chain
+    (quack_experts.scored_gathered_swiglu_experts), where the scores weight the experts' outputs (score_apply
+    "post", not the legacy bmm combine) and one small call of that chain runs."""
+    from .quack_experts import probe
+
+    name, replaces = "quack_scored_combine", "AutoEP's weighted combine after quack's experts (fused_weighted_restore)"
+    layers = [layer for layer in _one_rank_layers(model) if dispatch_options(layer).get("quack")
+              and layer.score_apply == "post" and layer.combine_impl != "legacy_bmm"]
+    if not layers:
+        return Applied(name, replaces, "no block on quack's experts weights their outputs by the scores")
+    w1 = layers[0].experts.w1
+    if why := probe(w1.device, hidden=w1.shape[2], inter=w1.shape[1], dtype=w1.dtype, scored=True):
+        return Applied(name, replaces, f"a small call of quack's expert kernels with the combine failed: {why}")
+    for layer in layers:
+        layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=False, quack=True,
+                                                            quack_combine=True), layer)
+    return Applied(name, replaces)
+

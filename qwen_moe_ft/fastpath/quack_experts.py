@@ -178,7 +178,6 @@ class _GatheredSwigluExperts(torch.autograd.Function):
         from quack.gemm_interface import gemm_dgated
 
         x, w13, w2, token_of_row, rows, cu_seqlens, preact = ctx.saved_tensors
-        experts, hidden, inter = w2.shape
         options, device = ctx.gemms, dy.device
         dy = dy.contiguous()
         # dpreact: interleaved like preact; h: SwiGLU's output again, for w2's gradient
@@ -186,15 +185,69 @@ class _GatheredSwigluExperts(torch.autograd.Function):
                                  **options.kwargs("swiglu_backward", device))
         dw2 = torch.empty_like(w2)
         _gemm(dy.t(), h, out=dw2, cu_seqlens_k=cu_seqlens, **options.kwargs("down_weight_grad", device))
-        dgate_up = split_gate_up(dpreact)  # [g..., u...] per row
-        dw1, dw3 = (w2.new_empty(experts, inter, hidden) for _ in range(2))
-        for dw, half in ((dw1, dgate_up[:, :inter]), (dw3, dgate_up[:, inter:])):
-            _gemm(x.t(), half, out=dw.transpose(-2, -1), cu_seqlens_k=cu_seqlens, A_idx=token_of_row,
-                  **options.kwargs("gate_up_weight_grads", device))
-        drows = _gemm(dgate_up, w13, cu_seqlens_m=cu_seqlens, **options.kwargs("input_grads", device))
-        # the rows' inverse permutation is built here, not in the forward, whose host time the GPU waits for
-        dx = sum_token_rows(drows, row_positions(rows), ctx.top_k)
+        dx, dw1, dw3 = _gate_up_grads(dpreact, x, w13, token_of_row, rows, cu_seqlens, ctx.top_k, options)
         return dx, dw1, dw2, dw3, None, None, None, None, None, None
+
+
+def _gate_up_grads(dpreact, x, w13, token_of_row, rows, cu_seqlens, top_k, options):
+    """The tokens' gradient and w1's and w3's from the gate/up pre-activation's (interleaved, as gemm_dgated gives
+    it): de-interleaved once, so that each weight gradient is one grouped GEMM in its parameter's own layout."""
+    experts, inter, hidden = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
+    device = dpreact.device
+    dgate_up = split_gate_up(dpreact)  # [g..., u...] per row
+    dw1, dw3 = (w13.new_empty(experts, inter, hidden) for _ in range(2))
+    for dw, half in ((dw1, dgate_up[:, :inter]), (dw3, dgate_up[:, inter:])):
+        _gemm(x.t(), half, out=dw.transpose(-2, -1), cu_seqlens_k=cu_seqlens, A_idx=token_of_row,
+              **options.kwargs("gate_up_weight_grads", device))
+    drows = _gemm(dgate_up, w13, cu_seqlens_m=cu_seqlens, **options.kwargs("input_grads", device))
+    # the rows' inverse permutation is built here, not in the forward, whose host time the GPU waits for
+    dx = sum_token_rows(drows, row_positions(rows), top_k)
+    return dx, dw1, dw3
+
+
+class _GatheredScoredSwigluExperts(torch.autograd.Function):
+    """Each token's output: the sum over its top_k rows of the row's routing score times
+    down(SwiGLU(x[token] @ [w1; w3]^T)), the combine inside the chain. The forward weights and sums the rows as
+    AutoEP's fused_weighted_restore does (float32 products, one rounding) and keeps no expert output row. The
+    backward never writes the rows' output gradient: SwiGLU's backward GEMM loads the tokens' gradient through the
+    rows' token index, applies each row's score in its epilogue and reduces the score's gradient there
+    (<d output, row output> = <dout @ w2, SwiGLU>), and w2's gradient GEMM loads the same gathered rows against
+    the score-scaled SwiGLU output that epilogue writes. quack requires cluster_n 1 for a gathered operand, so
+    SwiGLU's backward runs quack's own config here, not HOPPER_CONFIGS' (cluster_n 2)."""
+
+    @staticmethod
+    def forward(ctx, x, top_scores, w1, w2, w3, w13, token_of_row, rows, cu_seqlens, top_k, gemms):
+        from deepspeed.ops.triton_ops import autoep_fused_token_ops
+        from quack.gemm_interface import gemm_gated
+
+        preact, h = gemm_gated(x, w13.transpose(-2, -1), activation="swiglu", cu_seqlens_m=cu_seqlens,
+                               A_idx=token_of_row, concat_layout=("B",), **gemms.kwargs("gate_up", x.device))
+        expert_rows = _gemm(h, w2.transpose(-2, -1), cu_seqlens_m=cu_seqlens, **gemms.kwargs("down", x.device))
+        output = autoep_fused_token_ops.fused_weighted_restore(expert_rows, top_scores, rows, top_k,
+                                                               (1, x.shape[0], x.shape[1]))
+        ctx.save_for_backward(x, top_scores, w13, w2, token_of_row, rows, cu_seqlens, preact)
+        ctx.top_k, ctx.gemms = top_k, gemms
+        return output.view(x.shape[0], x.shape[1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        from quack.gemm_interface import gemm_dgated
+
+        x, top_scores, w13, w2, token_of_row, rows, cu_seqlens, preact = ctx.saved_tensors
+        options, device = ctx.gemms, dout.device
+        dout = dout.contiguous()
+        # float32: quack loads the scores with 32-bit-aligned copies from each expert's offset
+        row_scores = top_scores.reshape(-1).index_select(0, rows).float()
+        dpreact, h_scored, drow_scores = gemm_dgated(
+            dout, w2, PreAct=preact, activation="swiglu", colvec_scale=row_scores, colvec_reduce=True,
+            cu_seqlens_m=cu_seqlens, A_idx=token_of_row, **options.kwargs("swiglu_backward_gathered", device))
+        dw2 = torch.empty_like(w2)
+        _gemm(dout.t(), h_scored, out=dw2, cu_seqlens_k=cu_seqlens, A_idx=token_of_row,
+              **options.kwargs("down_weight_grad", device))
+        dscores = torch.empty(top_scores.numel(), dtype=top_scores.dtype, device=device)
+        dscores[rows] = drow_scores.to(top_scores.dtype)
+        dx, dw1, dw3 = _gate_up_grads(dpreact, x, w13, token_of_row, rows, cu_seqlens, ctx.top_k, options)
+        return dx, dscores.view_as(top_scores), dw1, dw2, dw3, None, None, None, None, None, None
 
 
 def gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, rows: torch.Tensor,
@@ -207,6 +260,19 @@ def gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     w13 = torch.cat([w1, w3], dim=1) if w13 is None else w13
     return _GatheredSwigluExperts.apply(x, w1, w2, w3, w13, (rows // top_k).to(torch.int32), rows, cu_seqlens, top_k,
                                         gemms)
+
+
+def scored_gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                                   rows: torch.Tensor, num_tokens_per_expert: torch.Tensor, top_k: int,
+                                   top_scores: torch.Tensor, w13: torch.Tensor | None = None,
+                                   gemms: GemmOptions = DEFAULT_GEMMS) -> torch.Tensor:
+    """Each token's output [tokens, H]: its rows' expert outputs weighted by `top_scores` ([tokens, top_k], slot k
+    of token t for row t * top_k + k) and summed; the arguments otherwise gathered_swiglu_experts'."""
+    cu_seqlens = torch.zeros(num_tokens_per_expert.numel() + 1, dtype=torch.int32, device=x.device)
+    torch.cumsum(num_tokens_per_expert, 0, out=cu_seqlens[1:])
+    w13 = torch.cat([w1, w3], dim=1) if w13 is None else w13
+    return _GatheredScoredSwigluExperts.apply(x, top_scores, w1, w2, w3, w13, (rows // top_k).to(torch.int32), rows,
+                                              cu_seqlens, top_k, gemms)
 
 
 MAX_REASON = 240  # the startup line names the failure; the whole message is the exception's
@@ -223,10 +289,12 @@ def first_error(run) -> str:
     return ""
 
 
-def probe(device: torch.device, hidden: int, inter: int, dtype: torch.dtype, gemms: GemmOptions = DEFAULT_GEMMS) -> str:
+def probe(device: torch.device, hidden: int, inter: int, dtype: torch.dtype, gemms: GemmOptions = DEFAULT_GEMMS,
+          scored: bool = False) -> str:
     """Empty if the chain's kernels (gate/up + SwiGLU, down, SwiGLU's backward, the weight and input gradients) run
     here, else why not: one forward and backward of 8 rows over 2 experts at the experts' widths, which builds the
-    kernels that training then uses. Draws from its own generator: the run's random stream stays as it was."""
+    kernels that training then uses; `scored`: the chain with the combine inside (scored_gathered_swiglu_experts).
+    Draws from its own generator: the run's random stream stays as it was."""
     def run():
         g = torch.Generator(device=device).manual_seed(0)
         experts, top_k, tokens = 2, 2, 4
@@ -237,7 +305,12 @@ def probe(device: torch.device, hidden: int, inter: int, dtype: torch.dtype, gem
         leaves = [t.requires_grad_() for t in (x, w1, w2, w3)]
         rows = torch.arange(tokens * top_k, device=device).view(tokens, top_k).t().reshape(-1)  # expert 0's, then 1's
         counts = torch.full((experts,), tokens, device=device, dtype=torch.int64)
-        out = gathered_swiglu_experts(*leaves, rows, counts, top_k, gemms=gemms)
+        if scored:
+            scores = torch.rand(tokens, top_k, device=device, generator=g).requires_grad_()
+            out = scored_gathered_swiglu_experts(*leaves, rows, counts, top_k, scores, gemms=gemms)
+            leaves.append(scores)
+        else:
+            out = gathered_swiglu_experts(*leaves, rows, counts, top_k, gemms=gemms)
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         if not all(torch.isfinite(t).all() for t in (out, *grads)):  # reading the flags waits for the kernels
             raise FloatingPointError("quack's expert chain gave non-finite values")

@@ -1,6 +1,8 @@
 """AutoEP's MoE block at EP=1 without the alignment permutation, and with the token rows gathered by
 _GatherTokenRows, gives what AutoEP's own path gives."""
 import copy
+import functools
+import types
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers import TINY, max_rel_err
 from qwen_moe_ft.parallel.expert_parallel import apply_autoep
-from qwen_moe_ft.fastpath.local_dispatch import expert_order, one_rank_dispatch
+from qwen_moe_ft.fastpath import local_dispatch, quack_experts
+from qwen_moe_ft.fastpath.local_dispatch import dispatch_options, expert_order, one_rank_dispatch
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 
 # AutoEP's kernels are Triton wherever a GPU is present, so CPU tensors only where there is none
@@ -63,6 +66,37 @@ def test_one_rank_dispatch_gives_autoeps_output_and_gradients(moe_block, monkeyp
     monkeypatch.setattr(auto_ep_layer.AutoEPMoELayer, "_forward", must_not_run)
     ours = _run(block, x, grad_out)
     assert block.tokens_per_expert.sum().item() == 2 * 40 * block.top_k
+    _assert_same(ours, reference)
+
+
+def test_the_combine_inside_quacks_chain_gives_autoeps_output_and_gradients(moe_block, monkeypatch):
+    """quack_scored_combine's block with the chain stood in for by the torch chain, its rows weighted and summed in
+    torch (the chain itself is checked on a GPU in test_quack_experts.py): the block hands the chain the router's
+    scores and takes its token outputs where AutoEP takes its combine's, and the scores' gradient reaches the router."""
+    from qwen_moe_ft.tools.expert_kernels import torch_chain
+
+    moe_block, hidden_size = moe_block
+    x, grad_out, reference = _inputs_and_reference(moe_block, hidden_size, seed=2)
+    block = copy.deepcopy(moe_block)
+    assert one_rank_dispatch(block)
+    assert local_dispatch.quack_scored_combine(block).refused == (
+        "no block on quack's experts weights their outputs by the scores")
+    block._forward = types.MethodType(functools.partial(local_dispatch._one_rank_forward, pad_rows=False, quack=True),
+                                      block)
+    shapes = []
+
+    def chain(x, w1, w2, w3, rows, counts, top_k, top_scores, w13=None):
+        shapes.append(tuple(top_scores.shape))
+        expert_rows = torch_chain(x, w1, w2, w3, rows, counts, top_k)
+        by_slot = expert_rows.new_zeros(expert_rows.shape).index_copy(0, rows, expert_rows)
+        return (by_slot.view(-1, top_k, hidden_size) * top_scores.unsqueeze(-1).to(by_slot.dtype)).sum(1)
+
+    monkeypatch.setattr(quack_experts, "scored_gathered_swiglu_experts", chain)
+    monkeypatch.setattr(quack_experts, "probe", lambda *args, **kwargs: "")
+    assert local_dispatch.quack_scored_combine(block)
+    assert dispatch_options(block)["quack_combine"]
+    ours = _run(block, x, grad_out)
+    assert shapes == [(2 * 40, block.top_k)]
     _assert_same(ours, reference)
 
 

@@ -67,11 +67,41 @@ def test_probe_passes_where_the_chain_runs_and_leaves_the_random_stream(monkeypa
     assert calls == [([0, 2, 4, 6, 1, 3, 5, 7], [4, 4])]  # tokens 0-3 routed to experts 0 and 1, in expert order
 
 
+def scored_torch_chain(x, w1, w2, w3, rows, counts, top_k, top_scores):
+    """The torch chain's expert rows, each weighted by its slot's score and summed per token (AutoEP's combine)."""
+    from qwen_moe_ft.tools.expert_kernels import torch_chain
+
+    expert_rows = torch_chain(x, w1, w2, w3, rows, counts, top_k)
+    by_slot = expert_rows.new_zeros(expert_rows.shape).index_copy(0, rows, expert_rows)
+    return (by_slot.view(-1, top_k, by_slot.shape[1]).float() * top_scores.unsqueeze(-1).float()).sum(1).to(x.dtype)
+
+
+def test_probe_of_the_chain_with_the_combine_runs_it_and_takes_the_scores_gradient(monkeypatch):
+    calls = []
+
+    def chain(x, w1, w2, w3, rows, counts, top_k, top_scores, gemms):
+        calls.append(tuple(top_scores.shape))
+        assert top_scores.requires_grad
+        return scored_torch_chain(x, w1, w2, w3, rows, counts, top_k, top_scores)
+
+    def fails(*args, **kwargs):
+        raise TypeError(FINGERPRINT_ERROR)
+
+    monkeypatch.setattr(quack_experts, "gathered_swiglu_experts", fails)  # the chain without the combine is not run
+    monkeypatch.setattr(quack_experts, "scored_gathered_swiglu_experts", chain)
+    assert quack_experts.probe(torch.device("cpu"), 64, 32, torch.float32, scored=True) == ""
+    assert calls == [(4, 2)]
+    monkeypatch.setattr(quack_experts, "scored_gathered_swiglu_experts", fails)
+    assert quack_experts.probe(torch.device("cpu"), 64, 32, torch.float32, scored=True) == "TypeError: " + \
+        FINGERPRINT_ERROR
+
+
 @needs_quack
 def test_probe_passes_on_this_install():
     """The start-up check at Qwen3-30B-A3B's expert widths: what `--expert-kernels auto` runs before choosing quack
     (fails on an install quack cannot build kernels on, e.g. nvidia-cutlass-dsl outside site-packages)."""
     assert quack_experts.probe(torch.device("cuda"), 2048, 768, torch.bfloat16) == ""
+    assert quack_experts.probe(torch.device("cuda"), 2048, 768, torch.bfloat16, scored=True) == ""
 
 
 def test_split_gate_up_reference_separates_interleaved_columns():
@@ -141,3 +171,43 @@ def test_gathered_swiglu_experts_match_the_torch_path(experts, hidden, inter, to
         assert got.shape == want.shape and got.is_contiguous(), name
         assert max_rel_err(got, want) <= 2 * max_rel_err(theirs, want) + 4e-3, name
     assert all((grad[-1] == 0).all() for grad in ours[2:]), "the unchosen expert's weight gradients"
+
+
+@pytest.mark.gpu
+@needs_quack
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("experts,hidden,inter,tokens,top_k", [(8, 256, 128, 512, 2), (128, 2048, 768, 1024, 8)])
+def test_the_chain_with_the_combine_matches_the_torch_path_and_autoeps_combine(experts, hidden, inter, tokens, top_k,
+                                                                             pinned):
+    """scored_gathered_swiglu_experts against the torch chain weighted and summed as AutoEP's combine does, in
+    float32: the token outputs and the gradients of the tokens, the three weights and the scores. Its backward
+    applies the scores in float32 inside SwiGLU's backward where the torch path rounds the weighted gradient rows to
+    bf16 first, so the same bound as the chain without the combine holds: twice the bf16 torch path's error plus a
+    bf16 ulp."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(tokens, experts, device="cuda", generator=g)
+    logits[:, -1] = float("-inf")  # an expert without rows: its weight gradients must be zeros, not left unwritten
+    top = logits.softmax(-1).topk(top_k, dim=-1)
+    selected, scores = top.indices, top.values
+    rows = torch.argsort(selected.view(-1), stable=True)
+    counts = torch.bincount(selected.view(-1), minlength=experts)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g)
+    w1, w3 = (torch.randn(experts, inter, hidden, device="cuda", generator=g) * hidden ** -0.5 for _ in range(2))
+    w2 = torch.randn(experts, hidden, inter, device="cuda", generator=g) * inter ** -0.5
+    grad_out = torch.randn(tokens, hidden, device="cuda", generator=g)
+    gemms = quack_experts.GemmOptions(pinned=pinned)
+
+    def torch_path(x, w1, w2, w3, scores):
+        return scored_torch_chain(x, w1, w2, w3, rows, counts, top_k, scores)
+
+    def quack_path(x, w1, w2, w3, scores):
+        return quack_experts.scored_gathered_swiglu_experts(x, w1, w2, w3, rows, counts, top_k, scores, gemms=gemms)
+
+    exact = _run(torch_path, [x, w1, w2, w3, scores], grad_out)
+    bf16 = _run(torch_path, [t.bfloat16() for t in (x, w1, w2, w3)] + [scores], grad_out)
+    ours = _run(quack_path, [t.bfloat16() for t in (x, w1, w2, w3)] + [scores], grad_out)
+    for name, want, theirs, got in zip(("out", "x", "w1", "w2", "w3", "scores"), exact, bf16, ours):
+        assert got.shape == want.shape and got.is_contiguous(), name
+        assert max_rel_err(got, want) <= 2 * max_rel_err(theirs, want) + 4e-3, name
+    assert all((grad[-1] == 0).all() for grad in ours[2:5]), "the unchosen expert's weight gradients"
+
