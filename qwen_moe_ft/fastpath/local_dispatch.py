@@ -233,4 +233,3 @@ def quack_scored_combine(model: nn.Module) -> Applied:
         layer._forward = types.MethodType(functools.partial(_one_rank_forward, pad_rows=False, quack=True,
                                                             quack_combine=True), layer)
     return Applied(name, replaces)
-

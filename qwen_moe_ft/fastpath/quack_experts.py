@@ -18,6 +18,12 @@ configs (HOPPER_CONFIGS); quack's gemm() takes no config, so those go through ge
 untuned path calls (_gemm): an internal of quack 0.6.5, hence the exact version check, and the GPU test runs the
 chain pinned and unpinned.
 
+With quack_scored_combine (left out by default until measured) the combine moves into the chain too
+(scored_gathered_swiglu_experts, replacing deepspeed's fused_weighted_restore after it): the routing scores and
+their gradient go into SwiGLU's backward GEMM epilogue (quack's colvec scale and reduce) and the tokens' output
+gradient is gathered in the GEMMs' operand loads, so no expert output row is kept for the backward and none of their
+gradients is written.
+
 Where quack's version and the GPU suit, `probe` still runs the chain once at start (a few rows at the experts' own
 widths, forward and backward), since an install quack cannot compile on fails only when a kernel is first built:
 quack-kernels 0.6.2 to 0.6.5 fingerprint each epilogue's Python globals and take code outside a `site-packages` or
