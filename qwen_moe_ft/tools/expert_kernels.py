@@ -14,6 +14,9 @@ quack's variants: the tile configs the fast path pins on Hopper (quack_experts.H
 defaults, its dynamic tile scheduler on every GEMM, and with --tune its autotuner (first call's time reported: the
 tuning; QUACK_PRINT_AUTOTUNING=1 prints the config it picks for each GEMM, which is how HOPPER_CONFIGS were found).
 (The norms' kernels, with host time as well: `python -m qwen_moe_ft.tools.op_costs`.)
+With the combine (`--only combine`): quack's chain followed by AutoEP's weighted combine, what the step runs,
+against the chain with the combine inside (`quack_scored_combine`), each against the torch chain and the combine in
+float32 (the scores' gradient too).
 Gradient norm of one expert weight's gradient: torch._foreach_norm and vector_norm against fastpath.grad_norm.l2_norms.
 
 Error = largest |difference| / largest |value| against the torch chain in float32 (outputs and every gradient).
@@ -96,6 +99,14 @@ def torch_chain(x, w1, w2, w3, rows, counts, top_k: int = TOP_K):
     return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
 
 
+def combined_torch_chain(x, w1, w2, w3, rows, counts, scores, top_k: int = TOP_K):
+    """torch_chain's rows weighted by their tokens' scores ([tokens, top_k]) and summed per token in float32, as
+    AutoEP's combine does."""
+    expert_rows = torch_chain(x, w1, w2, w3, rows, counts, top_k)
+    by_slot = expert_rows.new_zeros(expert_rows.shape).index_copy(0, rows, expert_rows)
+    return (by_slot.view(-1, top_k, by_slot.shape[1]).float() * scores.unsqueeze(-1).float()).sum(1).to(x.dtype)
+
+
 def quack_chain(x, w1, w2, w3, rows, counts, **gemm_options):
     from ..fastpath.quack_experts import GemmOptions, gathered_swiglu_experts
 
@@ -131,13 +142,19 @@ def expert_table(tokens: int, iters: int, tune: bool = False) -> dict:
     candidates = {"torch": lambda: torch_chain(x, *w, rows, counts)}
     for name, options in {**QUACK_VARIANTS, **({"quack_tuned": dict(tuned=True)} if tune else {})}.items():
         candidates[name] = lambda options=options: quack_chain(x, *w, rows, counts, **options)
+    return measure(candidates, grads, reference, ("out", "dx", "dw1", "dw2", "dw3"), iters)
+
+
+def measure(candidates: dict, grads, reference: list, names: tuple[str, ...], iters: int) -> dict:
+    """Each candidate's error against `reference` (grads(fn): the output and the leaves' gradients), forward and
+    forward+backward time and its kernels; a candidate that fails is reported with its error."""
     table = {}
     for name, fn in candidates.items():
         try:
             started = time.perf_counter()
             got = grads(fn)  # the first call compiles (and with tuned=True autotunes) quack's kernels
             first_call_s = time.perf_counter() - started
-            errors = dict(zip(("out", "dx", "dw1", "dw2", "dw3"), (rel_error(a, b) for a, b in zip(got, reference))))
+            errors = dict(zip(names, (rel_error(a, b) for a, b in zip(got, reference))))
             with torch.no_grad():
                 forward = time_ms(fn, iters)
             both = time_ms(lambda: grads(fn), iters)
@@ -149,6 +166,49 @@ def expert_table(tokens: int, iters: int, tune: bool = False) -> dict:
             table[name] = dict(error=f"{type(error).__name__}: {error}", trace=traceback.format_exc()[-3000:])
         print(name, json.dumps(table[name], indent=None)[:3000], flush=True)
     return table
+
+
+def weighted_combine(expert_rows: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """AutoEP's combine at EP=1 as the fast path runs it after quack's experts: each token's rows weighted by its
+    scores and summed (deepspeed's fused_weighted_restore)."""
+    from deepspeed.ops.triton_ops import autoep_fused_token_ops
+
+    tokens, hidden = scores.shape[0], expert_rows.shape[1]
+    return autoep_fused_token_ops.fused_weighted_restore(expert_rows, scores, rows, TOP_K,
+                                                         (1, tokens, hidden)).view(tokens, hidden)
+
+
+def combine_table(tokens: int, iters: int) -> dict:
+    """The experts with the combine: quack's chain followed by AutoEP's weighted combine (the default step) against
+    the chain with the combine inside (quack_scored_combine), both against the torch chain and the combine in
+    float32, the scores' gradient included."""
+    from ..fastpath.quack_experts import scored_gathered_swiglu_experts
+
+    rows, counts = routing(tokens)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(tokens, HIDDEN, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = weights(torch.bfloat16)
+    scores = torch.rand(tokens, TOP_K, device="cuda", generator=g).softmax(-1).requires_grad_()
+    dy = torch.randn(tokens, HIDDEN, device="cuda", generator=g).bfloat16()
+    leaves = [x, *w, scores]
+
+    def grads(fn):
+        for t in leaves:
+            t.grad = None
+        y = fn()
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    x32, w32 = x.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in w]
+    s32 = scores.detach().clone().requires_grad_()
+    y32 = combined_torch_chain(x32, *w32, rows, counts, s32)
+    y32.backward(dy.float())
+    reference = [y32.detach(), x32.grad, *(t.grad for t in w32), s32.grad]
+    del x32, w32, s32, y32
+
+    candidates = {"quack+combine": lambda: weighted_combine(quack_chain(x, *w, rows, counts), rows, scores),
+                  "quack_scored_combine": lambda: scored_gathered_swiglu_experts(x, *w, rows, counts, TOP_K, scores)}
+    return measure(candidates, grads, reference, ("out", "dx", "dw1", "dw2", "dw3", "dscores"), iters)
 
 
 def grad_norm_table(iters: int) -> dict:
@@ -174,7 +234,7 @@ def main(argv=None):
     parser = tool_parser("qwen_moe_ft.tools.expert_kernels", __doc__)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--only", choices=("experts", "grad_norms"), default=None)
+    parser.add_argument("--only", choices=("experts", "combine", "grad_norms"), default=None)
     parser.add_argument("--tune", action="store_true", help="also run quack's autotuner on every GEMM (minutes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -184,6 +244,8 @@ def main(argv=None):
         result["grad_norms"] = grad_norm_table(args.iters)
     if args.only in (None, "experts"):
         result["experts"] = expert_table(args.tokens, args.iters, args.tune)
+    if args.only in (None, "combine"):
+        result["combine"] = combine_table(args.tokens, args.iters)
     if args.out:
         write_report(args.out, **result)
 

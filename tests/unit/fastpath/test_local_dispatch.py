@@ -73,7 +73,7 @@ def test_the_combine_inside_quacks_chain_gives_autoeps_output_and_gradients(moe_
     """quack_scored_combine's block with the chain stood in for by the torch chain, its rows weighted and summed in
     torch (the chain itself is checked on a GPU in test_quack_experts.py): the block hands the chain the router's
     scores and takes its token outputs where AutoEP takes its combine's, and the scores' gradient reaches the router."""
-    from qwen_moe_ft.tools.expert_kernels import torch_chain
+    from qwen_moe_ft.tools.expert_kernels import combined_torch_chain
 
     moe_block, hidden_size = moe_block
     x, grad_out, reference = _inputs_and_reference(moe_block, hidden_size, seed=2)
@@ -87,9 +87,7 @@ def test_the_combine_inside_quacks_chain_gives_autoeps_output_and_gradients(moe_
 
     def chain(x, w1, w2, w3, rows, counts, top_k, top_scores, w13=None):
         shapes.append(tuple(top_scores.shape))
-        expert_rows = torch_chain(x, w1, w2, w3, rows, counts, top_k)
-        by_slot = expert_rows.new_zeros(expert_rows.shape).index_copy(0, rows, expert_rows)
-        return (by_slot.view(-1, top_k, hidden_size) * top_scores.unsqueeze(-1).to(by_slot.dtype)).sum(1)
+        return combined_torch_chain(x, w1, w2, w3, rows, counts, top_scores, top_k)
 
     monkeypatch.setattr(quack_experts, "scored_gathered_swiglu_experts", chain)
     monkeypatch.setattr(quack_experts, "probe", lambda *args, **kwargs: "")

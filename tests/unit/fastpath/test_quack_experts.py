@@ -8,6 +8,7 @@ import torch
 
 from helpers import max_rel_err
 from qwen_moe_ft.fastpath import quack_experts
+from qwen_moe_ft.tools.expert_kernels import combined_torch_chain
 
 needs_quack = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("quack") is None,
                                  reason="quack's kernels need a CUDA GPU and quack-kernels")
@@ -67,22 +68,13 @@ def test_probe_passes_where_the_chain_runs_and_leaves_the_random_stream(monkeypa
     assert calls == [([0, 2, 4, 6, 1, 3, 5, 7], [4, 4])]  # tokens 0-3 routed to experts 0 and 1, in expert order
 
 
-def scored_torch_chain(x, w1, w2, w3, rows, counts, top_k, top_scores):
-    """The torch chain's expert rows, each weighted by its slot's score and summed per token (AutoEP's combine)."""
-    from qwen_moe_ft.tools.expert_kernels import torch_chain
-
-    expert_rows = torch_chain(x, w1, w2, w3, rows, counts, top_k)
-    by_slot = expert_rows.new_zeros(expert_rows.shape).index_copy(0, rows, expert_rows)
-    return (by_slot.view(-1, top_k, by_slot.shape[1]).float() * top_scores.unsqueeze(-1).float()).sum(1).to(x.dtype)
-
-
 def test_probe_of_the_chain_with_the_combine_runs_it_and_takes_the_scores_gradient(monkeypatch):
     calls = []
 
     def chain(x, w1, w2, w3, rows, counts, top_k, top_scores, gemms):
         calls.append(tuple(top_scores.shape))
         assert top_scores.requires_grad
-        return scored_torch_chain(x, w1, w2, w3, rows, counts, top_k, top_scores)
+        return combined_torch_chain(x, w1, w2, w3, rows, counts, top_scores, top_k)
 
     def fails(*args, **kwargs):
         raise TypeError(FINGERPRINT_ERROR)
@@ -198,7 +190,7 @@ def test_the_chain_with_the_combine_matches_the_torch_path_and_autoeps_combine(e
     gemms = quack_experts.GemmOptions(pinned=pinned)
 
     def torch_path(x, w1, w2, w3, scores):
-        return scored_torch_chain(x, w1, w2, w3, rows, counts, top_k, scores)
+        return combined_torch_chain(x, w1, w2, w3, rows, counts, scores, top_k)
 
     def quack_path(x, w1, w2, w3, scores):
         return quack_experts.scored_gathered_swiglu_experts(x, w1, w2, w3, rows, counts, top_k, scores, gemms=gemms)
