@@ -87,6 +87,18 @@ def weights(dtype, seed: int = 1):
     return make(EXPERTS, INTER, HIDDEN), make(EXPERTS, HIDDEN, INTER), make(EXPERTS, INTER, HIDDEN)
 
 
+def gradients(leaves: list[torch.Tensor], dy: torch.Tensor):
+    """fn -> [fn()'s output, each leaf's gradient] for the output gradient dy."""
+    def run(fn):
+        for t in leaves:
+            t.grad = None
+        y = fn()
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    return run
+
+
 def torch_chain(x, w1, w2, w3, rows, counts, top_k: int = TOP_K):
     """The fast path's torch chain (see the module docstring)."""
     from ..fastpath.expert_mlp import _GateUpGroupedMm
@@ -125,13 +137,7 @@ def expert_table(tokens: int, iters: int, tune: bool = False) -> dict:
     w = weights(torch.bfloat16)
     dy = torch.randn(tokens * TOP_K, HIDDEN, device="cuda", generator=g).bfloat16()
     leaves = [x, *w]
-
-    def grads(fn):
-        for t in leaves:
-            t.grad = None
-        y = fn()
-        y.backward(dy)
-        return [y.detach()] + [t.grad for t in leaves]
+    grads = gradients(leaves, dy)
 
     x32, w32 = x.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in w]
     y32 = torch_chain(x32, *w32, rows, counts)
@@ -191,13 +197,7 @@ def combine_table(tokens: int, iters: int) -> dict:
     scores = torch.rand(tokens, TOP_K, device="cuda", generator=g).softmax(-1).requires_grad_()
     dy = torch.randn(tokens, HIDDEN, device="cuda", generator=g).bfloat16()
     leaves = [x, *w, scores]
-
-    def grads(fn):
-        for t in leaves:
-            t.grad = None
-        y = fn()
-        y.backward(dy)
-        return [y.detach()] + [t.grad for t in leaves]
+    grads = gradients(leaves, dy)
 
     x32, w32 = x.detach().float().requires_grad_(), [t.detach().float().requires_grad_() for t in w]
     s32 = scores.detach().clone().requires_grad_()
