@@ -160,7 +160,7 @@ class FastPathConfig:
     skip: str = _opt("triton_hidden_norms,fused_attention_inputs,quack_scored_combine",
                      "comma list of fast-path patches to leave out, by the names the startup line gives (those that "
                      "others do not build on: fastpath.SKIPPABLE), e.g. if one fails on your GPU; the default leaves "
-                     "out three not yet measured faster ('' tries them)", flat="fast_path_skip")
+                     "out two measured no faster and one not yet measured ('' tries them)", flat="fast_path_skip")
 
 
 @dataclass
