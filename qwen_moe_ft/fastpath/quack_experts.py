@@ -165,19 +165,25 @@ def _gemm(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, con
     return out
 
 
+def _experts_forward(x, w13, w2, token_of_row, cu_seqlens, gemms: GemmOptions):
+    """(SwiGLU's pre-activation, interleaved, kept for the backward; the expert output of each row)."""
+    from quack.gemm_interface import gemm_gated
+
+    preact, h = gemm_gated(x, w13.transpose(-2, -1), activation="swiglu", cu_seqlens_m=cu_seqlens,
+                           A_idx=token_of_row, concat_layout=("B",), **gemms.kwargs("gate_up", x.device))
+    return preact, _gemm(h, w2.transpose(-2, -1), cu_seqlens_m=cu_seqlens, **gemms.kwargs("down", x.device))
+
+
 class _GatheredSwigluExperts(torch.autograd.Function):
     """down(SwiGLU(x[token_of_row] @ [w1; w3]^T)) per expert's rows (cu_seqlens: cumulative row counts from 0);
     w13: cat([w1, w3], dim=1), built or cached by the caller."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, w13, token_of_row, rows, cu_seqlens, top_k, gemms):
-        from quack.gemm_interface import gemm_gated
-
-        preact, h = gemm_gated(x, w13.transpose(-2, -1), activation="swiglu", cu_seqlens_m=cu_seqlens,
-                               A_idx=token_of_row, concat_layout=("B",), **gemms.kwargs("gate_up", x.device))
+        preact, expert_rows = _experts_forward(x, w13, w2, token_of_row, cu_seqlens, gemms)
         ctx.save_for_backward(x, w13, w2, token_of_row, rows, cu_seqlens, preact)
         ctx.top_k, ctx.gemms = top_k, gemms
-        return _gemm(h, w2.transpose(-2, -1), cu_seqlens_m=cu_seqlens, **gemms.kwargs("down", x.device))
+        return expert_rows
 
     @staticmethod
     def backward(ctx, dy):
@@ -224,11 +230,8 @@ class _GatheredScoredSwigluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_scores, w1, w2, w3, w13, token_of_row, rows, cu_seqlens, top_k, gemms):
         from deepspeed.ops.triton_ops import autoep_fused_token_ops
-        from quack.gemm_interface import gemm_gated
 
-        preact, h = gemm_gated(x, w13.transpose(-2, -1), activation="swiglu", cu_seqlens_m=cu_seqlens,
-                               A_idx=token_of_row, concat_layout=("B",), **gemms.kwargs("gate_up", x.device))
-        expert_rows = _gemm(h, w2.transpose(-2, -1), cu_seqlens_m=cu_seqlens, **gemms.kwargs("down", x.device))
+        preact, expert_rows = _experts_forward(x, w13, w2, token_of_row, cu_seqlens, gemms)
         output = autoep_fused_token_ops.fused_weighted_restore(expert_rows, top_scores, rows, top_k,
                                                                (1, x.shape[0], x.shape[1]))
         ctx.save_for_backward(x, top_scores, w13, w2, token_of_row, rows, cu_seqlens, preact)
@@ -261,11 +264,17 @@ def gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                             w13: torch.Tensor | None = None, gemms: GemmOptions = DEFAULT_GEMMS) -> torch.Tensor:
     """The experts' output for each routed row, in expert order. x: [tokens, H]; rows: the (token, slot) pairs
     sorted by expert (token = row // top_k); w1/w3: [E, I, H], w2: [E, H, I]."""
-    cu_seqlens = torch.zeros(num_tokens_per_expert.numel() + 1, dtype=torch.int32, device=x.device)
+    return _GatheredSwigluExperts.apply(x, w1, w2, w3, *_chain_inputs(w1, w3, w13, rows, num_tokens_per_expert, top_k),
+                                        gemms)
+
+
+def _chain_inputs(w1, w3, w13, rows, num_tokens_per_expert, top_k: int) -> tuple:
+    """(w13, token_of_row, rows, cu_seqlens, top_k) as the chains' autograd functions take them: w13 built where the
+    caller has no cache, each row's token, the experts' cumulative row counts from 0."""
+    cu_seqlens = torch.zeros(num_tokens_per_expert.numel() + 1, dtype=torch.int32, device=rows.device)
     torch.cumsum(num_tokens_per_expert, 0, out=cu_seqlens[1:])
     w13 = torch.cat([w1, w3], dim=1) if w13 is None else w13
-    return _GatheredSwigluExperts.apply(x, w1, w2, w3, w13, (rows // top_k).to(torch.int32), rows, cu_seqlens, top_k,
-                                        gemms)
+    return w13, (rows // top_k).to(torch.int32), rows, cu_seqlens, top_k
 
 
 def scored_gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
@@ -274,11 +283,8 @@ def scored_gathered_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.
                                    gemms: GemmOptions = DEFAULT_GEMMS) -> torch.Tensor:
     """Each token's output [tokens, H]: its rows' expert outputs weighted by `top_scores` ([tokens, top_k], slot k
     of token t for row t * top_k + k) and summed; the arguments otherwise gathered_swiglu_experts'."""
-    cu_seqlens = torch.zeros(num_tokens_per_expert.numel() + 1, dtype=torch.int32, device=x.device)
-    torch.cumsum(num_tokens_per_expert, 0, out=cu_seqlens[1:])
-    w13 = torch.cat([w1, w3], dim=1) if w13 is None else w13
-    return _GatheredScoredSwigluExperts.apply(x, top_scores, w1, w2, w3, w13, (rows // top_k).to(torch.int32), rows,
-                                              cu_seqlens, top_k, gemms)
+    return _GatheredScoredSwigluExperts.apply(x, top_scores, w1, w2, w3,
+                                              *_chain_inputs(w1, w3, w13, rows, num_tokens_per_expert, top_k), gemms)
 
 
 MAX_REASON = 240  # the startup line names the failure; the whole message is the exception's
