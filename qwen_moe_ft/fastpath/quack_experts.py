@@ -301,12 +301,36 @@ def first_error(run) -> str:
     return ""
 
 
+# The probe's bound on each result's largest difference from float32, as a fraction of its largest value: bf16
+# rounds the pre-activations, SwiGLU's output and each result once (2**-8 relative each; the bf16 torch chain is off
+# by 0.3-0.9% at Qwen3-30B-A3B's widths); a kernel that reads the wrong rows, halves or scores is off by the values
+# themselves.
+PROBE_TOLERANCE = 5e-2
+
+
+def _float32_chain(x, w1, w2, w3, rows, counts, top_k: int, top_scores=None) -> torch.Tensor:
+    """The chain the probe checks against, written plainly: each expert's rows (rows // top_k is the token) through
+    SwiGLU one expert at a time in float32; with top_scores, each token's rows weighted and summed."""
+    tokens_of, outputs, start = rows // top_k, [], 0
+    for expert, count in enumerate(counts.tolist()):
+        xs = x.float()[tokens_of[start:start + count]]
+        h = torch.nn.functional.silu(xs @ w1[expert].float().t()) * (xs @ w3[expert].float().t())
+        outputs.append(h @ w2[expert].float().t())
+        start += count
+    expert_rows = torch.cat(outputs)
+    if top_scores is None:
+        return expert_rows
+    by_slot = torch.zeros_like(expert_rows).index_copy(0, rows, expert_rows)
+    return (by_slot.view(-1, top_k, by_slot.shape[1]) * top_scores.float().unsqueeze(-1)).sum(1)
+
+
 def probe(device: torch.device, hidden: int, inter: int, dtype: torch.dtype, gemms: GemmOptions = DEFAULT_GEMMS,
           scored: bool = False) -> str:
     """Empty if the chain's kernels (gate/up + SwiGLU, down, SwiGLU's backward, the weight and input gradients) run
-    here, else why not: one forward and backward of 8 rows over 2 experts at the experts' widths, which builds the
-    kernels that training then uses; `scored`: the chain with the combine inside (scored_gathered_swiglu_experts).
-    Draws from its own generator: the run's random stream stays as it was."""
+    here and agree with float32 (_float32_chain, within PROBE_TOLERANCE), else why not: one forward and backward of
+    8 rows over 2 experts at the experts' widths, which builds the kernels that training then uses; `scored`: the
+    chain with the combine inside (scored_gathered_swiglu_experts). Draws from its own generator: the run's random
+    stream stays as it was."""
     def run():
         g = torch.Generator(device=device).manual_seed(0)
         experts, top_k, tokens = 2, 2, 4
@@ -314,17 +338,29 @@ def probe(device: torch.device, hidden: int, inter: int, dtype: torch.dtype, gem
         w1, w3 = (torch.randn(experts, inter, hidden, device=device, dtype=dtype, generator=g) * hidden ** -0.5
                   for _ in range(2))
         w2 = torch.randn(experts, hidden, inter, device=device, dtype=dtype, generator=g) * inter ** -0.5
-        leaves = [t.requires_grad_() for t in (x, w1, w2, w3)]
         rows = torch.arange(tokens * top_k, device=device).view(tokens, top_k).t().reshape(-1)  # expert 0's, then 1's
         counts = torch.full((experts,), tokens, device=device, dtype=torch.int64)
-        if scored:
-            scores = torch.rand(tokens, top_k, device=device, generator=g).requires_grad_()
-            out = scored_gathered_swiglu_experts(*leaves, rows, counts, top_k, scores, gemms=gemms)
-            leaves.append(scores)
-        else:
-            out = gathered_swiglu_experts(*leaves, rows, counts, top_k, gemms=gemms)
-        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-        if not all(torch.isfinite(t).all() for t in (out, *grads)):  # reading the flags waits for the kernels
-            raise FloatingPointError("quack's expert chain gave non-finite values")
+        scores = torch.rand(tokens, top_k, device=device, generator=g) if scored else None
+        names = ("output", "x", "w1", "w2", "w3") + (("scores",) if scored else ())
+
+        def results(chain, dtype):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w1, w2, w3)]
+            if scored:
+                leaves.append(scores.detach().clone().requires_grad_())
+                out = chain(*leaves[:4], rows, counts, top_k, leaves[4])
+            else:
+                out = chain(*leaves, rows, counts, top_k)
+            return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+        quack_chain = scored_gathered_swiglu_experts if scored else gathered_swiglu_experts
+        got = results(lambda *args: quack_chain(*args, gemms=gemms), dtype)
+        want = results(_float32_chain, torch.float32)
+        for name, a, b in zip(names, got, want):  # reading the values waits for the kernels
+            if not torch.isfinite(a).all():
+                raise FloatingPointError(f"quack's expert chain gave non-finite values ({name})")
+            error = ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            if error > PROBE_TOLERANCE:
+                raise ArithmeticError(f"quack's expert chain is off by {error:.2g} of the largest value in {name}, "
+                                      f"over the {PROBE_TOLERANCE} bf16 allows")
 
     return first_error(run)

@@ -88,6 +88,52 @@ def test_probe_of_the_chain_with_the_combine_runs_it_and_takes_the_scores_gradie
         FINGERPRINT_ERROR
 
 
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the gradient times `factor`: a chain whose output is right and one gradient wrong."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+@pytest.mark.parametrize("wrong,named", [
+    (lambda x, w1, w2, w3: (x, w3, w2, w1), "output"),  # gate and up swapped
+    (lambda x, w1, w2, w3: (x, w1, _ScaledGradient.apply(w2, 1.5), w3), "w2"),  # the down weight's gradient
+    (lambda x, w1, w2, w3: (_ScaledGradient.apply(x, -1.0), w1, w2, w3), "x"),
+])
+def test_probe_refuses_a_chain_that_disagrees_with_float32(monkeypatch, wrong, named):
+    """A chain that runs but computes something else (its output, or one gradient) is refused, naming what is
+    off; the right chain passes (test above)."""
+    from qwen_moe_ft.tools.expert_kernels import torch_chain
+
+    def chain(x, w1, w2, w3, rows, counts, top_k, gemms):
+        return torch_chain(*wrong(x, w1, w2, w3), rows, counts, top_k)
+
+    monkeypatch.setattr(quack_experts, "gathered_swiglu_experts", chain)
+    why = quack_experts.probe(torch.device("cpu"), 64, 32, torch.float32)
+    assert why.startswith("ArithmeticError: quack's expert chain is off by") and why.endswith("bf16 allows"), why
+    assert f"largest value in {named}," in why
+
+
+def test_probe_of_the_chain_with_the_combine_refuses_wrong_scores(monkeypatch):
+    """The combine inside the chain: scores not applied to the output, or their gradient wrong."""
+    def unweighted(x, w1, w2, w3, rows, counts, top_k, top_scores, gemms):
+        return combined_torch_chain(x, w1, w2, w3, rows, counts, torch.ones_like(top_scores), top_k) * top_scores.sum()
+
+    def scores_gradient_doubled(x, w1, w2, w3, rows, counts, top_k, top_scores, gemms):
+        return combined_torch_chain(x, w1, w2, w3, rows, counts, _ScaledGradient.apply(top_scores, 2.0), top_k)
+
+    for chain, named in ((unweighted, "output"), (scores_gradient_doubled, "scores")):
+        monkeypatch.setattr(quack_experts, "scored_gathered_swiglu_experts", chain)
+        why = quack_experts.probe(torch.device("cpu"), 64, 32, torch.float32, scored=True)
+        assert why.startswith("ArithmeticError") and f"largest value in {named}," in why, why
+
+
 @needs_quack
 def test_probe_passes_on_this_install():
     """The start-up check at Qwen3-30B-A3B's expert widths: what `--expert-kernels auto` runs before choosing quack
