@@ -25,7 +25,8 @@ gradient is gathered in the GEMMs' operand loads, so no expert output row is kep
 gradients is written.
 
 Where quack's version and the GPU suit, `probe` still runs the chain once at start (a few rows at the experts' own
-widths, forward and backward), since an install quack cannot compile on fails only when a kernel is first built:
+widths, forward and backward, checked against a plain float32 chain), since an install quack cannot compile on fails
+only when a kernel is first built, and one that computes something else fails nowhere:
 quack-kernels 0.6.2 to 0.6.5 fingerprint each epilogue's Python globals and take code outside a `site-packages` or
 `dist-packages` folder (e.g. `pip install --target DIR`) for user code, so nvidia-cutlass-dsl installed there raises
 TypeError (4.8's `_LOC_TRANSFORMS` ContextVar, 4.7's logger) in quack.epilogue.library's import.
