@@ -309,6 +309,12 @@ def first_error(run) -> str:
 PROBE_TOLERANCE = 5e-2
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """got's largest difference from want, as a fraction of want's largest magnitude."""
+    want = want.float()
+    return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
 def _float32_chain(x, w1, w2, w3, rows, counts, top_k: int, top_scores=None) -> torch.Tensor:
     """The chain the probe checks against, written plainly: each expert's rows (rows // top_k is the token) through
     SwiGLU one expert at a time in float32; with top_scores, each token's rows weighted and summed."""
@@ -359,7 +365,7 @@ def probe(device: torch.device, hidden: int, inter: int, dtype: torch.dtype, gem
         for name, a, b in zip(names, got, want):  # reading the values waits for the kernels
             if not torch.isfinite(a).all():
                 raise FloatingPointError(f"quack's expert chain gave non-finite values ({name})")
-            error = ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            error = relative_error(a, b)
             if error > PROBE_TOLERANCE:
                 raise ArithmeticError(f"quack's expert chain is off by {error:.2g} of the largest value in {name}, "
                                       f"over the {PROBE_TOLERANCE} bf16 allows")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 
 from ..fastpath.local_dispatch import expert_order
+from ..fastpath.quack_experts import relative_error
 from ..bench.harness import require_cuda, time_ms, tool_parser, write_report
 
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
@@ -60,11 +61,6 @@ def kernels(fn, iters: int = 5) -> list[tuple[str, float]]:
 def kernel_ms(fn, iters: int = 5) -> float:
     """Device time of the kernels one call of `fn` launches."""
     return sum(us for _, us in kernels(fn, iters)) / 1000
-
-
-def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    want = want.float()
-    return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 def routing(tokens: int, seed: int = 0):
@@ -160,7 +156,7 @@ def measure(candidates: dict, grads, reference: list, names: tuple[str, ...], it
             started = time.perf_counter()
             got = grads(fn)  # the first call compiles (and with tuned=True autotunes) quack's kernels
             first_call_s = time.perf_counter() - started
-            errors = dict(zip(names, (rel_error(a, b) for a, b in zip(got, reference))))
+            errors = dict(zip(names, (relative_error(a, b) for a, b in zip(got, reference))))
             with torch.no_grad():
                 forward = time_ms(fn, iters)
             both = time_ms(lambda: grads(fn), iters)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fastpath.local_dispatch import expert_order
-from .expert_kernels import rel_error
+from ..fastpath.quack_experts import relative_error
 from ..bench.harness import markdown_table, require_cuda, tool_parser, write_report
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, INTER = 2048, 32, 4, 128, 128, 8, 768
@@ -52,7 +52,7 @@ def rms_norm_errors(norm, x: torch.Tensor, weight: torch.Tensor, grad: torch.Ten
     x64 = x.detach().double().requires_grad_()
     want = weight.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps))
     (dx64,) = torch.autograd.grad(want, x64, grad.double())
-    return dict(out_error=rel_error(out, want), dx_error=rel_error(dx, dx64))
+    return dict(out_error=relative_error(out, want), dx_error=relative_error(dx, dx64))
 
 
 def norms() -> dict[str, Callable]:
