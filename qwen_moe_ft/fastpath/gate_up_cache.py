@@ -8,7 +8,8 @@ zero_step._fused_step). Its memory is the copies the forward would have kept for
 Where the masters are kept as low bits (master_bits.py), the step may write the new gate/up weights into the
 concatenation only (hold_weights; adamw.Mirror.holds_weight): the parameters w1 and w3 then lag behind it until
 write_back copies them over, which ZeroState.settle does before any other reader (a checkpoint, an export, DeepSpeed's
-own step or load) and each expert module's state_dict pre-hook does before its state_dict.
+own step or load, its save_checkpoint: zero_step.hold_gate_up_weights_in_caches) and each expert module's state_dict
+pre-hook does before its state_dict.
 
 Guarded by tests/unit/fastpath/test_zero_step.py (3 steps with the caches equal, bit for bit, 3 steps concatenating
 in each forward; with the weights held in the caches, the same after a write-back, a save and a skipped step).
