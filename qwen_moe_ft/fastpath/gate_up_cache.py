@@ -83,17 +83,17 @@ class GateUpCaches:
 
     def __init__(self):
         self.entries: list[tuple[GateUpCache, torch.Tensor, torch.Tensor]] = []
-        self._targets: dict[int, tuple[GateUpCache, int]] = {}
-        self._index: dict[GateUpCache, int] = {}
+        # id of each gate/up weight -> its cache, its half, and the ids of both halves
+        self._targets: dict[int, tuple[GateUpCache, int, set[int]]] = {}
         self._modules: list[torch.nn.Module] = []
         self.hold_weights = False  # the step writes the gate/up weights into the caches only (see the module)
 
     def add(self, cache: GateUpCache, w1: torch.Tensor, w3: torch.Tensor, module: torch.nn.Module) -> None:
         """`cache` of `module`'s gate and up weights w1 and w3."""
-        self._index[cache] = len(self.entries)
         self.entries.append((cache, w1, w3))
         self._modules.append(module)
-        self._targets[id(w1)], self._targets[id(w3)] = (cache, 0), (cache, 1)
+        pair = {id(w1), id(w3)}
+        self._targets[id(w1)], self._targets[id(w3)] = (cache, 0, pair), (cache, 1, pair)
 
     def write_back_before_state_dicts(self) -> list:
         """Each expert module's weights written back before its state_dict is taken; the hooks' handles."""
@@ -112,12 +112,11 @@ class GateUpCaches:
         present = {id(p) for p in params if p is not None}
         mirrors = []
         for param in params:
-            cache, half = self._targets.get(id(param), (None, None)) if param is not None else (None, None)
+            cache, half, pair = self._targets.get(id(param), (None, None, None)) if param is not None else (None,) * 3
             if cache is None or cache.weights is None:
                 mirrors.append(None)
                 continue
-            _, w1, w3 = self.entries[self._index[cache]]
-            holds = held is not None and id(w1) in present and id(w3) in present
+            holds = held is not None and pair <= present
             if holds:
                 held.add(cache)
             mirrors.append(Mirror(cache.weights, half=half, block=math.prod(param.shape[1:]), holds_weight=holds))
