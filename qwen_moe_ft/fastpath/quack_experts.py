@@ -14,9 +14,9 @@ concatenated weights are read as such (concat_layout), and the pre-activation gr
 that each weight gradient comes out as one grouped GEMM in its parameter's own [E, out, in] layout. That copy is
 split_gate_up's Triton kernel, which reads and writes whole rows: torch's strided copy of the same view reads every
 other element and runs at about a third of the memory bandwidth. On Hopper four of the GEMMs run pinned tile
-configs (HOPPER_CONFIGS); quack's gemm() takes no config, so those go through gemm_tuned.fn, the function its own
-untuned path calls (_gemm): an internal of quack 0.6.5, hence the exact version check, and the GPU test runs the
-chain pinned and unpinned.
+configs (HOPPER_CONFIGS) and the gate/up GEMM quack's dynamic tile scheduler (HOPPER_DYNAMIC); quack's gemm() takes
+no config, so those go through gemm_tuned.fn, the function its own untuned path calls (_gemm): an internal of quack
+0.6.5, hence the exact version check, and the GPU test runs the chain pinned and unpinned.
 
 With quack_scored_combine (left out by default until measured) the combine moves into the chain too
 (scored_gathered_swiglu_experts, replacing deepspeed's fused_weighted_restore after it): the routing scores and
@@ -116,12 +116,16 @@ HOPPER_CONFIGS = {
     "gate_up_weight_grads": dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=2, cluster_n=1),
     "input_grads": dict(tile_m=192, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2),
 }
+# GEMMs that keep quack's default tile config on Hopper but hand its tiles out at run time (quack's dynamic persistent
+# scheduler): the gate/up GEMM, whose gathered rows make its tiles' times uneven, ran 822 against 940 us at that shape
+# on an H100 80GB (docs/benchmark-history.md, 536e7e5). The same tiles computed in another order: results unchanged.
+HOPPER_DYNAMIC = frozenset({"gate_up"})
 
 
 @dataclass(frozen=True)
 class GemmOptions:
-    """How quack picks its GEMM kernels: pinned=True takes HOPPER_CONFIGS on a Hopper GPU and quack's default
-    elsewhere; tuned=True autotunes each new problem shape instead (seconds to minutes, once a shape; packed batches
+    """How quack picks its GEMM kernels: pinned=True takes HOPPER_CONFIGS and HOPPER_DYNAMIC on a Hopper GPU and
+    quack's default elsewhere; tuned=True autotunes each new problem shape instead (seconds to minutes, once a shape; packed batches
     change the row count from step to step); dynamic_scheduler hands tiles to CTAs at run time instead of in a
     fixed order (uneven experts); None leaves each GEMM quack's own default (on for gemm_dgated, off for the
     others)."""
@@ -133,16 +137,24 @@ class GemmOptions:
         """gemm/gemm_gated/gemm_dgated keyword arguments for the GEMM playing `role` (a HOPPER_CONFIGS key or
         another name)."""
         scheduler = {} if self.dynamic_scheduler is None else dict(dynamic_scheduler=self.dynamic_scheduler)
-        if self.pinned and not self.tuned and (config := _hopper_config(role, device.index)) is not None:
-            return dict(config=config, **scheduler)
+        if self.pinned and not self.tuned:
+            if (config := _hopper_config(role, device.index)) is not None:
+                return dict(config=config, **scheduler)
+            if not scheduler and role in HOPPER_DYNAMIC and device.type == "cuda" and _is_hopper(device.index):
+                scheduler = dict(dynamic_scheduler=True)
         return dict(tuned=self.tuned, **scheduler)
 
 
 @functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int | None) -> bool:
+    """Once per device: the experts' GEMMs are issued from the host-bound forward."""
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
 def _hopper_config(role: str, device_index: int | None):
-    """HOPPER_CONFIGS[role] as quack's GemmConfig on a Hopper GPU, else None (once per role and device: the
-    experts' GEMMs are issued from the host-bound forward)."""
-    if role not in HOPPER_CONFIGS or torch.cuda.get_device_capability(device_index)[0] != 9:
+    """HOPPER_CONFIGS[role] as quack's GemmConfig on a Hopper GPU, else None (once per role and device)."""
+    if role not in HOPPER_CONFIGS or not _is_hopper(device_index):
         return None
     from quack.gemm_config import GemmConfig
 

@@ -170,6 +170,44 @@ def test_gemm_options_leave_unpinned_gemms_to_quack():
         tuned=True, dynamic_scheduler=True)
 
 
+def test_on_hopper_the_gate_up_gemm_takes_the_dynamic_scheduler_unless_told_otherwise(monkeypatch):
+    monkeypatch.setattr(quack_experts, "_is_hopper", lambda index: True)
+    gpu = torch.device("cuda", 0)  # a device object only: no role here has a pinned config to build
+    assert quack_experts.GemmOptions().kwargs("gate_up", gpu) == dict(tuned=False, dynamic_scheduler=True)
+    assert quack_experts.GemmOptions(dynamic_scheduler=False).kwargs("gate_up", gpu) == dict(
+        tuned=False, dynamic_scheduler=False)
+    assert quack_experts.GemmOptions(pinned=False).kwargs("gate_up", gpu) == dict(tuned=False)
+    assert quack_experts.GemmOptions(tuned=True).kwargs("gate_up", gpu) == dict(tuned=True)
+    monkeypatch.setattr(quack_experts, "_is_hopper", lambda index: False)
+    assert quack_experts.GemmOptions().kwargs("gate_up", gpu) == dict(tuned=False)
+
+
+@pytest.mark.gpu
+@needs_quack
+def test_the_dynamic_scheduler_changes_no_bit_of_the_forward():
+    """HOPPER_DYNAMIC hands the gate/up GEMM's tiles out at run time: each tile is the same sum in the same order,
+    so the pre-activations and the expert rows equal the static order's bit for bit (the real widths, uneven
+    experts, one without rows)."""
+    experts, hidden, inter, tokens, top_k = 128, 2048, 768, 2048, 8
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(tokens, experts, device="cuda", generator=g)
+    logits[:, -1] = float("-inf")
+    selected = logits.topk(top_k, dim=-1).indices
+    rows = torch.argsort(selected.view(-1), stable=True)
+    counts = torch.bincount(selected.view(-1), minlength=experts)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()
+    w1, w3 = (torch.randn(experts, inter, hidden, device="cuda", generator=g).bfloat16() for _ in range(2))
+    w2 = torch.randn(experts, hidden, inter, device="cuda", generator=g).bfloat16()
+    w13, token_of_row, _, cu_seqlens, _ = quack_experts._chain_inputs(w1, w3, None, rows, counts, top_k)
+    options = quack_experts.GemmOptions()
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert options.kwargs("gate_up", x.device)["dynamic_scheduler"]
+    dynamic = quack_experts._experts_forward(x, w13, w2, token_of_row, cu_seqlens, options)
+    static = quack_experts._experts_forward(x, w13, w2, token_of_row, cu_seqlens,
+                                            quack_experts.GemmOptions(dynamic_scheduler=False))
+    assert all(torch.equal(a, b) for a, b in zip(dynamic, static))
+
+
 @pytest.mark.gpu
 @needs_quack
 @pytest.mark.parametrize("pinned", [True, False])
