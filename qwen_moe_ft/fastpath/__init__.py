@@ -18,8 +18,6 @@ The order matters, and is this:
                                forward (full fine-tuning)
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
-    gate_up_in_cache           (gate_up_cache.py, zero_step.py) 4 writes the new gate/up weights into 7's caches
-                               only, w1 and w3 written back before any other reader (with master_low_bits)
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
     quack_scored_combine       (quack_experts.py, local_dispatch.py) 9's blocks with the weighted combine inside
@@ -50,8 +48,7 @@ STATE_DTYPES = ("bf16", "fp32")
 # The patches --fast-path-skip can leave out: none of the others builds on them, and each has a stock (or other
 # patched) path to fall back to
 SKIPPABLE = ("triton_hidden_norms", "quack_head_norms", "triton_head_norms", "scored_swiglu", "quack_experts",
-             "quack_scored_combine", "lean_topk_router", "fused_attention_inputs", "step_overlap", "master_low_bits",
-             "gate_up_in_cache")
+             "quack_scored_combine", "lean_topk_router", "fused_attention_inputs", "step_overlap", "master_low_bits")
 
 
 def parse_skip(text: str) -> tuple[str, ...]:
@@ -144,9 +141,8 @@ class FastPath:
         forwards = use_layout_preserving_gate_up(engine.module, recompute=gate_up_recompute)
         self.applied.append(Applied("layout_preserving_gate_up", "GroupedExperts.forward (fused gate/up)",
                                     "" if forwards else "no trainable expert module runs the fused gate/up on torch._grouped_mm"))
-        self.applied.append(mirror_gate_up_weights(state, forwards))
-        self.applied.append(self._unless_skipped("gate_up_in_cache", lambda: self._gate_up_in_cache(state, engine)))
-        self.applied.append(one_rank_dispatch(engine.module, scored="scored_swiglu" not in self.skip))
+        self.applied += [mirror_gate_up_weights(state, forwards),
+                         one_rank_dispatch(engine.module, scored="scored_swiglu" not in self.skip)]
         if expert_kernels != "torch":
             quack = self._unless_skipped("quack_experts", lambda: quack_expert_kernels(engine.module))
             if expert_kernels == "quack" and not quack:
@@ -170,13 +166,6 @@ class FastPath:
         applied, hook = keep_masters_as_low_bits(state, model)
         if hook is not None:
             self._restore.append(hook.remove)
-        return applied
-
-    def _gate_up_in_cache(self, state, engine) -> Applied:
-        from .zero_step import hold_gate_up_weights_in_caches
-
-        applied, undo = hold_gate_up_weights_in_caches(state, engine)
-        self._restore += undo
         return applied
 
     def settle(self) -> None:
@@ -222,4 +211,3 @@ class FastPath:
             self._zero_state.overlap = None
         if self._zero_state is not None:
             self._zero_state.master_bits = None  # settled above: the step reads the fp32 masters again
-            self._zero_state.gate_up.hold_weights = False  # written back above: the step writes w1 and w3 again

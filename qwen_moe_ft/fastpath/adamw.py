@@ -50,39 +50,23 @@ class Mirror:
     """A second place a gradient piece's new weights go, in another layout: element j of the piece's
     parameter (counted from `start`) goes to dst.view(-1)[j + (j // block + half) * block], one half of a
     tensor that interleaves two parameters in rows of `block` elements. The gate/up concatenation
-    [E, 2I, H] of w1 and w3 ([E, I, H] each): block = I * H, half 0 for w1, 1 for w3.
-
-    holds_weight: the mirror is where the piece's bf16 weight lives (a master kept as low bits only): its high
-    half is read from the mirror and `out` is neither read nor written for the piece, 2 bytes a parameter less
-    than writing both; whoever reads the parameter itself copies the mirror back first (gate_up_cache.py)."""
+    [E, 2I, H] of w1 and w3 ([E, I, H] each): block = I * H, half 0 for w1, 1 for w3."""
     dst: torch.Tensor
     half: int
     block: int
     start: int = 0
-    holds_weight: bool = False
-
-
-def _mirror_slices(mirror: Mirror, first: int, n: int):
-    """(mirror slice, start, end) of the parameter's elements first .. first + n - 1 in `mirror`, row by row."""
-    rows = mirror.dst.view(-1, 2, mirror.block)
-    done, position = 0, mirror.start + first
-    while done < n:
-        row, col = divmod(position, mirror.block)
-        take = min(mirror.block - col, n - done)
-        yield rows[row, mirror.half, col:col + take], done, done + take
-        done += take
-        position += take
 
 
 def _write_mirror(mirror: Mirror, first: int, values: torch.Tensor) -> None:
-    """values (1-D) as the parameter's elements first, first + 1, ... of `mirror` (torch path)."""
-    for dst, start, end in _mirror_slices(mirror, first, values.numel()):
-        dst.copy_(values[start:end])
-
-
-def _read_mirror(mirror: Mirror, first: int, n: int) -> torch.Tensor:
-    """The parameter's elements first .. first + n - 1 as `mirror` holds them, 1-D (torch path)."""
-    return torch.cat([src for src, _, _ in _mirror_slices(mirror, first, n)])
+    """values (1-D) as the parameter's elements first, first + 1, ... of `mirror`; row by row (torch path)."""
+    rows = mirror.dst.view(-1, 2, mirror.block)
+    done, position = 0, mirror.start + first
+    while done < values.numel():
+        row, col = divmod(position, mirror.block)
+        take = min(mirror.block - col, values.numel() - done)
+        rows[row, mirror.half, col:col + take].copy_(values[done:done + take])
+        done += take
+        position += take
 
 
 def _seed(step: int, group: int) -> int:
@@ -109,22 +93,13 @@ if triton is not None:
                        beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
                        mirror_half, mirror_shift, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                        HAS_MIRROR: tl.constexpr, MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr,
-                       SPLIT: tl.constexpr, MIRROR_HOLDS: tl.constexpr):
+                       SPLIT: tl.constexpr):
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = g / tl.load(scale_ptr)
-        if HAS_MIRROR:
-            position = offs + mirror_start
-            if MIRROR_ROW_PER_PROGRAM:
-                position = position + mirror_shift
-            else:
-                position = position + (position // mirror_block + mirror_half) * mirror_block
-        if SPLIT:  # the master is the bf16 weight (in out_ptr, or the mirror) and its low 16 bits in p_ptr
-            if MIRROR_HOLDS:
-                hi = tl.load(mirror_ptr + position, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
-            else:
-                hi = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+        if SPLIT:  # the master is the bf16 weight in out_ptr and its low 16 bits in p_ptr (master_bits.py)
+            hi = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
             lo = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
             p = (((hi - (lo >= 0x8000).to(tl.int32)) << 16) | lo).to(tl.float32, bitcast=True)
         else:
@@ -152,6 +127,11 @@ if triton is not None:
         if HAS_OUT:
             tl.store(out_ptr + offs, weight, mask=mask)
         if HAS_MIRROR:
+            position = offs + mirror_start
+            if MIRROR_ROW_PER_PROGRAM:
+                position = position + mirror_shift
+            else:
+                position = position + (position // mirror_block + mirror_half) * mirror_block
             tl.store(mirror_ptr + position, weight.to(mirror_ptr.dtype.element_ty), mask=mask)
 
     # Triton compiles a variant per divisibility by 16 of each integer argument: the seed changes every
@@ -161,7 +141,7 @@ if triton is not None:
                       beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
                       mirror_half, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIRROR: tl.constexpr,
                       MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr, SPLIT: tl.constexpr,
-                      MIRROR_HOLDS: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                      WIDE: tl.constexpr, BLOCK: tl.constexpr):
         # A program's BLOCK elements are four quarters. One Philox draw (128 bits) per position in a quarter
         # gives the 16-bit noises of both moments of the four elements at that position, a quarter of the
         # integer work of a draw per element, which used 32 of its 128 bits. The draw's counter is the
@@ -193,7 +173,7 @@ if triton is not None:
             _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, start + k * QUARTER + lane,
                            n, noise, decay, beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt,
                            mirror_start, mirror_block, mirror_half, mirror_shift, HAS_OUT, HAS_SCALE, HAS_MIRROR,
-                           MIRROR_ROW_PER_PROGRAM, ROUND_STATES, SPLIT, MIRROR_HOLDS)
+                           MIRROR_ROW_PER_PROGRAM, ROUND_STATES, SPLIT)
 
 
 def _coalesced(grads: list[torch.Tensor], mirrors: list[Mirror | None]):
@@ -313,8 +293,6 @@ class MasterAdamW(torch.optim.Optimizer):
             raise ValueError(f"gradient pieces hold more than the parameter's {param.numel()} elements")
         if mirrors is not None and len(mirrors) != len(grads):
             raise ValueError(f"{len(mirrors)} mirrors for {len(grads)} gradient pieces")
-        if low is None and any(m is not None and m.holds_weight for m in mirrors or ()):
-            raise ValueError("a mirror holds the weight only of a master kept as low bits (`low`)")
         launch = self._triton_update if _use_triton(param) else self._torch_update
         pieces = []
         for first, offset, run, mirror in _coalesced(grads, mirrors or [None] * len(grads)):
@@ -337,25 +315,23 @@ class MasterAdamW(torch.optim.Optimizer):
         split = p.dtype == torch.int16  # plan() put the master's low bits in p's place
         row_per_program = mirror is not None and mirror.start % KERNEL_BLOCK == 0 and mirror.block % KERNEL_BLOCK == 0
         wide = max(n, mirror.dst.numel() if mirror is not None else 0) + KERNEL_BLOCK >= 2**31
-        holds = mirror is not None and mirror.holds_weight
         _adamw_kernel[(triton.cdiv(n, KERNEL_BLOCK),)](
             g, p, m, v, out if out is not None else p, grad_scale if grad_scale is not None else p,
             mirror.dst if mirror is not None else p, n, offset, seed, s["decay"], 1.0 - s["beta1"], s["beta2"],
             1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"], mirror.start if mirror else 0,
-            mirror.block if mirror else 1, mirror.half if mirror else 0, HAS_OUT=out is not None and not holds,
+            mirror.block if mirror else 1, mirror.half if mirror else 0, HAS_OUT=out is not None,
             HAS_SCALE=grad_scale is not None, HAS_MIRROR=mirror is not None, MIRROR_ROW_PER_PROGRAM=row_per_program,
-            ROUND_STATES=self.state_dtype == torch.bfloat16, SPLIT=split, MIRROR_HOLDS=holds, WIDE=wide,
-            BLOCK=KERNEL_BLOCK, num_warps=KERNEL_WARPS)
+            ROUND_STATES=self.state_dtype == torch.bfloat16, SPLIT=split, WIDE=wide, BLOCK=KERNEL_BLOCK,
+            num_warps=KERNEL_WARPS)
 
     def _torch_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         generator = torch.Generator(device=p.device)
         split = p.dtype == torch.int16  # plan() put the master's low bits in p's place
-        holds = mirror is not None and mirror.holds_weight
         for start in range(0, g.numel(), _TORCH_CHUNK):
             n = min(_TORCH_CHUNK, g.numel() - start)
             gc, pc, mc, vc = (t.narrow(0, start, n) for t in (g, p, m, v))
             if split:
-                low, pc = pc, join_master(_read_mirror(mirror, start, n) if holds else out.narrow(0, start, n), pc)
+                low, pc = pc, join_master(out.narrow(0, start, n), pc)
             grad = gc.float()
             if grad_scale is not None:
                 grad = grad / grad_scale
@@ -368,14 +344,14 @@ class MasterAdamW(torch.optim.Optimizer):
                 v32 = round_to_bf16_stochastic(v32, generator)
             mc.copy_(m32)
             vc.copy_(v32)
-            weight = pc
             if split:
                 weight, bits = split_master(pc)
                 low.copy_(bits)
-            if out is not None and not holds:
                 out.narrow(0, start, n).copy_(weight)
+            elif out is not None:
+                out.narrow(0, start, n).copy_(pc)
             if mirror is not None:
-                _write_mirror(mirror, start, weight)
+                _write_mirror(mirror, start, out.narrow(0, start, n) if split else pc)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch's load puts new group dicts in place; an lr scheduler built on the optimizer this one

@@ -29,11 +29,9 @@ class ZeroState:
 
     def settle(self) -> None:
         """Weights and optimizer state as a reader other than the forward needs them: the updates still running beside
-        the forward waited for (step_overlap), the gate/up weights the step wrote into their concatenations only
-        copied back (gate_up_cache), the fp32 masters kept as low bits written out (master_bits)."""
+        the forward waited for (step_overlap), the fp32 masters kept as low bits written out (master_bits)."""
         if self.overlap is not None:
             self.overlap.settle()
-        self.gate_up.write_back()
         if self.master_bits is not None:
             self.master_bits.settle()
 

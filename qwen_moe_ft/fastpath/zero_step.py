@@ -11,8 +11,6 @@ Replaces (deepspeed 0.19.8, deepspeed/runtime/zero/stage_1_and_2.py, on one Deep
 - fold_clip_into_adam (where fuse_adam_step is refused): unscale_and_clip_grads. DeepSpeed multiplies the
   fp32 gradient partition by 1/clip in a pass of its own; torch's fused AdamW divides each gradient by a
   `grad_scale` tensor inside its kernel, so the clip factor is handed to it instead.
-- hold_gate_up_weights_in_caches: the bf16 gate/up expert weights (w1, w3) as the step's output; the gate/up
-  concatenations hold them between steps.
 - keep_unreduced_grads_in_place: copy_grads_in_partition, for gradients whose copy moves nothing, and
   reduce_independent_p_g_buckets_and_remove_grads, for the small ones of one-rank groups.
 Guarded by tests/unit/fastpath/test_zero_step.py (weights and master weights equal to DeepSpeed's own step).
@@ -79,10 +77,9 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
     optimizer = state.optimizer
     norm = optimizer.scaled_global_norm()
     if is_invalid_grad_norm(norm):
-        # DeepSpeed's own overflow handling (skip, clear, count), which reads (and may write) the fp32 masters
-        result = settled(state, deepspeed_step, writes=True)()
         state.gate_up.invalidate()
-        return result
+        # DeepSpeed's own overflow handling (skip, clear, count), which reads (and may write) the fp32 masters
+        return settled(state, deepspeed_step, writes=True)()
     bits = state.master_bits
     if bits is not None:
         bits.release()
@@ -94,7 +91,6 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
     divisor = _grad_divisor(optimizer, norm)
     adam: MasterAdamW = optimizer.optimizer
     written: dict[GateUpCache, set[int]] = {}
-    held = set() if state.gate_up.hold_weights and bits is not None else None
     overlap = state.overlap
     if overlap is not None:
         overlap.begin()
@@ -111,7 +107,7 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
         assert group["params"][0] is master, "optimizer param group order differs from DeepSpeed's partitions"
         owners = _whole_group_owners(state, i, grads)
         pieces = adam.plan(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
-                           grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, owners, written, held),
+                           grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, owners, written),
                            low=bits.low[i] if bits is not None else None)
         # a group all-gathered over several ranks (owners None) is complete before the all-gather below, on this stream
         if overlap is not None and owners is not None:
@@ -133,7 +129,7 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
     for i in range(len(optimizer.bit16_groups)):
         optimizer._update_model_bit16_weights(i)
     optimizer._lazy_init_hp_params_optimizer_state()
-    state.gate_up.after_step(written, held or frozenset())
+    state.gate_up.after_step(written)
 
 
 def _whole_group_owners(state: ZeroState, i: int, grads: list[torch.Tensor]) -> list | None:
@@ -144,13 +140,13 @@ def _whole_group_owners(state: ZeroState, i: int, grads: list[torch.Tensor]) -> 
     return piece_owners(grads, state.optimizer.params_in_partition[i])
 
 
-def _gate_up_mirrors(state: ZeroState, i: int, owners: list | None, written: dict[GateUpCache, set[int]],
-                     held: set[GateUpCache] | None) -> list[Mirror | None] | None:
+def _gate_up_mirrors(state: ZeroState, i: int, owners: list | None,
+                     written: dict[GateUpCache, set[int]]) -> list[Mirror | None] | None:
     """The Mirrors of group i's gradient pieces (owners: _whole_group_owners); None where there is nothing to
-    mirror. `held`: collects the caches that hold their weights (GateUpCaches.mirrors), None for none."""
+    mirror."""
     if owners is None or not state.gate_up.covers_any(state.optimizer.params_in_partition[i]):
         return None
-    return state.gate_up.mirrors(owners, written, held)
+    return state.gate_up.mirrors(owners, written)
 
 
 def mirror_gate_up_weights(state: ZeroState, forwards: list[LayoutPreservingGateUp]) -> Applied:
@@ -165,24 +161,8 @@ def mirror_gate_up_weights(state: ZeroState, forwards: list[LayoutPreservingGate
     if not kept:
         return Applied(name, replaces, "no trainable expert module without --gate-up-recompute")
     for forward in kept:
-        state.gate_up.add(forward.keep_cache(), forward.module.w1, forward.module.w3, forward.module)
+        state.gate_up.add(forward.keep_cache(), forward.module.w1, forward.module.w3)
     return Applied(name, replaces)
-
-
-def hold_gate_up_weights_in_caches(state: ZeroState, engine) -> tuple[Applied, list]:
-    """Have the one-pass step write the new gate/up weights into their concatenations only, not into w1 and w3 too
-    (gate_up_cache.py: written back before any other reader); returns the Applied and what undoes it. Needs
-    gate_up_cache and master_low_bits (the step reads the weight's high half from the cache in place of w1's or
-    w3's). DeepSpeed's save_checkpoint reads AutoEP's expert weights directly, so the engine's settles first."""
-    name, replaces = "gate_up_in_cache", "w1 and w3 as where one_pass_adamw writes the new gate/up weights"
-    refused = ("needs gate_up_cache" if not state.gate_up.entries
-               else "needs master_low_bits" if state.master_bits is None else "")
-    if refused:
-        return Applied(name, replaces, refused), []
-    state.gate_up.hold_weights = True
-    engine.save_checkpoint = settled(state, engine.save_checkpoint, writes=False)
-    undo = [hook.remove for hook in state.gate_up.write_back_before_state_dicts()]
-    return Applied(name, replaces), undo + [lambda: delattr(engine, "save_checkpoint")]
 
 
 def fuse_adam_step(state: ZeroState, state_dtype: torch.dtype) -> Applied:

@@ -1,8 +1,7 @@
 """Checkpoints: SIGTERM saves and stops, --resume continues exactly (four processes at EP=2, the runs of
 conftest.py), a checkpoint saved at two processes at EP=2 resumes at one process, at four at EP=4 and at four at EP=2
 through DeepSpeed's universal checkpoint and trains what a run at that layout trains (fp32 moments, and bf16 moments
-through their widening; bf16 weights with their masters kept as low bits, and with the gate/up weights held in their
-concatenations), a resume whose steps would take other examples is refused before loading, an interrupted
+through their widening; bf16 weights with their masters kept as low bits), a resume whose steps would take other examples is refused before loading, an interrupted
 save is never the one resumed from, and a resumed run saves over the step `latest` names."""
 import shutil
 
@@ -10,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import (FOUR_RANK_LR, FOUR_RANK_RUN, FOUR_RANK_STEPS, TINY, assert_trained_alike, max_rel_err,
-                     read_metrics, train, train_together)
+                     read_metrics, train)
 from qwen_moe_ft.checkpoint import COMPLETE, CheckpointError, complete_checkpoints, resolve
 
 
@@ -133,27 +132,6 @@ def test_bf16_weights_resume_their_low_bit_masters_exactly_and_at_another_layout
     for name in w1:
         assert w1[name].equal(w2[name]), name
     assert elsewhere[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)  # measured 1.1e-6 apart
-
-
-@pytest.mark.slow
-def test_gate_up_weights_held_in_their_caches_train_save_and_resume_as_written_to_w1_and_w3(tmp_path_factory):
-    """gate_up_in_cache (one process, so one-rank expert groups): the same losses, gradient norms, checkpoints and
-    export as the step that writes w1 and w3 too, bit for bit; step-1 resumed with it repeats steps 2 and 3."""
-    held, plain, resumed = (tmp_path_factory.mktemp(name) for name in ("held", "plain", "held_resumed"))
-    run = [*FOUR_RANK_RUN, "--dtype", "bf16", "--ep-size", "1", "--save-steps", "1", "--save-total-limit", "0"]
-    hold = ["--fast-path-skip", "triton_hidden_norms,fused_attention_inputs,quack_scored_combine"]
-    output, _ = train_together([(held, [*run, *hold]), (plain, run)])
-    assert "gate_up_in_cache" in output.split("refused")[0]  # applied, not refused
-    train(resumed, *run, *hold, "--resume", str(held / "checkpoints" / "step-1"), nproc=1)
-    straight, reference, again = read_metrics(held), read_metrics(plain), read_metrics(resumed)
-    assert [m["step"] for m in straight] == [1, 2, 3] and [m["step"] for m in again] == [2, 3]
-    for a, b in zip(straight, reference):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
-    for a, b in zip(straight[1:], again):
-        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
-    exports = [load_file(out / "hf" / "model.safetensors") for out in (held, plain, resumed)]
-    for name in exports[0]:
-        assert exports[0][name].equal(exports[1][name]) and exports[0][name].equal(exports[2][name]), name
 
 
 @pytest.mark.slow

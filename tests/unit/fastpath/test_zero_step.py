@@ -9,9 +9,7 @@ import torch
 from helpers import zero_backward, zero_engine
 from qwen_moe_ft.fastpath.adamw import MasterAdamW
 from qwen_moe_ft.fastpath.expert_mlp import use_layout_preserving_gate_up
-from qwen_moe_ft.fastpath.master_bits import keep_masters_as_low_bits
-from qwen_moe_ft.fastpath.zero_step import (hold_gate_up_weights_in_caches, keep_unreduced_grads_in_place,
-                                           mirror_gate_up_weights)
+from qwen_moe_ft.fastpath.zero_step import keep_unreduced_grads_in_place, mirror_gate_up_weights
 
 
 def test_clip_inside_adam_updates_the_weights_as_deepspeeds_clip_pass(process_group):
@@ -127,74 +125,3 @@ def test_gate_up_caches_kept_by_the_step_train_as_concatenating_in_each_forward(
     engines[True].step()  # skipped by DeepSpeed's own step: the caches are rebuilt, not trusted
     zero_backward(engines[True])
     assert [cache.builds for cache, _, _ in caches] == [2, 2]
-
-
-def _low_bits_cached_engine(hold: bool):
-    engine, state = zero_engine(fused_states=torch.bfloat16)
-    assert keep_masters_as_low_bits(state, engine.module)[0]
-    assert mirror_gate_up_weights(state, use_layout_preserving_gate_up(engine.module))
-    if hold:
-        applied, undo = hold_gate_up_weights_in_caches(state, engine)
-        assert applied and len(undo) == 3  # two state_dict pre-hooks, the settling save_checkpoint
-    return engine, state
-
-
-def _steps(engine, seeds, poison=None):
-    for seed in seeds:
-        zero_backward(engine, seed=seed, poison=poison if seed == seeds[0] else None)
-        engine.step()
-
-
-def _settled_weights(engine, state):
-    state.settle()
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}, [
-        m.detach().clone() for m in engine.optimizer.single_partition_of_fp32_groups]
-
-
-def test_gate_up_weights_held_in_the_caches_train_as_written_to_w1_and_w3(process_group):
-    """The step writes the new gate/up weights into the caches only; written back (a state_dict, settle), w1 and w3
-    and every master are bit for bit those of the step that writes both, also across a skipped step."""
-    runs = {}
-    for hold in (False, True):
-        engine, state = _low_bits_cached_engine(hold)
-        start = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-        _steps(engine, [1, 2, 3])
-        caches = state.gate_up.entries
-        assert [cache.holds_weights for cache, _, _ in caches] == [hold, hold]
-        gate_up = [n for n in start if n.endswith(("experts.w1", "experts.w3"))]
-        assert len(gate_up) == 4
-        unchanged = [n for n, p in engine.module.named_parameters() if torch.equal(p, start[n])]
-        assert unchanged == (gate_up if hold else [])  # the steps left w1 and w3 alone
-        state_dict = {n: t.clone() for n, t in engine.module.state_dict().items()}  # written back by its pre-hooks
-        assert not any(cache.holds_weights for cache, _, _ in caches)
-        first = _settled_weights(engine, state)
-        assert [cache.builds for cache, _, _ in caches] == [1, 1]
-        # a NaN gradient: DeepSpeed's own step on the settled masters, the caches rebuilt at the next forward
-        _steps(engine, [4, 5], poison="model.layers.0.mlp.experts.w1")
-        assert engine.skipped_steps == 1
-        assert [cache.builds for cache, _, _ in caches] == [2, 2]
-        runs[hold] = state_dict, first, _settled_weights(engine, state)
-    for name, tensor in runs[True][0].items():
-        assert torch.equal(tensor, runs[False][0][name]), name
-    for ours, theirs in zip(runs[True][1:], runs[False][1:]):
-        for name, weight in ours[0].items():
-            assert torch.equal(weight, theirs[0][name]), name
-        for mine, reference in zip(ours[1], theirs[1]):
-            assert torch.equal(mine.view(torch.int32), reference.view(torch.int32))
-
-
-def test_gate_up_weights_held_in_the_caches_save_and_resume_bit_for_bit(process_group, tmp_path):
-    engine, state = _low_bits_cached_engine(hold=True)
-    _steps(engine, [1, 2])
-    engine.save_checkpoint(str(tmp_path), tag="two")  # settles first: AutoEP's expert files read w1 and w3
-    _steps(engine, [3, 4])
-    uninterrupted = _settled_weights(engine, state)
-    resumed, resumed_state = _low_bits_cached_engine(hold=True)
-    resumed.load_checkpoint(str(tmp_path), tag="two")
-    resumed_state.gate_up.invalidate()  # FastPath.after_load
-    _steps(resumed, [3, 4])
-    weights, masters = _settled_weights(resumed, resumed_state)
-    for name, weight in weights.items():
-        assert torch.equal(weight, uninterrupted[0][name]), name
-    for ours, theirs in zip(masters, uninterrupted[1]):
-        assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
