@@ -154,13 +154,13 @@ class FastPathConfig:
     expert_kernels: str = _opt("auto", "experts at EP=1: torch._grouped_mm, or quack-kernels' grouped GEMMs with the "
                                "gather and SwiGLU fused (Hopper+, pip install 'qwen-moe-ft[flash4]'); auto: quack "
                                "where it runs", choices=("auto", "torch", "quack"))
-    # triton_hidden_norms and fused_attention_inputs pass their GPU tests but did not make the step measurably
-    # faster (BENCHMARKS.md): left out, fewer kernels of our own in the default step; quack_scored_combine is left
-    # out until its GPU test has run and the bench has measured it
+    # triton_hidden_norms, fused_attention_inputs and quack_scored_combine pass their GPU tests but did not make the
+    # step measurably faster (BENCHMARKS.md; docs/benchmark-history.md, c15cdd2): left out, fewer kernels of our own
+    # in the default step
     skip: str = _opt("triton_hidden_norms,fused_attention_inputs,quack_scored_combine",
                      "comma list of fast-path patches to leave out, by the names the startup line gives (those that "
                      "others do not build on: fastpath.SKIPPABLE), e.g. if one fails on your GPU; the default leaves "
-                     "out two measured no faster and one not yet measured ('' tries them)", flat="fast_path_skip")
+                     "out three measured no faster ('' tries them)", flat="fast_path_skip")
 
 
 @dataclass
