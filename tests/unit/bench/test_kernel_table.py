@@ -37,6 +37,34 @@ def test_per_layer_table_is_the_depth_difference():
     assert text.splitlines()[0] == "per layer: forward+backward 0.10 ms, optimizer 0.04 ms of device time"
 
 
+def test_a_kernel_the_profiler_also_hands_to_a_runtime_call_counts_once():
+    """As an H100 profile had it: the LM head's backward GEMM listed under its op and under cudaStreamIsCapturing,
+    which counted it twice; a kernel that only a runtime call lists is still counted, as "(no op)"."""
+    from types import SimpleNamespace
+
+    from qwen_moe_ft.bench.kernel_table import MARK_PREFIX, phase_table
+    from torch.autograd import DeviceType
+
+    def span(start, us=0.0):
+        return SimpleNamespace(start=start, elapsed_us=lambda: us)
+
+    def cpu(name, start, kernels=(), parent=None):
+        return SimpleNamespace(name=name, device_type=DeviceType.CPU, time_range=span(start), cpu_parent=parent,
+                               kernels=[SimpleNamespace(name=k, duration=us) for k, us in kernels])
+
+    def device(name, start, us):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=span(start, us),
+                               is_user_annotation=False)
+
+    backward = cpu("autograd::engine::evaluate_function: MmBackward0", 5)
+    events = [backward, cpu("aten::mm", 10, [("gemm", 6000.0)], parent=backward),
+              cpu("cudaStreamIsCapturing", 11, [("gemm", 6000.0)]), cpu("cudaStreamWaitEvent", 20, [("memset", 2.0)]),
+              device("gemm", 12, 6000.0), device("memset", 21, 2.0), cpu(MARK_PREFIX + "forward_backward", 100)]
+    assert phase_table(events) == {
+        "bwd MmBackward0 > aten::mm | gemm": {"forward_backward": 6000.0, "optimizer": 0.0, "calls": 1},
+        "(no op) | memset": {"forward_backward": 2.0, "optimizer": 0.0, "calls": 1}}
+
+
 def test_profiler_bookkeeping_is_not_a_kernels_op():
     from types import SimpleNamespace
 
