@@ -117,18 +117,18 @@ HOPPER_CONFIGS = {
     "input_grads": dict(tile_m=192, tile_n=128, pingpong=True, cluster_m=1, cluster_n=2),
 }
 # GEMMs that keep quack's default tile config on Hopper but hand its tiles out at run time (quack's dynamic persistent
-# scheduler): the gate/up GEMM, whose gathered rows make its tiles' times uneven, ran 822 against 940 us at that shape
-# on an H100 80GB (docs/benchmark-history.md, 536e7e5). The same tiles computed in another order: results unchanged.
+# scheduler): the gate/up GEMM, whose gathered rows make its tiles' times uneven, ran 850 against 936 us at that shape
+# on an H100 80GB (docs/benchmark-history.md, 5a01695). The same tiles computed in another order: results unchanged.
 HOPPER_DYNAMIC = frozenset({"gate_up"})
 
 
 @dataclass(frozen=True)
 class GemmOptions:
     """How quack picks its GEMM kernels: pinned=True takes HOPPER_CONFIGS and HOPPER_DYNAMIC on a Hopper GPU and
-    quack's default elsewhere; tuned=True autotunes each new problem shape instead (seconds to minutes, once a shape; packed batches
-    change the row count from step to step); dynamic_scheduler hands tiles to CTAs at run time instead of in a
-    fixed order (uneven experts); None leaves each GEMM quack's own default (on for gemm_dgated, off for the
-    others)."""
+    quack's default elsewhere; tuned=True autotunes each new problem shape instead (seconds to minutes, once a shape;
+    packed batches change the row count from step to step); dynamic_scheduler hands tiles to CTAs at run time
+    instead of in a fixed order (uneven experts); None leaves each GEMM quack's own default (on for gemm_dgated, off
+    for the others) but for HOPPER_DYNAMIC's where pinned."""
     pinned: bool = True
     tuned: bool = False
     dynamic_scheduler: bool | None = None
