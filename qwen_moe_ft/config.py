@@ -155,7 +155,7 @@ class FastPathConfig:
                                "gather and SwiGLU fused (Hopper+, pip install 'qwen-moe-ft[flash4]'); auto: quack "
                                "where it runs", choices=("auto", "torch", "quack"))
     # triton_hidden_norms, fused_attention_inputs and quack_scored_combine pass their GPU tests but did not make the
-    # step measurably faster (BENCHMARKS.md; docs/benchmark-history.md, c15cdd2): left out, fewer kernels of our own
+    # step measurably faster (BENCHMARKS.md; docs/benchmark-history.md, 5a01695): left out, fewer kernels of our own
     # in the default step
     skip: str = _opt("triton_hidden_norms,fused_attention_inputs,quack_scored_combine",
                      "comma list of fast-path patches to leave out, by the names the startup line gives (those that "

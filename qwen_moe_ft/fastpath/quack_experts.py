@@ -18,7 +18,7 @@ configs (HOPPER_CONFIGS) and the gate/up GEMM quack's dynamic tile scheduler (HO
 no config, so those go through gemm_tuned.fn, the function its own untuned path calls (_gemm): an internal of quack
 0.6.5, hence the exact version check, and the GPU test runs the chain pinned and unpinned.
 
-With quack_scored_combine (left out by default: no faster in the step, docs/benchmark-history.md, c15cdd2) the
+With quack_scored_combine (left out by default: slower in the step, docs/benchmark-history.md, 5a01695) the
 combine moves into the chain too (scored_gathered_swiglu_experts, replacing deepspeed's fused_weighted_restore after
 it): the routing scores and their gradient go into SwiGLU's backward GEMM epilogue (quack's colvec scale and reduce)
 and the tokens' output gradient is gathered in the GEMMs' operand loads, so no expert output row is kept for the
