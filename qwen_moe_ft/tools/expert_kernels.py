@@ -11,8 +11,9 @@ grouped GEMM; the combine is the same for every candidate and left out):
   folded into the gate/up GEMM's operand load, SwiGLU into its epilogue and its backward into the down projection's
   input-gradient GEMM (the kernels sonic-moe builds on).
 quack's variants: the tile configs and scheduler the fast path pins on Hopper (quack_experts.HOPPER_CONFIGS and
-HOPPER_DYNAMIC), quack's own defaults, its dynamic tile scheduler on every GEMM, and with --tune its autotuner (first call's time reported: the
-tuning; QUACK_PRINT_AUTOTUNING=1 prints the config it picks for each GEMM, which is how HOPPER_CONFIGS were found).
+HOPPER_DYNAMIC), quack's own defaults, its dynamic tile scheduler on every GEMM, and with --tune its autotuner (first
+call's time reported: the tuning; QUACK_PRINT_AUTOTUNING=1 prints the config it picks for each GEMM, which is how
+HOPPER_CONFIGS were found).
 (The norms' kernels, with host time as well: `python -m qwen_moe_ft.tools.op_costs`.)
 With the combine (`--only combine`): quack's chain followed by AutoEP's weighted combine, what the step runs,
 against the chain with the combine inside (`quack_scored_combine`), each against the torch chain and the combine in
