@@ -222,7 +222,8 @@ class Trainer:
                                   z_coef=cfg.router.z_loss_coef)
         self.fast_path.install(self.engine, adam_states=cfg.fastpath.adam_states,
                                gate_up_recompute=cfg.fastpath.gate_up_recompute,
-                               expert_kernels=cfg.fastpath.expert_kernels)
+                               expert_kernels=cfg.fastpath.expert_kernels,
+                               master_weights=cfg.fastpath.master_weights)
 
     def _setup_logging(self):
         """Metrics (the line, metrics.jsonl, the tracker), the peak FLOPs MFU is taken against, and the startup

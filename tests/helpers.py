@@ -103,6 +103,34 @@ def max_rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def bf16_bracket(x):
+    """Per fp32 element: the bf16 value next to it towards zero (itself where bf16 holds it) and the one after
+    that away from zero, as fp32."""
+    import torch
+
+    toward = x.view(torch.int32) & -65536
+    return toward.view(torch.float32), (toward + 65536).view(torch.float32)
+
+
+def assert_unbiased_rounding(exact, rounded) -> None:
+    """Each of `rounded` (bf16) is one of the two bf16 values around its `exact` (fp32) one, the upper as often as
+    it is near: the sum of the rounding errors is within 6 standard deviations of 0 (a Bernoulli sum's: the square
+    root of sum p(1-p) gap^2), among the values nearer the lower neighbour and among the others (round-to-nearest
+    errs one way in each)."""
+    import torch
+
+    below, above = bf16_bracket(exact)
+    rounded = rounded.float()
+    assert torch.all((rounded == below) | (rounded == above))
+    held = below == exact  # bf16 holds it: no noise may move it
+    assert torch.equal(rounded[held], exact[held])
+    gap = (above - below).double()
+    p = ((exact - below).double() / gap).abs()
+    error = rounded.double().abs() - exact.double().abs()  # away from zero: so is "upper" for either sign
+    for half in (p < 0.5, p >= 0.5):
+        assert abs(error[half].sum().item()) < 6 * (p * (1 - p) * gap**2)[half].sum().sqrt().item()
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]

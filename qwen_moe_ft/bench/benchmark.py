@@ -106,6 +106,7 @@ def _run_ours(args, batches):
                          fused_kernels=args.fused_kernels if args.stack == "ours" else "auto",
                          gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
                          expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
+                         master_weights=args.master_weights if args.stack == "ours" else "fp32",
                          router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
                          fast_path="on" if args.stack == "ours" else "off", **_skip_option(args), **_lora_options(args))
     trainer = Trainer(cfg)
@@ -551,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-up-recompute", action="store_true",
                         help="our stack rebuilds the gate/up concat in backward")
     parser.add_argument("--adam-states", default="bf16", choices=("bf16", "fp32"), help="Adam moments of our stack")
+    parser.add_argument("--master-weights", default="fp32", choices=("fp32", "bf16"),
+                        help="master weights of our stack (bf16: the weights themselves, rounded stochastically)")
     parser.add_argument("--expert-kernels", default="auto", choices=("auto", "torch", "quack"),
                         help="experts of our stack")
     parser.add_argument("--fast-path-skip", default=None, help="our stack's --fast-path-skip (patches left out; "
@@ -582,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.runs < 1:
         raise SystemExit(f"--runs {args.runs}: at least 1")
+    if args.lora and args.master_weights == "bf16":
+        raise SystemExit("--master-weights bf16 is for full fine-tuning: drop it or --lora")
     depths = tuple(int(d) for d in args.layers.split(","))
     results, failures = [], []
     for run, stack, depth in ((r, s, d) for r in range(args.runs) for s in args.stacks.split(",") for d in depths):

@@ -12,7 +12,8 @@ The order matters, and is this:
  2. one_pass_grad_norm         (grad_norm.py) the step's norm and overflow check
  3. grads_in_place             (zero_step.py) its gradient hook takes norms in the backward for 2
  4. one_pass_adamw             (zero_step.py, adamw.py) replaces the wrapped AdamW before its first step
-    master_low_bits            (master_bits.py) 4's fp32 masters as the bf16 weights' low bits (full fine-tuning)
+    master_low_bits            (master_bits.py) 4's fp32 masters as the bf16 weights' low bits (full fine-tuning),
+    or bf16_master_weights     the bf16 weights alone as the masters, rounded stochastically (--master-weights bf16)
  5. clip_in_adam               (zero_step.py) only where 4 is refused
     step_overlap               (step_overlap.py) 4's updates on a side stream, stage by stage beside the next
                                forward (full fine-tuning)
@@ -108,9 +109,12 @@ class FastPath:
         return model, choice
 
     def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False,
-                expert_kernels: str = "auto") -> list[Applied]:
+                expert_kernels: str = "auto", master_weights: str = "fp32") -> list[Applied]:
         """Patch the DeepSpeed engine's ZeRO optimizer and its AutoEP modules, in the order above."""
         if not self.on:
+            if master_weights == "bf16":
+                raise ConfigError(f"--master-weights bf16: the fast path is off ({self.off_because}); its masters are "
+                                  "the fast path's, use --master-weights fp32")
             return []
         import torch
 
@@ -129,11 +133,21 @@ class FastPath:
         state = self._zero_state = ZeroState(engine.optimizer)
         self.applied += [lean_grad_checks(state), keep_unreduced_grads_in_place(state),
                          fuse_adam_step(state, torch.bfloat16 if adam_states == "bf16" else torch.float32)]
+        if master_weights == "bf16" and not state.fused_step:
+            raise ConfigError(f"--master-weights bf16 needs one_pass_adamw: {self.applied[-1].refused}; use "
+                              "--master-weights fp32")
         if state.fused_step:
+            from .master_bits import RoundedMasters
             from .step_overlap import overlap_step_with_forward
 
-            self.applied.append(self._unless_skipped("master_low_bits",
-                                                     lambda: self._master_bits(state, engine.module)))
+            if master_weights == "bf16":
+                rounded = self._master_bits(state, engine.module, RoundedMasters)
+                if not rounded:
+                    raise ConfigError(f"--master-weights bf16: {rounded.refused}; use --master-weights fp32")
+                self.applied.append(rounded)
+            else:
+                self.applied.append(self._unless_skipped("master_low_bits",
+                                                         lambda: self._master_bits(state, engine.module)))
             self.applied.append(self._unless_skipped("step_overlap",
                                                      lambda: overlap_step_with_forward(state, engine.module)))
         else:
@@ -160,10 +174,10 @@ class FastPath:
                                                  lambda: fused_attention_inputs(engine.module, device)))
         return self.applied
 
-    def _master_bits(self, state, model: nn.Module) -> Applied:
-        from .master_bits import keep_masters_as_low_bits
+    def _master_bits(self, state, model: nn.Module, kind=None) -> Applied:
+        from .master_bits import MasterBits, keep_masters_as_low_bits
 
-        applied, hook = keep_masters_as_low_bits(state, model)
+        applied, hook = keep_masters_as_low_bits(state, model, kind or MasterBits)
         if hook is not None:
             self._restore.append(hook.remove)
         return applied

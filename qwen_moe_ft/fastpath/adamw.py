@@ -9,7 +9,9 @@ parameter over four passes.
 `update` reads the bf16 gradient where ZeRO left it and writes the bf16 weight in the same pass. With
 bf16 moments (the default, as DeepSeek-V3 trains: fp32 master weights, bf16 AdamW moments) a parameter
 costs 20 bytes of traffic and 4 fewer bytes of memory; with the master kept as the bf16 weight and its low 16 bits
-(`low`, master_bits.py) 18 bytes and 2 fewer again.
+(`low`, master_bits.py) 18 bytes and 2 fewer again. With the bf16 weight as the master (`round_out`,
+--master-weights bf16) 14 bytes and 2 fewer again, at the cost of exactness: each update is computed in fp32 and
+rounded to bf16 stochastically, so it is right on average but not the fp32 master's to the bit.
 
 The moments are rounded to bf16 stochastically (unbiased): with round-to-nearest an EMA whose per-step
 change is below half a bf16 ulp (0.2%) would never move, e.g. v under beta2 = 0.999. The update itself
@@ -89,11 +91,11 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
-    def _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, offs, n, noise, decay,
-                       beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
-                       mirror_half, mirror_shift, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    def _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, offs, n, noise, weight_noise,
+                       decay, beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start,
+                       mirror_block, mirror_half, mirror_shift, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr,
                        HAS_MIRROR: tl.constexpr, MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       SPLIT: tl.constexpr, ROUND_WEIGHT: tl.constexpr):
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
@@ -102,6 +104,8 @@ if triton is not None:
             hi = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
             lo = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
             p = (((hi - (lo >= 0x8000).to(tl.int32)) << 16) | lo).to(tl.float32, bitcast=True)
+        elif ROUND_WEIGHT:  # the master is the bf16 weight in out_ptr itself
+            p = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -115,6 +119,8 @@ if triton is not None:
             lo = bits & 0xFFFF
             weight = ((bits >> 16) + (lo >= 0x8000).to(tl.int32)).to(tl.int16).to(tl.bfloat16, bitcast=True)
             tl.store(p_ptr + offs, lo.to(tl.int16), mask=mask)
+        elif ROUND_WEIGHT:
+            weight = _round_bf16(p, weight_noise)
         else:
             tl.store(p_ptr + offs, p, mask=mask)
             weight = p.to(out_ptr.dtype.element_ty)
@@ -141,7 +147,7 @@ if triton is not None:
                       beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt, mirror_start, mirror_block,
                       mirror_half, HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MIRROR: tl.constexpr,
                       MIRROR_ROW_PER_PROGRAM: tl.constexpr, ROUND_STATES: tl.constexpr, SPLIT: tl.constexpr,
-                      WIDE: tl.constexpr, BLOCK: tl.constexpr):
+                      ROUND_WEIGHT: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
         # A program's BLOCK elements are four quarters. One Philox draw (128 bits) per position in a quarter
         # gives the 16-bit noises of both moments of the four elements at that position, a quarter of the
         # integer work of a draw per element, which used 32 of its 128 bits. The draw's counter is the
@@ -159,21 +165,25 @@ if triton is not None:
             r0, r1, r2, r3 = tl.philox(seed, low, (counter >> 32).to(tl.int32), low * 0, low * 0)
         else:  # no rounding, no noise
             r0, r1, r2, r3 = low, low, low, low
+        if ROUND_WEIGHT:  # a second draw (third counter word 1): 16 bits of each of its words per weight
+            w0, w1, w2, w3 = tl.philox(seed, low, (counter >> 32).to(tl.int32), low * 0 + 1, low * 0)
+        else:
+            w0, w1, w2, w3 = low, low, low, low
         # where no program's elements cross a row of the mirror, the row is found once per program: a 64-bit
         # division per element is dozens of instructions
         mirror_shift = ((start + mirror_start) // mirror_block + mirror_half) * mirror_block
         for k in tl.static_range(4):
-            noise = r0
+            noise, weight_noise = r0, w0
             if k == 1:
-                noise = r1
+                noise, weight_noise = r1, w1
             elif k == 2:
-                noise = r2
+                noise, weight_noise = r2, w2
             elif k == 3:
-                noise = r3
+                noise, weight_noise = r3, w3
             _adamw_quarter(g_ptr, p_ptr, m_ptr, v_ptr, out_ptr, scale_ptr, mirror_ptr, start + k * QUARTER + lane,
-                           n, noise, decay, beta1_weight, beta2, beta2_weight, eps, step_size, inv_bc2_sqrt,
-                           mirror_start, mirror_block, mirror_half, mirror_shift, HAS_OUT, HAS_SCALE, HAS_MIRROR,
-                           MIRROR_ROW_PER_PROGRAM, ROUND_STATES, SPLIT)
+                           n, noise, weight_noise >> 16, decay, beta1_weight, beta2, beta2_weight, eps, step_size,
+                           inv_bc2_sqrt, mirror_start, mirror_block, mirror_half, mirror_shift, HAS_OUT, HAS_SCALE,
+                           HAS_MIRROR, MIRROR_ROW_PER_PROGRAM, ROUND_STATES, SPLIT, ROUND_WEIGHT)
 
 
 def _coalesced(grads: list[torch.Tensor], mirrors: list[Mirror | None]):
@@ -257,27 +267,35 @@ class MasterAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def update(self, group: dict, param: torch.Tensor, grads: list[torch.Tensor], *, out: torch.Tensor | None = None,
                grad_scale: torch.Tensor | None = None, group_index: int = 0,
-               mirrors: list[Mirror | None] | None = None, low: torch.Tensor | None = None) -> None:
+               mirrors: list[Mirror | None] | None = None, low: torch.Tensor | None = None,
+               round_out: bool = False) -> None:
         """One AdamW step of `param` (fp32, contiguous) with gradient `grads` (1-D pieces laid end to end
         from the start of param; elements past their end are left alone), dividing the gradient by
         `grad_scale` (a one-element tensor) if given, and writing the new value also to `out` if given and
         to each piece's Mirror in `mirrors` (one entry per piece, None for none). With `low` (int16, as many
         elements as param) the master weight is not param's values but bf16 `out` joined with `low`
-        (master_bits.py), and is written back the same way: param is then only the key of the moments."""
+        (master_bits.py), and is written back the same way; with `round_out` the master is bf16 `out` itself, each new
+        value rounded to bf16 stochastically (unbiased: a change below half a bf16 ulp still moves the weight, as often
+        as its size says). With either, param is only the key of the moments."""
         for piece in self.plan(group, param, grads, out=out, grad_scale=grad_scale, group_index=group_index,
-                               mirrors=mirrors, low=low):
+                               mirrors=mirrors, low=low, round_out=round_out):
             piece.run()
 
     @torch.no_grad()
     def plan(self, group: dict, param: torch.Tensor, grads: list[torch.Tensor], *, out: torch.Tensor | None = None,
              grad_scale: torch.Tensor | None = None, group_index: int = 0,
-             mirrors: list[Mirror | None] | None = None, low: torch.Tensor | None = None) -> list[PieceUpdate]:
+             mirrors: list[Mirror | None] | None = None, low: torch.Tensor | None = None,
+             round_out: bool = False) -> list[PieceUpdate]:
         """update's launches, not yet run: the step is counted now, and running every PieceUpdate once, in
         any order and on any streams, is that update."""
         if low is not None and (out is None or out.dtype != torch.bfloat16 or low.dtype != torch.int16
                                 or low.numel() != param.numel() or out.numel() != param.numel()):
             raise ValueError("a master kept as low bits needs `out` in bf16 and `low` in int16, both of the "
                              f"parameter's {param.numel()} elements")
+        if round_out and (low is not None or out is None or out.dtype != torch.bfloat16
+                          or out.numel() != param.numel()):
+            raise ValueError("a master kept as the rounded bf16 weight needs `out` in bf16, of the parameter's "
+                             f"{param.numel()} elements, and no `low`")
         state = self._state_of(param)
         state["step"] += 1
         step = int(state["step"])
@@ -286,8 +304,9 @@ class MasterAdamW(torch.optim.Optimizer):
         scalars = dict(decay=1.0 - lr * group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        step_size=lr / (1.0 - beta1**step), inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step))
         seed = _seed(step, group_index)
-        flat = {name: t.view(-1) for name, t in (("p", param if low is None else low), ("m", state["exp_avg"]),
-                                                 ("v", state["exp_avg_sq"]))}
+        # the launches tell the master's kind by what is in param's place: fp32, int16 low bits or the bf16 weight
+        master = low if low is not None else out if round_out else param
+        flat = {name: t.view(-1) for name, t in (("p", master), ("m", state["exp_avg"]), ("v", state["exp_avg_sq"]))}
         out_flat = out.view(-1) if out is not None else None
         if sum(g.numel() for g in grads) > param.numel():
             raise ValueError(f"gradient pieces hold more than the parameter's {param.numel()} elements")
@@ -313,6 +332,7 @@ class MasterAdamW(torch.optim.Optimizer):
         if n == 0:
             return
         split = p.dtype == torch.int16  # plan() put the master's low bits in p's place
+        rounded = p.dtype == torch.bfloat16  # or the bf16 weight itself (round_out)
         row_per_program = mirror is not None and mirror.start % KERNEL_BLOCK == 0 and mirror.block % KERNEL_BLOCK == 0
         wide = max(n, mirror.dst.numel() if mirror is not None else 0) + KERNEL_BLOCK >= 2**31
         _adamw_kernel[(triton.cdiv(n, KERNEL_BLOCK),)](
@@ -321,25 +341,29 @@ class MasterAdamW(torch.optim.Optimizer):
             1.0 - s["beta2"], s["eps"], s["step_size"], s["inv_bc2_sqrt"], mirror.start if mirror else 0,
             mirror.block if mirror else 1, mirror.half if mirror else 0, HAS_OUT=out is not None,
             HAS_SCALE=grad_scale is not None, HAS_MIRROR=mirror is not None, MIRROR_ROW_PER_PROGRAM=row_per_program,
-            ROUND_STATES=self.state_dtype == torch.bfloat16, SPLIT=split, WIDE=wide, BLOCK=KERNEL_BLOCK,
+            ROUND_STATES=self.state_dtype == torch.bfloat16, SPLIT=split, ROUND_WEIGHT=rounded, WIDE=wide,
+            BLOCK=KERNEL_BLOCK,
             num_warps=KERNEL_WARPS)
 
     def _torch_update(self, g, p, m, v, out, mirror, grad_scale, seed, offset, s):
         generator = torch.Generator(device=p.device)
         split = p.dtype == torch.int16  # plan() put the master's low bits in p's place
+        rounded = p.dtype == torch.bfloat16  # or the bf16 weight itself (round_out)
         for start in range(0, g.numel(), _TORCH_CHUNK):
             n = min(_TORCH_CHUNK, g.numel() - start)
             gc, pc, mc, vc = (t.narrow(0, start, n) for t in (g, p, m, v))
             if split:
                 low, pc = pc, join_master(out.narrow(0, start, n), pc)
+            elif rounded:
+                pc = pc.float()
             grad = gc.float()
             if grad_scale is not None:
                 grad = grad / grad_scale
             m32 = mc.float().lerp_(grad, 1.0 - s["beta1"])
             v32 = vc.float().mul_(s["beta2"]).addcmul_(grad, grad, value=1.0 - s["beta2"])
             pc.mul_(s["decay"]).addcdiv_(m32, v32.sqrt().mul_(s["inv_bc2_sqrt"]).add_(s["eps"]), value=-s["step_size"])
+            generator.manual_seed(seed * 4099 + (offset + start) // _TORCH_CHUNK)
             if self.state_dtype == torch.bfloat16:
-                generator.manual_seed(seed * 4099 + (offset + start) // _TORCH_CHUNK)
                 m32 = round_to_bf16_stochastic(m32, generator)
                 v32 = round_to_bf16_stochastic(v32, generator)
             mc.copy_(m32)
@@ -348,10 +372,12 @@ class MasterAdamW(torch.optim.Optimizer):
                 weight, bits = split_master(pc)
                 low.copy_(bits)
                 out.narrow(0, start, n).copy_(weight)
+            elif rounded:
+                out.narrow(0, start, n).copy_(round_to_bf16_stochastic(pc, generator))
             elif out is not None:
                 out.narrow(0, start, n).copy_(pc)
             if mirror is not None:
-                _write_mirror(mirror, start, out.narrow(0, start, n) if split else pc)
+                _write_mirror(mirror, start, out.narrow(0, start, n) if split or rounded else pc)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch's load puts new group dicts in place; an lr scheduler built on the optimizer this one

@@ -19,6 +19,11 @@ them, keeping the weight as it is (a weight DeepSpeed rounded to nearest-even fr
 ulp below the tie; ours always join back exactly). Reading the fp32 partitions or their hp fragments
 (deepspeed.utils.safe_get_full_fp32_param) without settle() reads released memory.
 
+`--master-weights bf16` goes one step further (RoundedMasters): the bf16 weight alone is the master, each update
+computed in fp32 and rounded stochastically (adamw.MasterAdamW with `round_out`), so nothing is kept beside it and the
+step moves 14 bytes a parameter; a reader of the fp32 partitions gets the weights widened. Not exact: chosen, never
+a default.
+
 Refused with LoRA (the factors are a small share of the step; their checkpoint reads each factor's fp32 master
 through DeepSpeed's hp fragments) and for fp32 weights. Guarded by tests/unit/fastpath/test_master_bits.py (the
 format against fp32 for every kind of value, MasterAdamW with and without it, DeepSpeed's step, save and load).
@@ -75,12 +80,18 @@ class MasterBits:
     """The low bits of each of a ZeRO optimizer's fp32 partitions, and whether those partitions are allocated
     (`live`) and whether they hold what the low bits do not yet (`_masters_lead`)."""
 
+    name, replaces = "master_low_bits", "DeepSpeedZeroOptimizer.single_partition_of_fp32_groups as master weights"
+
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.masters = optimizer.single_partition_of_fp32_groups
         self.low = [torch.empty(m.numel(), dtype=torch.int16, device=m.device) for m in self.masters]
         self.live = True
         self._masters_lead = True
+
+    def step_kwargs(self, i: int) -> dict:
+        """What MasterAdamW.plan takes to update group i's masters in this form."""
+        return {"low": self.low[i]}
 
     def weight(self, i: int) -> torch.Tensor:
         """This rank's bf16 partition of group i: the high half of its masters."""
@@ -93,11 +104,7 @@ class MasterBits:
     def release(self) -> None:
         """The low bits current and the fp32 partitions' memory given back (before a forward, and the step)."""
         if self._masters_lead:
-            for i, (master, low) in enumerate(zip(self.masters, self.low)):
-                weight = self.weight(i)
-                for start, n in _chunks(master.numel()):
-                    low.narrow(0, start, n).copy_(low_bits_keeping(master.view(-1).narrow(0, start, n),
-                                                                   weight.narrow(0, start, n)))
+            self._take_from_masters()
             self._masters_lead = False
         if self.live:
             for master in self.masters:
@@ -109,17 +116,46 @@ class MasterBits:
         """The fp32 partitions allocated again and equal to the weights joined with their low bits, for a reader."""
         if self.live:
             return
-        for i, (master, low) in enumerate(zip(self.masters, self.low)):
+        for i, master in enumerate(self.masters):
             master.untyped_storage().resize_(master.numel() * master.element_size())
-            weight, flat = self.weight(i), master.view(-1)
-            for start, n in _chunks(master.numel()):
-                flat.narrow(0, start, n).copy_(join_master(weight.narrow(0, start, n), low.narrow(0, start, n)))
+            self._write_master(i, master.view(-1))
         self.live = True
+
+    def _take_from_masters(self) -> None:
+        for i, (master, low) in enumerate(zip(self.masters, self.low)):
+            weight = self.weight(i)
+            for start, n in _chunks(master.numel()):
+                low.narrow(0, start, n).copy_(low_bits_keeping(master.view(-1).narrow(0, start, n),
+                                                               weight.narrow(0, start, n)))
+
+    def _write_master(self, i: int, flat: torch.Tensor) -> None:
+        weight, low = self.weight(i), self.low[i]
+        for start, n in _chunks(flat.numel()):
+            flat.narrow(0, start, n).copy_(join_master(weight.narrow(0, start, n), low.narrow(0, start, n)))
 
     def written(self) -> None:
         """Something wrote the (settled) fp32 partitions: the next release takes the low bits from them."""
         assert self.live, "the fp32 masters were written while released"
         self._masters_lead = True
+
+
+class RoundedMasters(MasterBits):
+    """The bf16 weights are the masters (--master-weights bf16): nothing is kept beside them."""
+
+    name, replaces = "bf16_master_weights", "DeepSpeedZeroOptimizer.single_partition_of_fp32_groups as master weights"
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self.low = None
+
+    def step_kwargs(self, i: int) -> dict:
+        return {"round_out": True}
+
+    def _take_from_masters(self) -> None:
+        pass  # whatever wrote the fp32 masters wrote the weights as their rounding too, and those are the masters now
+
+    def _write_master(self, i: int, flat: torch.Tensor) -> None:
+        flat.copy_(self.weight(i))
 
 
 def settled(state, method, writes: bool):
@@ -139,13 +175,14 @@ def _own_storage(master: torch.Tensor) -> bool:
             and master.untyped_storage().nbytes() == master.numel() * master.element_size())
 
 
-def keep_masters_as_low_bits(state, model: nn.Module) -> tuple[Applied, object | None]:
-    """Have the one-pass step (fuse_adam_step, installed first) keep the masters as low bits (state.master_bits)
-    and wrap DeepSpeed's readers and writers of the fp32 partitions; returns the Applied and the forward pre-hook's
-    handle (None where refused)."""
+def keep_masters_as_low_bits(state, model: nn.Module, kind: type[MasterBits] = MasterBits
+                             ) -> tuple[Applied, object | None]:
+    """Have the one-pass step (fuse_adam_step, installed first) keep the masters as low bits (state.master_bits),
+    or as the bf16 weights alone (kind RoundedMasters), and wrap DeepSpeed's readers and writers of the fp32
+    partitions; returns the Applied and the forward pre-hook's handle (None where refused)."""
     from .step_overlap import mostly_frozen
 
-    name, replaces = "master_low_bits", "DeepSpeedZeroOptimizer.single_partition_of_fp32_groups as master weights"
+    name, replaces = kind.name, kind.replaces
     optimizer = state.optimizer
     refused = ("needs one_pass_adamw" if not state.fused_step
                else f"{optimizer.dtype} weights" if optimizer.dtype != torch.bfloat16
@@ -154,7 +191,7 @@ def keep_masters_as_low_bits(state, model: nn.Module) -> tuple[Applied, object |
                if not all(_own_storage(m) for m in optimizer.single_partition_of_fp32_groups) else "")
     if refused:
         return Applied(name, replaces, refused), None
-    bits = state.master_bits = MasterBits(optimizer)
+    bits = state.master_bits = kind(optimizer)
     for method, writes in (("state_dict", False), ("load_state_dict", True), ("refresh_fp32_params", True),
                            ("update_lp_params", True)):
         setattr(optimizer, method, settled(state, getattr(optimizer, method), writes))

@@ -108,7 +108,7 @@ def _fused_step(state: ZeroState, deepspeed_step) -> None:
         owners = _whole_group_owners(state, i, grads)
         pieces = adam.plan(group, master, grads, out=optimizer.parallel_partitioned_bit16_groups[i][partition_id],
                            grad_scale=divisor, group_index=i, mirrors=_gate_up_mirrors(state, i, owners, written),
-                           low=bits.low[i] if bits is not None else None)
+                           **(bits.step_kwargs(i) if bits is not None else {}))
         # a group all-gathered over several ranks (owners None) is complete before the all-gather below, on this stream
         if overlap is not None and owners is not None:
             pieces, stages = split_by_stage(pieces, owners, overlap.stage_of)

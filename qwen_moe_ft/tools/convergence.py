@@ -1,4 +1,5 @@
-"""Do bf16 Adam moments train as well as fp32 ones? Loss curves of three optimizers on the same data, one GPU.
+"""Do bf16 Adam moments (and bf16 master weights) train as well as fp32 ones? Loss curves of optimizers on the same
+data, one GPU.
 
     python -m qwen_moe_ft.tools.convergence --steps 500 [--layers 4] [--out convergence.json]
     python -m qwen_moe_ft.tools.convergence --plot convergence.json [--png convergence.png]
@@ -6,6 +7,8 @@
 Runs, each in a fresh subprocess on the Qwen3-30B-A3B shape cut to --layers (random init, seeded):
 - `ours_bf16`: our trainer, fast path, AdamW moments in bf16 (the default);
 - `ours_fp32`: the same with fp32 moments;
+- `ours_bf16_masters`: bf16 moments and the bf16 weights as the masters, rounded stochastically
+  (`--master-weights bf16`);
 - `hf_adamw`: transformers' model (grouped_mm experts, our packed attention) with fp32 master weights and
   torch's fused AdamW in fp32, the mixed-precision reference.
 Same packed batches, learning-rate schedule, betas, clipping and seed; no router losses (the curves compare the
@@ -31,7 +34,9 @@ from ..lr_schedule import lr_lambda
 from ..bench.benchmark import document_lengths
 from ..bench.harness import tool_parser
 
-RUNS = ("ours_bf16", "ours_fp32", "hf_adamw")
+# our runs' (adam_states, master_weights)
+OURS = {"ours_bf16": ("bf16", "fp32"), "ours_fp32": ("fp32", "fp32"), "ours_bf16_masters": ("bf16", "bf16")}
+RUNS = (*OURS, "hf_adamw")
 BETAS, EPS, GRAD_CLIP, MIN_LR_RATIO = (0.9, 0.95), 1e-8, 1.0, 0.1
 
 
@@ -80,7 +85,7 @@ def _ours(args, batches):
     cfg = trainer_config(args.model, args.layers, args.tokens, args.attn, len(batches), args.scratch, args.seed,
                          lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=MIN_LR_RATIO, adam_beta1=BETAS[0],
                          adam_beta2=BETAS[1], adam_eps=EPS, grad_clip=GRAD_CLIP, router_aux_loss_coef=0.0,
-                         adam_states="bf16" if args.run == "ours_bf16" else "fp32")
+                         adam_states=OURS[args.run][0], master_weights=OURS[args.run][1])
     trainer = Trainer(cfg)
     trainer.engine.train()
     for i, docs in enumerate(batches):

@@ -49,6 +49,9 @@ def test_unknown_recipe_key_is_named(tmp_path):
         (["--checkpoint-layers", "half", "--activation-checkpointing", "true"], "--checkpoint-layers: got 'half'"),
         (["--checkpoint-layers", "auto"], "--checkpoint-layers: chooses how many layers --activation-checkpointing"),
     (["--checkpoint-layers", "2"], "--checkpoint-layers: chooses how many layers --activation-checkpointing"),
+    (["--master-weights", "bf16", "--fast-path", "off"], "--master-weights: .* or --fast-path on"),
+    (["--master-weights", "bf16", "--lora", "true"], "--master-weights: bf16 masters .* full fine-tuning"),
+    (["--master-weights", "bf16", "--dtype", "fp32"], "--master-weights: bf16 masters .* of bf16 weights"),
 ])
 def test_bad_options_name_the_option(argv, option):
     with pytest.raises(ConfigError, match=option):

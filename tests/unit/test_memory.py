@@ -45,6 +45,10 @@ def test_masters_kept_as_low_bits_where_the_fast_path_keeps_them():
     assert fp32.total - low.total == 2 * (dense + expert) / 8
     lora = (estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, lora_rank=16, low_bit_masters=b) for b in (False, True))
     assert len({e.total for e in lora}) == 1  # LoRA keeps fp32 masters
+    bf16 = workload(TrainConfig.from_flat(master_weights="bf16"))
+    assert bf16.bf16_masters and not bf16.low_bit_masters
+    rounded = estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, bf16_masters=True)
+    assert fp32.zero2_states - rounded.zero2_states == 4 * (dense + expert) / 8  # no master kept beside the weight
 
 
 def test_parameter_count_is_qwen3_30b_a3b():

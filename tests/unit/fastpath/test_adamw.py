@@ -3,6 +3,7 @@ gradient taken in pieces with a bf16 copy written out, and (on a GPU) the Triton
 import pytest
 import torch
 
+from helpers import assert_unbiased_rounding, bf16_bracket
 from qwen_moe_ft.fastpath.adamw import MasterAdamW, Mirror, round_to_bf16_stochastic, triton
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -122,9 +123,10 @@ def test_triton_kernel_matches_the_torch_path_with_fp32_moments():
 
 @pytest.mark.gpu
 @needs_triton
+@pytest.mark.parametrize("round_out", [False, True], ids=["fp32_masters", "bf16_masters"])
 @pytest.mark.parametrize("inter", [96, 128])  # rows of 6144 elements, or whole blocks of the kernel's (4096)
-def test_triton_kernel_writes_the_mirror_as_the_torch_path(inter):
-    out, concat, shape = _mirrored_update("cuda", experts=8, inter=inter, hidden=64)
+def test_triton_kernel_writes_the_mirror_as_the_torch_path(inter, round_out):
+    out, concat, shape = _mirrored_update("cuda", experts=8, inter=inter, hidden=64, round_out=round_out)
     w = shape[0] * shape[1] * shape[2]
     assert torch.equal(concat, torch.cat([out[:w].view(shape), out[w:2 * w].view(shape)], dim=1))
 
@@ -241,14 +243,15 @@ def test_planned_launches_run_in_any_order_are_the_update(monkeypatch):
         assert torch.equal(ours, theirs)
 
 
-def _mirrored_update(device, experts=3, inter=5, hidden=4, steps=2):
+def _mirrored_update(device, experts=3, inter=5, hidden=4, steps=2, round_out=False):
     """A partition [w1 | w3 | bias] of gate/up weights ([experts, inter, hidden] each) updated with w1 and w3
-    mirrored into their concatenation, w3's gradient in two pieces split inside a row; (bf16 out, mirror)."""
+    mirrored into their concatenation, w3's gradient in two pieces split inside a row; (bf16 out, mirror). With
+    `round_out` the bf16 out is the master."""
     block = inter * hidden
     w = experts * block
     torch.manual_seed(0)
     param = torch.randn(2 * w + 7, device=device)
-    out = torch.zeros(2 * w + 7, dtype=torch.bfloat16, device=device)
+    out = param.bfloat16() if round_out else torch.zeros(2 * w + 7, dtype=torch.bfloat16, device=device)
     concat = torch.zeros(experts, 2 * inter, hidden, dtype=torch.bfloat16, device=device)
     adam = MasterAdamW([param], **HYPER, state_dtype=torch.float32)
     split = block + 3
@@ -257,18 +260,109 @@ def _mirrored_update(device, experts=3, inter=5, hidden=4, steps=2):
     for _ in range(steps):
         grad = torch.randn(2 * w + 7, device=device).bfloat16()
         adam.update(adam.param_groups[0], param, list(grad.split([w, split, w - split, 7])), out=out,
-                    mirrors=mirrors)
+                    mirrors=mirrors, round_out=round_out)
     return out, concat, (experts, inter, hidden)
 
 
-def test_mirror_holds_the_gate_up_concatenation_of_the_bf16_weights(monkeypatch):
+@pytest.mark.parametrize("round_out", [False, True], ids=["fp32_masters", "bf16_masters"])
+def test_mirror_holds_the_gate_up_concatenation_of_the_bf16_weights(monkeypatch, round_out):
     import qwen_moe_ft.fastpath.adamw as adamw
 
     monkeypatch.setattr(adamw, "_TORCH_CHUNK", 7)  # chunks that start and end inside rows
-    out, concat, shape = _mirrored_update("cpu")
+    out, concat, shape = _mirrored_update("cpu", round_out=round_out)
     w = shape[0] * shape[1] * shape[2]
     expected = torch.cat([out[:w].view(shape), out[w:2 * w].view(shape)], dim=1)
     assert torch.equal(concat, expected)
     with pytest.raises(ValueError, match="1 mirrors for 2 gradient pieces"):
         MasterAdamW([torch.zeros(4)]).update({"lr": 1.0, "betas": (0.9, 0.9), "eps": 1e-8, "weight_decay": 0.0},
                                              torch.zeros(4), [torch.ones(2), torch.ones(2)], mirrors=[None])
+
+
+def _bf16_master_step(device: str, n: int, state_dtype=torch.float32, steps: int = 1, **hyper):
+    """(fp32 masters, bf16 masters, moments of each, the gradients) after `steps` updates from the same bf16 weights
+    and gradients: MasterAdamW on fp32 masters, and with the bf16 weights as the masters (round_out)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, generator=generator).bfloat16().to(device)
+    grads = [torch.randn(n, generator=generator).bfloat16().to(device) for _ in range(steps)]
+    hyper = {**HYPER, **hyper}
+    master, key, rounded = weight.float(), torch.empty(n, device=device), weight.clone()
+    fp32_adam = MasterAdamW([master], **hyper, state_dtype=state_dtype)
+    bf16_adam = MasterAdamW([key], **hyper, state_dtype=state_dtype)
+    for grad in grads:
+        fp32_adam.update(fp32_adam.param_groups[0], master, [grad[: n // 3], grad[n // 3:]])
+        bf16_adam.update(bf16_adam.param_groups[0], key, [grad[: n // 3], grad[n // 3:]], out=rounded,
+                         round_out=True)
+    return master, rounded, fp32_adam.state[master], bf16_adam.state[key], grads
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_masters_take_a_neighbour_of_the_fp32_masters_update_unbiased(state_dtype):
+    master, rounded, fp32_state, bf16_state, _ = _bf16_master_step("cpu", 300_000, state_dtype)
+    assert_unbiased_rounding(master, rounded)
+    assert (rounded.float() != master).float().mean() > 0.99  # the update lands between bf16 values
+    for key in ("exp_avg", "exp_avg_sq"):  # the moments do not depend on the master
+        assert torch.equal(bf16_state[key], fp32_state[key])
+
+
+def test_bf16_masters_move_by_updates_under_half_an_ulp():
+    """lr 2**-10 on weights at 1.0 (bf16 spacing 2**-8 below it): round-to-nearest bf16 weights would never move.
+    Rounded stochastically, 32 steps move them as far on average as fp32 masters do."""
+    assert torch.tensor(1.0 - 2**-10).bfloat16().item() == 1.0  # the premise
+    n = 100_000
+    key, weight = torch.empty(n), torch.ones(n, dtype=torch.bfloat16)
+    adam = MasterAdamW([key], lr=2**-10, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, state_dtype=torch.float32)
+    for _ in range(32):
+        adam.update(adam.param_groups[0], key, [torch.ones(n)], out=weight, round_out=True)
+    # fp32 masters: 1 - 32 * 2**-10 (constant gradient: each bias-corrected step is lr). Each element's 32 roundings
+    # add independent errors of at most one spacing (2**-8): sd <= sqrt(32) * 2**-8 / 2, over n elements ~4.5e-5
+    assert weight.float().mean().item() == pytest.approx(1 - 32 * 2**-10, abs=3e-4)
+    assert weight.float().std().item() > 2**-9  # and each weight its own way
+
+
+def test_bf16_masters_need_a_bf16_out_of_the_parameters_size_and_no_low_bits():
+    key = torch.zeros(10)
+    adam = MasterAdamW([key], **HYPER)
+    for out, low in ((None, None), (torch.zeros(10), None), (torch.zeros(9, dtype=torch.bfloat16), None),
+                     (torch.zeros(10, dtype=torch.bfloat16), torch.zeros(10, dtype=torch.int16))):
+        with pytest.raises(ValueError, match="rounded bf16 weight needs `out` in bf16"):
+            adam.update(adam.param_groups[0], key, [torch.randn(10)], out=out, low=low, round_out=True)
+
+
+def _rounded_up(exact: torch.Tensor, rounded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each value was rounded to the upper of its two bf16 neighbours, the chance it had of that)."""
+    below, above = bf16_bracket(exact)
+    return rounded.float() == above, ((exact - below) / (above - below)).abs()
+
+
+def _noise_correlation(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Mean product of two roundings' residuals (up - chance): 0 in expectation for independent noise; each factor's
+    variance is at most 1/4, so the mean over n pairs has a standard error under 1 / (4 sqrt(n))."""
+    return ((a[0].double() - a[1].double()) * (b[0].double() - b[1].double())).mean().item()
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_triton_kernel_rounds_bf16_masters_unbiased_with_noise_of_their_own():
+    """3M elements in two pieces (launches of their own): the weights land unbiased around the fp32 masters' update;
+    the moments are those of fp32 masters bit for bit (the weights' draw leaves theirs alone); and the weights' noise
+    is independent of the moments' and of the other quarters' of a program's block (one draw serves four elements)."""
+    import qwen_moe_ft.fastpath.adamw as adamw
+
+    n = 3_000_000
+    master, rounded, fp32_state, bf16_state, (grad,) = _bf16_master_step("cuda", n, torch.bfloat16)
+    assert_unbiased_rounding(master, rounded)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(bf16_state[key], fp32_state[key])
+    weight = _rounded_up(master, rounded)
+    first_moment = grad.float() * torch.tensor(1.0 - HYPER["betas"][0], device="cuda")  # step 1 from zero moments
+    moment = _rounded_up(first_moment, bf16_state["exp_avg"])
+    free = (weight[1] > 0) & (moment[1] > 0)  # values bf16 does not hold: noise decides
+    pairs = int(free.sum())
+    assert pairs > n * 0.9
+    # standard error under 1 / (4 sqrt(2.7M)) = 1.5e-4: a shared draw would give ~0.05 here
+    assert abs(_noise_correlation(tuple(t[free] for t in weight), tuple(t[free] for t in moment))) < 1e-3
+    block = adamw.KERNEL_BLOCK
+    quarters = [t[:n // 3 // block * block].view(-1, 4, block // 4) for t in weight]
+    for k in (1, 2, 3):
+        assert abs(_noise_correlation((quarters[0][:, 0], quarters[1][:, 0]),
+                                      (quarters[0][:, k], quarters[1][:, k]))) < 2e-3  # SE under 4e-4 (250k pairs)

@@ -53,6 +53,22 @@ def test_install_applies_every_patch_in_order_and_names_them(process_group):
     assert not any(name.startswith(("qmf", "_qmf")) for name in vars(engine.optimizer))  # state is ours
 
 
+def test_bf16_master_weights_take_the_place_of_the_low_bits(process_group):
+    fast_path = FastPath()
+    applied = fast_path.install(_engine(), master_weights="bf16")
+    names = [a.name for a in applied]
+    assert "bf16_master_weights" in names and "master_low_bits" not in names
+    assert applied[names.index("bf16_master_weights")]
+    assert type(fast_path._zero_state.master_bits).__name__ == "RoundedMasters"
+
+
+def test_bf16_master_weights_where_they_cannot_be_kept_stop_the_run(process_group):
+    with pytest.raises(ConfigError, match=r"--master-weights bf16: torch.float32 weights; use --master-weights fp32"):
+        FastPath().install(_engine(torch.float32), master_weights="bf16")
+    with pytest.raises(ConfigError, match=r"--master-weights bf16: the fast path is off \(--fast-path off\)"):
+        FastPath(enabled=False).install(None, master_weights="bf16")
+
+
 @CPU_ONLY
 def test_quack_experts_asked_for_where_they_cannot_run_stop_the_run(process_group):
     with pytest.raises(ConfigError, match=r"--expert-kernels quack: .*use --expert-kernels auto or torch"):

@@ -1,13 +1,16 @@
 """fp32 master weights kept as the bf16 weight plus its low 16 bits: the format joins back to every finite fp32
 value bit for bit; MasterAdamW and DeepSpeed's ZeRO step with it keep the same fp32 masters as with fp32
 partitions; a skipped step, a save and a load on DeepSpeed's real optimizer (one CPU rank, gloo) read and write
-the fp32 masters they would have had."""
+the fp32 masters they would have had. The bf16 weights alone as the masters (RoundedMasters, --master-weights bf16):
+DeepSpeed's step lands each weight on a bf16 neighbour of its fp32 masters' update, unbiased; a save and a load
+resume it bit for bit."""
 import pytest
 import torch
 
-from helpers import zero_backward, zero_engine
+from helpers import assert_unbiased_rounding, zero_backward, zero_engine
 from qwen_moe_ft.fastpath.adamw import MasterAdamW, Mirror, triton
-from qwen_moe_ft.fastpath.master_bits import join_master, keep_masters_as_low_bits, low_bits_keeping, split_master
+from qwen_moe_ft.fastpath.master_bits import (MasterBits, RoundedMasters, join_master, keep_masters_as_low_bits,
+                                              low_bits_keeping, split_master)
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -149,10 +152,10 @@ def _masters(engine, state) -> list[torch.Tensor]:
     return [m.detach().clone() for m in engine.optimizer.single_partition_of_fp32_groups]
 
 
-def _low_bits_engine(**case):
+def _low_bits_engine(kind=MasterBits, **case):
     engine, state = zero_engine(fused_states=torch.bfloat16, **case)
-    applied, hook = keep_masters_as_low_bits(state, engine.module)
-    assert applied and hook is not None
+    applied, hook = keep_masters_as_low_bits(state, engine.module, kind)
+    assert applied and applied.name == kind.name and hook is not None
     return engine, state
 
 
@@ -177,13 +180,32 @@ def test_deepspeeds_step_with_low_bits_keeps_its_fp32_masters_and_releases_their
         assert torch.equal(engine.optimizer.parallel_partitioned_bit16_groups[i][0], split_master(master)[0])
 
 
-def test_a_save_and_a_load_resume_the_masters_bit_for_bit(process_group, tmp_path):
-    engine, state = _low_bits_engine()
+def test_deepspeeds_step_with_bf16_masters_lands_on_neighbours_of_its_fp32_masters(process_group):
+    # the first step skipped (DeepSpeed's own, on the settled masters: the weights widened), the second the same
+    # update from the same weights and gradients as the reference's, rounded stochastically instead of kept in fp32
+    reference, reference_state = zero_engine(fused_states=torch.bfloat16)
+    _train(reference, 2, poison_step=0)
+    engine, state = _low_bits_engine(RoundedMasters)
+    masters = engine.optimizer.single_partition_of_fp32_groups
+    assert all(m.untyped_storage().nbytes() == 0 for m in masters) and state.master_bits.low is None
+    _train(engine, 2, poison_step=0)
+    assert engine.skipped_steps == reference.skipped_steps == 1
+    assert all(m.untyped_storage().nbytes() == 0 for m in masters)
+    for i, (ours, theirs) in enumerate(zip(_masters(engine, state), _masters(reference, reference_state))):
+        weight = engine.optimizer.parallel_partitioned_bit16_groups[i][0]
+        assert torch.equal(ours, weight.float())  # a reader of the fp32 masters gets the weights
+        assert_unbiased_rounding(theirs, weight)
+        assert (weight.float() != theirs).float().mean() > 0.9  # most updates land between bf16 values
+
+
+@pytest.mark.parametrize("kind", [MasterBits, RoundedMasters], ids=["low_bits", "bf16_masters"])
+def test_a_save_and_a_load_resume_the_masters_bit_for_bit(process_group, tmp_path, kind):
+    engine, state = _low_bits_engine(kind)
     _train(engine, 2)
     engine.save_checkpoint(str(tmp_path), tag="two")  # DeepSpeed's state_dict settles the masters first
     _train(engine, 2)
     uninterrupted = _masters(engine, state)
-    resumed, resumed_state = _low_bits_engine()
+    resumed, resumed_state = _low_bits_engine(kind)
     resumed.load_checkpoint(str(tmp_path), tag="two")
     assert resumed_state.master_bits.live  # loaded into the fp32 masters: the next forward takes the bits
     _train(resumed, 2)
@@ -193,10 +215,11 @@ def test_a_save_and_a_load_resume_the_masters_bit_for_bit(process_group, tmp_pat
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("kind", [MasterBits, RoundedMasters], ids=["low_bits", "bf16_masters"])
 @pytest.mark.parametrize("case, reason", [
     (dict(dtype=torch.float32, fused_states=torch.float32), "float32 weights"),
     (dict(fused_states=torch.bfloat16, frozen=("embed", "lm_head", "self_attn")), "frozen")])
-def test_refused_for_fp32_weights_and_mostly_frozen_models(process_group, case, reason):
+def test_refused_for_fp32_weights_and_mostly_frozen_models(process_group, case, reason, kind):
     engine, state = zero_engine(**case)
-    applied, hook = keep_masters_as_low_bits(state, engine.module)
+    applied, hook = keep_masters_as_low_bits(state, engine.module, kind)
     assert not applied and hook is None and reason in applied.refused and state.master_bits is None
