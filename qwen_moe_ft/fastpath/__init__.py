@@ -175,9 +175,9 @@ class FastPath:
         return self.applied
 
     def _master_bits(self, state, model: nn.Module, kind=None) -> Applied:
-        from .master_bits import MasterBits, keep_masters_as_low_bits
+        from .master_bits import MasterBits, keep_masters_in_weights
 
-        applied, hook = keep_masters_as_low_bits(state, model, kind or MasterBits)
+        applied, hook = keep_masters_in_weights(state, model, kind or MasterBits)
         if hook is not None:
             self._restore.append(hook.remove)
         return applied

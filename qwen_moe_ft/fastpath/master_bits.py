@@ -85,9 +85,12 @@ class MasterBits:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.masters = optimizer.single_partition_of_fp32_groups
-        self.low = [torch.empty(m.numel(), dtype=torch.int16, device=m.device) for m in self.masters]
+        self.low = self._new_low_bits()
         self.live = True
         self._masters_lead = True
+
+    def _new_low_bits(self) -> list[torch.Tensor] | None:
+        return [torch.empty(m.numel(), dtype=torch.int16, device=m.device) for m in self.masters]
 
     def step_kwargs(self, i: int) -> dict:
         """What MasterAdamW.plan takes to update group i's masters in this form."""
@@ -144,9 +147,8 @@ class RoundedMasters(MasterBits):
 
     name, replaces = "bf16_master_weights", "DeepSpeedZeroOptimizer.single_partition_of_fp32_groups as master weights"
 
-    def __init__(self, optimizer):
-        super().__init__(optimizer)
-        self.low = None
+    def _new_low_bits(self) -> None:
+        return None
 
     def step_kwargs(self, i: int) -> dict:
         return {"round_out": True}
@@ -175,7 +177,7 @@ def _own_storage(master: torch.Tensor) -> bool:
             and master.untyped_storage().nbytes() == master.numel() * master.element_size())
 
 
-def keep_masters_as_low_bits(state, model: nn.Module, kind: type[MasterBits] = MasterBits
+def keep_masters_in_weights(state, model: nn.Module, kind: type[MasterBits] = MasterBits
                              ) -> tuple[Applied, object | None]:
     """Have the one-pass step (fuse_adam_step, installed first) keep the masters as low bits (state.master_bits),
     or as the bf16 weights alone (kind RoundedMasters), and wrap DeepSpeed's readers and writers of the fp32

@@ -9,7 +9,7 @@ import torch
 
 from helpers import assert_unbiased_rounding, zero_backward, zero_engine
 from qwen_moe_ft.fastpath.adamw import MasterAdamW, Mirror, triton
-from qwen_moe_ft.fastpath.master_bits import (MasterBits, RoundedMasters, join_master, keep_masters_as_low_bits,
+from qwen_moe_ft.fastpath.master_bits import (MasterBits, RoundedMasters, join_master, keep_masters_in_weights,
                                               low_bits_keeping, split_master)
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -154,7 +154,7 @@ def _masters(engine, state) -> list[torch.Tensor]:
 
 def _low_bits_engine(kind=MasterBits, **case):
     engine, state = zero_engine(fused_states=torch.bfloat16, **case)
-    applied, hook = keep_masters_as_low_bits(state, engine.module, kind)
+    applied, hook = keep_masters_in_weights(state, engine.module, kind)
     assert applied and applied.name == kind.name and hook is not None
     return engine, state
 
@@ -221,5 +221,5 @@ def test_a_save_and_a_load_resume_the_masters_bit_for_bit(process_group, tmp_pat
     (dict(fused_states=torch.bfloat16, frozen=("embed", "lm_head", "self_attn")), "frozen")])
 def test_refused_for_fp32_weights_and_mostly_frozen_models(process_group, case, reason, kind):
     engine, state = zero_engine(**case)
-    applied, hook = keep_masters_as_low_bits(state, engine.module, kind)
+    applied, hook = keep_masters_in_weights(state, engine.module, kind)
     assert not applied and hook is None and reason in applied.refused and state.master_bits is None
