@@ -357,9 +357,10 @@ def test_triton_kernel_rounds_bf16_masters_unbiased_with_noise_of_their_own():
     first_moment = grad.float() * torch.tensor(1.0 - HYPER["betas"][0], device="cuda")  # step 1 from zero moments
     moment = _rounded_up(first_moment, bf16_state["exp_avg"])
     free = (weight[1] > 0) & (moment[1] > 0)  # values bf16 does not hold: noise decides
-    pairs = int(free.sum())
-    assert pairs > n * 0.9
-    # standard error under 1 / (4 sqrt(2.7M)) = 1.5e-4: a shared draw would give ~0.05 here
+    # about a fifth of the moments are bf16 values: 0.1f is 1.6 x 2**-4, and g x 1.6 is one where g's 8-bit
+    # significand is a multiple of 5
+    assert int(free.sum()) > n * 0.7
+    # standard error under 1 / (4 sqrt(2.1M)) = 1.7e-4: a shared draw would give ~0.05 here
     assert abs(_noise_correlation(tuple(t[free] for t in weight), tuple(t[free] for t in moment))) < 1e-3
     block = adamw.KERNEL_BLOCK
     quarters = [t[:n // 3 // block * block].view(-1, 4, block // 4) for t in weight]
