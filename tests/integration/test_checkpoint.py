@@ -110,19 +110,22 @@ def test_bf16_moments_resume_at_another_layout(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_bf16_weights_resume_their_low_bit_masters_exactly_and_at_another_layout(tmp_path_factory):
-    """bf16 weights: the fast path keeps the fp32 masters as the weights' low 16 bits (master_low_bits), the dense
-    groups partitioned over both processes. Two processes at EP=2 run 3 steps saving after each; resuming step-1 at
-    that layout repeats steps 2 and 3 exactly (the checkpoint's fp32 masters were written out from the bits and taken
-    back into them); resuming it at one process goes through DeepSpeed's universal checkpoint, and its step 2 is the
-    saved run's to the reduction order."""
+@pytest.mark.parametrize("masters, applied", [("fp32", "master_low_bits"), ("bf16", "bf16_master_weights")])
+def test_bf16_weights_resume_their_low_bit_masters_exactly_and_at_another_layout(tmp_path_factory, masters, applied):
+    """bf16 weights: the fast path keeps the fp32 masters as the weights' low 16 bits (master_low_bits), or the
+    weights alone as the masters (--master-weights bf16), the dense groups partitioned over both processes. Two
+    processes at EP=2 run 3 steps saving after each; resuming step-1 at that layout repeats steps 2 and 3 exactly (the
+    checkpoint's fp32 masters were written out from the bits and taken back into them; the stochastic rounding's bits
+    follow the step and the partition position); resuming it at one process goes through DeepSpeed's universal
+    checkpoint, and its step 2 is the saved run's to the reduction order."""
     saved, same, other = (tmp_path_factory.mktemp(name) for name in ("bits_saved", "bits_same", "bits_other"))
-    run = [*FOUR_RANK_RUN, "--dtype", "bf16", "--adam-states", "fp32"]
-    proc = train(saved, *TWO_RANKS_EP2, "--dtype", "bf16", "--adam-states", "fp32", "--save-steps", "1",
-                 "--save-total-limit", "0")
-    assert "master_low_bits" in proc.stdout.split("refused")[0]  # applied, not refused
+    run = [*FOUR_RANK_RUN, "--dtype", "bf16", "--adam-states", "fp32", "--master-weights", masters]
+    proc = train(saved, *TWO_RANKS_EP2, "--dtype", "bf16", "--adam-states", "fp32", "--master-weights", masters,
+                 "--save-steps", "1", "--save-total-limit", "0")
+    assert applied in proc.stdout.split("refused")[0]  # applied, not refused
     step1 = str(saved / "checkpoints" / "step-1")
-    train(same, *TWO_RANKS_EP2, "--dtype", "bf16", "--adam-states", "fp32", "--resume", step1)
+    train(same, *TWO_RANKS_EP2, "--dtype", "bf16", "--adam-states", "fp32", "--master-weights", masters,
+          "--resume", step1)
     train(other, *run, *RESHAPED["accum"], "--max-steps", "2", "--resume", step1, nproc=1)
     straight, again, elsewhere = read_metrics(saved), read_metrics(same), read_metrics(other)
     assert [m["step"] for m in again] == [2, 3] and [m["step"] for m in elsewhere] == [2]
