@@ -296,6 +296,9 @@ class MasterAdamW(torch.optim.Optimizer):
                           or out.numel() != param.numel()):
             raise ValueError("a master kept as the rounded bf16 weight needs `out` in bf16, of the parameter's "
                              f"{param.numel()} elements, and no `low`")
+        if low is None and not round_out and param.dtype != torch.float32:
+            raise ValueError(f"MasterAdamW updates fp32 masters, got a {param.dtype} parameter (a bf16 weight as "
+                             "its own master: round_out)")
         state = self._state_of(param)
         state["step"] += 1
         step = int(state["step"])

@@ -319,13 +319,17 @@ def test_bf16_masters_move_by_updates_under_half_an_ulp():
     assert weight.float().std().item() > 2**-9  # and each weight its own way
 
 
-def test_bf16_masters_need_a_bf16_out_of_the_parameters_size_and_no_low_bits():
+def test_bf16_masters_need_a_bf16_out_of_the_parameters_size_and_other_masters_are_fp32():
     key = torch.zeros(10)
     adam = MasterAdamW([key], **HYPER)
     for out, low in ((None, None), (torch.zeros(10), None), (torch.zeros(9, dtype=torch.bfloat16), None),
                      (torch.zeros(10, dtype=torch.bfloat16), torch.zeros(10, dtype=torch.int16))):
         with pytest.raises(ValueError, match="rounded bf16 weight needs `out` in bf16"):
             adam.update(adam.param_groups[0], key, [torch.randn(10)], out=out, low=low, round_out=True)
+    weight = torch.zeros(10, dtype=torch.bfloat16)
+    weight.grad = torch.ones(10, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="updates fp32 masters, got a torch.bfloat16 parameter"):
+        MasterAdamW([weight], **HYPER).step()  # the launches would take it for round_out's master
 
 
 def _rounded_up(exact: torch.Tensor, rounded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
