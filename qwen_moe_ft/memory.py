@@ -3,7 +3,7 @@
     python -m qwen_moe_ft.memory [--config RECIPE] [--model DIR] [--gpus N] [--gpu-gib G] [--ep-size 8]
                                  [--tokens 4096] [--grad-accum 1] [--gate-up-recompute] [--adam-states bf16]
                                  [--lora BOOL] [--activation-checkpointing BOOL] [--checkpoint-layers all|N|auto]
-                                 [--loss-impl auto|triton|torch|chunked|liger|cce]
+                                 [--loss-impl auto|triton|torch|chunked|liger|cce] [--master-weights fp32|bf16]
 
 --gpus and --gpu-gib default to the GPUs of the machine it runs on (8 x 80 GB H100 without a GPU), so run it
 where the training will run.
