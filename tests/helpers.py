@@ -157,6 +157,27 @@ def eval_loss(model, tokenizer) -> tuple[float, int]:
     return loss_sum / tokens, tokens
 
 
+def autoep_engine(dtype=None):
+    """DeepSpeed's ZeRO-2 engine over the tiny model with AutoEP's layers at EP=1, one CPU rank, no patch installed:
+    what the fast path installs on."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_moe_ft.parallel.ds_config import build_ds_config
+    from qwen_moe_ft.parallel.expert_parallel import apply_autoep
+
+    dtype = dtype or torch.bfloat16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
+    ds_config = build_ds_config(ep_size=1, world_size=1, device_type="cpu",
+                                dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    apply_autoep(model, ds_config, rank=0)
+    ds_config = {**ds_config, "expert_parallel": {**ds_config["expert_parallel"], "enabled": False}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    return engine
+
+
 def zero_engine(dtype=None, fold_clip=True, fused_states=None, zero_stage=2, reduce_bucket_size=None, grad_accum=1,
                 frozen=()):
     """DeepSpeed ZeRO-1/2 over the tiny model on one CPU rank with the lean norm checks (grad_norm.py), and the

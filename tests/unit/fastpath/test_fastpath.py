@@ -4,27 +4,12 @@ import subprocess
 import sys
 import warnings
 
-import deepspeed
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from helpers import REPO, TINY, cpu_env
+from helpers import REPO, autoep_engine, cpu_env
 from qwen_moe_ft.config import ConfigError
 from qwen_moe_ft.fastpath import FastPath, versions
-from qwen_moe_ft.parallel.ds_config import build_ds_config
-from qwen_moe_ft.parallel.expert_parallel import apply_autoep
-
-
-def _engine(dtype=torch.bfloat16):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=dtype)
-    ds_config = build_ds_config(ep_size=1, world_size=1, device_type="cpu",
-                                dtype="bf16" if dtype == torch.bfloat16 else "fp32")
-    apply_autoep(model, ds_config, rank=0)
-    ds_config = {**ds_config, "expert_parallel": {**ds_config["expert_parallel"], "enabled": False}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    return engine
 
 
 # what these two assert is refused runs on a GPU with quack-kernels
@@ -33,7 +18,7 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the ref
 
 @CPU_ONLY
 def test_install_applies_every_patch_in_order_and_names_them(process_group):
-    engine = _engine()
+    engine = autoep_engine()
     fast_path = FastPath()
     model, kernels = fast_path.prepare_model(engine.module, "auto", "cpu")
     assert kernels == "none"  # no GPU: liger is refused with the reason
@@ -55,7 +40,7 @@ def test_install_applies_every_patch_in_order_and_names_them(process_group):
 
 def test_bf16_master_weights_take_the_place_of_the_low_bits(process_group):
     fast_path = FastPath()
-    applied = fast_path.install(_engine(), master_weights="bf16")
+    applied = fast_path.install(autoep_engine(), master_weights="bf16")
     names = [a.name for a in applied]
     assert "bf16_master_weights" in names and "master_low_bits" not in names
     assert applied[names.index("bf16_master_weights")]
@@ -64,7 +49,7 @@ def test_bf16_master_weights_take_the_place_of_the_low_bits(process_group):
 
 def test_bf16_master_weights_where_they_cannot_be_kept_stop_the_run(process_group):
     with pytest.raises(ConfigError, match=r"--master-weights bf16: torch.float32 weights; use --master-weights fp32"):
-        FastPath().install(_engine(torch.float32), master_weights="bf16")
+        FastPath().install(autoep_engine(torch.float32), master_weights="bf16")
     with pytest.raises(ConfigError, match=r"--master-weights bf16: the fast path is off \(--fast-path off\)"):
         FastPath(enabled=False).install(None, master_weights="bf16")
 
@@ -72,7 +57,7 @@ def test_bf16_master_weights_where_they_cannot_be_kept_stop_the_run(process_grou
 @CPU_ONLY
 def test_quack_experts_asked_for_where_they_cannot_run_stop_the_run(process_group):
     with pytest.raises(ConfigError, match=r"--expert-kernels quack: .*use --expert-kernels auto or torch"):
-        FastPath().install(_engine(), expert_kernels="quack")
+        FastPath().install(autoep_engine(), expert_kernels="quack")
 
 
 def _failing_quack_chain(monkeypatch):
@@ -90,7 +75,7 @@ def _failing_quack_chain(monkeypatch):
 
 def test_auto_keeps_torch_experts_where_quack_fails_its_probe(process_group, monkeypatch):
     _failing_quack_chain(monkeypatch)
-    engine = _engine()
+    engine = autoep_engine()
     fast_path = FastPath()
     applied = {a.name: a for a in fast_path.install(engine, expert_kernels="auto")}
     assert applied["quack_experts"].refused == ("a small call of quack's expert kernels failed: TypeError: epilogue "
@@ -107,20 +92,20 @@ def test_quack_asked_for_where_it_fails_its_probe_stops_the_run(process_group, m
     _failing_quack_chain(monkeypatch)
     with pytest.raises(ConfigError, match=r"--expert-kernels quack: a small call of quack's expert kernels failed: "
                                           r"TypeError: epilogue fn"):
-        FastPath().install(_engine(), expert_kernels="quack")
+        FastPath().install(autoep_engine(), expert_kernels="quack")
 
 
 def test_skipped_quack_experts_are_refused_for_auto_and_contradict_quack(process_group):
     with pytest.raises(ConfigError, match="--expert-kernels quack with quack_experts in --fast-path-skip: choose one"):
-        FastPath(skip="quack_experts").install(_engine(), expert_kernels="quack")
-    applied = {a.name: a for a in FastPath(skip="quack_experts").install(_engine(), expert_kernels="auto")}
+        FastPath(skip="quack_experts").install(autoep_engine(), expert_kernels="quack")
+    applied = {a.name: a for a in FastPath(skip="quack_experts").install(autoep_engine(), expert_kernels="auto")}
     assert applied["quack_experts"].refused == "--fast-path-skip"
-    assert "quack_experts" not in {a.name for a in FastPath().install(_engine(), expert_kernels="torch")}
+    assert "quack_experts" not in {a.name for a in FastPath().install(autoep_engine(), expert_kernels="torch")}
 
 
 @CPU_ONLY
 def test_skipped_patches_are_refused_by_name_and_not_installed(process_group):
-    engine = _engine()
+    engine = autoep_engine()
     fast_path = FastPath(skip="scored_swiglu,lean_topk_router")
     applied = {a.name: a for a in fast_path.install(engine)}
     assert applied["scored_swiglu"].refused == applied["lean_topk_router"].refused == "--fast-path-skip"
@@ -131,7 +116,7 @@ def test_skipped_patches_are_refused_by_name_and_not_installed(process_group):
     assert layers and all(dispatch_options(m).get("scored") is False for m in layers)
     assert not any("forward" in vars(m.router) for m in layers)  # the routers keep DeepSpeed's forward
     scored = FastPath()
-    assert {a.name: a for a in scored.install(_engine())}["scored_swiglu"]
+    assert {a.name: a for a in scored.install(autoep_engine())}["scored_swiglu"]
 
 
 def test_only_the_skippable_patches_can_be_left_out():
@@ -143,7 +128,7 @@ def test_only_the_skippable_patches_can_be_left_out():
 
 def test_recompute_refuses_the_cache_and_says_why(process_group):
     fast_path = FastPath()
-    applied = {a.name: a for a in fast_path.install(_engine(), gate_up_recompute=True)}
+    applied = {a.name: a for a in fast_path.install(autoep_engine(), gate_up_recompute=True)}
     assert applied["layout_preserving_gate_up"] and not applied["gate_up_cache"]
     assert "--gate-up-recompute" in applied["gate_up_cache"].refused
 
@@ -153,7 +138,7 @@ def test_other_versions_install_nothing_with_one_warning(process_group, monkeypa
     monkeypatch.setattr(versions, "installed", lambda p: "0.20.0" if p == "deepspeed" else real(p))
     with pytest.warns(UserWarning, match=r"deepspeed 0\.20\.0 \(written for 0\.19\.8\).*stock DeepSpeed"):
         fast_path = FastPath()
-    engine = _engine()
+    engine = autoep_engine()
     step = engine.optimizer.step
     with warnings.catch_warnings():
         warnings.simplefilter("error")
