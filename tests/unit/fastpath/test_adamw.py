@@ -163,7 +163,7 @@ def test_triton_kernel_rounds_bf16_moments_stochastically():
     torch.testing.assert_close(out_triton, p_triton.bfloat16(), rtol=0, atol=0)
     ups = {}
     for key, exact in (("exp_avg", (grads[:1] / 2) * (1.0 - 0.9)), ("exp_avg_sq", (grads[:1] / 2) ** 2 * (1.0 - 0.95))):
-        below, above = _bf16_neighbours(exact.item())
+        below, above = (bound.item() for bound in bf16_bracket(exact))
         stored = s_triton[key].float()
         assert set(stored.unique().tolist()) == {below, above}
         # 3M elements: the mean's standard error is under 3e-4 ulp, 2e-6 relative for both moments
@@ -175,12 +175,6 @@ def test_triton_kernel_rounds_bf16_moments_stochastically():
     block = adamw.KERNEL_BLOCK  # blocks count from the start of each gradient piece; the first is 1M long
     blocks = ups["exp_avg"][:1_000_000 // block * block].view(-1, 4, block // 4)
     assert (blocks[:, 0] & blocks[:, 1]).float().mean().item() == pytest.approx(p_m**2, abs=2.5e-3)
-
-
-def _bf16_neighbours(x: float) -> tuple[float, float]:
-    """The bf16 values just below and above a positive fp32 x that bf16 does not hold."""
-    bits = torch.tensor([x], dtype=torch.float32).view(torch.int32) & -65536
-    return bits.view(torch.float32).item(), (bits + 65536).view(torch.float32).item()
 
 
 def test_an_lr_scheduler_of_the_replaced_optimizer_still_steers_after_a_load():
