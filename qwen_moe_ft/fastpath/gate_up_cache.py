@@ -5,8 +5,8 @@ builds that concatenation; with one, it is built once and then kept current by t
 step, which writes each updated gate/up weight into it as it writes the bf16 weight (adamw.Mirror,
 zero_step._fused_step). Its memory is the copies the forward would have kept for the backward anyway.
 
-Guarded by tests/unit/fastpath/test_gate_up_cache.py and test_zero_step.py (3 steps with the caches equal,
-bit for bit, 3 steps concatenating in each forward).
+Guarded by tests/unit/fastpath/test_expert_mlp.py (a cache reused until the weights change through torch) and
+test_zero_step.py (3 steps with the caches equal, bit for bit, 3 steps concatenating in each forward).
 """
 from __future__ import annotations
 
