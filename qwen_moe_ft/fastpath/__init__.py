@@ -140,7 +140,7 @@ class FastPath:
             raise ConfigError(f"--master-weights bf16 needs one_pass_adamw: {self.applied[-1].refused}; use "
                               "--master-weights fp32")
         if state.fused_step:
-            from .master_bits import RoundedMasters
+            from .master_bits import MasterBits, RoundedMasters
             from .step_overlap import overlap_step_with_forward
 
             if master_weights == "bf16":
@@ -150,7 +150,7 @@ class FastPath:
                 self.applied.append(rounded)
             else:
                 self.applied.append(self._unless_skipped("master_low_bits",
-                                                         lambda: self._master_bits(state, engine.module)))
+                                                         lambda: self._master_bits(state, engine.module, MasterBits)))
             self.applied.append(self._unless_skipped("step_overlap",
                                                      lambda: overlap_step_with_forward(state, engine.module)))
         else:
@@ -179,10 +179,11 @@ class FastPath:
                                                  lambda: fused_attention_inputs(engine.module, device)))
         return self.applied
 
-    def _master_bits(self, state, model: nn.Module, kind=None) -> Applied:
-        from .master_bits import MasterBits, keep_masters_in_weights
+    def _master_bits(self, state, model: nn.Module, kind) -> Applied:
+        """keep_masters_in_weights of `kind` (master_bits.MasterBits or RoundedMasters), its hook removed at restore."""
+        from .master_bits import keep_masters_in_weights
 
-        applied, hook = keep_masters_in_weights(state, model, kind or MasterBits)
+        applied, hook = keep_masters_in_weights(state, model, kind)
         if hook is not None:
             self._restore.append(hook.remove)
         return applied
