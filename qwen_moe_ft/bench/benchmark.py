@@ -39,7 +39,7 @@ import torch
 from ..config import DEFAULT_DS_CONFIG, QWEN3_30B_A3B, TINY_MODEL
 from ..data.rows import IGNORE
 from ..flops import flops_per_token, mean_causal_context, peak_tflops
-from .harness import markdown_table, require_cuda, tool_parser, write_report
+from .harness import markdown_table, require_cuda, reserved_by_stream, tool_parser, write_report
 from .kernel_table import format_per_layer, per_layer_table, profile_step, profile_steps, slowest_against_fastest
 from .runs import per_layer_cell, runs_table
 from ..metrics import StepTimer
@@ -323,7 +323,12 @@ def worker(args) -> dict:
                 # what the allocator held at the peak: allocated + its fragmentation (the headroom memory.py leaves)
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
                 # cudaMalloc retries after freeing the cache: each synchronises the device (a host stall)
-                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0), tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
+                alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0),
+                # segments are never given back in the run, so what each stream holds at the end is what it reserved
+                reserved_by_stream=reserved_by_stream(
+                    torch.cuda.memory_snapshot(),
+                    {0: "default", torch.cuda.current_stream().cuda_stream: "current (the step's)"}),
+                tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
                 steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
                 head_loss_steps_ms=[round(t, 2) for t in head_loss_ms],
                 gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace, host_profile=host)
@@ -606,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results.append(dict(json.loads(found[-1][len("RESULT "):]), run=run))
         print(f"{name}: step {results[-1]['step_ms']:.1f} ms (LM head + loss {results[-1]['head_loss_ms']:.1f}), "
-              f"losses {results[-1]['losses'][:3]}", flush=True)
+              f"peak {results[-1]['peak_mem_gib']:.2f} GiB allocated, {results[-1]['peak_reserved_gib']:.2f} reserved "
+              f"({results[-1]['reserved_by_stream']}), losses {results[-1]['losses'][:3]}", flush=True)
     # a run's stacks that ran at every depth
     complete = [[r for r in results if r["run"] == run
                  and {x["depth"] for x in results if x["run"] == run and x["stack"] == r["stack"]} == set(depths)]

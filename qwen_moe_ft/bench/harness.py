@@ -50,3 +50,19 @@ def write_report(path: str | Path, **fields) -> None:
     """`fields` as JSON at `path`, after the GPU and the torch version that measured them."""
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, **fields)
     Path(path).write_text(json.dumps(report, indent=1))
+
+
+def reserved_by_stream(segments: Iterable[dict], names: dict[int, str]) -> dict[str, dict[str, float]]:
+    """GiB the caching allocator holds (segments' total_size) and has handed out (allocated_size), per CUDA stream,
+    from torch.cuda.memory_snapshot()'s segments. The allocator reuses a freed block only for allocations on the
+    stream it was allocated on, so memory reserved on a stream other than the step's is memory the step cannot use.
+    names: stream handle -> name; the others are named by their handle."""
+    by_stream: dict[str, dict[str, float]] = {}
+    for segment in segments:
+        name = names.get(segment["stream"], f"stream {segment['stream']:#x}")
+        held = by_stream.setdefault(name, dict(reserved_gib=0.0, allocated_gib=0.0, segments=0))
+        held["reserved_gib"] += segment["total_size"] / 2**30
+        held["allocated_gib"] += segment["allocated_size"] / 2**30
+        held["segments"] += 1
+    return {name: {k: round(v, 3) for k, v in held.items()} for name, held in
+            sorted(by_stream.items(), key=lambda item: -item[1]["reserved_gib"])}

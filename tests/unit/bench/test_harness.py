@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from qwen_moe_ft.bench.harness import markdown_table, require_cuda, tool_parser, write_report
+from qwen_moe_ft.bench.harness import markdown_table, require_cuda, reserved_by_stream, tool_parser, write_report
 
 
 def test_markdown_table_with_and_without_its_header():
@@ -30,3 +30,16 @@ def test_the_report_names_the_gpu_and_torch_first(tmp_path, monkeypatch):
 def test_without_a_gpu_a_tool_stops_with_one_line():
     with pytest.raises(SystemExit, match="^error: op_costs measures on a CUDA GPU, and there is none here$"):
         require_cuda("op_costs")
+
+
+def test_reserved_memory_is_summed_per_stream_and_named():
+    gib = 2**30
+    segments = [dict(stream=0, total_size=2 * gib, allocated_size=gib),
+                dict(stream=0x55, total_size=6 * gib, allocated_size=gib // 2),
+                dict(stream=0x55, total_size=2 * gib, allocated_size=0),
+                dict(stream=0x77, total_size=gib, allocated_size=gib)]
+    assert reserved_by_stream(segments, {0: "default", 0x55: "current"}) == {
+        "current": dict(reserved_gib=8.0, allocated_gib=0.5, segments=2),
+        "default": dict(reserved_gib=2.0, allocated_gib=1.0, segments=1),
+        "stream 0x77": dict(reserved_gib=1.0, allocated_gib=1.0, segments=1)}
+    assert list(reserved_by_stream(segments, {})) == ["stream 0x55", "stream 0x0", "stream 0x77"]

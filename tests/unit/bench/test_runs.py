@@ -8,6 +8,7 @@ from qwen_moe_ft.bench.runs import runs_table, spread
 def result(stack, depth, step_ms, run):
     return dict(stack=stack, depth=depth, attention="x", step_ms=step_ms, step_ms_spread=1.349,
                 fwd_bwd_ms=0.9 * step_ms, optimizer_ms=0.1 * step_ms, head_loss_ms=10.0, peak_mem_gib=40.0,
+                peak_reserved_gib=44.0, reserved_by_stream={"current (the step's)": dict(reserved_gib=44.0)},
                 tokens=8192, mean_context=461.0, losses=[12.3], steps_ms=[step_ms] * 4, run=run)
 
 
