@@ -159,9 +159,6 @@ class FastPathConfig:
     expert_kernels: str = _opt("auto", "experts at EP=1: torch._grouped_mm, or quack-kernels' grouped GEMMs with the "
                                "gather and SwiGLU fused (Hopper+, pip install 'qwen-moe-ft[flash4]'); auto: quack "
                                "where it runs", choices=("auto", "torch", "quack"))
-    gemm_sm_reserve: int = _opt(0, "experimental: SMs quack's persistent GEMMs leave free for the optimizer's updates "
-                                "beside the forward (fastpath/gemm_sms.py; full fine-tuning on a GPU with quack's "
-                                "experts); 0: none")
     # triton_hidden_norms, fused_attention_inputs and quack_scored_combine pass their GPU tests but did not make the
     # step measurably faster (BENCHMARKS.md; docs/benchmark-history.md, 5a01695): left out, fewer kernels of our own
     # in the default step
@@ -252,7 +249,7 @@ class TrainConfig:
                 raise bad(option, f"must be at least 1, got {o[option]}")
         non_negative = ("max_steps", "warmup_steps", "ep_size", "eval_steps", "save_steps", "save_total_limit",
                         "weight_decay", "grad_clip", "peak_tflops", "num_hidden_layers", "router_z_loss_coef",
-                        "expert_load_steps", "lr", "gemm_sm_reserve")
+                        "expert_load_steps", "lr")
         for option in non_negative:
             if o[option] < 0:
                 raise bad(option, f"must not be negative, got {o[option]}")

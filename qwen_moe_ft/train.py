@@ -223,8 +223,7 @@ class Trainer:
         self.fast_path.install(self.engine, adam_states=cfg.fastpath.adam_states,
                                gate_up_recompute=cfg.fastpath.gate_up_recompute,
                                expert_kernels=cfg.fastpath.expert_kernels,
-                               master_weights=cfg.fastpath.master_weights,
-                               gemm_sm_reserve=cfg.fastpath.gemm_sm_reserve)
+                               master_weights=cfg.fastpath.master_weights)
 
     def _setup_logging(self):
         """Metrics (the line, metrics.jsonl, the tracker), the peak FLOPs MFU is taken against, and the startup

@@ -107,7 +107,6 @@ def _run_ours(args, batches):
                          gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states,
                          expert_kernels=args.expert_kernels if args.stack == "ours" else "torch",
                          master_weights=args.master_weights if args.stack == "ours" else "fp32",
-                         gemm_sm_reserve=args.gemm_sm_reserve if args.stack == "ours" else 0,
                          router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
                          fast_path="on" if args.stack == "ours" else "off", **_skip_option(args), **_lora_options(args))
     trainer = Trainer(cfg)
@@ -562,8 +561,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="master weights of our stack (bf16: the weights themselves, rounded stochastically)")
     parser.add_argument("--expert-kernels", default="auto", choices=("auto", "torch", "quack"),
                         help="experts of our stack")
-    parser.add_argument("--gemm-sm-reserve", type=int, default=0,
-                        help="SMs quack's GEMMs leave free for our stack's optimizer updates (experimental)")
     parser.add_argument("--fast-path-skip", default=None, help="our stack's --fast-path-skip (patches left out; "
                         "default: the trainer's)")
     parser.add_argument("--router-aux-loss-coef", type=float, default=None,

@@ -20,8 +20,6 @@ The order matters, and is this:
  6. layout_preserving_gate_up  (expert_mlp.py) the expert modules' forward
  7. gate_up_cache              (gate_up_cache.py) needs 4, which writes the caches, and 6, which reads them
  8. one_rank_dispatch          (local_dispatch.py) AutoEP's MoE block at EP=1
-    gemm_sm_reserve            (gemm_sms.py) experimental, off by default: 9's persistent GEMMs leave SMs free for
-                               5's side stream (before 9, whose probe builds quack's plans)
  9. quack_experts              (quack_experts.py) 8's experts on quack's kernels (--expert-kernels auto|quack)
     quack_scored_combine       (quack_experts.py, local_dispatch.py) 9's blocks with the weighted combine inside
                                quack's chain: no expert output row kept, none of their gradients written
@@ -111,8 +109,7 @@ class FastPath:
         return model, choice
 
     def install(self, engine, *, adam_states: str = "bf16", gate_up_recompute: bool = False,
-                expert_kernels: str = "auto", master_weights: str = "fp32",
-                gemm_sm_reserve: int = 0) -> list[Applied]:
+                expert_kernels: str = "auto", master_weights: str = "fp32") -> list[Applied]:
         """Patch the DeepSpeed engine's ZeRO optimizer and its AutoEP modules, in the order above."""
         if not self.on:
             if master_weights == "bf16":
@@ -160,8 +157,6 @@ class FastPath:
                                     "" if forwards else "no trainable expert module runs the fused gate/up on torch._grouped_mm"))
         self.applied += [mirror_gate_up_weights(state, forwards),
                          one_rank_dispatch(engine.module, scored="scored_swiglu" not in self.skip)]
-        if gemm_sm_reserve:  # before any quack GEMM runs (gemm_sms.py): the experts' probe builds their plans
-            self.applied.append(self._gemm_sm_reserve(gemm_sm_reserve, state, expert_kernels, engine.module))
         if expert_kernels != "torch":
             quack = self._unless_skipped("quack_experts", lambda: quack_expert_kernels(engine.module))
             if expert_kernels == "quack" and not quack:
@@ -187,20 +182,6 @@ class FastPath:
         if hook is not None:
             self._restore.append(hook.remove)
         return applied
-
-    def _gemm_sm_reserve(self, sms: int, state, expert_kernels: str, model: nn.Module) -> Applied:
-        """--gemm-sm-reserve: quack's persistent GEMMs leave `sms` SMs to step_overlap's side stream."""
-        from .gemm_sms import reserve_sms
-        from .quack_experts import quack_unavailable_because
-
-        device = next(model.parameters()).device
-        refused = ("--expert-kernels torch runs no quack GEMM" if expert_kernels == "torch"
-                   else "the optimizer's updates do not run beside the forward (step_overlap)" if state.overlap is None
-                   else quack_unavailable_because(device))
-        if refused:
-            raise ConfigError(f"--gemm-sm-reserve {sms}: {refused}; use 0")
-        self._restore.append(reserve_sms(sms))
-        return Applied("gemm_sm_reserve", "quack get_max_active_clusters (persistent GEMMs' cluster count)")
 
     def settle(self) -> None:
         """Before weights or optimizer state are read other than by the forward (a checkpoint, an export): the
