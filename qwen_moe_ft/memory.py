@@ -38,11 +38,15 @@ GIB = 2**30
 ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
 
 
-def zero2_bytes_per_param(adam_states: str, low_bit_masters: bool = False, bf16_masters: bool = False) -> int:
-    """The fp32 master weight (only its low 16 bits with the fast path's master_low_bits: the bf16 weight is its high
-    half; none with --master-weights bf16: the bf16 weight is the master), Adam's m and v; the bf16 gradient is
-    GRADIENT_BYTES."""
-    return (0 if bf16_masters else 2 if low_bit_masters else 4) + 2 * ADAM_STATE_BYTES[adam_states]
+# Bytes a parameter of each kind of master weight: fp32 (DeepSpeed's), only the fp32 master's low 16 bits (the fast
+# path's master_low_bits: the bf16 weight is its high half), none (--master-weights bf16: the bf16 weight is the
+# master)
+MASTER_BYTES = {"fp32": 4, "low_bits": 2, "bf16": 0}
+
+
+def zero2_bytes_per_param(adam_states: str, masters: str = "fp32") -> int:
+    """The master weight (MASTER_BYTES[masters]), Adam's m and v; the bf16 gradient is GRADIENT_BYTES."""
+    return MASTER_BYTES[masters] + 2 * ADAM_STATE_BYTES[adam_states]
 
 
 GRADIENT_BYTES = 2  # the bf16 gradient partition: from the backward to the optimizer step, or kept while accumulating
@@ -173,14 +177,12 @@ def loss_bytes(config, loss: str, tokens: int, lm_head_trains: bool) -> float:
 def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 1, gate_up_recompute: bool = False,
              loss: str = "torch", adam_states: str = "bf16", lora_rank: int = 0,
              lora_targets: tuple[str, ...] = ("attn", "experts"), recomputed_layers: int = 0,
-             expert_output_rows: bool | None = None, low_bit_masters: bool = False,
-             bf16_masters: bool = False) -> MemoryEstimate:
+             expert_output_rows: bool | None = None, masters: str = "fp32") -> MemoryEstimate:
     """Peak bytes on one GPU for micro-batches of `tokens` tokens; LoRA of `lora_rank` (0: full fine-tuning);
     `recomputed_layers` of the decoder layers under activation checkpointing; `loss` torch, chunked or fused.
     `expert_output_rows`: whether full fine-tuning keeps the experts' output rows for the combine (default: with
-    expert parallelism; see expert_output_row_bytes). `low_bit_masters`: the masters kept as the bf16 weights' low
-    bits (fastpath/master_bits.py; full fine-tuning only); `bf16_masters`: the bf16 weights alone as the masters
-    (--master-weights bf16)."""
+    expert parallelism; see expert_output_row_bytes). `masters`: a MASTER_BYTES kind; LoRA's are fp32 whatever
+    it says (the fast path keeps others only for full fine-tuning)."""
     layers = config.num_hidden_layers
     if not 0 <= recomputed_layers <= layers:
         raise ValueError(f"recomputed_layers {recomputed_layers}: the model has {layers} layers")
@@ -202,8 +204,7 @@ def estimate(config, *, gpus: int, ep_size: int, tokens: int, grad_accum: int = 
     trained = (dense + expert) / gpus  # ZeRO-2 partitions: dense over every GPU, experts over their EDP group
     return MemoryEstimate(
         weights=base,
-        zero2_states=zero2_bytes_per_param(adam_states, low_bit_masters and not lora_rank,
-                                           bf16_masters and not lora_rank) * trained,
+        zero2_states=zero2_bytes_per_param(adam_states, "fp32" if lora_rank else masters) * trained,
         gate_up_copies=0 if lora_rank else gate_up_copy * (1 if gate_up_recompute else layers),
         buckets=BUCKET_BYTES if gpus > 1 else 0,
         gradients=GRADIENT_BYTES * trained,
@@ -226,6 +227,21 @@ def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
     return None
 
 
+MASTERS_NAMED = {"fp32": "fp32 masters", "low_bits": "fp32 masters as low bits", "bf16": "bf16 weights as the masters"}
+
+
+def masters_of(model, fastpath, lora) -> str:
+    """The MASTER_BYTES kind a train.py run keeps: --master-weights bf16 as asked; fp32 masters as the bf16 weights'
+    low bits where the fast path's master_low_bits applies (bf16 weights, full fine-tuning, not skipped)."""
+    from .fastpath import parse_skip
+
+    if fastpath.master_weights == "bf16":
+        return "bf16"
+    low_bits = (fastpath.mode == "on" and model.dtype == "bf16" and not lora.enabled
+                and "master_low_bits" not in parse_skip(fastpath.skip))
+    return "low_bits" if low_bits else "fp32"
+
+
 @dataclass(frozen=True)
 class Workload:
     """What the estimate reads of a train.py run, taken from its config sections in one place (Workload.of)."""
@@ -237,31 +253,24 @@ class Workload:
     lora_targets: tuple[str, ...] = ("attn", "experts")
     loss_impl: str = "auto"  # --loss-impl
     recomputed_layers: int | None = 0  # decoder layers recomputed; None: --checkpoint-layers auto
-    low_bit_masters: bool = True  # the fast path's master_low_bits (bf16 weights, full fine-tuning)
-    bf16_masters: bool = False  # --master-weights bf16 (then low_bit_masters is False)
+    masters: str = "low_bits"  # a MASTER_BYTES kind: low_bits is the fast path's for bf16 weights
 
     @classmethod
     def of(cls, *, model, data, optim, fastpath, lora, layers: int) -> Workload:
         """From the model, data, optim, fastpath and LoRA sections of a TrainConfig, for a model of `layers`
         decoder layers."""
-        from .fastpath import parse_skip
-
         return cls(tokens=data.max_tokens_per_batch, grad_accum=optim.grad_accum,
                    gate_up_recompute=fastpath.gate_up_recompute, adam_states=fastpath.adam_states,
                    lora_rank=lora.rank if lora.enabled else 0, lora_targets=tuple(lora.target_list()),
                    loss_impl=model.loss_impl, recomputed_layers=model.recomputed_layers(layers),
-                   low_bit_masters=(fastpath.mode == "on" and model.dtype == "bf16" and not lora.enabled
-                                    and fastpath.master_weights == "fp32"
-                                    and "master_low_bits" not in parse_skip(fastpath.skip)),
-                   bf16_masters=fastpath.master_weights == "bf16")
+                   masters=masters_of(model, fastpath, lora))
 
     def setting(self, config, *, gpus: int, ep_size: int, loss: str) -> dict:
         """estimate()'s keyword arguments (less recomputed_layers) on `gpus` GPUs computing the loss `loss` (a
         --loss-impl other than auto)."""
         return dict(config=config, gpus=gpus, ep_size=ep_size, tokens=self.tokens, grad_accum=self.grad_accum,
                     gate_up_recompute=self.gate_up_recompute, loss=LOSS_KINDS[loss], adam_states=self.adam_states,
-                    lora_rank=self.lora_rank, lora_targets=self.lora_targets, low_bit_masters=self.low_bit_masters,
-                    bf16_masters=self.bf16_masters)
+                    lora_rank=self.lora_rank, lora_targets=self.lora_targets, masters=self.masters)
 
 
 def logits_fit(setting: dict, gpu_gib: float, recomputed: int) -> bool:
@@ -417,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {layers} layers, {what}, {args.gpus} GPUs{gpus_of}, EP={ep_size}, "
           f"{work.tokens} tokens per micro-batch x {work.grad_accum}"
           f"{', gate/up recomputed' if work.gate_up_recompute else ''}, "
-          f"{work.adam_states} Adam moments{', fp32 masters as low bits' if work.low_bit_masters else ''}"
-          f"{', bf16 weights as the masters' if work.bf16_masters else ''}, "
+          f"{work.adam_states} Adam moments, {MASTERS_NAMED[work.masters]}, "
           f"{recomputed} of {layers} layers recomputed, loss {loss}{f' ({why})' if why else ''}")
     print(result.table())
     headroom = args.gpu_gib - result.total / GIB

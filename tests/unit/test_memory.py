@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 from helpers import REPO
 from qwen_moe_ft.config import QWEN3_30B_A3B, ModelConfig, TrainConfig
 from qwen_moe_ft.memory import (GIB, RunPlan, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, LORA_BACKWARD_BYTES_PER_TOKEN_LAYER,
-                                HEADROOM_GIB, Workload,
+                                HEADROOM_GIB, MASTER_BYTES, Workload,
                                 estimate, fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
                                 parameter_counts)
 from qwen_moe_ft.model.loading import load_model_config
@@ -36,18 +36,17 @@ def test_workload_is_what_the_estimate_reads_of_the_config_sections():
 
 
 def test_masters_kept_as_low_bits_where_the_fast_path_keeps_them():
-    assert workload(TrainConfig.from_flat()).low_bit_masters
+    assert workload(TrainConfig.from_flat()).masters == "low_bits"
     for off in (dict(fast_path_skip="master_low_bits"), dict(fast_path="off"), dict(dtype="fp32"), dict(lora=True)):
-        assert not workload(TrainConfig.from_flat(**off)).low_bit_masters, off
-    fp32, low = (estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, low_bit_masters=bits) for bits in (False, True))
+        assert workload(TrainConfig.from_flat(**off)).masters == "fp32", off
+    fp32, low = (estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, masters=kind) for kind in ("fp32", "low_bits"))
     dense, expert = parameter_counts(qwen3())
     assert fp32.zero2_states - low.zero2_states == 2 * (dense + expert) / 8  # 2 bytes a trained parameter
     assert fp32.total - low.total == 2 * (dense + expert) / 8
-    lora = (estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, lora_rank=16, low_bit_masters=b) for b in (False, True))
+    lora = (estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, lora_rank=16, masters=kind) for kind in MASTER_BYTES)
     assert len({e.total for e in lora}) == 1  # LoRA keeps fp32 masters
-    bf16 = workload(TrainConfig.from_flat(master_weights="bf16"))
-    assert bf16.bf16_masters and not bf16.low_bit_masters
-    rounded = estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, bf16_masters=True)
+    assert workload(TrainConfig.from_flat(master_weights="bf16")).masters == "bf16"
+    rounded = estimate(qwen3(), gpus=8, ep_size=8, tokens=4096, masters="bf16")
     assert fp32.zero2_states - rounded.zero2_states == 4 * (dense + expert) / 8  # no master kept beside the weight
 
 
@@ -79,8 +78,7 @@ def test_estimate_within_two_percent_of_the_measured_peaks(layers, adam_states, 
     # alone as the masters) at 2 layers: 3.48 GiB less, as estimated. Its 4-layer peak, 27.44 GiB, is 2.1% above the
     # estimate (33.24 is 1.7%): that stack's layers grow 0.28 GiB a layer more than the estimate's, not yet traced.
     total = estimate(qwen3(layers), gpus=1, ep_size=1, tokens=tokens, adam_states=adam_states, loss=loss,
-                     expert_output_rows=rows_kept, low_bit_masters=masters == "low_bits",
-                     bf16_masters=masters == "bf16").total / GIB
+                     expert_output_rows=rows_kept, masters=masters).total / GIB
     assert total == pytest.approx(measured_gib, rel=0.02)
 
 
@@ -222,7 +220,7 @@ def test_checkpoint_layers_auto_recomputes_the_fewest_that_leave_the_headroom(ca
     assert recipe.model.checkpoint_layers == "auto" and recipe.model.loss_impl == "auto"
     work = workload(recipe)
     assert work == Workload(tokens=4096, lora_rank=16, loss_impl="auto", recomputed_layers=None,
-                             low_bit_masters=False)  # LoRA keeps fp32 masters
+                             masters="fp32")  # LoRA keeps fp32 masters
     setting = dict(config=qwen3(), gpus=1, ep_size=1, tokens=4096, lora_rank=16)
     budget = (79.6 - HEADROOM_GIB) * GIB
     plan = plan_run(work, qwen3(), gpus=1, ep_size=1, gpu_gib=79.6)
