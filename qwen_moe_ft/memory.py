@@ -42,6 +42,7 @@ ADAM_STATE_BYTES = {"bf16": 2, "fp32": 4}
 # path's master_low_bits: the bf16 weight is its high half), none (--master-weights bf16: the bf16 weight is the
 # master)
 MASTER_BYTES = {"fp32": 4, "low_bits": 2, "bf16": 0}
+MASTERS_NAMED = {"fp32": "fp32 masters", "low_bits": "fp32 masters as low bits", "bf16": "bf16 weights as the masters"}
 
 
 def zero2_bytes_per_param(adam_states: str, masters: str = "fp32") -> int:
@@ -225,9 +226,6 @@ def fewest_recomputed_layers(gpu_bytes: float, **kwargs) -> int | None:
         if estimate(**kwargs, recomputed_layers=recomputed).total <= gpu_bytes:
             return recomputed
     return None
-
-
-MASTERS_NAMED = {"fp32": "fp32 masters", "low_bits": "fp32 masters as low bits", "bf16": "bf16 weights as the masters"}
 
 
 def masters_of(model, fastpath, lora) -> str:
