@@ -85,10 +85,6 @@ class StepOverlap:
         self.step_stream = torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)
         self.step_stream.wait_stream(self._previous_stream)
         torch.cuda.set_stream(self.step_stream)
-        # The caching allocator reuses a freed block only on the stream it was allocated on: what the engine's build
-        # left cached on the previous stream (the fp32 masters master_low_bits released, temporaries) would stay
-        # reserved beside everything the step allocates on its own stream. Give it back once.
-        torch.cuda.empty_cache()
         self.stage_of: dict[int, int] = {}
         for k, (_, params) in enumerate(stages):
             for param in params:
