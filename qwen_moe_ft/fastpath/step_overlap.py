@@ -10,12 +10,9 @@ coalesced run of small pieces that reaches outside one), and every group all-gat
 updated on the current stream as before.
 
 Anything that reads weights or moments other than through the stages' forwards (a checkpoint save, an export, a
-state_dict) waits for the whole side stream first: settle(). The gradients the side stream reads stay referenced
-here until the current stream has waited for their stage's event (that stage's forward, or settle()), and are let go
-then: the allocator may give their memory to the forward at once, every use of it on the current stream being ordered
-after the update's read. (Tensor.record_stream would keep each block from reuse until the host sees the side stream
-pass it, and the host runs ahead of the GPU: the next forward's activations and gradients took new memory, 12-28
-GiB more reserved at 4 layers of Qwen3-30B-A3B.)
+state_dict) waits for the whole side stream first: settle(). Every gradient the side stream reads is recorded on
+it (Tensor.record_stream), so the allocator does not give its memory to the forward before that update has read
+it.
 
 The step runs on a stream of the highest priority from then on, the side stream keeps the lowest (the default
 stream's): where the forward's kernels and the updates both have blocks waiting for SMs, the GPU's block scheduler
@@ -94,7 +91,6 @@ class StepOverlap:
                 self.stage_of.setdefault(id(param), k)
         self._events = [torch.cuda.Event() for _ in stages]
         self._pending = [False] * len(stages)
-        self._held: list[list[torch.Tensor]] = [[] for _ in stages]  # gradients each stage's launches read
         self._ready = torch.cuda.Event()
         self._hooks = [module.register_forward_pre_hook(partial(self._wait_for, k))
                        for k, (module, _) in enumerate(stages)]
@@ -104,7 +100,6 @@ class StepOverlap:
         if self._pending[k]:
             torch.cuda.current_stream(self.device).wait_event(self._events[k])
             self._pending[:k + 1] = [False] * (k + 1)
-            self._release(k + 1)
 
     def begin(self) -> None:
         """The point of the current stream the side stream's launches start from: the step's gradients and its
@@ -122,7 +117,8 @@ class StepOverlap:
         with torch.cuda.stream(self.stream):
             for k in sorted(side):
                 for piece in side[k]:
-                    self._held[k] += piece.grads
+                    for grad in piece.grads:
+                        grad.record_stream(self.stream)
                     piece.run()
                 self._events[k].record(self.stream)
                 self._pending[k] = True
@@ -132,15 +128,6 @@ class StepOverlap:
         if any(self._pending):
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             self._pending = [False] * len(self._pending)
-        self._release(len(self._held))
-
-    def _release(self, stages: int) -> None:
-        """Let go of the gradients the first `stages` stages' launches read, the current stream having waited for
-        those launches. The allocator reuses a block only on the stream it was allocated on: a one-rank group's
-        gradient on the backward's, which is the current stream (or AccumulateGrad's, which waits for it); the
-        other groups' gradients are views of DeepSpeed's partition buffer, which is never freed."""
-        for k in range(stages):
-            self._held[k] = []
 
     def remove(self) -> None:
         self.settle()
