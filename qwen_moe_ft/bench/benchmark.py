@@ -39,7 +39,7 @@ import torch
 from ..config import DEFAULT_DS_CONFIG, QWEN3_30B_A3B, TINY_MODEL
 from ..data.rows import IGNORE
 from ..flops import flops_per_token, mean_causal_context, peak_tflops
-from .harness import markdown_table, require_cuda, reserved_by_stream, tool_parser, write_report
+from .harness import markdown_table, require_cuda, reserved_by_stream, segment_growth, tool_parser, write_report
 from .kernel_table import format_per_layer, per_layer_table, profile_step, profile_steps, slowest_against_fastest
 from .runs import per_layer_cell, runs_table
 from ..metrics import StepTimer
@@ -282,6 +282,8 @@ def host_profile(step, steps: int, top: int = 40) -> dict[str, str]:
 def worker(args) -> dict:
     """One stack at one depth: median step, forward+backward, LM head + loss and optimizer times after warm-up."""
     batches = make_batches(args.warmup + args.steps, args.tokens, args.lengths, vocab=151936, seed=args.seed)
+    if args.memory_history:  # from before the model is built: its memory is the first the allocator takes
+        torch.cuda.memory._record_memory_history(stacks="python")
     step, attention, causal_lm = (_run_hf if args.stack.startswith("hf_") else _run_ours)(args, batches)
     if args.no_gc:
         gc.collect()
@@ -312,6 +314,7 @@ def worker(args) -> dict:
     host = host_profile(lambda t, i: step(batches[args.warmup + i % args.steps], len(batches) + 1 + i, t),
                         args.host_profile) if args.host_profile else None
     step_s, fb_s = statistics.median(steps), statistics.median(fwd_bwd)
+    streams = {0: "default", torch.cuda.current_stream().cuda_stream: "current (the step's)"}
     quartiles = statistics.quantiles(steps, n=4) if len(steps) > 1 else [step_s, step_s, step_s]
     lengths = [len(d["input_ids"]) for d in batches[0]]
     return dict(stack=args.stack, depth=args.depth, attention=attention, step_ms=1e3 * step_s,
@@ -324,13 +327,19 @@ def worker(args) -> dict:
                 # cudaMalloc retries after freeing the cache: each synchronises the device (a host stall)
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0),
                 # segments are never given back in the run, so what each stream holds at the end is what it reserved
-                reserved_by_stream=reserved_by_stream(
-                    torch.cuda.memory_snapshot(),
-                    {0: "default", torch.cuda.current_stream().cuda_stream: "current (the step's)"}),
+                reserved_by_stream=reserved_by_stream(torch.cuda.memory_snapshot(), streams),
+                pool_growth=_pool_growth(streams) if args.memory_history else None,
                 tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
                 steps_ms=[round(1e3 * t, 2) for t in steps], fwd_bwd_steps_ms=[round(1e3 * t, 2) for t in fwd_bwd],
                 head_loss_steps_ms=[round(t, 2) for t in head_loss_ms],
                 gpu=torch.cuda.get_device_name(), kernels=kernels, trace=trace, host_profile=host)
+
+
+def _pool_growth(streams: dict[int, str]) -> dict[str, list[list]]:
+    """--memory-history: the sites that took new device memory, per stream (harness.segment_growth)."""
+    traces = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return segment_growth(traces, streams)
 
 
 def median_standard_error(interquartile_ms: float, n: int) -> float:
@@ -577,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-profile", type=int, default=0,
                         help="after the timed steps, run this many more under cProfile: the Python functions that "
                              "take the host's time, by their own time and by their callees'")
+    parser.add_argument("--memory-history", action="store_true",
+                        help="record every allocation (torch.cuda.memory._record_memory_history) and report, per CUDA "
+                             "stream, the call sites that made the allocator take new device memory (pool_growth in "
+                             "--out); the recording slows the steps, so their times are not comparable")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--scratch", default="outputs/bench")
     parser.add_argument("--worker", nargs=2, metavar=("STACK", "DEPTH"), help=argparse.SUPPRESS)
@@ -610,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: step {results[-1]['step_ms']:.1f} ms (LM head + loss {results[-1]['head_loss_ms']:.1f}), "
               f"peak {results[-1]['peak_mem_gib']:.2f} GiB allocated, {results[-1]['peak_reserved_gib']:.2f} reserved "
               f"({results[-1]['reserved_by_stream']}), losses {results[-1]['losses'][:3]}", flush=True)
+        for stream, sites in (results[-1].get("pool_growth") or {}).items():
+            print(f"  new device memory on the {stream} stream, by site (GiB, segments): {sites}", flush=True)
     # a run's stacks that ran at every depth
     complete = [[r for r in results if r["run"] == run
                  and {x["depth"] for x in results if x["run"] == run and x["stack"] == r["stack"]} == set(depths)]

@@ -66,3 +66,32 @@ def reserved_by_stream(segments: Iterable[dict], names: dict[int, str]) -> dict[
         held["segments"] += 1
     return {name: {k: round(v, 3) for k, v in held.items()} for name, held in
             sorted(by_stream.items(), key=lambda item: -item[1]["reserved_gib"])}
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """Where an allocation came from: the innermost Python frame outside torch, as path:line:function with the path
+    from its package on (the frames innermost first, as torch.cuda.memory records them)."""
+    for frame in frames:
+        path = frame["filename"]
+        if path.endswith(".py") and "/torch/" not in path:
+            short = path.split("site-packages/")[-1] if "site-packages/" in path else "/".join(path.split("/")[-3:])
+            return f"{short}:{frame['line']}:{frame['name']}"
+    return "(no Python frame outside torch)"
+
+
+def segment_growth(traces: Iterable[dict], names: dict[int, str], top: int = 8) -> dict[str, list[list]]:
+    """Per stream, the allocation sites that made the caching allocator take new memory from the device (its
+    segment_alloc events, with the frames of the allocation that asked for it, from
+    torch.cuda.memory._snapshot()["device_traces"][device]): [site, GiB, segments], largest first, `top` of them.
+    Memory given back (segment_free) is not subtracted: this is what grew each stream's pool."""
+    grown: dict[str, dict[str, list]] = {}
+    for entry in traces:
+        if entry["action"] != "segment_alloc":
+            continue
+        stream = names.get(entry["stream"], f"stream {entry['stream']:#x}")
+        site = grown.setdefault(stream, {}).setdefault(allocation_site(entry.get("frames", [])), [0.0, 0])
+        site[0] += entry["size"] / 2**30
+        site[1] += 1
+    return {stream: [[site, round(gib, 3), count] for site, (gib, count) in
+                     sorted(sites.items(), key=lambda item: -item[1][0])[:top]]
+            for stream, sites in grown.items()}

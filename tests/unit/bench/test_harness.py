@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from qwen_moe_ft.bench.harness import markdown_table, require_cuda, reserved_by_stream, tool_parser, write_report
+from qwen_moe_ft.bench.harness import (markdown_table, require_cuda, reserved_by_stream, segment_growth, tool_parser,
+                                       write_report)
 
 
 def test_markdown_table_with_and_without_its_header():
@@ -43,3 +44,23 @@ def test_reserved_memory_is_summed_per_stream_and_named():
         "default": dict(reserved_gib=2.0, allocated_gib=1.0, segments=1),
         "stream 0x77": dict(reserved_gib=1.0, allocated_gib=1.0, segments=1)}
     assert list(reserved_by_stream(segments, {})) == ["stream 0x55", "stream 0x0", "stream 0x77"]
+
+
+def test_pool_growth_is_told_per_stream_by_the_innermost_frame_outside_torch():
+    torch_frame = dict(filename="/venv/lib/python3.12/site-packages/torch/nn/functional.py", line=10, name="linear")
+    ours = dict(filename="/work/main/qwen_moe_ft/fastpath/quack_experts.py", line=163, name="forward")
+    hook = dict(filename="/venv/lib/python3.12/site-packages/deepspeed/runtime/zero/stage_1_and_2.py", line=9,
+                name="grad_hook")
+    gib = 2**30
+    traces = [dict(action="segment_alloc", stream=0x55, size=2 * gib, frames=[torch_frame, ours]),
+              dict(action="alloc", stream=0x55, size=gib, frames=[hook]),  # from a cached segment: no growth
+              dict(action="segment_alloc", stream=0x55, size=gib, frames=[ours]),
+              dict(action="segment_alloc", stream=0, size=gib // 2, frames=[hook, ours]),
+              dict(action="segment_alloc", stream=0, size=gib // 4, frames=[torch_frame]),
+              dict(action="segment_free", stream=0, size=gib // 2, frames=[])]
+    assert segment_growth(traces, {0x55: "current", 0: "default"}) == {
+        "current": [["qwen_moe_ft/fastpath/quack_experts.py:163:forward", 3.0, 2]],
+        "default": [["deepspeed/runtime/zero/stage_1_and_2.py:9:grad_hook", 0.5, 1],
+                    ["(no Python frame outside torch)", 0.25, 1]]}
+    assert segment_growth(traces, {}, top=1)["stream 0x0"] == [["deepspeed/runtime/zero/stage_1_and_2.py:9:grad_hook",
+                                                               0.5, 1]]
