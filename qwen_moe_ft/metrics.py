@@ -32,16 +32,22 @@ class StepMetrics:
     expert_load_max: float  # over layers, the busiest expert's token-slots over the mean
     dead_experts: int  # experts that got no token this step, summed over layers
     data_seconds: float  # building the step's batches, a part of the step's time
+    # what the caching allocator held at the step's peak (allocations + blocks cached for reuse: the GPU memory the
+    # process really takes), and the times it had to free its cache and retry a cudaMalloc (each synchronises)
+    mem_reserved_gib: float | None = None
+    alloc_retries: int | None = None
 
     def line(self) -> str:
         mem = "n/a" if self.mem_gib is None else f"{self.mem_gib:.2f} GiB"
         mfu = "n/a" if self.mfu is None else f"{100 * self.mfu:.1f}%"
+        reserved = "n/a" if self.mem_reserved_gib is None else f"{self.mem_reserved_gib:.2f} GiB"
+        retries = "n/a" if self.alloc_retries is None else self.alloc_retries
         return (f"step {self.step} | epoch {self.epoch} | loss {self.loss:.4f} | grad_norm {self.grad_norm:.4f} | "
                 f"lr {self.lr:.2e} | mem {mem} | tps {self.tps:.2f}({self.tps_per_gpu:.2f}/gpu) | "
                 f"num_label_tokens {self.num_label_tokens} | tflops {self.tflops_per_gpu:.3g}/gpu | mfu {mfu} | "
                 f"aux_loss {self.aux_loss:.4g} | z_loss {self.z_loss:.4g} | "
                 f"expert_load_max {self.expert_load_max:.2f} | dead_experts {self.dead_experts} | "
-                f"data {self.data_seconds:.3f} s")
+                f"data {self.data_seconds:.3f} s | reserved {reserved} | alloc_retries {retries}")
 
 
 KEYS = tuple(field.name for field in fields(StepMetrics))
@@ -56,6 +62,7 @@ class StepTimer:
         self.device = device
         self.start = 0.0
         self.marks: dict[str, float] = {}
+        self._retries_before = 0
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -65,6 +72,7 @@ class StepTimer:
         self._sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._retries_before = self._retries()
         self.start = time.perf_counter()
         self.marks = {}
 
@@ -82,11 +90,26 @@ class StepTimer:
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**30
 
+    def peak_reserved_gib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_reserved(self.device) / 2**30
+
+    def alloc_retries(self) -> int | None:
+        """cudaMalloc retries since begin(): the allocator freed its cache to find room."""
+        if self.device.type != "cuda":
+            return None
+        return self._retries() - self._retries_before
+
+    def _retries(self) -> int:
+        return torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
+
 
 def step_metrics(*, step: int, epoch: int, loss: float, grad_norm: float, lr: float, seconds: float,
                  data_seconds: float, tokens: int, label_tokens: int, mean_context: float, world_size: int,
                  model_config, peak_tflops: float | None, mem_gib: float | None, aux_loss: float, z_loss: float,
-                 expert_load_max: float, dead_experts: int, frozen_weights: bool = False) -> StepMetrics:
+                 expert_load_max: float, dead_experts: int, frozen_weights: bool = False,
+                 mem_reserved_gib: float | None = None, alloc_retries: int | None = None) -> StepMetrics:
     """Throughput counts real (unpadded) tokens of the global batch over the step's wall time: `seconds` from its
     batches on plus `data_seconds` building them, as the GPUs wait for both. frozen_weights (LoRA): the base
     weights get no weight gradient, which the FLOPs count leaves out."""
@@ -97,7 +120,8 @@ def step_metrics(*, step: int, epoch: int, loss: float, grad_norm: float, lr: fl
     return StepMetrics(step=step, epoch=epoch, loss=loss, grad_norm=grad_norm, lr=lr, mem_gib=mem_gib, tps=tps,
                        tps_per_gpu=per_gpu, num_label_tokens=label_tokens, tflops_per_gpu=tflops, mfu=mfu,
                        aux_loss=aux_loss, z_loss=z_loss, expert_load_max=expert_load_max,
-                       dead_experts=dead_experts, data_seconds=data_seconds)
+                       dead_experts=dead_experts, data_seconds=data_seconds, mem_reserved_gib=mem_reserved_gib,
+                       alloc_retries=alloc_retries)
 
 
 def _finite_or_none(value):

@@ -10,7 +10,7 @@ SEED_FIELDS = ["step", "epoch", "loss", "grad_norm", "lr", "mem", "tps", "num_la
 def _metrics(**overrides):
     values = dict(step=7, epoch=2, loss=1.25, grad_norm=0.5, lr=1e-4, mem_gib=61.5, tps=8000.0, tps_per_gpu=1000.0,
                   num_label_tokens=4321, tflops_per_gpu=120.0, mfu=0.125, aux_loss=0.008, z_loss=0.0,
-                  expert_load_max=1.5, dead_experts=0, data_seconds=0.012)
+                  expert_load_max=1.5, dead_experts=0, data_seconds=0.012, mem_reserved_gib=70.25, alloc_retries=3)
     return StepMetrics(**{**values, **overrides})
 
 
@@ -20,9 +20,11 @@ def test_line_keeps_the_published_runs_fields_first_in_their_order():
     assert fields[:8] == SEED_FIELDS
     assert line.startswith("step 7 | epoch 2 | loss 1.2500 | grad_norm 0.5000 | lr 1.00e-04 | mem 61.50 GiB | "
                            "tps 8000.00(1000.00/gpu) | num_label_tokens 4321 | ")
-    assert fields[8:] == ["tflops", "mfu", "aux_loss", "z_loss", "expert_load_max", "dead_experts", "data"]
-    assert line.endswith("| data 0.012 s")
+    assert fields[8:] == ["tflops", "mfu", "aux_loss", "z_loss", "expert_load_max", "dead_experts", "data",
+                          "reserved", "alloc_retries"]
+    assert line.endswith("| data 0.012 s | reserved 70.25 GiB | alloc_retries 3")
     assert "| mem n/a |" in _metrics(mem_gib=None).line() and "| mfu n/a |" in _metrics(mfu=None).line()
+    assert _metrics(mem_reserved_gib=None, alloc_retries=None).line().endswith("| reserved n/a | alloc_retries n/a")
 
 
 def test_metrics_jsonl_keys_follow_the_line():
