@@ -320,6 +320,20 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float,
     return RunPlan(loss, why, recomputed(loss))
 
 
+def overlap_reserve_note(fastpath, lora) -> str | None:
+    """Where step_overlap will run (full fine-tuning on the fast path), what it does to the allocator's reserve,
+    which the estimate (of allocations) leaves out, and how to give it up."""
+    from .fastpath import parse_skip
+
+    skip = parse_skip(fastpath.skip)
+    if fastpath.mode != "on" or lora.enabled or "step_overlap" in skip:
+        return None
+    return ("step_overlap (the optimizer's updates beside the next forward) has the allocator reserve more than the "
+            "peak above: 41-69% more at 4 layers on an H100 (docs/benchmark-history.md, 2026-12-07). If the log's "
+            f"alloc_retries climbs, --fast-path-skip {','.join([*skip, 'step_overlap'])} keeps the reserve within 5% "
+            "of the peak for ~6% of the step's time.")
+
+
 def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None:
     """The fewest layers to recompute that leave HEADROOM_GIB free, as the options that say it, where that differs
     from `recomputed`; None where it does not."""
@@ -431,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     fits = headroom >= 0
     print(f"{'fits' if fits else 'does NOT fit'} a {args.gpu_gib:.1f} GiB GPU ({headroom:+.1f} GiB to spare; "
           "the allocator's fragmentation needs a few)")
+    if note := overlap_reserve_note(cfg.fastpath, cfg.lora):
+        print(note)
     recompute_asked = cfg.model.activation_checkpointing
     if (recompute_asked or not fits) and (change := what_to_change(setting, args.gpu_gib, recomputed)):
         print(change)

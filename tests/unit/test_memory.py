@@ -11,7 +11,7 @@ from helpers import REPO
 from qwen_moe_ft.config import QWEN3_30B_A3B, ModelConfig, TrainConfig
 from qwen_moe_ft.memory import (GIB, RunPlan, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, LORA_BACKWARD_BYTES_PER_TOKEN_LAYER,
                                 HEADROOM_GIB, MASTER_BYTES, Workload,
-                                estimate, fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
+                                estimate, fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main, overlap_reserve_note,
                                 parameter_counts)
 from qwen_moe_ft.model.loading import load_model_config
 
@@ -110,6 +110,18 @@ def test_bf16_adam_moments_make_room_for_twice_the_micro_batch(capsys):
     # --loss-impl auto: above 8192 tokens the loss in chunks, which makes room
     assert main([*eight_gpus, "--tokens", "16384", "--adam-states", "fp32", "--loss-impl", "auto"]) == 0
     assert "loss chunked (auto: 16384 tokens a micro-batch, more than 8192)" in capsys.readouterr().out
+
+
+def test_the_allocators_reserve_under_step_overlap_is_told_where_it_runs(capsys):
+    main(["--gpus", "8", "--ep-size", "8"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step_overlap"))
+    skip = TrainConfig.from_flat().fastpath.skip
+    assert f"--fast-path-skip {skip},step_overlap keeps" in line
+    main(["--gpus", "8", "--ep-size", "8", "--lora", "true"])
+    assert "step_overlap (" not in capsys.readouterr().out
+    for off in (dict(fast_path="off"), dict(lora=True), dict(fast_path_skip="step_overlap")):
+        cfg = TrainConfig.from_flat(**off)
+        assert overlap_reserve_note(cfg.fastpath, cfg.lora) is None, off
 
 
 def test_accumulation_adds_the_gradient_partition_measured_on_the_h100():
