@@ -306,7 +306,8 @@ class Trainer:
             mean_context=context_sum / max(tokens, 1),
             world_size=self.world_size, model_config=self.model_config, peak_tflops=self.peak,
             mem_gib=timer.peak_mem_gib(), mem_reserved_gib=timer.peak_reserved_gib(),
-            alloc_retries=timer.alloc_retries(), frozen_weights=self.cfg.lora.enabled, aux_loss=self.router_stats.aux_loss,
+            alloc_retries=timer.alloc_retries(), frozen_weights=self.cfg.lora.enabled,
+            aux_loss=self.router_stats.aux_loss,
             z_loss=self.router_stats.z_loss, expert_load_max=self.router_stats.expert_load_max,
             dead_experts=self.router_stats.dead_experts)
 

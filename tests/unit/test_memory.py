@@ -11,7 +11,8 @@ from helpers import REPO
 from qwen_moe_ft.config import QWEN3_30B_A3B, ModelConfig, TrainConfig
 from qwen_moe_ft.memory import (GIB, RunPlan, LORA_ACTIVATION_BYTES_PER_TOKEN_LAYER, LORA_BACKWARD_BYTES_PER_TOKEN_LAYER,
                                 HEADROOM_GIB, MASTER_BYTES, Workload,
-                                estimate, fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main, overlap_reserve_note,
+                                estimate, fewest_recomputed_layers, lora_parameter_counts, loss_bytes, main,
+                                overlap_reserve_note,
                                 parameter_counts)
 from qwen_moe_ft.model.loading import load_model_config
 
