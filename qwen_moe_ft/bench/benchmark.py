@@ -326,7 +326,7 @@ def worker(args) -> dict:
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
                 # cudaMalloc retries after freeing the cache: each synchronises the device (a host stall)
                 alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0),
-                # segments are never given back in the run, so what each stream holds at the end is what it reserved
+                # segments are given back only by a retry (alloc_retries): what each stream holds at the end it reserved
                 reserved_by_stream=reserved_by_stream(torch.cuda.memory_snapshot(), streams),
                 pool_growth=_pool_growth(streams) if args.memory_history else None,
                 tokens=sum(lengths), mean_context=mean_causal_context(lengths), losses=losses,
