@@ -329,7 +329,7 @@ def overlap_reserve_note(fastpath, lora) -> str | None:
     if fastpath.mode != "on" or lora.enabled or "step_overlap" in skip:
         return None
     return ("step_overlap (the optimizer's updates beside the next forward) has the allocator reserve more than the "
-            "peak above: 41-69% more at 4 layers on an H100 (docs/benchmark-history.md, 2026-12-07). If the log's "
+            "peak above: 41-88% more at 4 layers on an H100 (docs/benchmark-history.md, 2026-12-07). If the log's "
             f"alloc_retries climbs, --fast-path-skip {','.join([*skip, 'step_overlap'])} keeps the reserve within 5% "
             "of the peak for ~6% of the step's time.")
 
