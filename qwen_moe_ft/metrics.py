@@ -128,6 +128,13 @@ def _finite_or_none(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+ALLOC_RETRIES_TOLD = (
+    "the CUDA caching allocator found no room {} time(s), freed its cache and retried (each retry synchronises "
+    "the GPU; alloc_retries in the log counts them). Memory is tight: fewer tokens per micro-batch, more layers "
+    "recomputed (python -m qwen_moe_ft.memory says how many), or, in full fine-tuning, --fast-path-skip with "
+    "step_overlap added, which keeps far less cached (the memory CLI prints the option in full)")
+
+
 class MetricsLogger:
     """Writes each logged step as a line, a JSON object in metrics.jsonl and to the trackers."""
 
@@ -141,6 +148,7 @@ class MetricsLogger:
         self.progress_bar = progress_bar and enabled and sys.stdout.isatty()
         self.bar = None
         self.file = None
+        self.told_retries = False
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -160,6 +168,9 @@ class MetricsLogger:
         if self.bar:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics.loss:.4f}", tps_gpu=f"{metrics.tps_per_gpu:.0f}")
+        if metrics.alloc_retries and not self.told_retries:  # once: the line's alloc_retries tells the rest
+            self.told_retries = True
+            self.info(f"warning: step {metrics.step}: {ALLOC_RETRIES_TOLD.format(metrics.alloc_retries)}")
         if not log_line:
             return
         self.accelerator.log({k: v for k, v in asdict(metrics).items() if v is not None and k != "step"},

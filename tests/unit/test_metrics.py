@@ -55,6 +55,17 @@ def test_resume_drops_steps_and_evals_past_the_checkpoint_and_a_torn_last_line(t
     assert drop_metrics_after(path, 2) is None
 
 
+def test_the_first_step_whose_allocations_retried_is_told_once_with_what_to_change(tmp_path, capsys):
+    logger = MetricsLogger(str(tmp_path), 10, accelerator=None, enabled=True, progress_bar=False)
+    logger.start(0)
+    for step, retries in ((1, 0), (2, None), (3, 2), (4, 5)):
+        logger.log_step(_metrics(step=step, alloc_retries=retries), log_line=False)
+    logger.close()
+    told = capsys.readouterr().out.splitlines()
+    assert len(told) == 1 and told[0].startswith("warning: step 3: the CUDA caching allocator found no room 2 time(s)")
+    assert "--fast-path-skip" in told[0] and "python -m qwen_moe_ft.memory" in told[0]
+
+
 def test_no_progress_bar_when_stdout_is_not_a_terminal(tmp_path, capsys):
     logger = MetricsLogger(str(tmp_path), 10, accelerator=None, enabled=True, progress_bar=True)
     logger.start(0)
