@@ -64,3 +64,23 @@ def test_pool_growth_is_told_per_stream_by_the_innermost_frame_outside_torch():
                     ["(no Python frame outside torch)", 0.25, 1]]}
     assert segment_growth(traces, {}, top=1)["stream 0x0"] == [["deepspeed/runtime/zero/stage_1_and_2.py:9:grad_hook",
                                                                0.5, 1]]
+
+
+@pytest.mark.gpu
+def test_a_side_streams_memory_and_the_site_that_grew_it_are_told_from_torchs_own_records():
+    side = torch.cuda.Stream()
+    torch.cuda.memory._record_memory_history(stacks="python")
+    try:
+        with torch.cuda.stream(side):
+            held = torch.empty(48 << 20, dtype=torch.uint8, device="cuda")  # a segment of its own, on the side stream
+        traces = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        reserved = reserved_by_stream(torch.cuda.memory_snapshot(), {side.cuda_stream: "side"})
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    assert reserved["side"]["allocated_gib"] >= 48 / 1024
+    grown = segment_growth(traces, {side.cuda_stream: "side"})["side"]
+    site = grown[0][0]  # the innermost Python frame: this test, its path cut to three parts outside site-packages
+    assert site.startswith("unit/bench/test_harness.py:") and site.endswith(
+        ":test_a_side_streams_memory_and_the_site_that_grew_it_are_told_from_torchs_own_records")
+    assert grown[0][1] >= 48 / 1024
+    del held
