@@ -52,6 +52,10 @@ def write_report(path: str | Path, **fields) -> None:
     Path(path).write_text(json.dumps(report, indent=1))
 
 
+def _stream_name(stream: int, names: dict[int, str]) -> str:
+    return names.get(stream, f"stream {stream:#x}")
+
+
 def reserved_by_stream(segments: Iterable[dict], names: dict[int, str]) -> dict[str, dict[str, float]]:
     """GiB the caching allocator holds (segments' total_size) and has handed out (allocated_size), per CUDA stream,
     from torch.cuda.memory_snapshot()'s segments. The allocator reuses a freed block only for allocations on the
@@ -59,7 +63,7 @@ def reserved_by_stream(segments: Iterable[dict], names: dict[int, str]) -> dict[
     names: stream handle -> name; the others are named by their handle."""
     by_stream: dict[str, dict[str, float]] = {}
     for segment in segments:
-        name = names.get(segment["stream"], f"stream {segment['stream']:#x}")
+        name = _stream_name(segment["stream"], names)
         held = by_stream.setdefault(name, dict(reserved_gib=0.0, allocated_gib=0.0, segments=0))
         held["reserved_gib"] += segment["total_size"] / 2**30
         held["allocated_gib"] += segment["allocated_size"] / 2**30
@@ -88,7 +92,7 @@ def segment_growth(traces: Iterable[dict], names: dict[int, str], top: int = 8) 
     for entry in traces:
         if entry["action"] != "segment_alloc":
             continue
-        stream = names.get(entry["stream"], f"stream {entry['stream']:#x}")
+        stream = _stream_name(entry["stream"], names)
         site = grown.setdefault(stream, {}).setdefault(allocation_site(entry.get("frames", [])), [0.0, 0])
         site[0] += entry["size"] / 2**30
         site[1] += 1
