@@ -73,6 +73,7 @@ class FastPath:
                           "DeepSpeed ZeRO-2 + AutoEP (slower, same results)", stacklevel=2)
         self._zero_state = None
         self._restore = []
+        self._step_stream = self._stream_before = None  # enter_step_stream's
 
     def _unless_skipped(self, name: str, apply) -> Applied:
         """apply(), or, for a patch in --fast-path-skip, a refusal saying so."""
@@ -81,6 +82,21 @@ class FastPath:
     @property
     def on(self) -> bool:
         return not self.off_because
+
+    def enter_step_stream(self, device) -> None:
+        """Before the model is loaded, where step_overlap may run (the fast path on, CUDA, not skipped): the step's
+        stream of the highest priority becomes the current one now rather than at install. The caching allocator
+        gives a freed block only to allocations on the stream it was allocated on, so what the load and the
+        engine's build free (the weights before DeepSpeed flattens them, the fp32 partitions the masters' low bits
+        replace) would otherwise stay reserved for the stream the steps no longer run on. restore() leaves it."""
+        if not self.on or "step_overlap" in self.skip or device.type != "cuda" or self._step_stream is not None:
+            return
+        import torch
+
+        from .step_overlap import switch_to_step_stream
+
+        self._stream_before = torch.cuda.current_stream(device)
+        self._step_stream = switch_to_step_stream(device)
 
     def prepare_model(self, model: nn.Module, fused_kernels: str, device_type: str) -> tuple[nn.Module, str]:
         """Before DeepSpeed wraps the model: liger's norms and RoPE if chosen (--fused-kernels), then torch's and
@@ -148,8 +164,8 @@ class FastPath:
             else:
                 self.applied.append(self._unless_skipped("master_low_bits",
                                                          lambda: self._master_bits(state, engine.module, MasterBits)))
-            self.applied.append(self._unless_skipped("step_overlap",
-                                                     lambda: overlap_step_with_forward(state, engine.module)))
+            self.applied.append(self._unless_skipped(
+                "step_overlap", lambda: overlap_step_with_forward(state, engine.module, self._step_stream)))
         else:
             self.applied.append(fold_clip_into_adam(state))
         forwards = use_layout_preserving_gate_up(engine.module, recompute=gate_up_recompute)
@@ -226,3 +242,9 @@ class FastPath:
             self._zero_state.overlap = None
         if self._zero_state is not None:
             self._zero_state.master_bits = None  # settled above: the step reads the fp32 masters again
+        if self._step_stream is not None:
+            import torch
+
+            self._stream_before.wait_stream(self._step_stream)
+            torch.cuda.set_stream(self._stream_before)
+            self._step_stream = None

@@ -14,8 +14,9 @@ state_dict) waits for the whole side stream first: settle(). Every gradient the 
 it (Tensor.record_stream), so the allocator does not give its memory to the forward before that update has read
 it.
 
-The step runs on a stream of the highest priority from then on, the side stream keeps the lowest (the default
-stream's): where the forward's kernels and the updates both have blocks waiting for SMs, the GPU's block scheduler
+The step runs on a stream of the highest priority from then on (from before the model is loaded where the fast
+path enters it then, FastPath.enter_step_stream: the allocator reuses a freed block only for its own stream), the
+side stream keeps the lowest (the default stream's): where the forward's kernels and the updates both have blocks waiting for SMs, the GPU's block scheduler
 dispatches the forward's first, and the updates take the SMs it leaves. DeepSpeed's reduction stream (ZeRO's
 gradient reductions, and the gradient norms taken in the backward) is given the step's priority, so that
 communication never waits behind the compute.
@@ -73,18 +74,26 @@ def split_by_stage(pieces: list[PieceUpdate], owners: list, stage_of: dict[int, 
 HIGHEST_PRIORITY = -(1 << 20)
 
 
+def switch_to_step_stream(device: torch.device) -> torch.cuda.Stream:
+    """A new stream of the highest priority, made the current one after the work already on the current one."""
+    stream = torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    torch.cuda.set_stream(stream)
+    return stream
+
+
 class StepOverlap:
     """The side stream, one event per forward stage, and the hooks that wait for them: each stage's forward for its
     own event, the model's state_dict for all of them. While it lives, the current stream is one of the highest
-    priority (remove() puts the previous one back)."""
+    priority: `step_stream`, already current (switch_to_step_stream), or one it switches to, and back from at
+    remove()."""
 
-    def __init__(self, model: nn.Module, stages: list[tuple[nn.Module, list[nn.Parameter]]], device: torch.device):
+    def __init__(self, model: nn.Module, stages: list[tuple[nn.Module, list[nn.Parameter]]], device: torch.device,
+                 step_stream: torch.cuda.Stream | None = None):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
-        self._previous_stream = torch.cuda.current_stream(device)
-        self.step_stream = torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)
-        self.step_stream.wait_stream(self._previous_stream)
-        torch.cuda.set_stream(self.step_stream)
+        self._previous_stream = None if step_stream is not None else torch.cuda.current_stream(device)
+        self.step_stream = step_stream if step_stream is not None else switch_to_step_stream(device)
         self.stage_of: dict[int, int] = {}
         for k, (_, params) in enumerate(stages):
             for param in params:
@@ -133,8 +142,9 @@ class StepOverlap:
         self.settle()
         for hook in self._hooks:
             hook.remove()
-        self._previous_stream.wait_stream(self.step_stream)
-        torch.cuda.set_stream(self._previous_stream)
+        if self._previous_stream is not None:
+            self._previous_stream.wait_stream(self.step_stream)
+            torch.cuda.set_stream(self._previous_stream)
 
 
 def mostly_frozen(model: nn.Module) -> bool:
@@ -144,10 +154,10 @@ def mostly_frozen(model: nn.Module) -> bool:
     return 2 * trainable < sum(p.numel() for p in model.parameters())
 
 
-def overlap_step_with_forward(state, model: nn.Module) -> Applied:
+def overlap_step_with_forward(state, model: nn.Module, step_stream: torch.cuda.Stream | None = None) -> Applied:
     """Have the one-pass step (fuse_adam_step, installed first) run its updates of the forward's stages beside the
-    next forward (state.overlap); refused without it, without CUDA, for a model without decoder layers, or one
-    whose weights are mostly frozen."""
+    next forward (state.overlap), the step on `step_stream` where it is already the current one; refused without
+    the one-pass step, without CUDA, for a model without decoder layers, or one whose weights are mostly frozen."""
     name, replaces = ("step_overlap", "the one-pass step's launches on the current stream, "
                       "DeepSpeedZeroOptimizer.reduction_stream")
     device = torch.device(state.optimizer.device)
@@ -156,6 +166,6 @@ def overlap_step_with_forward(state, model: nn.Module) -> Applied:
                if not stages else "most weights are frozen (LoRA): the step is small" if mostly_frozen(model)
                else "needs CUDA" if device.type != "cuda" else "")
     if not refused:
-        state.overlap = StepOverlap(model, stages, device)
+        state.overlap = StepOverlap(model, stages, device, step_stream)
         state.optimizer.reduction_stream = torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)
     return Applied(name, replaces, refused)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import TINY, zero_backward, zero_engine
+from helpers import TINY, autoep_engine, zero_backward, zero_engine
+from qwen_moe_ft.fastpath import FastPath
 from qwen_moe_ft.fastpath.adamw import PieceUpdate
 from qwen_moe_ft.fastpath.state import ZeroState
 from qwen_moe_ft.fastpath.step_overlap import StepOverlap, forward_stages, overlap_step_with_forward, split_by_stage
@@ -157,3 +158,22 @@ def test_deepspeed_step_with_the_overlap_trains_as_without_it(process_group, mon
     assert after[True] == pytest.approx(after[False], rel=1e-4)
     for ours, theirs in zip(masters[True], masters[False]):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_an_engine_built_after_the_step_stream_is_entered_keeps_its_memory_on_that_stream(process_group):
+    before = torch.cuda.current_stream()
+    fast_path = FastPath()
+    fast_path.enter_step_stream(torch.device("cuda"))
+    step_stream = torch.cuda.current_stream()
+    assert step_stream != before and step_stream.priority < before.priority
+    engine = autoep_engine()
+    assert {a.name: a for a in fast_path.install(engine)}["step_overlap"]
+    assert fast_path._zero_state.overlap.step_stream == step_stream == torch.cuda.current_stream()  # no second switch
+    # DeepSpeed's flat bf16 weights, built after the load: on the default stream, memory the load freed (the weights
+    # before flattening) could not be reused by the step, which allocates on the step's stream
+    flat = engine.optimizer.bit16_groups_flat[0].data_ptr()
+    segment, = [s for s in torch.cuda.memory_snapshot() if s["address"] <= flat < s["address"] + s["total_size"]]
+    assert segment["stream"] == step_stream.cuda_stream
+    fast_path.restore()
+    assert torch.cuda.current_stream() == before
