@@ -186,7 +186,7 @@ class Trainer:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
         # off: does nothing, imports no patch module
         self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on", skip=cfg.fastpath.skip)
-        if not cfg.lora.enabled:  # step_overlap is for full fine-tuning: its stream, before anything is allocated
+        if not cfg.lora.enabled:  # step_overlap (full fine-tuning only): its stream before the model is allocated
             self.fast_path.enter_step_stream(self.device)
         model = load_model(cfg.model, self.model_name, self.model_config, attn_implementation, self.ds_config,
                            self.rank)

@@ -10,19 +10,22 @@ coalesced run of small pieces that reaches outside one), and every group all-gat
 updated on the current stream as before.
 
 Anything that reads weights or moments other than through the stages' forwards (a checkpoint save, an export, a
-state_dict) waits for the whole side stream first: settle(). Every gradient the side stream reads is recorded on
-it (Tensor.record_stream), so the allocator does not give its memory to the forward before that update has read
-it.
+state_dict) waits for the whole side stream first: settle(). The gradients the side stream reads stay referenced
+here until the current stream has waited for their stage's event (that stage's forward, or settle()), and are let go
+then: the allocator may give their memory to the forward at once, every use of it on the current stream being ordered
+after the update's read. (With Tensor.record_stream instead, a block freed at launch would wait for the side stream to
+pass the point of its free, i.e. all of the step's updates, so the next forward's activations took new memory.)
 
 The step runs on a stream of the highest priority from then on (from before the model is loaded where the fast
 path enters it then, FastPath.enter_step_stream: the allocator reuses a freed block only for its own stream), the
-side stream keeps the lowest (the default stream's): where the forward's kernels and the updates both have blocks waiting for SMs, the GPU's block scheduler
-dispatches the forward's first, and the updates take the SMs it leaves. DeepSpeed's reduction stream (ZeRO's
-gradient reductions, and the gradient norms taken in the backward) is given the step's priority, so that
-communication never waits behind the compute.
+side stream keeps the lowest (the default stream's): where the forward's kernels and the updates both have blocks
+waiting for SMs, the GPU's block scheduler dispatches the forward's first, and the updates take the SMs it leaves.
+DeepSpeed's reduction stream (ZeRO's gradient reductions, and the gradient norms taken in the backward) is given the
+step's priority, so that communication never waits behind the compute.
 
 CUDA only. Guarded by tests/unit/fastpath/test_step_overlap.py: which launches go where (CPU), and on a GPU a
-forward that waits for a deliberately late update, and DeepSpeed's step with the overlap equal to it without.
+forward that waits for a deliberately late update, a gradient's memory kept from reuse until then and given to the
+forward after it, and DeepSpeed's step with the overlap equal to it without.
 """
 from __future__ import annotations
 
@@ -100,6 +103,7 @@ class StepOverlap:
                 self.stage_of.setdefault(id(param), k)
         self._events = [torch.cuda.Event() for _ in stages]
         self._pending = [False] * len(stages)
+        self._held: list[list[torch.Tensor]] = [[] for _ in stages]  # gradients each stage's launches read
         self._ready = torch.cuda.Event()
         self._hooks = [module.register_forward_pre_hook(partial(self._wait_for, k))
                        for k, (module, _) in enumerate(stages)]
@@ -109,6 +113,7 @@ class StepOverlap:
         if self._pending[k]:
             torch.cuda.current_stream(self.device).wait_event(self._events[k])
             self._pending[:k + 1] = [False] * (k + 1)
+            self._release(k + 1)
 
     def begin(self) -> None:
         """The point of the current stream the side stream's launches start from: the step's gradients and its
@@ -126,8 +131,7 @@ class StepOverlap:
         with torch.cuda.stream(self.stream):
             for k in sorted(side):
                 for piece in side[k]:
-                    for grad in piece.grads:
-                        grad.record_stream(self.stream)
+                    self._held[k] += piece.grads
                     piece.run()
                 self._events[k].record(self.stream)
                 self._pending[k] = True
@@ -137,6 +141,15 @@ class StepOverlap:
         if any(self._pending):
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             self._pending = [False] * len(self._pending)
+        self._release(len(self._held))
+
+    def _release(self, stages: int) -> None:
+        """Let go of the gradients the first `stages` stages' launches read, the current stream having waited for
+        those launches. The allocator reuses a block only on the stream it was allocated on: a one-rank group's
+        gradient on the backward's, which is the current stream (or AccumulateGrad's, which waits for it); the
+        other groups' gradients are views of DeepSpeed's partition buffer, which is never freed."""
+        for k in range(stages):
+            self._held[k] = []
 
     def remove(self) -> None:
         self.settle()

@@ -122,6 +122,33 @@ def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
 
 
 @pytest.mark.gpu
+def test_a_stages_forward_gives_the_gradients_its_update_read_back_for_reuse():
+    stack = _Stack().cuda()
+    overlap = StepOverlap(stack, forward_stages(stack), torch.device("cuda"))
+    x = torch.randn(8, 256, device="cuda")
+    with torch.no_grad():
+        stack.model.layers[0](x)  # cuBLAS's workspace on the step's stream, taken before anything is counted
+    torch.cuda.empty_cache()  # no cached block of the gradient's size but its own once it is let go
+    grad = torch.full((1 << 20,), 3.0, device="cuda")
+    block, size = grad.data_ptr(), grad.numel() * grad.element_size()
+    out = torch.zeros_like(grad)
+    overlap.begin()
+    overlap.launch({0: [PieceUpdate(0, [grad], _late(lambda g=grad: out.copy_(g * 2)))]}, None)
+    del grad  # the step drops its references as soon as it has launched
+    held = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        stack.model.layers[0](x)  # waits for stage 0's update, then lets its gradient go
+    assert torch.cuda.memory_allocated() == held - size  # at once: the host does not wait for the GPU
+    assert not overlap.stream.query()  # the update has not run yet
+    reuse = torch.empty(1 << 20, device="cuda")
+    assert reuse.data_ptr() == block  # the forward's next allocation takes the block
+    reuse.fill_(-1.0)  # ordered after the update's read by the forward's wait
+    overlap.settle()
+    assert torch.equal(out, torch.full_like(out, 6.0))
+    overlap.remove()
+
+
+@pytest.mark.gpu
 def test_deepspeed_step_with_the_overlap_trains_as_without_it(process_group, monkeypatch):
     held_launch = StepOverlap.launch
 
