@@ -329,9 +329,9 @@ def overlap_reserve_note(fastpath, lora) -> str | None:
     if fastpath.mode != "on" or lora.enabled or "step_overlap" in skip:
         return None
     return ("step_overlap (the optimizer's updates beside the next forward) has the allocator reserve more than the "
-            "peak above: 41-88% more at 4 layers on an H100 (docs/benchmark-history.md, 2026-12-07). If the log's "
-            f"alloc_retries climbs, --fast-path-skip {','.join([*skip, 'step_overlap'])} keeps the reserve within 5% "
-            "of the peak for ~6% of the step's time.")
+            "peak above: 11% more at 4 layers on an H100, 5% without it (docs/benchmark-history.md, 2026-12-07). If "
+            f"the log's alloc_retries climbs, --fast-path-skip {','.join([*skip, 'step_overlap'])} gives that up for "
+            "~9% of the step's time.")
 
 
 def what_to_change(setting: dict, gpu_gib: float, recomputed: int) -> str | None:

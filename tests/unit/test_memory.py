@@ -117,7 +117,7 @@ def test_the_allocators_reserve_under_step_overlap_is_told_where_it_runs(capsys)
     main(["--gpus", "8", "--ep-size", "8"])
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step_overlap"))
     skip = TrainConfig.from_flat().fastpath.skip
-    assert f"--fast-path-skip {skip},step_overlap keeps" in line
+    assert f"--fast-path-skip {skip},step_overlap gives" in line
     main(["--gpus", "8", "--ep-size", "8", "--lora", "true"])
     assert "step_overlap (" not in capsys.readouterr().out
     for off in (dict(fast_path="off"), dict(lora=True), dict(fast_path_skip="step_overlap")):
