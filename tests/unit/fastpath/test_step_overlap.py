@@ -125,10 +125,10 @@ def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
 def test_a_stages_forward_gives_the_gradients_its_update_read_back_for_reuse():
     stack = _Stack().cuda()
     overlap = StepOverlap(stack, forward_stages(stack), torch.device("cuda"))
+    torch.cuda.empty_cache()  # no cached block of the gradient's size but its own once it is let go
     x = torch.randn(8, 256, device="cuda")
     with torch.no_grad():
         stack.model.layers[0](x)  # cuBLAS's workspace on the step's stream, taken before anything is counted
-    torch.cuda.empty_cache()  # no cached block of the gradient's size but its own once it is let go
     grad = torch.full((1 << 20,), 3.0, device="cuda")
     block, size = grad.data_ptr(), grad.numel() * grad.element_size()
     out = torch.zeros_like(grad)
