@@ -106,7 +106,7 @@ def test_the_step_runs_above_the_side_stream_until_the_overlap_is_removed():
 
 
 @pytest.mark.gpu
-def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
+def test_a_dropped_gradient_keeps_its_memory_until_its_stages_forward_has_waited():
     stack = _Stack().cuda()
     overlap = StepOverlap(stack, forward_stages(stack), torch.device("cuda"))
     grad = torch.full((1 << 20,), 3.0, device="cuda")
@@ -114,7 +114,7 @@ def test_a_freed_gradient_keeps_its_memory_until_the_side_stream_has_read_it():
     overlap.begin()
     overlap.launch({0: [PieceUpdate(0, [grad], _late(lambda g=grad: out.copy_(g * 2)))]}, None)
     del grad  # the step drops its references as soon as it has launched
-    reuse = torch.empty(1 << 20, device="cuda")  # without record_stream, the freed block itself
+    reuse = torch.empty(1 << 20, device="cuda")  # were the gradient let go here, the freed block itself
     reuse.fill_(-1.0)
     overlap.settle()
     assert torch.equal(out, torch.full_like(out, 6.0))
