@@ -323,11 +323,11 @@ def plan_run(work: Workload, config, *, gpus: int, ep_size: int, gpu_gib: float,
 def overlap_reserve_note(fastpath, lora) -> str | None:
     """Where step_overlap will run (full fine-tuning on the fast path), what it does to the allocator's reserve,
     which the estimate (of allocations) leaves out, and how to give it up."""
-    from .fastpath import parse_skip
+    from .fastpath import overlap_asked, parse_skip
 
-    skip = parse_skip(fastpath.skip)
-    if fastpath.mode != "on" or lora.enabled or "step_overlap" in skip:
+    if not overlap_asked(fastpath, lora):
         return None
+    skip = parse_skip(fastpath.skip)
     return ("step_overlap (the optimizer's updates beside the next forward) has the allocator reserve more than the "
             "peak above: 11% more at 4 layers on an H100, 5% without it (docs/benchmark-history.md, 2026-12-07). If "
             f"the log's alloc_retries climbs, --fast-path-skip {','.join([*skip, 'step_overlap'])} gives that up for "

@@ -38,7 +38,7 @@ from qwen_moe_ft.config import ConfigError, TrainConfig, load_config
 from qwen_moe_ft.data.loader import StepLoader
 from qwen_moe_ft.data.packing import MicroBatch, packing_efficiency
 from qwen_moe_ft.data.rows import DataError, TokenizedData, load_tokenized
-from qwen_moe_ft.fastpath import FastPath
+from qwen_moe_ft.fastpath import FastPath, overlap_asked
 from qwen_moe_ft.flops import peak_tflops
 from qwen_moe_ft.loss import backward_scale, select_loss_impl, token_loss_sum
 from qwen_moe_ft.lr_schedule import lr_lambda
@@ -186,7 +186,7 @@ class Trainer:
             self.attn_backend, attn_implementation = "sdpa", "sdpa"
         # off: does nothing, imports no patch module
         self.fast_path = FastPath(enabled=cfg.fastpath.mode == "on", skip=cfg.fastpath.skip)
-        if not cfg.lora.enabled:  # step_overlap (full fine-tuning only): its stream before the model is allocated
+        if overlap_asked(cfg.fastpath, cfg.lora):  # the step's stream before the model is allocated
             self.fast_path.enter_step_stream(self.device)
         model = load_model(cfg.model, self.model_name, self.model_config, attn_implementation, self.ds_config,
                            self.rank)

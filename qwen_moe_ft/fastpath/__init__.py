@@ -61,6 +61,12 @@ def parse_skip(text: str) -> tuple[str, ...]:
     return names
 
 
+def overlap_asked(fastpath, lora) -> bool:
+    """Whether step_overlap is on a run's list, from its fastpath and lora config sections: the fast path on, full
+    fine-tuning, not in --fast-path-skip (installing it still needs CUDA, the pinned versions and the one-pass step)."""
+    return fastpath.mode == "on" and not lora.enabled and "step_overlap" not in parse_skip(fastpath.skip)
+
+
 class FastPath:
     def __init__(self, enabled: bool = True, skip: str = ""):
         """skip: --fast-path-skip's comma list."""
@@ -84,12 +90,13 @@ class FastPath:
         return not self.off_because
 
     def enter_step_stream(self, device) -> None:
-        """Before the model is loaded, where step_overlap may run (the fast path on, CUDA, not skipped): the step's
-        stream of the highest priority becomes the current one now rather than at install. The caching allocator
-        gives a freed block only to allocations on the stream it was allocated on, so what the load and the
-        engine's build free (the weights before DeepSpeed flattens them, the fp32 partitions the masters' low bits
-        replace) would otherwise stay reserved for the stream the steps no longer run on. restore() leaves it."""
-        if not self.on or "step_overlap" in self.skip or device.type != "cuda" or self._step_stream is not None:
+        """Before the model is loaded, for a run step_overlap is asked for (overlap_asked), on CUDA with the fast path
+        on: the step's stream of the highest priority becomes the current one now rather than at install. The
+        caching allocator gives a freed block only to allocations on the stream it was allocated on, so what the
+        load and the engine's build free (the weights before DeepSpeed flattens them, the fp32 partitions the
+        masters' low bits replace) would otherwise stay reserved for the stream the steps no longer run on.
+        restore() leaves it."""
+        if not self.on or device.type != "cuda" or self._step_stream is not None:
             return
         import torch
 
