@@ -382,7 +382,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _help(field: dataclasses.Field) -> str:
-    default = {True: "true", False: "false", "": '""'}.get(field.default, field.default)
+    default = field.default
+    if isinstance(default, bool) or default == "":  # 0 == False and 1 == True: a dict lookup would match them too
+        default = {True: "true", False: "false", "": '""'}[default]
     allowed = f"; one of {', '.join(choices)}" if (choices := field.metadata["choices"]) else ""
     return f"{field.metadata.get('help', '')} (default {default}{allowed})".replace("%", "%%")
 

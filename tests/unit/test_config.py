@@ -5,7 +5,7 @@ import pytest
 
 from helpers import REPO
 from qwen_moe_ft.config import (DEFAULT_DS_CONFIG, OPTIONS, OTHER_NAMES, REAL_MODEL, RECIPES, TINY_MODEL, ConfigError,
-                                OptimConfig, TrainConfig, load_config)
+                                OptimConfig, TrainConfig, build_parser, load_config)
 from qwen_moe_ft.parallel.ds_config import build_ds_config
 from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 
@@ -100,6 +100,13 @@ def test_ds_config_carries_the_run():
 def test_every_option_has_a_one_line_help():
     for name, (_, field) in OPTIONS.items():
         assert field.metadata.get("help") and "\n" not in field.metadata["help"], name
+
+
+def test_help_shows_numeric_defaults_as_numbers_and_bools_as_words():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines: compare with spaces collapsed
+    assert "--max-steps INT optimizer steps; 0: run --epochs epochs (default 0)" in text  # 0 == False in a dict lookup
+    assert "--grad-accum INT micro-batches per rank per optimizer step (default 1)" in text
+    assert "instead of padding (default true)" in text
 
 
 @pytest.mark.parametrize("argv, message", [
