@@ -161,6 +161,9 @@ class Trainer:
             if note and self.accelerator.is_main_process:
                 print(f"note: {note}", flush=True)
         self.total_steps = cfg.optim.max_steps or self.train_loader.total_steps(cfg.optim.epochs)
+        self.schedule = checkpoint.Schedule.of(cfg.flat(), self.total_steps)
+        if self.resume_path:
+            checkpoint.check_schedule(self.resume_path, self.schedule)
 
     def _load_data(self) -> TokenizedData:
         """Rank 0 tokenises first, the others then read its cache. A DataError on any rank stops every rank with
@@ -373,7 +376,7 @@ class Trainer:
                 self.fast_path.settle()
                 path = checkpoint.save(self.engine, self.checkpoint_root, done, rank=self.rank,
                                        keep=cfg.checkpoint.save_total_limit, layout=self.layout,
-                                       data_order=self.data_order)
+                                       data_order=self.data_order, schedule=self.schedule)
                 self.metrics.info(f"saved checkpoint {path}")
             if stop:
                 if cfg.lora.enabled:

@@ -1,5 +1,5 @@
-"""What a checkpoint records about the run that saved it (COMPLETE: the step, the layout, the data order), and the
-checks a resume makes against it before any weight is loaded."""
+"""What a checkpoint records about the run that saved it (COMPLETE: the step, the layout, the data order, the
+schedule), and the checks a resume makes against it before any weight is loaded."""
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +28,11 @@ ORDER_OPTIONS = ("grad_accum", "max_tokens_per_batch", "packing", "seed", "shuff
 # Options that move the order only through the examples they keep and their lengths in tokens: named when
 # those changed.
 DATA_OPTIONS = ("data", "eval_split", "max_seq_len", "truncation", "train_on_prompt")
+# What a resume takes from the checkpoint rather than from its options: AdamW's settings (torch's load_state_dict
+# keeps the saved param groups') and the peak lr (the schedule's saved base_lrs). The schedule's shape is rebuilt
+# from the options, so a new length, warmup or floor would move the lr mid-run.
+SCHEDULE_OPTIONS = ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2",
+                    "adam_eps")
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +79,18 @@ class DataOrder(NamedTuple):
         training example, in dataset order."""
         return cls({name: options[name] for name in ORDER_OPTIONS + DATA_OPTIONS},
                    data_fingerprint(options["data"], lengths))
+
+
+class Schedule(NamedTuple):
+    """The learning-rate schedule and AdamW settings a run steps with: SCHEDULE_OPTIONS and the number of steps the
+    schedule spans (--max-steps, or the steps of --epochs)."""
+    options: dict[str, Any]
+    total_steps: int
+
+    @classmethod
+    def of(cls, options: dict[str, Any], total_steps: int) -> "Schedule":
+        """`options` the run's options by flat name (TrainConfig.flat())."""
+        return cls({name: options[name] for name in SCHEDULE_OPTIONS}, total_steps)
 
 
 def data_fingerprint(source: str, lengths: Sequence[int]) -> dict[str, Any]:
@@ -211,3 +228,29 @@ def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None
                               f"({_data_difference(saved.data, order.data)}): its steps would train other examples. "
                               f"Resume with the data it was saved with, {new_run}")
     return None
+
+
+def check_schedule(path: Path, schedule: Schedule) -> None:
+    """Stop before anything is loaded when `path` was saved with another schedule or AdamW settings: a resume would
+    keep the saved ones for some (lr, AdamW's) and take the new ones for others (the schedule's shape), so the
+    options would silently do nothing or move the lr mid-run. Nothing to check for checkpoints saved before the
+    schedule was recorded."""
+    record = _marker(path)
+    if "schedule" not in record:
+        return
+    saved = Schedule(**record["schedule"])
+    cosine = "cosine" in (saved.options["lr_schedule"], schedule.options["lr_schedule"])
+    compared = SCHEDULE_OPTIONS if cosine else tuple(n for n in SCHEDULE_OPTIONS if n != "min_lr_ratio")
+    changed = [n for n in compared if saved.options[n] != schedule.options[n]]
+    step = f"step-{record.get('step', '?')}"
+    was = [f"{flag(n)} was {_value(saved.options[n])} when {step} was saved, now {_value(schedule.options[n])}"
+           for n in changed]
+    again = [f"{flag(n)} {_value(saved.options[n])}" for n in changed]
+    if cosine and saved.total_steps != schedule.total_steps:
+        was.append(f"its cosine schedule spanned {saved.total_steps} steps, now {schedule.total_steps} "
+                   "(--max-steps, or --epochs)")
+        again.append(f"--max-steps {saved.total_steps}")
+    if was:
+        raise CheckpointError(f"--resume: {'; '.join(was)}: a resume continues the learning-rate schedule and AdamW "
+                              f"state {step} holds, which these would change mid-run. Resume with {' '.join(again)}, "
+                              "or start a new run from its weights (--model OUTPUT_DIR/hf, another --output-dir)")

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .files import _finish_or_clear, _fsync_tree, _swap_in, _write_durably, barrier, prune
-from .layout import COMPLETE, LATEST, SAVING, UNIVERSAL, CheckpointError, DataOrder, Layout, _lora_file, saved_layout
+from .layout import (COMPLETE, LATEST, SAVING, UNIVERSAL, CheckpointError, DataOrder, Layout, Schedule, _lora_file,
+                     saved_layout)
 from .lora_state import _load_lora, _load_lora_partitions, _save_lora
 from .universal import _load_universal
 
@@ -29,7 +30,8 @@ def _set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, root: Path, step: int, *, rank: int, keep: int, layout: Layout, data_order: DataOrder) -> Path:
+def save(engine, root: Path, step: int, *, rank: int, keep: int, layout: Layout, data_order: DataOrder,
+         schedule: Schedule) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the checkpoint and prunes old ones."""
     tag = f"step-{step}"
     path, saving = root / tag, root / (tag + SAVING)
@@ -48,7 +50,8 @@ def save(engine, root: Path, step: int, *, rank: int, keep: int, layout: Layout,
     _fsync_tree(saving)  # on every rank: its own files are flushed from the host that wrote them
     barrier()
     if rank == 0:
-        record = {"step": step, "layout": layout._asdict(), "data_order": data_order._asdict()}
+        record = {"step": step, "layout": layout._asdict(), "data_order": data_order._asdict(),
+                  "schedule": schedule._asdict()}
         _write_durably(saving / COMPLETE, json.dumps(record) + "\n")
         _swap_in(saving, path)
         _write_durably(root / LATEST, tag + "\n")

@@ -188,6 +188,19 @@ def test_resuming_with_another_grad_accum_stops_before_loading_naming_it(four_ra
     assert "resumed from" not in proc.stdout and "load_checkpoint" not in proc.stderr
 
 
+def test_resuming_with_another_lr_or_length_stops_before_loading_naming_them(four_rank_runs, tmp_path):
+    """The loaded scheduler keeps the saved peak lr and takes its length from the options: both would change
+    silently."""
+    step = four_rank_runs["accum"] / "checkpoints" / "step-3"
+    proc = train(tmp_path, *accum_run(8), "--lr", "0.001", "--max-steps", "5", "--resume", str(step), nproc=1,
+                 check=False)
+    assert proc.returncode != 0
+    assert (f"--lr was {FOUR_RANK_LR} when step-3 was saved, now 0.001; its cosine schedule spanned 3 steps, now 5 "
+            "(--max-steps, or --epochs)") in proc.stderr
+    assert f"Resume with --lr {FOUR_RANK_LR} --max-steps 3, or start a new run" in proc.stderr
+    assert "resumed from" not in proc.stdout and "load_checkpoint" not in proc.stderr
+
+
 def test_a_run_resumed_from_an_earlier_step_saves_over_the_step_latest_names(four_rank_runs, tmp_path):
     """Resumed from step-2, the run saves step 3 again while `latest` names the first run's step-3."""
     run = tmp_path / "run"

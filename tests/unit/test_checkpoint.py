@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen_moe_ft.checkpoint import (COMPLETE, LATEST, CheckpointError, DataOrder, Layout, check_data_order,
-                                   check_layout, complete_checkpoints, prune, resolve, save, saved_layout)
+from qwen_moe_ft.checkpoint import (COMPLETE, LATEST, CheckpointError, DataOrder, Layout, Schedule, check_data_order,
+                                   check_layout, check_schedule, complete_checkpoints, prune, resolve, save,
+                                   saved_layout)
 from qwen_moe_ft.config import TrainConfig
 
 
@@ -81,10 +82,11 @@ class FakeEngine:
 
 LAYOUT = Layout(processes=1, ep_size=1, lora=False)
 ORDER = DataOrder.of(TrainConfig().flat(), [5, 7, 3])
+SCHEDULE = Schedule.of(TrainConfig().flat(), 100)
 
 
 def save_step(root, step, engine):
-    return save(engine, root, step, rank=0, keep=2, layout=LAYOUT, data_order=ORDER)
+    return save(engine, root, step, rank=0, keep=2, layout=LAYOUT, data_order=ORDER, schedule=SCHEDULE)
 
 
 def resumed_weights(root) -> str:
@@ -325,3 +327,32 @@ def test_a_checkpoint_without_a_data_order_resumes_with_a_note(tmp_path):
     assert "was saved before checkpoints recorded their data order" in note and "--grad-accum" in note
     (step / COMPLETE).write_text("6\n")
     assert check_data_order(step, ORDER, LAYOUT) is not None
+
+
+def test_a_resume_with_another_schedule_or_adamw_setting_is_refused_naming_them(tmp_path):
+    """Saved by save() with a 100-step cosine schedule at --lr 0.0001: the loaded state would keep that lr and
+    AdamW's settings while the schedule's length came from the new options."""
+    path = save_step(tmp_path, 6, FakeEngine("w"))
+    cfg = TrainConfig().flat()
+    check_schedule(path, Schedule.of(cfg, 100))
+    check_schedule(path, Schedule.of(dict(cfg, grad_clip=0.5), 100))  # read from the options every step: resumes
+    with pytest.raises(CheckpointError, match=r"--lr was 0.0001 when step-6 was saved, now 0.001; its cosine schedule "
+                                              r"spanned 100 steps, now 300 \(--max-steps, or --epochs\): .* Resume "
+                                              r"with --lr 0.0001 --max-steps 100, or start a new run"):
+        check_schedule(path, Schedule.of(dict(cfg, lr=1e-3), 300))
+    with pytest.raises(CheckpointError, match=r"--weight-decay was 0.0 when step-6 was saved, now 0.1.*Resume with "
+                                              r"--weight-decay 0.0,"):
+        check_schedule(path, Schedule.of(dict(cfg, weight_decay=0.1), 100))
+
+
+def test_a_constant_schedule_resumes_at_another_length(tmp_path):
+    """After its warmup a constant schedule's lr does not depend on the run's length, nor on --min-lr-ratio."""
+    path = tmp_path / "step-6"
+    path.mkdir()
+    constant = dict(TrainConfig().flat(), lr_schedule="constant")
+    (path / COMPLETE).write_text(json.dumps({"step": 6, "schedule": Schedule.of(constant, 100)._asdict()}))
+    check_schedule(path, Schedule.of(dict(constant, min_lr_ratio=0.5), 300))
+    with pytest.raises(CheckpointError, match="--lr-schedule was constant when step-6 was saved, now cosine"):
+        check_schedule(path, Schedule.of(dict(constant, lr_schedule="cosine"), 100))
+    (path / COMPLETE).write_text("6\n")  # a marker from before schedules were recorded: nothing to check against
+    check_schedule(path, Schedule.of(TrainConfig().flat(), 7))
