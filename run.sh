@@ -8,7 +8,8 @@ mode=${1:-packed}
 case "$mode" in
   packed|unpacked|lora) shift || true ;;
   -h|--help) sed -n 2,4p "$0"; exit 0 ;;
-  *) echo "run.sh: unknown mode '$mode'; use packed, unpacked or lora" >&2; exit 2 ;;
+  --*) mode=packed ;;  # options alone: the default mode, as with no argument
+  *) echo "run.sh: unknown mode '$mode'; use packed, unpacked or lora (before any --option)" >&2; exit 2 ;;
 esac
 gpus=0  # without nvidia-smi there is no GPU to count, and importing torch to say so takes seconds
 if command -v nvidia-smi >/dev/null; then

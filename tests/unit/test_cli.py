@@ -19,6 +19,19 @@ def test_run_sh_typo_is_one_line_with_a_suggestion_and_no_process_started():
     assert seconds < 20, seconds  # the check imports no torch; loose for a loaded 2-core machine
 
 
+def test_run_sh_takes_options_alone_as_the_packed_mode_and_names_the_modes_otherwise():
+    def run_sh(*args):
+        return subprocess.run(["bash", str(REPO / "run.sh"), *args], cwd=REPO, env=cpu_env(), capture_output=True,
+                              text=True, timeout=60)
+
+    proc = run_sh("--learning-rate", "1")  # checked as `run.sh packed --learning-rate 1` is, so nothing launched
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown option --learning-rate; did you mean --lr?"]
+    proc = run_sh("pakced")
+    assert proc.returncode == 2
+    assert "unknown mode 'pakced'; use packed, unpacked or lora (before any --option)" in proc.stderr
+
+
 def test_check_passes_a_good_command_line_and_refuses_an_earlier_run(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path), "--lr", "1e-3"]) == 0
     (tmp_path / "metrics.jsonl").write_text("")
