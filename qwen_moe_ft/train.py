@@ -262,9 +262,8 @@ class Trainer:
             self.metrics.info(f"mfu n/a (unknown GPU: pass --peak-tflops, the bf16 dense TFLOP/s of "
                               f"{torch.cuda.get_device_name(self.device)})")
         self.metrics.info(self.fast_path.summary())
-        if self.data.skipped or self.data.truncated:
-            self.metrics.info(f"skipped rows by reason: {dict(self.data.skipped)}; truncated at a turn boundary: "
-                              f"{self.data.truncated}")
+        if line := self.data.report(cfg.data.max_seq_len, cfg.data.truncation):
+            self.metrics.info(line)
 
     def train_step(self, step: int):
         start = time.perf_counter()

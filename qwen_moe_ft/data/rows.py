@@ -54,12 +54,32 @@ class EncodeOptions(NamedTuple):
         return cls(cfg.max_seq_len, cfg.train_on_prompt, cfg.truncation)
 
 
+# A share of rows left out past which the log's line on them is a warning: a --max-seq-len below most of the data
+WARN_SHARE = 0.1
+
+
 @dataclass
 class TokenizedData:
     train: datasets.Dataset
     eval: datasets.Dataset | None
     skipped: Counter
     truncated: int
+
+    def report(self, max_seq_len: int, truncation: str) -> str:
+        """The log's line on the rows left out or cut, with their share of all rows read; empty when none were."""
+        if not self.skipped and not self.truncated:
+            return ""
+        left_out = sum(self.skipped.values())
+        rows = len(self.train) + (len(self.eval) if self.eval is not None else 0) + left_out
+        parts = []
+        if long := self.skipped.get("too_long", 0):
+            parts.append(f"{long} of {rows} rows ({long / rows:.0%}) longer than --max-seq-len {max_seq_len} dropped"
+                         + (" (raise it)" if truncation == "truncate" else " (raise it, or --truncation truncate)"))
+        if bad := {reason: n for reason, n in self.skipped.items() if reason != "too_long"}:
+            parts.append(f"bad rows skipped by reason: {bad}")
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to fit")
+        return ("warning: " if left_out >= WARN_SHARE * rows else "") + "; ".join(parts)
 
 
 def _load_raw(source: str) -> tuple[datasets.Dataset, str]:

@@ -83,6 +83,22 @@ def test_over_long_rows_are_dropped_and_counted_not_an_error(tmp_path, tiny_toke
                         DataConfig(max_seq_len=512))
 
 
+def test_the_log_gives_the_share_of_rows_dropped_and_warns_when_it_is_large(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 9 + [TOO_LONG])
+    data = load_tokenized(DataConfig(source=path, max_seq_len=512), tiny_tokenizer, seed=0)
+    assert data.report(512, "drop") == ("warning: 1 of 10 rows (10%) longer than --max-seq-len 512 dropped (raise it, "
+                                        "or --truncation truncate)")
+    path = write_jsonl(tmp_path / "e.jsonl", [CHAT] * 10 + [TOO_LONG, b"{"])
+    data = load_tokenized(DataConfig(source=path, max_seq_len=512, on_bad_row="skip"), tiny_tokenizer, seed=0)
+    assert data.report(512, "truncate") == ("warning: 1 of 12 rows (8%) longer than --max-seq-len 512 dropped "
+                                            "(raise it); bad rows skipped by reason: {'bad_json': 1}")
+    data = load_tokenized(DataConfig(source=write_jsonl(tmp_path / "f.jsonl", [CHAT] * 10 + [TOO_LONG]),
+                                     max_seq_len=512), tiny_tokenizer, seed=0)
+    assert data.report(512, "drop").startswith("1 of 11 rows (9%) longer")  # under a tenth: no warning
+    assert load_tokenized(DataConfig(source=write_jsonl(tmp_path / "g.jsonl", [CHAT])), tiny_tokenizer,
+                          seed=0).report(4096, "drop") == ""
+
+
 def test_truncate_drops_whole_turns_never_part_of_an_answer(tmp_path, tiny_tokenizer):
     long_second_turn = {"messages": CHAT["messages"][:3] + [{"role": "user", "content": "abc " * 300},
                                                             {"role": "assistant", "content": "ok"}]}
