@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import datasets
 
 from ..config import DataConfig
+from ..local_paths import looks_local
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -93,7 +94,7 @@ def _load_raw(source: str) -> tuple[datasets.Dataset, str]:
                         f"point --data at a {'/'.join(LOCAL_FORMATS)} file or such a directory")
     if path.is_file() and suffix not in LOCAL_FORMATS:
         raise DataError(f"{path}: a {suffix or 'suffix-less'} file; --data reads {', '.join(LOCAL_FORMATS)} files")
-    if suffix in LOCAL_FORMATS or _looks_local(source):
+    if suffix in LOCAL_FORMATS or looks_local(source):
         if not path.is_file():
             raise DataError(f"{path}: no such file or directory; --data takes a {'/'.join(LOCAL_FORMATS)} file, a "
                             "directory saved by datasets, or a hub dataset name like org/name")
@@ -118,13 +119,6 @@ def _load_raw(source: str) -> tuple[datasets.Dataset, str]:
     except Exception as err:  # the hub client raises many types; all mean "could not fetch"
         raise DataError(f"{source}: could not load this hub dataset ({type(err).__name__}: {err}). "
                         "Offline? Download it elsewhere and point --data at a local file.") from err
-
-
-def _looks_local(source: str) -> bool:
-    """A path, not a hub name (org/name): starts with . / ~, has several parts, or its first part is a local
-    directory (`data/sft_typo` beside ./data); such a source that does not exist is reported missing."""
-    return (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") != 1
-            or Path(source.split("/")[0]).is_dir())
 
 
 def _where_invalid(path: Path, loader: str, err: Exception) -> str:

@@ -8,7 +8,8 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from ..config import ModelConfig
+from ..config import REAL_MODEL, ModelConfig
+from ..local_paths import looks_local
 from ..parallel.expert_parallel import apply_autoep
 from .rank_local import load_rank_local
 from .shards import ModelLoadError
@@ -19,6 +20,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # What each loader needs in a local directory, for the message when it is not there.
 LOCAL_FILES = {"config": "config.json", "tokenizer": "tokenizer files (tokenizer.json or vocab)",
                "weights": "weights (*.safetensors)"}
+
+
+def _no_such_directory(name: str) -> None:
+    """Raises for a local-looking name (local_paths.looks_local) that is no directory, before the hub is asked for
+    it: the hub's answer would be about repo ids, after its retries."""
+    if looks_local(name) and not os.path.isdir(name):
+        raise ModelLoadError(f"{name}: no such directory; --model (and --tokenizer) take a directory written by "
+                             f"save_pretrained or `hf download`, or a hub id like {REAL_MODEL}")
 
 
 def _not_found(name: str, what: str, err: Exception) -> ModelLoadError:
@@ -32,6 +41,7 @@ def _not_found(name: str, what: str, err: Exception) -> ModelLoadError:
 
 
 def load_model_config(cfg: ModelConfig, name: str):
+    _no_such_directory(name)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -48,6 +58,7 @@ def load_model_config(cfg: ModelConfig, name: str):
 
 def load_tokenizer(cfg: ModelConfig, name: str):
     source = cfg.tokenizer or name
+    _no_such_directory(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -61,6 +72,7 @@ def _local_dir(name: str) -> str:
     """`name` itself if it is a directory, else the hub snapshot of its config and safetensors (cached)."""
     if os.path.isdir(name):
         return name
+    _no_such_directory(name)
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
     except Exception as err:  # offline, unknown repo, no access: all end the same way for the user

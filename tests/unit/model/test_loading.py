@@ -21,3 +21,17 @@ def test_empty_local_directory_says_it_has_no_config_json(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model_config(ModelConfig(), str(tmp_path))
     assert "local directory without config.json" in str(err.value) and "hf download " + str(tmp_path) not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["{tmp}/missing", "./missing", "{tmp}/a/b"])
+def test_a_local_path_that_does_not_exist_is_reported_missing_never_fetched(tmp_path, monkeypatch, name):
+    """As an installed package's default under site-packages/data/ was: the hub would be asked for a repo id, and
+    answer about its form after retries."""
+    def fetch(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", fetch)
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(ModelLoadError, match=rf"{name}: no such directory; --model \(and --tokenizer\) take a "
+                                             r"directory written by save_pretrained"):
+        load_model_config(ModelConfig(), name)
