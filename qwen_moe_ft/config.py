@@ -19,7 +19,9 @@ REPO_ROOT = PACKAGE.parent  # a clone's data/; an installed package passes --mod
 RECIPES = PACKAGE / "recipes"
 TINY_MODEL = str(REPO_ROOT / "data" / "tiny-qwen3-moe")
 REAL_MODEL = "Qwen/Qwen3-30B-A3B"
-QWEN3_30B_A3B = str(REPO_ROOT / "data" / "qwen3-30b-a3b-config")  # its config.json alone: random-init benchmarks
+# its config.json alone, shipped with the package (data/qwen3-30b-a3b-config links to it): random-init benchmarks and
+# the memory estimate
+QWEN3_30B_A3B = str(PACKAGE / "model" / "qwen3-30b-a3b")
 DEFAULT_DS_CONFIG = str(PACKAGE / "ds_configs" / "zero2_ep.json")  # ds_configs/zero2_ep.json is a copy users read
 # --report-to: the modules Accelerate's tracker can write with, and what to install for them
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}

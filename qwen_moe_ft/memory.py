@@ -372,30 +372,55 @@ def this_machine() -> tuple[int, float] | None:
     return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
 
 
+def _at_least(least: int):
+    """An argparse type: an integer of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"more than 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .config import QWEN3_30B_A3B, ConfigError, ModelConfig, TrainConfig, load_config
-    from .model.loading import load_model_config
+    from .config import QWEN3_30B_A3B, REAL_MODEL, ConfigError, ModelConfig, TrainConfig, load_config
+    from .model.loading import ModelLoadError, load_model_config
     from .parallel.expert_parallel import choose_ep_size
 
     parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a train.py recipe: its micro-batch, accumulation, EP size, gate/up "
                         "recompute and loss are the defaults of the options below")
-    parser.add_argument("--model", default=QWEN3_30B_A3B, help="hub id or directory with config.json")
-    parser.add_argument("--gpus", type=int, help="default: this machine's GPU count, or 8 without a GPU")
+    parser.add_argument("--model", help="hub id or directory with config.json; default the recipe's model, or "
+                        "Qwen3-30B-A3B's config.json shipped with the package")
+    parser.add_argument("--gpus", type=_at_least(1), help="default: this machine's GPU count, or 8 without a GPU")
     parser.add_argument("--ep-size", type=int, help="default the recipe's, or 0: as train.py chooses (the largest "
                         "size dividing both the GPU count and the expert count)")
-    parser.add_argument("--tokens", type=int, help="tokens per micro-batch (--max-tokens-per-batch; one document "
+    parser.add_argument("--tokens", type=_at_least(1), help="tokens per micro-batch (--max-tokens-per-batch; one document "
                         "of 32768 tokens: 32768); default 4096")
-    parser.add_argument("--grad-accum", type=int, help="micro-batches per step; default 1")
+    parser.add_argument("--grad-accum", type=_at_least(1), help="micro-batches per step; default 1")
     parser.add_argument("--gate-up-recompute", action="store_true", default=None)
     parser.add_argument("--adam-states", choices=sorted(ADAM_STATE_BYTES), help="dtype of the Adam moments; "
                         "default bf16, or the recipe's")
-    parser.add_argument("--layers", type=int, default=0, help="cut the model to this depth")
+    parser.add_argument("--layers", type=_at_least(0), default=0, help="cut the model to this depth")
     parser.add_argument("--loss-impl", choices=("auto", *LOSS_KINDS), help="as train.py takes it, over the "
                         "recipe's (default auto: the whole logits with the Triton loss, or chunks above 8192 tokens or "
                         "where that keeps 8 or more layers' activations); liger and cce keep no logits")
-    parser.add_argument("--gpu-gib", type=float, help="memory of one GPU, to say whether it fits (default: "
+    parser.add_argument("--gpu-gib", type=_positive_float, help="memory of one GPU, to say whether it fits (default: "
                         "this machine's GPU, or an H100 80GB's 79.2 GiB without a GPU)")
     # as train.py takes them (true/false), over the recipe's
     parser.add_argument("--lora", nargs="?", const="true", metavar="BOOL", help="LoRA of the recipe's rank and "
@@ -412,18 +437,21 @@ def main(argv: list[str] | None = None) -> int:
         ("checkpoint-layers", args.checkpoint_layers), ("master-weights", args.master_weights)) if value is not None]
     machine = this_machine()
     gpus_of = " (this machine's)" if machine and args.gpus is None else ""
-    args.gpus = args.gpus or (machine[0] if machine else 8)
+    args.gpus = args.gpus if args.gpus is not None else machine[0] if machine else 8
     args.gpu_gib = args.gpu_gib or (machine[1] if machine else H100_GIB)
-    try:
-        recipe = load_config((["--config", args.config] if args.config else []) + train_options)
-    except ConfigError as err:
-        parser.error(str(err))
-    config = load_model_config(ModelConfig(random_init=bool(args.layers), num_hidden_layers=args.layers), args.model)
-    ep_size = choose_ep_size(recipe.parallel.ep_size if args.ep_size is None else args.ep_size, args.gpus,
-                             config.num_experts)
     overrides = dict(max_tokens_per_batch=args.tokens, grad_accum=args.grad_accum,
                      gate_up_recompute=args.gate_up_recompute, adam_states=args.adam_states, loss_impl=args.loss_impl)
-    cfg = TrainConfig.from_flat(**{**recipe.flat(), **{k: v for k, v in overrides.items() if v is not None}})
+    try:
+        recipe = load_config((["--config", args.config] if args.config else []) + train_options).validate()
+        # the hub's Qwen3-30B-A3B (the 30B recipes' model) is the config shipped with the package: no download
+        args.model = args.model or (recipe.model.name if recipe.model.name not in ("", REAL_MODEL) else QWEN3_30B_A3B)
+        config = load_model_config(ModelConfig(random_init=bool(args.layers), num_hidden_layers=args.layers),
+                                   args.model)
+        ep_size = choose_ep_size(recipe.parallel.ep_size if args.ep_size is None else args.ep_size, args.gpus,
+                                 config.num_experts)
+        cfg = TrainConfig.from_flat(**{**recipe.flat(), **{k: v for k, v in overrides.items() if v is not None}})
+    except (ConfigError, ModelLoadError) as err:
+        parser.error(str(err))
     layers = config.num_hidden_layers
     work = Workload.of(model=cfg.model, data=cfg.data, optim=cfg.optim, fastpath=cfg.fastpath, lora=cfg.lora,
                        layers=layers)

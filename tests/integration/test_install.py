@@ -45,3 +45,7 @@ def test_wheel_in_a_fresh_venv_trains_the_tiny_model(tmp_path):
                  "--progress-bar", "false", cwd=elsewhere, env=env)
     assert [m["step"] for m in read_metrics(out) if "eval_loss" not in m] == [1, 2, 3], stdout
     assert (out / "hf" / "model.safetensors").is_file()
+    # Qwen3-30B-A3B's config.json ships with the package: the estimate needs no clone and no download
+    stdout = run(str(venv / "bin" / "qwen-moe-ft-memory"), "--config", "qwen3-30b-a3b-packed", "--gpus", "8",
+                 cwd=elsewhere, env=env)
+    assert stdout.startswith(str(venv)) and ": 48 layers, full fine-tuning, 8 GPUs" in stdout, stdout

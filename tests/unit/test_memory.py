@@ -139,6 +139,31 @@ def test_qwen3_30b_a3b_recipes_fit_8_x_80gb(mode, capsys):
     assert main(["--config", str(recipe), "--gpus", "8"]) == 0, capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "-5"], "argument --tokens: at least 1, got -5"),
+    (["--gpus", "0"], "argument --gpus: at least 1, got 0"),
+    (["--gpu-gib", "0"], "argument --gpu-gib: more than 0, got 0.0"),
+    (["--checkpoint-layers", "foo"], "--checkpoint-layers: got 'foo'; use all, auto or a number of layers"),
+    (["--gpus", "8", "--ep-size", "3"], "--ep-size 3 does not divide the world size 8"),
+    (["--model", "./no-such-model"], "./no-such-model: no such directory"),
+])
+def test_bad_options_are_one_line_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_the_recipes_model_is_the_one_estimated(capsys):
+    """The tiny recipe's model, not Qwen3-30B-A3B; the 30B recipes' hub model is the config shipped with the
+    package."""
+    main(["--config", "tiny-packed", "--gpus", "1"])
+    assert capsys.readouterr().out.startswith("data/tiny-qwen3-moe: 2 layers")
+    main(["--config", "qwen3-30b-a3b-packed", "--gpus", "8"])
+    assert capsys.readouterr().out.startswith(f"{QWEN3_30B_A3B}: 48 layers")
+
+
 def test_gpus_and_their_memory_default_to_the_machine(monkeypatch, capsys):
     import torch
     from types import SimpleNamespace
@@ -209,7 +234,8 @@ def test_the_fewest_layers_to_recompute_is_the_edge_of_fitting(capsys):
     assert 0 < fewest < 48 and f"--checkpoint-layers {fewest} (or auto)\n" in out
     assert estimate(**setting, recomputed_layers=fewest).total <= budget < estimate(
         **setting, recomputed_layers=fewest - 1).total
-    no_recompute = ["--activation-checkpointing", "false"]
+    # the recipe's checkpoint_layers (auto) replaced too: train.py refuses a count of layers without recompute
+    no_recompute = ["--activation-checkpointing", "false", "--checkpoint-layers", "all"]
     assert main(["--config", str(recipe), "--gpus", "1", "--gpu-gib", "79.6", *no_recompute]) == 1
     out = capsys.readouterr().out  # the recipe's setting overridden as train.py would take it
     # without the logits: that run (and the suggested one) computes the loss in chunks
