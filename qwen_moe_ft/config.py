@@ -413,7 +413,9 @@ def _read_recipe(path: Path) -> dict[str, Any]:
     if not path.is_file() and (RECIPES / f"{path}.yaml").is_file():  # a packaged recipe by name
         path = RECIPES / f"{path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"--config: {path} does not exist")
+        shipped = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise ConfigError(f"--config: {path} does not exist; a YAML file, or a recipe shipped with the package by "
+                          f"name: {shipped}")
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -423,10 +425,15 @@ def _read_recipe(path: Path) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise ConfigError(f"--config {path}: expected `option: value` lines, got a {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(OPTIONS))
-    if unknown:
+    if unknown:  # each with its suggestion, the one with a suggestion first
+        unknown.sort(key=lambda name: not _did_you_mean(name))
         raise ConfigError(f"{path}: unknown option {unknown[0]}{_did_you_mean(unknown[0])}"
-                          + (f" (and {', '.join(unknown[1:])})" if unknown[1:] else ""))
-    return recipe
+                          + "".join(f"; unknown option {name}{_did_you_mean(name)}" for name in unknown[1:]))
+    types = _option_types()
+    try:  # a bad value named with the file it is in
+        return {name: _coerce(name, value, types[name]) for name, value in recipe.items()}
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
