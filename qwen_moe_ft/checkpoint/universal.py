@@ -61,8 +61,13 @@ def _convert_to_universal(path: Path) -> str:
     _fsync_tree(part)
     _write_durably(part / COMPLETE, json.dumps({"command": command}) + "\n")
     _swap_in(part, target)
+    # the command as it would be run by hand: into the folder it ended in (written beside it, then renamed)
+    by_hand = shlex.join(command[:-1] + [str(target)])
+    if widened:
+        by_hand += (f" (its input, {staging.name}, was {path.name} with the fast path's bf16 moments widened to fp32, "
+                    "which the converter needs; removed after)")
     return (f"converted {path.name} once into DeepSpeed's universal checkpoint {path.name}/{UNIVERSAL} in "
-            f"{time.perf_counter() - start:.0f} s{' (bf16 moments widened to fp32 first)' if widened else ''}: {ran}")
+            f"{time.perf_counter() - start:.0f} s: {by_hand}")
 
 
 def universal(path: Path, *, rank: int) -> tuple[Path, str | None]:

@@ -75,7 +75,9 @@ def test_a_checkpoint_resumes_at_another_layout_and_trains_what_that_layout_trai
            "checkpoint step-1/universal" in stdout
     if key == "accum":  # the first resume converted it
         assert "converted step-1 once into DeepSpeed's universal checkpoint step-1/universal" in stdout
-        assert "deepspeed.checkpoint.ds_to_universal --input_folder" in stdout
+        # the command as a person would run it again: from the step into the folder it ended in
+        assert (f"deepspeed.checkpoint.ds_to_universal --input_folder {step1} --output_folder {step1 / 'universal'}"
+                ) in stdout
     assert f"resumed from {step1} at step 1" in stdout
     straight, again = read_metrics(four_rank_runs[key]), read_metrics(out)
     assert [m["step"] for m in again] == list(range(2, FOUR_RANK_STEPS + 1))
@@ -101,7 +103,10 @@ def test_bf16_moments_resume_at_another_layout(tmp_path_factory):
     run = [*FOUR_RANK_RUN, "--max-steps", "2", "--adam-states", "bf16"]
     train(saved, *run, *RESHAPED[2][:2], "--grad-accum", "4", "--save-steps", "1")
     proc = train(resumed, *run, *RESHAPED["accum"], "--resume", str(saved / "checkpoints" / "step-1"), nproc=1)
-    assert "adam moments bf16" in proc.stdout and "(bf16 moments widened to fp32 first)" in proc.stdout
+    step1 = saved / "checkpoints" / "step-1"
+    assert "adam moments bf16" in proc.stdout
+    assert (f"--output_folder {step1 / 'universal'} (its input, universal.input, was step-1 with the fast path's bf16 "
+            "moments widened to fp32, which the converter needs; removed after)") in proc.stdout
     straight, again = read_metrics(saved), read_metrics(resumed)
     assert [m["step"] for m in again] == [2]
     assert again[0]["loss"] == pytest.approx(straight[1]["loss"], rel=1e-5)
