@@ -20,7 +20,7 @@ if [ "$gpus" -gt 0 ]; then
   recipe=qwen_moe_ft/recipes/qwen3-30b-a3b-$mode.yaml
   # one GPU holds all 48 layers' frozen weights for LoRA only with activation checkpointing
   if [ "$mode" = lora ] && [ "$nproc" -eq 1 ]; then recipe=qwen_moe_ft/recipes/qwen3-30b-a3b-lora-1gpu.yaml; fi
-  launch=(accelerate launch --num_processes "$nproc" --num_machines 1 --mixed_precision no --dynamo_backend no)
+  launch=(accelerate --num_processes "$nproc" --num_machines 1 --mixed_precision no --dynamo_backend no)
 else
   recipe=qwen_moe_ft/recipes/tiny-$mode.yaml
   nproc=${NUM_PROCESSES:-2}
@@ -32,4 +32,5 @@ fi
 # one traceback per rank and the launcher's report of them.
 python3 -m qwen_moe_ft.cli --config "$recipe" "$@" || exit $?
 echo "run.sh: $mode, $nproc process(es), recipe $recipe"
-exec "${launch[@]}" qwen_moe_ft/train.py --config "$recipe" "$@"
+# qwen_moe_ft.launch: the launcher's code, without its traceback where a process fails or a signal stops the run
+exec python3 -m qwen_moe_ft.launch "${launch[@]}" qwen_moe_ft/train.py --config "$recipe" "$@"

@@ -89,3 +89,13 @@ def test_a_bad_row_is_one_message_before_the_launcher_starts(tmp_path):
         f"error: {tmp_path / 'rows.jsonl'}: 1 bad row(s) ({{'bad_json': 1}}), first:",
         "  row 10: bad_json: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
         "Fix them, or pass --on-bad-row skip to skip and count them."]
+
+
+def test_an_error_a_training_process_reports_ends_the_run_without_the_launchers_traceback(tmp_path):
+    """--ep-size 3 passes the check before launch (which knows no process count) and stops both processes: their
+    error line is the run's last word, with their exit status, not torchrun's ChildFailedError report."""
+    proc = subprocess.run(["bash", str(REPO / "run.sh"), "packed", "--ep-size", "3", "--output-dir", str(tmp_path)],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: --ep-size 3 does not divide the world size 2" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
