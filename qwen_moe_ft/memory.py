@@ -410,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=_at_least(1), help="default: this machine's GPU count, or 8 without a GPU")
     parser.add_argument("--ep-size", type=int, help="default the recipe's, or 0: as train.py chooses (the largest "
                         "size dividing both the GPU count and the expert count)")
-    parser.add_argument("--tokens", type=_at_least(1), help="tokens per micro-batch (--max-tokens-per-batch; one document "
-                        "of 32768 tokens: 32768); default 4096")
+    parser.add_argument("--tokens", type=_at_least(1), help="tokens per micro-batch (--max-tokens-per-batch; one "
+                        "document of 32768 tokens: 32768); default 4096")
     parser.add_argument("--grad-accum", type=_at_least(1), help="micro-batches per step; default 1")
     parser.add_argument("--gate-up-recompute", action="store_true", default=None)
     parser.add_argument("--adam-states", choices=sorted(ADAM_STATE_BYTES), help="dtype of the Adam moments; "
