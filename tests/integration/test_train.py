@@ -47,5 +47,6 @@ def test_bad_row_stops_every_rank_with_one_message(tmp_path):
 def test_missing_model_says_how_to_point_at_a_local_copy(tmp_path):
     proc = train(tmp_path, "--model", str(tmp_path / "no-such-model"), nproc=1, check=False)
     assert proc.returncode != 0
-    assert "--model DIR" in proc.stderr
+    assert (f"error: {tmp_path / 'no-such-model'}: no such directory; --model (and --tokenizer) take a directory "
+            "written by save_pretrained or `hf download`") in proc.stderr
 
