@@ -28,9 +28,9 @@ else
   # Accelerate's own CPU multi-process mode needs MPI; torchrun gives DeepSpeed plain gloo processes.
   launch=(torchrun --standalone --nproc_per_node "$nproc")
 fi
-# Options, then the data, checked once here, before any process starts: a typo or a bad row is one message, not
-# one traceback per rank and the launcher's report of them.
-python3 -m qwen_moe_ft.cli --config "$recipe" "$@" || exit $?
+# Options, the parallel sizes against the process count, then the data, checked once here, before any process
+# starts: a typo, an --ep-size that does not divide the processes or a bad row is one message, not one per rank.
+WORLD_SIZE=$nproc python3 -m qwen_moe_ft.cli --config "$recipe" "$@" || exit $?
 echo "run.sh: $mode, $nproc process(es), recipe $recipe"
 # qwen_moe_ft.launch: the launcher's code, without its traceback where a process fails or a signal stops the run
 exec python3 -m qwen_moe_ft.launch "${launch[@]}" qwen_moe_ft/train.py --config "$recipe" "$@"

@@ -49,17 +49,34 @@ def read_data(cfg: TrainConfig):
     return load_tokenized(cfg.data, tokenizer, seed=cfg.optim.seed)
 
 
+def check_sizes(cfg: TrainConfig, processes: int) -> None:
+    """--ep-size and --sp-size against the number of processes the launch starts and the model, as the trainer
+    checks them (parallel/sizes.py); raises ConfigError or ModelLoadError."""
+    import torch
+
+    from .model.loading import load_model_config
+    from .parallel.sizes import check_sp_size, choose_ep_size
+
+    model_config = load_model_config(cfg.model, cfg.model.resolved(torch.cuda.is_available()))
+    choose_ep_size(cfg.parallel.ep_size, processes, model_config.num_experts)
+    check_sp_size(cfg.parallel.sp_size, processes, model_config)
+
+
 def check(argv: list[str] | None = None) -> int:
-    """run.sh's check before its launcher: the options, then the data, so that a bad row is one message and one
-    exit status rather than an error in every process and the launcher's report of them."""
+    """run.sh's check before its launcher: the options, the parallel sizes against WORLD_SIZE (the number of
+    processes run.sh will start, where set), then the data, so that a mistake is one message and one exit status
+    rather than an error in every process once they have started."""
     if (status := main(argv)) != 0:
         return status
     from .data.rows import DataError
     from .model.loading import ModelLoadError
 
+    cfg = load_config(argv)
     try:
-        read_data(load_config(argv))
-    except (DataError, ModelLoadError) as err:
+        if processes := int(os.environ.get("WORLD_SIZE") or 0):
+            check_sizes(cfg, processes)
+        read_data(cfg)
+    except (ConfigError, DataError, ModelLoadError) as err:
         report(err)
         return 2
     return 0

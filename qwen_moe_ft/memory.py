@@ -399,7 +399,7 @@ def _positive_float(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     from .config import QWEN3_30B_A3B, REAL_MODEL, ConfigError, ModelConfig, TrainConfig, load_config
     from .model.loading import ModelLoadError, load_model_config
-    from .parallel.expert_parallel import choose_ep_size
+    from .parallel.sizes import choose_ep_size
 
     parser = argparse.ArgumentParser(prog="python -m qwen_moe_ft.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

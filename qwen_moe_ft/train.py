@@ -50,9 +50,9 @@ from qwen_moe_ft.model.loading import DTYPES, ModelLoadError, load_model, load_m
 from qwen_moe_ft.model.lora import apply_lora, merge_lora, save_adapter
 from qwen_moe_ft.output_dir import check_output_dir, clear_earlier_run
 from qwen_moe_ft.parallel.ds_config import build_ds_config
-from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 from qwen_moe_ft.parallel.process import ensure_process_env, silence_known_warnings, without_harmless_lines
-from qwen_moe_ft.parallel.sequence_parallel import check_sp_size, enable_ulysses
+from qwen_moe_ft.parallel.sequence_parallel import enable_ulysses
+from qwen_moe_ft.parallel.sizes import check_sp_size, choose_ep_size
 from qwen_moe_ft.router import RouterTerms, freeze_router, resolve_aux_coef
 from qwen_moe_ft.memory import Workload, plan_run, preflight_warning
 

@@ -13,21 +13,6 @@ from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 from torch import nn
 
-from ..config import ConfigError
-
-
-def choose_ep_size(requested: int, world_size: int, num_experts: int) -> int:
-    """--ep-size, checked; 0 picks the largest size dividing both the world size and the expert count."""
-    if requested == 0:
-        return max(d for d in range(1, world_size + 1) if world_size % d == 0 and num_experts % d == 0)
-    if world_size % requested:
-        raise ConfigError(f"--ep-size {requested} does not divide the world size {world_size} (number of "
-                          f"processes); use a divisor of it, or 0 for automatic")
-    if num_experts % requested:
-        raise ConfigError(f"--ep-size {requested} does not divide the model's {num_experts} experts; "
-                          f"use a divisor of {num_experts}, or 0 for automatic")
-    return requested
-
 
 def apply_autoep(model: nn.Module, ds_config: dict, rank: int) -> None:
     """AutoEP's layer replacement, done before DeepSpeed sees the model; the engine is then configured with

@@ -13,23 +13,6 @@ from __future__ import annotations
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 from deepspeed.utils import groups
 
-from ..config import ConfigError
-
-
-def check_sp_size(sp_size: int, world_size: int, model_config) -> None:
-    """--sp-size against the number of processes and the model's attention heads (UlyssesSPAttentionHF splits the
-    query heads over the SP group, and the key/value heads too, or copies them where there are fewer than ranks)."""
-    if world_size % sp_size:
-        raise ConfigError(f"--sp-size {sp_size} does not divide the world size {world_size} (number of processes); "
-                          "use a divisor of it")
-    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
-    if heads % sp_size:
-        raise ConfigError(f"--sp-size {sp_size} does not divide the model's {heads} attention heads; use a divisor "
-                          f"of {heads}")
-    if kv_heads % sp_size and sp_size % kv_heads:
-        raise ConfigError(f"--sp-size {sp_size} and the model's {kv_heads} key/value heads: one must divide the "
-                          "other")
-
 
 def enable_ulysses(model, attn_implementation: str, sp_size: int) -> None:
     """Wrap `attn_implementation` (registered in transformers' attention interface, the model's) in DeepSpeed's

@@ -92,10 +92,12 @@ def test_a_bad_row_is_one_message_before_the_launcher_starts(tmp_path):
 
 
 def test_an_error_a_training_process_reports_ends_the_run_without_the_launchers_traceback(tmp_path):
-    """--ep-size 3 passes the check before launch (which knows no process count) and stops both processes: their
-    error line is the run's last word, with their exit status, not torchrun's ChildFailedError report."""
-    proc = subprocess.run(["bash", str(REPO / "run.sh"), "packed", "--ep-size", "3", "--output-dir", str(tmp_path)],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    """--attn flash_attn passes the check before launch (the attention backends are the trainer's to resolve) and
+    stops both processes on a machine without flash-attn: their error line is the run's last word, with their exit
+    status, not torchrun's ChildFailedError report."""
+    proc = subprocess.run(["bash", str(REPO / "run.sh"), "packed", "--attn", "flash_attn", "--output-dir",
+                           str(tmp_path)], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "error: --ep-size 3 does not divide the world size 2" in proc.stderr
+    assert "run.sh: packed, 2 process(es)" in proc.stdout  # launched
+    assert "error: --attn flash_attn: not available on this machine (cpu)" in proc.stderr
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]

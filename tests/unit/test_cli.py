@@ -52,6 +52,20 @@ def test_check_reads_the_data_as_the_trainer_does(tmp_path, capsys):
     assert "none.jsonl: no such file or directory" in capsys.readouterr().err
 
 
+def test_check_refuses_parallel_sizes_the_process_count_cannot_take(tmp_path, capsys, monkeypatch):
+    """run.sh sets WORLD_SIZE to the processes it will start; the tiny model has 8 experts and 4 attention heads."""
+    run = ["--model", str(TINY), "--output-dir", str(tmp_path / "out")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert check([*run, "--ep-size", "3"]) == 2
+    assert "error: --ep-size 3 does not divide the world size 2 (number of processes)" in capsys.readouterr().err
+    assert check([*run, "--sp-size", "4"]) == 2
+    assert "error: --sp-size 4 does not divide the world size 2" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert check([*run, "--ep-size", "16"]) == 2
+    assert "--ep-size 16 does not divide the model's 8 experts" in capsys.readouterr().err
+    assert check([*run, "--ep-size", "8"]) == 0
+
+
 def test_errors_are_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert main(["--lr", "fast"]) == 2

@@ -7,7 +7,6 @@ from helpers import REPO
 from qwen_moe_ft.config import (DEFAULT_DS_CONFIG, OPTIONS, OTHER_NAMES, REAL_MODEL, RECIPES, TINY_MODEL, ConfigError,
                                 OptimConfig, TrainConfig, build_parser, load_config)
 from qwen_moe_ft.parallel.ds_config import build_ds_config
-from qwen_moe_ft.parallel.expert_parallel import choose_ep_size
 
 
 def test_cli_overrides_recipe_overrides_defaults(tmp_path):
@@ -67,19 +66,6 @@ def test_default_model_follows_the_machine():
     assert TrainConfig().model.resolved(has_gpu=False) == TINY_MODEL
     assert TrainConfig().model.resolved(has_gpu=True) == REAL_MODEL
     assert TrainConfig.from_flat(model="x/y").model.resolved(has_gpu=True) == "x/y"
-
-
-def test_ep_size_auto_is_largest_common_divisor():
-    assert choose_ep_size(0, 8, 128) == 8
-    assert choose_ep_size(0, 6, 128) == 2
-    assert choose_ep_size(0, 2, 8) == 2
-    assert choose_ep_size(0, 1, 8) == 1
-
-
-@pytest.mark.parametrize("ep, world, experts, what", [(3, 8, 128, "world size"), (4, 4, 6, "experts")])
-def test_impossible_ep_size_is_an_error(ep, world, experts, what):
-    with pytest.raises(ConfigError, match=f"--ep-size {ep}.*{what}"):
-        choose_ep_size(ep, world, experts)
 
 
 def test_ds_config_carries_the_run():
