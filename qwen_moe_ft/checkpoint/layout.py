@@ -148,6 +148,14 @@ def _value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _option_changes(names: list[str], then: dict[str, Any], now: dict[str, Any],
+                    step: str) -> tuple[list[str], list[str]]:
+    """For options that differ from a checkpoint's: what each was and is ("--x was A when step-N was saved, now B"),
+    and the flags that resume as saved ("--x A")."""
+    was = [f"{flag(n)} was {_value(then[n])} when {step} was saved, now {_value(now[n])}" for n in names]
+    return was, [f"{flag(n)} {_value(then[n])}" for n in names]
+
+
 def _data_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
     """How the training examples differ, in the words a user can check: counts and file sizes."""
     parts = [f"{saved['rows']} examples then, {now['rows']} now"] if saved["rows"] != now["rows"] else []
@@ -212,11 +220,9 @@ def check_data_order(path: Path, order: DataOrder, layout: Layout) -> str | None
     changed = [n for n in compared if n in saved.options and saved.options[n] != order.options[n]]
     step = f"step-{record.get('step', '?')}"
     if changed:
-        was = "; ".join(f"{flag(n)} was {_value(saved.options[n])} when {step} was saved, now "
-                        f"{_value(order.options[n])}" for n in changed)
-        again = " ".join(f"{flag(n)} {_value(saved.options[n])}" for n in changed)
-        raise CheckpointError(f"--resume: {was}: its steps would train other examples. Resume with {again}, "
-                              f"{new_run}")
+        was, again = _option_changes(changed, saved.options, order.options, step)
+        raise CheckpointError(f"--resume: {'; '.join(was)}: its steps would train other examples. Resume with "
+                              f"{' '.join(again)}, {new_run}")
     then, now = saved.options.get("max_tokens_per_batch"), order.options["max_tokens_per_batch"]
     if then is not None and then * saved_at.sp_size != now * layout.sp_size:
         raise _row_size_error(step, saved_at, then, layout, now)
@@ -243,9 +249,7 @@ def check_schedule(path: Path, schedule: Schedule) -> None:
     compared = SCHEDULE_OPTIONS if cosine else tuple(n for n in SCHEDULE_OPTIONS if n != "min_lr_ratio")
     changed = [n for n in compared if saved.options[n] != schedule.options[n]]
     step = f"step-{record.get('step', '?')}"
-    was = [f"{flag(n)} was {_value(saved.options[n])} when {step} was saved, now {_value(schedule.options[n])}"
-           for n in changed]
-    again = [f"{flag(n)} {_value(saved.options[n])}" for n in changed]
+    was, again = _option_changes(changed, saved.options, schedule.options, step)
     if cosine and saved.total_steps != schedule.total_steps:
         was.append(f"its cosine schedule spanned {saved.total_steps} steps, now {schedule.total_steps} "
                    "(--max-steps, or --epochs)")
