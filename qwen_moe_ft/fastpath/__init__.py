@@ -250,8 +250,7 @@ class FastPath:
         if self._zero_state is not None:
             self._zero_state.master_bits = None  # settled above: the step reads the fp32 masters again
         if self._step_stream is not None:
-            import torch
+            from .step_overlap import switch_back
 
-            self._stream_before.wait_stream(self._step_stream)
-            torch.cuda.set_stream(self._stream_before)
+            switch_back(self._stream_before, self._step_stream)
             self._step_stream = None

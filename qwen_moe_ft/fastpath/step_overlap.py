@@ -85,6 +85,12 @@ def switch_to_step_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def switch_back(previous: torch.cuda.Stream, step_stream: torch.cuda.Stream) -> None:
+    """switch_to_step_stream undone: `previous` current again, after the work on the step's stream."""
+    previous.wait_stream(step_stream)
+    torch.cuda.set_stream(previous)
+
+
 class StepOverlap:
     """The side stream, one event per forward stage, and the hooks that wait for them: each stage's forward for its
     own event, the model's state_dict for all of them. While it lives, the current stream is one of the highest
@@ -156,8 +162,7 @@ class StepOverlap:
         for hook in self._hooks:
             hook.remove()
         if self._previous_stream is not None:
-            self._previous_stream.wait_stream(self.step_stream)
-            torch.cuda.set_stream(self._previous_stream)
+            switch_back(self._previous_stream, self.step_stream)
 
 
 def mostly_frozen(model: nn.Module) -> bool:
