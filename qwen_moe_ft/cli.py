@@ -24,13 +24,17 @@ def report(err: Exception):
         print(f"error: {err}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _checked(argv: list[str] | None) -> TrainConfig | None:
+    """preflight's config, or None once its ConfigError is reported."""
     try:
-        preflight(argv)
+        return preflight(argv)
     except ConfigError as err:
         report(err)
-        return 2
-    return 0
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return 0 if _checked(argv) is not None else 2
 
 
 def read_data(cfg: TrainConfig):
@@ -66,12 +70,11 @@ def check(argv: list[str] | None = None) -> int:
     """run.sh's check before its launcher: the options, the parallel sizes against WORLD_SIZE (the number of
     processes run.sh will start, where set), then the data, so that a mistake is one message and one exit status
     rather than an error in every process once they have started."""
-    if (status := main(argv)) != 0:
-        return status
-    from .data.rows import DataError
+    if (cfg := _checked(argv)) is None:
+        return 2
+    from .data.rows import DataError  # only now: the options' check above imports nothing heavy
     from .model.loading import ModelLoadError
 
-    cfg = load_config(argv)
     try:
         if processes := int(os.environ.get("WORLD_SIZE") or 0):
             check_sizes(cfg, processes)
